@@ -1,0 +1,36 @@
+# Everything a fresh machine needs: `make run` (the whole workflow on the demo data) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mlprep-installed
+CORES ?= all
+
+.PHONY: run test bench lint report dry-run clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES)
+
+dry-run: $(STAMP)
+	$(BIN)/snakemake -n
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/sku_encode.py
+
+lint: $(STAMP)
+	$(BIN)/snakemake --lint
+	$(BIN)/snakefmt --check .
+
+report: $(STAMP)
+	$(BIN)/snakemake --report results/report.html
+
+clean:
+	rm -rf results .snakemake

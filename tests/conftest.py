@@ -1,0 +1,88 @@
+"""Shared fixtures: a tiny CLIP architecture + checkpoint made here, tiny catalogs, and a workflow runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> dict:
+    """A small open_clip architecture and a checkpoint of it, saved and later loaded through the real path."""
+    import open_clip
+    import torch
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    config_file = folder / "mlprep-tiny.json"
+    config_file.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(config_file)
+    torch.manual_seed(0)
+    model = open_clip.create_model("mlprep-tiny", pretrained=None)
+    checkpoint = folder / "mlprep-tiny.pt"
+    torch.save({"state_dict": model.state_dict()}, checkpoint)
+    return {"name": "mlprep-tiny", "pretrained": str(checkpoint), "config_file": str(config_file)}
+
+
+def make_catalog(folder: Path, n_skus: int, photos: int = 2) -> Path:
+    from mlprep.demo import write_catalog
+
+    return write_catalog(folder, n_skus, photos, size=(160, 120))
+
+
+def workflow_config(workdir: Path, tiny_clip: dict, **sku_overrides) -> dict:
+    sku = {
+        "sku_data": str(workdir / "data" / "sku_data.json"),
+        "images_dir": str(workdir / "data" / "images"),
+        "shards": 2,
+        "augment_per_image": 2,
+        "encoding_batch_size": 8,
+        "decode_workers": 1,
+        "model": tiny_clip,
+        "eval": {"queries_per_image": 1, "top_k": [1, 5]},
+    }
+    sku.update(sku_overrides)
+    return {"seed": 7, "device": "cpu", "precision": "fp32", "continue_on_error": True, "sku_index": sku}
+
+
+def run_snakemake(workdir: Path, config: dict, *args: str, check: bool = True, timeout: int = 600):
+    """Run the real workflow in `workdir` with `config`; returns the CompletedProcess."""
+    config_path = workdir / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    cmd = [
+        SNAKEMAKE,
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(config_path),
+        "--cores",
+        "2",
+        *args,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+@pytest.fixture()
+def sku_workdir(tmp_path) -> Path:
+    make_catalog(tmp_path / "data", 6)
+    return tmp_path

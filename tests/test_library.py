@@ -1,0 +1,142 @@
+"""Unit tests of the shared library pieces."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mlprep import devices
+from mlprep.failures import FailureLog, ItemFailedError, read_failures, write_failures
+from mlprep.ids import UnsafePathError, resolve_inside, safe_filename, shard_of, stable_hash
+from mlprep.io import atomic_path, load_npy, save_npy, write_json, write_parquet
+from mlprep.rng import derive_seed, rng_for
+from mlprep.stats import ShardStats
+
+
+def test_stable_hash_is_fixed_across_runs():
+    # A fixed value: changing the hash would silently reshuffle every user's shards.
+    assert stable_hash("sku0001/a.jpg") == stable_hash("sku0001/a.jpg")
+    assert stable_hash("abc") == 0xD8BB14D833D59559
+    assert shard_of("abc", 7) == stable_hash("abc") % 7
+
+
+def test_shard_of_spreads_and_ignores_position():
+    ids = [f"item{i}" for i in range(2000)]
+    counts = np.bincount([shard_of(i, 8) for i in ids], minlength=8)
+    assert counts.min() > 180  # roughly uniform
+    assert [shard_of(i, 8) for i in reversed(ids)] == [shard_of(i, 8) for i in ids][::-1]
+    with pytest.raises(ValueError):
+        shard_of("x", 0)
+
+
+@pytest.mark.parametrize("raw", ["../../etc/x", "/abs/path", "a/b\\c", "..", ".", "", "x" * 500, "ok name?.jpg"])
+def test_safe_filename_never_escapes(raw, tmp_path):
+    name = safe_filename(raw)
+    assert name and "/" not in name and "\\" not in name and not name.startswith(".")
+    assert len(name) <= 96
+    assert (tmp_path / name).resolve().parent == tmp_path.resolve()
+
+
+def test_safe_filename_keeps_clean_ids_and_separates_dirty_ones():
+    assert safe_filename("sku-001_A.v2") == "sku-001_A.v2"
+    assert safe_filename("a/b") != safe_filename("a_b")
+
+
+def test_resolve_inside(tmp_path):
+    (tmp_path / "img").mkdir()
+    assert resolve_inside(tmp_path / "img", "a/b.jpg") == (tmp_path / "img" / "a" / "b.jpg").resolve()
+    for bad in ["../x.jpg", "/etc/passwd", "a/../../x", ""]:
+        with pytest.raises(UnsafePathError):
+            resolve_inside(tmp_path / "img", bad)
+
+
+def test_rng_depends_on_every_key_only():
+    assert derive_seed(1, "aug", "id", 3) == derive_seed(1, "aug", "id", 3)
+    assert len({derive_seed(1, "aug", "id", 3), derive_seed(2, "aug", "id", 3), derive_seed(1, "q", "id", 3),
+                derive_seed(1, "aug", "id2", 3), derive_seed(1, "aug", "id", 4)}) == 5
+    assert rng_for(5, "x").uniform() == rng_for(5, "x").uniform()
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out" / "data.npy"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("killed half-way")
+    assert not target.exists()
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_atomic_writers_round_trip(tmp_path):
+    arr = np.arange(12, dtype=np.float32).reshape(3, 4)
+    save_npy(arr, tmp_path / "a.npy")
+    np.testing.assert_array_equal(load_npy(tmp_path / "a.npy"), arr)
+    write_json({"b": 1}, tmp_path / "b.json")
+    assert json.loads((tmp_path / "b.json").read_text()) == {"b": 1}
+    write_parquet(pd.DataFrame({"x": [1, 2]}), tmp_path / "c.parquet")
+    assert pd.read_parquet(tmp_path / "c.parquet")["x"].tolist() == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.json", "c.parquet"]
+
+
+def test_load_npy_refuses_pickles(tmp_path):
+    path = tmp_path / "evil.npy"
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):
+        load_npy(path)
+
+
+def test_failure_log_records_or_raises_with_the_path(tmp_path):
+    log = FailureLog(continue_on_error=True)
+    log.record("sku1/a.jpg", "/data/a.jpg", "decode", "truncated")
+    write_failures(log.records, tmp_path / "f.parquet")
+    frame = read_failures([tmp_path / "f.parquet"])
+    assert frame.to_dict("records") == [
+        {"item_id": "sku1/a.jpg", "path": "/data/a.jpg", "stage": "decode", "reason": "truncated"}
+    ]
+    strict = FailureLog(continue_on_error=False)
+    with pytest.raises(ItemFailedError, match="/data/b.jpg"):
+        strict.record("sku1/b.jpg", "/data/b.jpg", "decode", "truncated")
+
+
+def test_empty_failures_table_has_its_columns(tmp_path):
+    write_failures([], tmp_path / "f.parquet")
+    assert list(pd.read_parquet(tmp_path / "f.parquet").columns) == ["item_id", "path", "stage", "reason"]
+
+
+def test_shard_stats(tmp_path):
+    stats = ShardStats("000-of-002", ok=3, failed=1, counts={"views": 12})
+    data = stats.write(tmp_path / "s.json")
+    assert data["items_ok"] == 3 and data["items_failed"] == 1 and data["items_skipped"] == 0
+    assert data["seconds"] >= 0 and "items_per_s" in data and "views_per_s" in data
+    assert json.loads((tmp_path / "s.json").read_text())["views"] == 12
+
+
+def test_device_and_precision_selection(monkeypatch):
+    assert devices.select_device("cpu").type == "cpu"
+    assert devices.select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(devices.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no CUDA"):
+        devices.select_device("cuda:1")
+    cpu = torch.device("cpu")
+    assert devices.select_precision("fp32", cpu) == torch.float32
+    assert devices.select_precision("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 needs a CUDA"):
+        devices.select_precision("fp16", cpu)
+    for flags, expected in [
+        ({"avx2", "amx_bf16", "amx_tile"}, torch.bfloat16),
+        ({"avx512f", "avx512_bf16"}, torch.bfloat16),
+        ({"avx2", "avx512f"}, torch.float32),
+    ]:
+        monkeypatch.setattr(devices, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert devices.select_precision("auto", cpu) == expected, flags
+
+
+def test_cpu_flags_are_read_from_proc():
+    text = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "flags:")
+    assert devices.cpu_flags() == frozenset(line.split(":", 1)[1].split())
