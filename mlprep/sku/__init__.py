@@ -1,0 +1,1 @@
+"""The sku_index pipeline: product images -> augmented CLIP embeddings -> FAISS index -> retrieval eval."""

@@ -1,0 +1,262 @@
+"""Encode shard: reader (items of a shard) -> mapper (decode + augment in workers, encode in batches) -> writer.
+
+Decoding and augmenting run in DataLoader worker processes, a few images ahead of the model, so
+they overlap with the forward passes; the main process only batches views and runs the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from mlprep.devices import precision_name, select_device, select_precision
+from mlprep.encoders import ClipEncoder, ClipSpec
+from mlprep.failures import FailureLog, write_failures
+from mlprep.io import save_npy, write_parquet
+from mlprep.sharding import ShardId
+from mlprep.sku.augment import AugmentSettings, ViewParams, load_image, original_view, render_views, sample_view
+from mlprep.sku.catalog import ImageItem
+from mlprep.stats import ShardStats
+
+log = logging.getLogger(__name__)
+
+META_COLUMNS = ["item_id", "sku_id", "name", "category", "image", "view", "augmentation"]
+INDEX_STREAM = "sku-index-view"
+QUERY_STREAM = "sku-query-view"
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """How many views of each image to make, and from which seed."""
+
+    seed: int
+    augment_per_image: int
+    queries_per_image: int
+    settings: AugmentSettings
+    image_size: int
+
+    def views(self, item_id: str, width: int, height: int) -> tuple[list[ViewParams], list[ViewParams]]:
+        index = [original_view(width, height)]
+        index += [
+            sample_view(self.settings, self.seed, INDEX_STREAM, item_id, k, width, height)
+            for k in range(1, self.augment_per_image + 1)
+        ]
+        queries = [
+            sample_view(self.settings, self.seed, QUERY_STREAM, item_id, k, width, height)
+            for k in range(1, self.queries_per_image + 1)
+        ]
+        return index, queries
+
+
+@dataclass
+class RenderedItem:
+    position: int
+    views: torch.Tensor | None  # uint8 [V, 3, S, S]: index views first, then query views
+    index_params: list[ViewParams]
+    query_params: list[ViewParams]
+    error: str | None = None
+
+
+class ItemViews(torch.utils.data.Dataset):
+    """Decodes and augments one item per __getitem__; errors are returned, not raised, so the shard goes on."""
+
+    def __init__(self, items: list[ImageItem], plan: ViewPlan):
+        self.items = items
+        self.plan = plan
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, position: int) -> RenderedItem:
+        item = self.items[position]
+        try:
+            image = load_image(item.path, self.plan.image_size)
+            _, height, width = image.shape
+            index, queries = self.plan.views(item.item_id, width, height)
+            views = render_views(image, index + queries, self.plan.image_size, self.plan.settings.padding_mode)
+            return RenderedItem(position, views, index, queries)
+        except Exception as err:  # noqa: BLE001 - any decoder error is this item's failure
+            return RenderedItem(position, None, [], [], f"{type(err).__name__}: {err}")
+
+
+def _single_thread_worker(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def iter_rendered(items: list[ImageItem], plan: ViewPlan, workers: int) -> Iterator[RenderedItem]:
+    """Rendered items in shard order; with workers > 0 they are prepared ahead in other processes."""
+    dataset = ItemViews(items, plan)
+    if workers <= 0 or not items:
+        yield from (dataset[i] for i in range(len(dataset)))
+        return
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4,
+        worker_init_fn=_single_thread_worker,
+        collate_fn=lambda x: x,
+    )
+    yield from loader
+
+
+@dataclass
+class EncodedShard:
+    index_vectors: np.ndarray
+    index_meta: pd.DataFrame
+    query_vectors: np.ndarray
+    query_meta: pd.DataFrame
+    items_ok: int
+    seconds_encoding: float
+
+
+def _meta_rows(item: ImageItem, params: list[ViewParams]) -> list[dict]:
+    return [
+        {
+            "item_id": item.item_id,
+            "sku_id": item.sku_id,
+            "name": item.name,
+            "category": item.category,
+            "image": item.image,
+            "view": p.view,
+            "augmentation": json.dumps(p.as_dict(), sort_keys=True),
+        }
+        for p in params
+    ]
+
+
+def _meta_frame(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=META_COLUMNS)
+    return frame.astype({c: "string" for c in META_COLUMNS if c != "view"} | {"view": "int32"})
+
+
+def encode_items(
+    items: list[ImageItem],
+    plan: ViewPlan,
+    encoder: ClipEncoder,
+    failures: FailureLog,
+    workers: int = 1,
+    progress: TextIO | None = None,
+) -> EncodedShard:
+    """Encode the index and query views of every item; bad items go to `failures`."""
+    pending: list[torch.Tensor] = []  # views waiting for a full batch
+    n_pending = 0
+    chunks: list[np.ndarray] = []
+    is_query: list[bool] = []
+    index_rows: list[dict] = []
+    query_rows: list[dict] = []
+    ok = 0
+    encode_seconds = 0.0
+
+    def flush(final: bool) -> None:
+        nonlocal pending, n_pending, encode_seconds
+        if not pending:
+            return
+        block = torch.cat(pending)
+        take = len(block) if final else (len(block) // encoder.batch_size) * encoder.batch_size
+        started = time.perf_counter()
+        chunks.append(encoder.encode_images(block[:take]))
+        encode_seconds += time.perf_counter() - started
+        rest = block[take:]
+        pending, n_pending = ([rest], len(rest)) if len(rest) else ([], 0)
+
+    bar = tqdm(total=len(items), desc="encode images", unit="img", file=progress, mininterval=2.0)
+    for rendered in iter_rendered(items, plan, workers):
+        item = items[rendered.position]
+        bar.update(1)
+        if rendered.error is not None:
+            failures.record(item.item_id, item.path, "decode", rendered.error)
+            continue
+        ok += 1
+        pending.append(rendered.views)
+        n_pending += len(rendered.views)
+        is_query += [False] * len(rendered.index_params) + [True] * len(rendered.query_params)
+        index_rows += _meta_rows(item, rendered.index_params)
+        query_rows += _meta_rows(item, rendered.query_params)
+        if n_pending >= encoder.batch_size:
+            flush(final=False)
+    flush(final=True)
+    bar.close()
+
+    dim = encoder.dim
+    vectors = np.concatenate(chunks) if chunks else np.zeros((0, dim), dtype=np.float32)
+    mask = np.asarray(is_query, dtype=bool)
+    return EncodedShard(
+        index_vectors=np.ascontiguousarray(vectors[~mask]) if len(mask) else vectors,
+        index_meta=_meta_frame(index_rows),
+        query_vectors=np.ascontiguousarray(vectors[mask]) if len(mask) else vectors,
+        query_meta=_meta_frame(query_rows),
+        items_ok=ok,
+        seconds_encoding=encode_seconds,
+    )
+
+
+def write_encoded_shard(shard: EncodedShard, outputs: dict[str, Path | str]) -> None:
+    """Each file is written to a temporary name and renamed: a shard file is whole or absent."""
+    save_npy(shard.index_vectors, outputs["embeddings"])
+    write_parquet(shard.index_meta, outputs["metadata"])
+    save_npy(shard.query_vectors, outputs["query_embeddings"])
+    write_parquet(shard.query_meta, outputs["query_metadata"])
+
+
+def load_encoder(cfg: dict, device_spec: str, precision_spec: str, threads: int) -> ClipEncoder:
+    torch.set_num_threads(max(1, threads))
+    device = select_device(device_spec)
+    dtype = select_precision(precision_spec, device)
+    return ClipEncoder(ClipSpec.from_config(cfg["model"]), device, dtype, cfg["encoding_batch_size"])
+
+
+def view_plan(cfg: dict, seed: int, image_size: int) -> ViewPlan:
+    return ViewPlan(
+        seed=seed,
+        augment_per_image=cfg["augment_per_image"],
+        queries_per_image=cfg["eval"]["queries_per_image"],
+        settings=AugmentSettings.from_config(cfg["augment"]),
+        image_size=image_size,
+    )
+
+
+def encode_shard(
+    shard_text: str,
+    items: list[dict],
+    cfg: dict,
+    seed: int,
+    device_spec: str,
+    precision_spec: str,
+    continue_on_error: bool,
+    threads: int,
+    outputs: dict,
+    progress: TextIO | None = None,
+) -> dict:
+    shard = ShardId.parse(shard_text)
+    stats = ShardStats(str(shard))
+    items = [ImageItem(**item) for item in items]
+    encoder = load_encoder(cfg, device_spec, precision_spec, threads)
+    plan = view_plan(cfg, seed, encoder.image_size)
+    failures = FailureLog(continue_on_error)
+    encoded = encode_items(items, plan, encoder, failures, workers=cfg["decode_workers"], progress=progress)
+    write_encoded_shard(encoded, outputs)
+    write_failures(failures.records, outputs["failures"])
+    stats.ok, stats.failed = encoded.items_ok, len(failures)
+    stats.counts = {"index_views": len(encoded.index_vectors), "query_views": len(encoded.query_vectors)}
+    stats.counts["views"] = stats.counts["index_views"] + stats.counts["query_views"]
+    stats.extra = {
+        "encode_seconds": round(encoded.seconds_encoding, 3),
+        "device": str(encoder.device),
+        "precision": precision_name(encoder.dtype),
+        "threads": threads,
+        "decode_workers": cfg["decode_workers"],
+    }
+    data = stats.write(outputs["stats"])
+    log.info("shard %s: %s", shard, data)
+    return data

@@ -1,0 +1,62 @@
+"""Querying a built SKU index with image files (the `mlprep search-sku` command)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from mlprep.io import read_json
+from mlprep.sku.augment import load_image, original_view, render_views
+from mlprep.sku.index import apply_search_params, rank_skus, read_index
+from mlprep.sku.encode import load_encoder
+
+
+@dataclass(frozen=True)
+class Hit:
+    query: str
+    rank: int
+    sku_id: str
+    name: str
+    category: str
+    score: float
+
+
+class SkuSearcher:
+    """A built index with the model that made it, ready to answer image queries."""
+
+    def __init__(self, index_path: Path | str, device: str | None = None, threads: int = 2):
+        index_path = Path(index_path)
+        folder = index_path.parent
+        self.index = read_index(index_path)
+        self.info = read_json(folder / "index_info.json")
+        apply_search_params(self.index, self.info.get("search_params"))
+        self.meta = pd.read_parquet(folder / "metadata.parquet")
+        if len(self.meta) != self.index.ntotal:
+            raise ValueError(f"{folder / 'metadata.parquet'} has {len(self.meta)} rows, index has {self.index.ntotal}")
+        self.skus = self.meta["sku_id"].to_numpy(dtype=object)
+        self.sku_info = self.meta.drop_duplicates("sku_id").set_index("sku_id")[["name", "category"]]
+        cfg = {"model": self.info["model"], "encoding_batch_size": 1}
+        self.encoder = load_encoder(cfg, device or self.info["device"], self.info["precision"], threads)
+
+    def embed(self, paths: list[Path | str]):
+        views = []
+        for path in paths:
+            try:
+                image = load_image(path, self.encoder.image_size)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"{path}: cannot read image: {err}") from err
+            _, height, width = image.shape
+            views.append(render_views(image, [original_view(width, height)], self.encoder.image_size))
+        return self.encoder.encode_images(torch.cat(views))
+
+    def search(self, paths: list[Path | str], k: int = 5) -> list[Hit]:
+        ranked = rank_skus(self.index, self.skus, self.embed(paths), k)
+        hits = []
+        for path, row in zip(paths, ranked):
+            for rank, (sku, score) in enumerate(row, start=1):
+                extra = self.sku_info.loc[sku]
+                hits.append(Hit(str(path), rank, sku, str(extra["name"]), str(extra["category"]), score))
+        return hits
