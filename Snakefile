@@ -1,0 +1,19 @@
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/sku_index.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        TARGETS,

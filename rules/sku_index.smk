@@ -1,0 +1,111 @@
+# sku_index: product images -> augmented CLIP embeddings -> FAISS index -> retrieval eval (seed 000).
+from mlprep.sku.workflow import SkuWorkflow
+
+SKU = config["sku_index"]
+SKU_FLOW = SkuWorkflow(config, RESULTS)
+SKU_DIR = SKU_FLOW.dir
+
+if pipeline_enabled("sku_index"):
+    TARGETS.extend([f"{SKU_DIR}/index.faiss", f"{SKU_DIR}/eval.json"])
+
+
+localrules:
+    sku_manifest,
+
+
+rule sku_manifest:
+    input:
+        sku_data=SKU["sku_data"],
+    output:
+        manifest=f"{SKU_DIR}/manifest.parquet",
+        failures=f"{SKU_DIR}/manifest_failures.parquet",
+    log:
+        f"{RESULTS}/logs/sku_index/manifest.log",
+    conda:
+        "../envs/sku_index.yaml"
+    params:
+        images_dir=SKU["images_dir"],
+        shards=SKU["shards"],
+        continue_on_error=config["continue_on_error"],
+    script:
+        "../scripts/sku_manifest.py"
+
+
+rule sku_encode_shard:
+    input:
+        images=SKU_FLOW.shard_images,
+    output:
+        embeddings=f"{SKU_DIR}/shards/{{shard}}/embeddings.npy",
+        metadata=f"{SKU_DIR}/shards/{{shard}}/metadata.parquet",
+        query_embeddings=f"{SKU_DIR}/shards/{{shard}}/query_embeddings.npy",
+        query_metadata=f"{SKU_DIR}/shards/{{shard}}/query_metadata.parquet",
+        failures=f"{SKU_DIR}/shards/{{shard}}/failures.parquet",
+        stats=f"{SKU_DIR}/shards/{{shard}}/stats.json",
+    log:
+        f"{RESULTS}/logs/sku_index/encode_{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/sku_index/encode_{{shard}}.tsv"
+    conda:
+        "../envs/sku_index.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        gpu=gpus_for_device,
+    params:
+        shard_items=SKU_FLOW.shard_items,
+        settings=SKU_FLOW.encode_settings,
+    script:
+        "../scripts/sku_encode.py"
+
+
+rule sku_build_index:
+    input:
+        embeddings=SKU_FLOW.shard_files("embeddings.npy"),
+        metadata=SKU_FLOW.shard_files("metadata.parquet"),
+        query_embeddings=SKU_FLOW.shard_files("query_embeddings.npy"),
+        failures=[f"{SKU_DIR}/manifest_failures.parquet", *SKU_FLOW.shard_files("failures.parquet")],
+    output:
+        index=f"{SKU_DIR}/index.faiss",
+        embeddings=f"{SKU_DIR}/embeddings.npy",
+        metadata=f"{SKU_DIR}/metadata.parquet",
+        failures=f"{SKU_DIR}/failures.parquet",
+        info=f"{SKU_DIR}/index_info.json",
+    log:
+        f"{RESULTS}/logs/sku_index/build_index.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/sku_index/build_index.tsv"
+    conda:
+        "../envs/sku_index.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+    script:
+        "../scripts/sku_build_index.py"
+
+
+rule sku_evaluate:
+    input:
+        index=f"{SKU_DIR}/index.faiss",
+        embeddings=f"{SKU_DIR}/embeddings.npy",
+        metadata=f"{SKU_DIR}/metadata.parquet",
+        info=f"{SKU_DIR}/index_info.json",
+        query_embeddings=SKU_FLOW.shard_files("query_embeddings.npy"),
+        query_metadata=SKU_FLOW.shard_files("query_metadata.parquet"),
+    output:
+        json=f"{SKU_DIR}/eval.json",
+        plot=report(
+            f"{SKU_DIR}/eval.png",
+            caption="../report/sku_eval.rst",
+            category="sku_index",
+        ),
+    log:
+        f"{RESULTS}/logs/sku_index/evaluate.log",
+    conda:
+        "../envs/sku_index.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+    params:
+        top_k=SKU["eval"]["top_k"],
+    script:
+        "../scripts/sku_evaluate.py"
