@@ -1,0 +1,111 @@
+"""Benchmark of the sku_index encode shard job, measured side by side in one run (`make bench`).
+
+Rows (views per second over the same demo images, same model, batch size and thread budget):
+  encoder only      pre-rendered uint8 views straight into the model: the ceiling
+  shard job         mlprep's encode loop: decode + augment in a worker process, batched encoding
+  shard job inline  the same loop with decoding in the main process (no overlap)
+  seed approach     the seed script's original loop: PIL decode, torchvision transforms per view,
+                    one image per model call, fp32
+Ratios are what to read; absolute numbers move with the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from mlprep.devices import precision_name, select_device, select_precision
+from mlprep.encoders import ClipEncoder, ClipSpec
+from mlprep.failures import FailureLog
+from mlprep.sku.augment import AugmentSettings
+from mlprep.sku.catalog import read_catalog
+from mlprep.sku.encode import ItemViews, ViewPlan, encode_items
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def seed_approach(paths: list[str], views_per_image: int, spec: ClipSpec) -> float:
+    """The seed's sequential baseline: per view, PIL transforms and one fp32 model call."""
+    import open_clip
+    from PIL import Image
+    from torchvision import transforms as T
+
+    model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=spec.pretrained)
+    model.eval()
+    augment = T.Compose(
+        [
+            T.RandomResizedCrop(224, scale=(0.5, 1.0)),
+            T.RandomRotation(15),
+            T.RandomPerspective(0.15, p=1.0),
+            T.ColorJitter(0.3, 0.3, 0.3, 0.05),
+            T.RandomApply([T.GaussianBlur(5, (0.1, 1.5))], p=0.3),
+        ]
+    )
+    n = 0
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for path in paths:
+            image = Image.open(path).convert("RGB")
+            for k in range(views_per_image):
+                view = image if k == 0 else augment(image)
+                model.encode_image(preprocess(view).unsqueeze(0))
+                n += 1
+    return n / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sku-data", default=str(REPO / "resources/demo/sku/sku_data.json"))
+    parser.add_argument("--images-dir", default=str(REPO / "resources/demo/sku/images"))
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--augment-per-image", type=int, default=5)
+    parser.add_argument("--seed-images", type=int, default=8, help="images for the (slow) seed baseline")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    items = read_catalog(args.sku_data, args.images_dir, 1).items
+    device = select_device("auto")
+    dtype = select_precision(args.precision, device)
+    spec = ClipSpec(args.model, args.pretrained)
+    encoder = ClipEncoder(spec, device, dtype, args.batch_size)
+    plan = ViewPlan(7, args.augment_per_image, 0, AugmentSettings(), encoder.image_size)
+    views_per_image = 1 + args.augment_per_image
+
+    rendered = torch.cat([ItemViews(items, plan)[i].views for i in range(len(items))])
+    encoder.encode_images(rendered[: args.batch_size])  # warm-up
+    rows = {}
+    started = time.perf_counter()
+    encoder.encode_images(rendered)
+    rows["encoder only"] = len(rendered) / (time.perf_counter() - started)
+    for name, workers in [("shard job", 1), ("shard job inline", 0)]:
+        started = time.perf_counter()
+        with open(os.devnull, "w") as quiet:
+            out = encode_items(items, plan, encoder, FailureLog(False), workers=workers, progress=quiet)
+        rows[name] = len(out.index_vectors) / (time.perf_counter() - started)
+    seed_paths = [i.path for i in items[: args.seed_images]]
+    rows["seed approach"] = seed_approach(seed_paths, views_per_image, spec)
+
+    header = (
+        f"sku_index encode, {len(items)} images x {views_per_image} views, {args.model} at "
+        f"{precision_name(dtype)} on {device}, batch {args.batch_size}, {args.threads} threads"
+    )
+    print(header)
+    print(f"{'setup':<18} {'views/s':>8} {'vs encoder only':>16} {'vs seed approach':>17}")
+    for name, rate in rows.items():
+        print(f"{name:<18} {rate:8.1f} {rate / rows['encoder only']:16.2f} {rate / rows['seed approach']:17.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"setup": header, "views_per_s": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

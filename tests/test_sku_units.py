@@ -1,0 +1,270 @@
+"""Unit tests of the sku_index pipeline's library: catalog, augmentation, encoder, encode loop, index."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mlprep.devices import select_precision
+from mlprep.encoders import ClipEncoder, ClipSpec
+from mlprep.failures import FailureLog, ItemFailedError
+from mlprep.sku.augment import AugmentSettings, load_image, original_view, render_views, sample_view
+from mlprep.sku.catalog import read_catalog
+from mlprep.sku.encode import ViewPlan, encode_items
+from mlprep.sku.index import build_index, merge_shards, rank_skus, recall_at_k
+from mlprep.io import save_npy, write_parquet
+
+from conftest import make_catalog
+
+
+def _img(path, colour=(200, 30, 30), size=(120, 90)):
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+# ---------------------------------------------------------------- catalog
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        [{"sku_id": "A", "name": "Apple", "category": "fruit", "images": ["a.jpg"]}],
+        {"skus": [{"id": "A", "title": "Apple", "category": "fruit", "image_paths": ["a.jpg"]}]},
+        {"A": {"name": "Apple", "category": "fruit", "image": "a.jpg"}},
+        {"products": [{"sku": "A", "name": "Apple", "category": "fruit", "image_files": "a.jpg"}]},
+    ],
+)
+def test_catalog_accepts_the_documented_shapes(tmp_path, data):
+    (tmp_path / "img").mkdir()
+    _img(tmp_path / "img" / "a.jpg")
+    (tmp_path / "s.json").write_text(json.dumps(data))
+    catalog = read_catalog(tmp_path / "s.json", tmp_path / "img", 4)
+    assert catalog.failures == []
+    [item] = catalog.items
+    assert (item.item_id, item.sku_id, item.name, item.category, item.image) == ("A/a.jpg", "A", "Apple", "fruit", "a.jpg")
+
+
+def test_catalog_records_every_problem(tmp_path):
+    (tmp_path / "img").mkdir()
+    _img(tmp_path / "img" / "ok.jpg")
+    data = [
+        {"sku_id": "A", "images": ["ok.jpg", "missing.jpg"]},
+        {"sku_id": "A", "images": ["ok.jpg"]},  # duplicate id
+        {"sku_id": "B", "images": []},  # no images
+        {"name": "no id", "images": ["ok.jpg"]},
+        {"sku_id": "C", "images": ["../outside.jpg", "/etc/passwd"]},
+        "not an object",
+    ]
+    (tmp_path / "s.json").write_text(json.dumps(data))
+    catalog = read_catalog(tmp_path / "s.json", tmp_path / "img", 2)
+    assert [i.item_id for i in catalog.items] == ["A/ok.jpg"]
+    reasons = {(f.item_id, f.reason.split(" (")[0].split(":")[0]) for f in catalog.failures}
+    assert ("A/missing.jpg", "image file not found") in reasons
+    assert ("A", "duplicate SKU id; the first entry is kept") in reasons
+    assert ("B", "SKU has no images") in reasons
+    assert ("", "SKU has no id") in reasons
+    assert any(f.item_id == "C/../outside.jpg" and "escapes" in f.reason for f in catalog.failures)
+    assert any(f.item_id == "C//etc/passwd" and "must be relative" in f.reason for f in catalog.failures)
+    assert any("not an object" in f.reason for f in catalog.failures)
+    assert len(catalog.failures) == 7
+
+
+@pytest.mark.parametrize("text", ["", "[]", "{}", "{not json"])
+def test_catalog_empty_or_broken_json_is_a_failure_naming_the_file(tmp_path, text):
+    (tmp_path / "s.json").write_text(text)
+    catalog = read_catalog(tmp_path / "s.json", tmp_path, 2)
+    assert catalog.items == []
+    [failure] = catalog.failures
+    assert failure.path == str(tmp_path / "s.json")
+
+
+def test_catalog_shards_do_not_move_when_skus_are_added(tmp_path):
+    make_catalog(tmp_path, 10, 1)
+    before = {i.item_id: i.shard for i in read_catalog(tmp_path / "sku_data.json", tmp_path / "images", 4).items}
+    data = json.loads((tmp_path / "sku_data.json").read_text())
+    data.insert(0, {"sku_id": "new", "images": [data[0]["images"][0]]})
+    (tmp_path / "sku_data.json").write_text(json.dumps(data))
+    after = {i.item_id: i.shard for i in read_catalog(tmp_path / "sku_data.json", tmp_path / "images", 4).items}
+    assert {k: after[k] for k in before} == before
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def test_load_image_reduces_large_jpegs_and_keeps_rgb(tmp_path):
+    _img(tmp_path / "big.jpg", (255, 0, 0), (1600, 1200))
+    image = load_image(tmp_path / "big.jpg", 224)
+    assert image.dtype == torch.uint8 and image.shape[0] == 3
+    assert 224 <= min(image.shape[1:]) < 448
+    assert image[0].float().mean() > 240 and image[1].float().mean() < 15  # red stays red
+
+
+def test_load_image_rejects_truncated_and_garbage(tmp_path):
+    _img(tmp_path / "ok.jpg", size=(400, 300))
+    data = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.jpg").write_bytes(b"this is not an image")
+    for name in ["trunc.jpg", "junk.jpg"]:
+        with pytest.raises(OSError):
+            load_image(tmp_path / name, 64)
+
+
+def test_original_view_is_the_centre_crop():
+    image = torch.zeros(3, 100, 200, dtype=torch.uint8)
+    image[:, :, 50:150] = 255  # the centre square is white, the sides black
+    [view] = render_views(image, [original_view(200, 100)], 50)
+    assert view.float().mean() > 250
+
+
+def test_views_are_seeded_and_different():
+    settings = AugmentSettings()
+    a = sample_view(settings, 1, "s", "item", 1, 640, 480)
+    assert a == sample_view(settings, 1, "s", "item", 1, 640, 480)
+    assert a != sample_view(settings, 1, "s", "item", 2, 640, 480)
+    assert a != sample_view(settings, 2, "s", "item", 1, 640, 480)
+    assert a != sample_view(settings, 1, "q", "item", 1, 640, 480)
+    image = torch.randint(0, 255, (3, 120, 160), dtype=torch.uint8)
+    params = [original_view(160, 120)] + [sample_view(settings, 1, "s", "item", k, 160, 120) for k in (1, 2, 3)]
+    views = render_views(image, params, 64)
+    assert views.shape == (4, 3, 64, 64) and views.dtype == torch.uint8
+    assert torch.equal(views, render_views(image, params, 64))
+    assert len({v.numpy().tobytes() for v in views}) == 4
+
+
+def test_colour_jitter_and_blur_do_what_they_say():
+    image = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    image[0] = 200
+    image[:, :, 32:] = 40  # a vertical edge
+    base = original_view(64, 64)
+    brighter = base.__class__(**{**base.as_dict(), "brightness": 1.2})
+    grey = base.__class__(**{**base.as_dict(), "saturation": 0.0})
+    blurred = base.__class__(**{**base.as_dict(), "blur_sigma": 2.0})
+    plain, b, g, bl = render_views(image, [base, brighter, grey, blurred], 64).float()
+    assert b.mean() > plain.mean()
+    assert (g[0] - g[1]).abs().max() <= 1  # no saturation: channels equal
+    assert (bl[:, :, 31] - bl[:, :, 32]).abs().max() < (plain[:, :, 31] - plain[:, :, 32]).abs().max()
+
+
+def test_augment_settings_reject_unknown_keys():
+    with pytest.raises(ValueError, match="unknown augment settings: sharpness"):
+        AugmentSettings.from_config({"sharpness": 1})
+
+
+# ---------------------------------------------------------------- encoder
+
+
+def test_encoder_loads_a_local_checkpoint_and_normalises(tiny_clip):
+    spec = ClipSpec.from_config(tiny_clip)
+    enc = ClipEncoder(spec, torch.device("cpu"), torch.float32, batch_size=4)
+    images = torch.randint(0, 255, (6, 3, 64, 64), dtype=torch.uint8)
+    out = enc.encode_images(images)
+    assert out.shape == (6, 32) and out.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+    # padding makes each row independent of its batch-mates: bit-identical
+    np.testing.assert_array_equal(enc.encode_images(images[2:3]), out[2:3])
+    texts = enc.encode_texts(["a red can", "a blue box"])
+    assert texts.shape == (2, 32)
+    # the checkpoint really was loaded: a second encoder built from it agrees exactly
+    again = ClipEncoder(spec, torch.device("cpu"), torch.float32, batch_size=4)
+    np.testing.assert_array_equal(again.encode_images(images), out)
+
+
+def test_encoder_bf16_is_close_to_fp32(tiny_clip):
+    spec = ClipSpec.from_config(tiny_clip)
+    images = torch.randint(0, 255, (4, 3, 64, 64), dtype=torch.uint8)
+    fp32 = ClipEncoder(spec, torch.device("cpu"), torch.float32, 4).encode_images(images)
+    bf16 = ClipEncoder(spec, torch.device("cpu"), select_precision("bf16", torch.device("cpu")), 4).encode_images(images)
+    assert (fp32 * bf16).sum(axis=1).min() > 0.98
+
+
+def test_encoder_errors_name_the_missing_file(tiny_clip, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        ClipEncoder(ClipSpec(tiny_clip["name"], str(tmp_path / "nope.pt"), tiny_clip["config_file"]), torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="unknown open_clip model"):
+        ClipEncoder(ClipSpec("no-such-model"), torch.device("cpu"), torch.float32)
+
+
+def test_random_weights_are_announced(caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    ClipEncoder(ClipSpec("RN50"), torch.device("cpu"), torch.float32)  # builds fast enough, no weights
+    assert "RANDOM weights" in caplog.text
+
+
+# ---------------------------------------------------------------- encode loop and index
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_encode_items_counts_views_and_records_bad_files(tiny_clip, tmp_path, workers):
+    make_catalog(tmp_path, 3, 1)
+    (tmp_path / "images" / "bad.jpg").write_bytes(b"garbage")
+    (tmp_path / "sku_data.json").write_text(
+        json.dumps(json.loads((tmp_path / "sku_data.json").read_text()) + [{"sku_id": "bad", "images": ["bad.jpg"]}])
+    )
+    catalog = read_catalog(tmp_path / "sku_data.json", tmp_path / "images", 1)
+    enc = ClipEncoder(ClipSpec.from_config(tiny_clip), torch.device("cpu"), torch.float32, 4)
+    plan = ViewPlan(seed=3, augment_per_image=2, queries_per_image=1, settings=AugmentSettings(), image_size=64)
+    failures = FailureLog(True)
+    out = encode_items(catalog.items, plan, enc, failures, workers=workers)
+    assert out.items_ok == 3 and len(failures) == 1
+    assert failures.records[0].path.endswith("bad.jpg") and failures.records[0].stage == "decode"
+    assert out.index_vectors.shape == (9, 32) and len(out.index_meta) == 9
+    assert out.query_vectors.shape == (3, 32) and len(out.query_meta) == 3
+    assert out.index_meta["view"].tolist() == [0, 1, 2] * 3
+    with pytest.raises(ItemFailedError, match="bad.jpg"):
+        encode_items(catalog.items, plan, enc, FailureLog(False), workers=workers)
+
+
+def test_merge_is_independent_of_shard_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    import pandas as pd
+
+    meta = pd.DataFrame({"item_id": [f"i{n % 5}" for n in range(10)], "sku_id": "s", "view": [n // 5 for n in range(10)]})
+    vectors = rng.standard_normal((10, 4)).astype(np.float32)
+    paths = []
+    for shard, rows in enumerate([[0, 3, 7], [1, 2, 4, 5, 6, 8, 9]]):
+        save_npy(vectors[rows], tmp_path / f"{shard}.npy")
+        write_parquet(meta.iloc[rows], tmp_path / f"{shard}.parquet")
+        paths.append(shard)
+    merged, merged_meta = merge_shards([tmp_path / "0.npy", tmp_path / "1.npy"], [tmp_path / "0.parquet", tmp_path / "1.parquet"])
+    swapped, _ = merge_shards([tmp_path / "1.npy", tmp_path / "0.npy"], [tmp_path / "1.parquet", tmp_path / "0.parquet"])
+    np.testing.assert_array_equal(merged, swapped)
+    assert list(zip(merged_meta["item_id"], merged_meta["view"])) == sorted(zip(meta["item_id"], meta["view"]))
+
+
+def test_index_factories_and_recall():
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((2000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    flat = build_index(vectors, "Flat", 0, 1000)
+    assert flat.metric_type == faiss.METRIC_INNER_PRODUCT and flat.ntotal == 2000
+    assert recall_at_k(flat, vectors, vectors[:50], 10) == 1.0
+    ivf = build_index(vectors, "IVF16,Flat", 0, 1000)
+    ivf.nprobe = 16
+    assert recall_at_k(ivf, vectors, vectors[:50], 10) == 1.0
+    ivf.nprobe = 1
+    assert recall_at_k(ivf, vectors, vectors[:50], 10) < 1.0
+    hnsw = build_index(vectors, "HNSW32", 0, 1000)
+    assert recall_at_k(hnsw, vectors, vectors[:50], 10) > 0.8
+    with pytest.raises(ValueError, match="cannot build"):
+        build_index(vectors, "NotAFactory", 0, 10)
+    with pytest.raises(ValueError, match="could not train"):
+        build_index(vectors[:10], "IVF1024,PQ4", 0, 10)
+
+
+def test_rank_skus_counts_each_sku_once():
+    vectors = np.eye(4, dtype=np.float32)
+    vectors[1] = vectors[0] * 0.99 + vectors[1] * 0.01
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = faiss.IndexFlatIP(4)
+    index.add(vectors)
+    skus = np.array(["a", "a", "b", "c"], dtype=object)
+    [ranked] = rank_skus(index, skus, vectors[:1], k=3, fetch=1)
+    assert ranked[0][0] == "a" and ranked[0][1] == pytest.approx(1.0)
+    assert len({s for s, _ in ranked}) == len(ranked) == 3

@@ -1,0 +1,236 @@
+"""Workflow tests: lint, format, dry-run, and real runs of the sku_index pipeline on tiny data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO, SNAKEMAKE, make_catalog, run_snakemake, workflow_config
+from mlprep.ids import shard_of
+
+pytestmark = pytest.mark.slow
+
+
+def _files_outside(workdir: Path, allowed=("results", ".snakemake", "data", "config.yaml")) -> list[Path]:
+    return [p for p in workdir.rglob("*") if p.is_file() and p.relative_to(workdir).parts[0] not in allowed]
+
+
+def _index(workdir: Path):
+    import faiss
+
+    folder = workdir / "results" / "sku_index"
+    index = faiss.read_index(str(folder / "index.faiss"))
+    vectors = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, 0))
+    return vectors, pd.read_parquet(folder / "metadata.parquet"), folder
+
+
+def test_snakemake_lint_is_clean():
+    proc = subprocess.run([SNAKEMAKE, "--lint"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Congratulations" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_snakefmt_check_passes():
+    snakefmt = str(Path(sys.executable).with_name("snakefmt"))
+    proc = subprocess.run([snakefmt, "--check", "."], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_default_config_dry_run_lists_every_job():
+    proc = subprocess.run([SNAKEMAKE, "-n", "--forceall"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout + proc.stderr
+    for rule in ["sku_manifest", "sku_encode_shard", "sku_build_index", "sku_evaluate"]:
+        assert rule in out
+    assert "000-of-002" in out and "001-of-002" in out
+
+
+def test_bad_config_is_caught_before_any_job(sku_workdir, tiny_clip):
+    config = workflow_config(sku_workdir, tiny_clip, shards=0)
+    proc = run_snakemake(sku_workdir, config, "-n", check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "shards" in out and "minimum" in out and "sku_manifest" not in out
+
+
+def test_full_run_on_tiny_data(sku_workdir, tiny_clip):
+    config = workflow_config(sku_workdir, tiny_clip)
+    run_snakemake(sku_workdir, config)
+    vectors, meta, folder = _index(sku_workdir)
+    assert len(vectors) == 6 * 2 * (1 + 2) == len(meta)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    assert sorted(meta["view"].unique()) == [0, 1, 2]
+    assert meta.groupby("item_id").size().eq(3).all()
+    assert meta["sku_id"].nunique() == 6
+    np.testing.assert_array_equal(np.load(folder / "embeddings.npy"), vectors)
+    info = json.loads((folder / "index_info.json").read_text())
+    assert info["ntotal"] == 36 and info["dim"] == 32 and info["n_failures"] == 0
+    result = json.loads((folder / "eval.json").read_text())
+    assert result["n_queries"] == 12 and 0 <= result["augmented_exact"]["top1"] <= 1
+    assert (folder / "eval.png").stat().st_size > 1000
+    for shard in ["000-of-002", "001-of-002"]:
+        stats = json.loads((folder / "shards" / shard / "stats.json").read_text())
+        assert {"items_ok", "items_failed", "items_skipped", "seconds", "items_per_s", "views_per_s"} <= set(stats)
+        assert (sku_workdir / "results" / "logs" / "sku_index" / f"encode_{shard}.log").exists()
+        assert (sku_workdir / "results" / "benchmarks" / "sku_index" / f"encode_{shard}.tsv").exists()
+    assert _files_outside(sku_workdir) == []
+
+    # the search command finds the SKU of an image that is in the index
+    image = sku_workdir / "data" / "images" / "sku0003_1.jpg"
+    mlprep = str(Path(sys.executable).with_name("mlprep"))
+    proc = subprocess.run(
+        [mlprep, "search-sku", "--index", str(folder / "index.faiss"), "--k", "3", "--json", str(image)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    hits = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(hits) == 3 and hits[0]["sku_id"] == "sku0003" and hits[0]["score"] > 0.999
+    proc = subprocess.run([mlprep, "search-sku", "--index", str(folder / "index.faiss"), str(sku_workdir / "nope.jpg")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "nope.jpg" in proc.stderr
+
+
+def _write_bad_catalog(workdir: Path) -> None:
+    data_dir = workdir / "data"
+    skus = json.loads((data_dir / "sku_data.json").read_text())
+    good = (data_dir / "images" / "sku0000_0.jpg").read_bytes()
+    (data_dir / "images" / "trunc.jpg").write_bytes(good[: len(good) // 3])
+    (data_dir / "images" / "junk.jpg").write_bytes(b"\x00garbage, not a jpeg")
+    skus += [
+        {"sku_id": "broken", "images": ["trunc.jpg", "junk.jpg", "missing.jpg"]},
+        {"sku_id": "empty", "images": []},
+        {"sku_id": "sku0001", "images": ["sku0002_0.jpg"]},  # duplicate id
+        {"sku_id": "../../etc/x", "images": ["sku0004_0.jpg"]},
+        {"sku_id": "/abs/path", "images": ["../../../../etc/passwd"]},
+    ]
+    (data_dir / "sku_data.json").write_text(json.dumps(skus))
+
+
+def test_bad_inputs_become_failure_records(sku_workdir, tiny_clip):
+    _write_bad_catalog(sku_workdir)
+    index = {"factory": "IVF4,Flat", "search_params": "nprobe=4", "train_sample": 1000, "recall_sample": 100}
+    run_snakemake(sku_workdir, workflow_config(sku_workdir, tiny_clip, index=index))
+    vectors, meta, folder = _index(sku_workdir)
+    assert len(vectors) == (12 + 1) * 3  # 12 good images + the one of SKU '../../etc/x'
+    assert "../../etc/x" in set(meta["sku_id"])
+    failures = pd.read_parquet(folder / "failures.parquet")
+    by_item = dict(zip(failures["item_id"], failures["stage"]))
+    assert by_item["broken/trunc.jpg"] == "decode" and by_item["broken/junk.jpg"] == "decode"
+    assert by_item["broken/missing.jpg"] == "manifest" and by_item["empty"] == "manifest"
+    assert by_item["sku0001"] == "manifest" and by_item["/abs/path/../../../../etc/passwd"] == "manifest"
+    assert len(failures) == 6
+    info = json.loads((folder / "index_info.json").read_text())
+    assert info["n_failures"] == 6 and info["factory"] == "IVF4,Flat" and not info["exact"]
+    assert info["recall_at_10"] == 1.0  # nprobe covers every list: the approximate index is exact here
+    result = json.loads((folder / "eval.json").read_text())
+    assert result["recall_at_10"] == 1.0 and result["augmented_index"] == result["augmented_exact"]
+    assert _files_outside(sku_workdir) == []
+
+
+def test_without_continue_on_error_the_job_fails_naming_the_file(sku_workdir, tiny_clip):
+    data_dir = sku_workdir / "data"
+    (data_dir / "images" / "junk.jpg").write_bytes(b"not an image")
+    skus = json.loads((data_dir / "sku_data.json").read_text()) + [{"sku_id": "junk", "images": ["junk.jpg"]}]
+    (data_dir / "sku_data.json").write_text(json.dumps(skus))
+    config = workflow_config(sku_workdir, tiny_clip)
+    config["continue_on_error"] = False
+    proc = run_snakemake(sku_workdir, config, check=False)
+    assert proc.returncode != 0
+    assert "junk.jpg" in proc.stdout + proc.stderr  # show-failed-logs prints the log naming the file
+    assert not (sku_workdir / "results" / "sku_index" / "index.faiss").exists()
+
+
+def test_empty_catalog_gives_an_empty_index_and_a_failure(sku_workdir, tiny_clip):
+    (sku_workdir / "data" / "sku_data.json").write_text("[]")
+    run_snakemake(sku_workdir, workflow_config(sku_workdir, tiny_clip))
+    vectors, meta, folder = _index(sku_workdir)
+    assert len(vectors) == 0 and len(meta) == 0
+    [failure] = pd.read_parquet(folder / "failures.parquet").to_dict("records")
+    assert "no SKUs" in failure["reason"] and failure["path"].endswith("sku_data.json")
+    assert json.loads((folder / "eval.json").read_text())["augmented_index"]["top1"] is None
+
+
+def _dry_run_jobs(workdir: Path, config: dict) -> dict[str, list[str]]:
+    proc = run_snakemake(workdir, config, "-n")
+    jobs: dict[str, list[str]] = {}
+    rule = None
+    for line in proc.stdout.splitlines():
+        line = line.strip()
+        if line.startswith(("rule ", "localrule ")):
+            rule = line.split()[1].rstrip(":")
+            jobs.setdefault(rule, [])
+        elif line.startswith("wildcards:") and rule:
+            jobs[rule].append(line.split("shard=")[1])
+    return jobs
+
+
+def test_adding_two_skus_reruns_only_their_shards(sku_workdir, tiny_clip):
+    config = workflow_config(sku_workdir, tiny_clip, shards=4)
+    run_snakemake(sku_workdir, config)
+    assert _dry_run_jobs(sku_workdir, config) == {}
+    shards_dir = sku_workdir / "results" / "sku_index" / "shards"
+    before = {p: p.stat().st_mtime_ns for p in shards_dir.rglob("*") if p.is_file()}
+
+    from mlprep.demo import product_photo
+
+    data_dir = sku_workdir / "data"
+    skus = json.loads((data_dir / "sku_data.json").read_text())
+    for sku_id in ["new-a", "new-b"]:
+        product_photo(sku_id, 0, (160, 120)).save(data_dir / "images" / f"{sku_id}.jpg")
+        skus.append({"sku_id": sku_id, "images": [f"{sku_id}.jpg"]})
+    (data_dir / "sku_data.json").write_text(json.dumps(skus))
+    touched = sorted({f"{shard_of(f'{s}/{s}.jpg', 4):03d}-of-004" for s in ["new-a", "new-b"]})
+
+    jobs = _dry_run_jobs(sku_workdir, config)
+    assert sorted(jobs["sku_encode_shard"]) == touched
+    assert set(jobs) == {"sku_manifest", "sku_encode_shard", "sku_build_index", "sku_evaluate", "all"}
+
+    run_snakemake(sku_workdir, config)
+    after = {p: p.stat().st_mtime_ns for p in shards_dir.rglob("*") if p.is_file()}
+    changed = {p.parent.name for p in before if after[p] != before[p]}
+    assert sorted(changed) == touched
+    vectors, meta, _ = _index(sku_workdir)
+    assert len(vectors) == (12 + 2) * 3 and {"new-a", "new-b"} <= set(meta["sku_id"])
+
+
+def test_killed_run_resumes_to_the_same_index_whatever_the_shard_count(tmp_path, tiny_clip):
+    runs = {}
+    for name, shards in [("clean", 3), ("other_count", 2)]:
+        workdir = tmp_path / name
+        make_catalog(workdir / "data", 6)
+        run_snakemake(workdir, workflow_config(workdir, tiny_clip, shards=shards))
+        runs[name] = _index(workdir)
+
+    workdir = tmp_path / "killed"
+    make_catalog(workdir / "data", 6)
+    config = workflow_config(workdir, tiny_clip, shards=3)
+    (workdir / "config.yaml").write_text(__import__("yaml").safe_dump(config))
+    cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "--cores", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first_shard = workdir / "results" / "sku_index" / "shards" / "000-of-003" / "stats.json"
+    deadline = time.time() + 300
+    while not first_shard.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job tree, mid-run, no cleanup
+    proc.wait(timeout=60)
+    assert not (workdir / "results" / "sku_index" / "index.faiss").exists()
+    run_snakemake(workdir, config, "--unlock")
+    run_snakemake(workdir, config)
+    runs["killed"] = _index(workdir)
+
+    clean_vectors, clean_meta, _ = runs["clean"]
+    for name in ["killed", "other_count"]:
+        vectors, meta, _ = runs[name]
+        np.testing.assert_array_equal(vectors, clean_vectors, err_msg=name)
+        pd.testing.assert_frame_equal(meta, clean_meta, obj=name)
