@@ -10,7 +10,6 @@ image_files | image_path | image (a string or a list), the name from name | titl
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pandas as pd
 
 from mlprep.failures import Failure
 from mlprep.ids import UnsafePathError, resolve_inside, shard_of
+from mlprep.records import RecordsError, first_value, read_records
 
 ID_KEYS = ("sku_id", "id", "sku", "code")
 IMAGE_KEYS = ("images", "image_paths", "image_files", "image_path", "image")
@@ -52,35 +52,14 @@ class Catalog:
         return [i for i in self.items if i.shard == shard]
 
 
-def _first(record: dict, keys: tuple[str, ...]):
-    return next((record[k] for k in keys if record.get(k) not in (None, "", [])), None)
-
-
-def _sku_records(data, source: str) -> list[tuple[str | None, dict]]:
-    """Normalise the accepted JSON shapes to (id from mapping key or None, record) pairs."""
-    if isinstance(data, dict):
-        for key in LIST_KEYS:
-            if isinstance(data.get(key), list):
-                return [(None, r) for r in data[key]]
-        if data and all(isinstance(v, dict) for v in data.values()):
-            return [(str(k), v) for k, v in data.items()]
-        if not data:
-            return []
-        raise ValueError(f"{source}: expected a list of SKUs or an object holding one under {'/'.join(LIST_KEYS)}")
-    if isinstance(data, list):
-        return [(None, r) for r in data]
-    raise ValueError(f"{source}: expected a JSON list or object, got {type(data).__name__}")
-
-
 def read_catalog(sku_data: Path | str, images_dir: Path | str, n_shards: int) -> Catalog:
     """List every (SKU, image) item; anything wrong becomes a failure, nothing is dropped silently."""
     sku_data = Path(sku_data)
     failures: list[Failure] = []
     try:
-        text = sku_data.read_text(encoding="utf-8")
-        records = _sku_records(json.loads(text), str(sku_data)) if text.strip() else []
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as err:
-        return Catalog([], [Failure("", str(sku_data), "manifest", f"unreadable SKU file: {err}")])
+        records = read_records(sku_data, LIST_KEYS)
+    except RecordsError as err:
+        return Catalog([], [Failure("", str(sku_data), "manifest", str(err))])
     if not records:
         return Catalog([], [Failure("", str(sku_data), "manifest", "SKU file holds no SKUs")])
 
@@ -91,7 +70,7 @@ def read_catalog(sku_data: Path | str, images_dir: Path | str, n_shards: int) ->
         if not isinstance(record, dict):
             failures.append(Failure("", where, "manifest", f"SKU entry is {type(record).__name__}, not an object"))
             continue
-        sku_id = key_id if key_id is not None else _first(record, ID_KEYS)
+        sku_id = key_id if key_id is not None else first_value(record, ID_KEYS)
         if sku_id is None or str(sku_id).strip() == "":
             failures.append(Failure("", where, "manifest", f"SKU has no id (looked for {', '.join(ID_KEYS)})"))
             continue
@@ -100,12 +79,12 @@ def read_catalog(sku_data: Path | str, images_dir: Path | str, n_shards: int) ->
             failures.append(Failure(sku_id, where, "manifest", "duplicate SKU id; the first entry is kept"))
             continue
         seen_skus.add(sku_id)
-        images = _first(record, IMAGE_KEYS)
+        images = first_value(record, IMAGE_KEYS)
         images = [images] if isinstance(images, str) else images
         if not images:
             failures.append(Failure(sku_id, where, "manifest", "SKU has no images"))
             continue
-        name = str(_first(record, NAME_KEYS) or "")
+        name = str(first_value(record, NAME_KEYS) or "")
         category = str(record.get("category") or "")
         for image in dict.fromkeys(str(i) for i in images):  # keeps order, drops repeats
             item_id = f"{sku_id}/{image}"
