@@ -77,3 +77,52 @@ def write_catalog(folder: Path | str, n_skus: int, photos_per_sku: int = 2, size
     path = folder / "sku_data.json"
     path.write_text(json.dumps(skus, indent=1) + "\n")
     return path
+
+
+def write_clip(path: Path | str, seconds: float, fps: int = 25, size: tuple[int, int] = (320, 180),
+               gop: int | None = None, source: str = "testsrc", audio_seconds: float | None = None) -> Path:
+    """Encode a synthetic H.264 clip with the ffmpeg binary imageio-ffmpeg ships (or $MLPREP_FFMPEG)."""
+    import subprocess
+
+    from mlprep.video.decode import ffmpeg_exe
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    video = f"{source}=size={size[0]}x{size[1]}:rate={fps}:duration={seconds}"
+    if source.startswith("color"):
+        video = f"{source}:size={size[0]}x{size[1]}:rate={fps}:duration={seconds}"
+    cmd = [ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i", video]
+    if audio_seconds:
+        cmd += ["-f", "lavfi", "-i", f"sine=duration={audio_seconds}", "-c:a", "aac"]
+    cmd += ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p"]
+    if gop:
+        cmd += ["-g", str(gop), "-keyint_min", str(gop)]
+    subprocess.run([*cmd, str(path)], check=True)
+    return path
+
+
+def write_video_demo(folder: Path | str) -> Path:
+    """A handful of clips (lengths, rates, sizes, a window, one too short for 16 frames) and their pairs."""
+    folder = Path(folder)
+    clips = [
+        ("walk_forest", 4, 25, (320, 180), "testsrc", "a player walks through a forest", None, None),
+        ("mine_cave", 6, 30, (426, 240), "testsrc2", "mining iron ore in a cave", 1.0, 5.0),
+        ("build_house", 3, 24, (320, 180), "smptebars", "building a wooden house", None, None),
+        ("swim_river", 5, 25, (256, 144), "rgbtestsrc", "swimming across a river", None, None),
+        ("jump_short", 0.4, 25, (320, 180), "testsrc2", "a quick jump", None, None),
+        ("fight_night", 4, 20, (320, 240), "testsrc", "fighting zombies at night", 0.5, None),
+        ("farm_wheat", 3, 25, (320, 180), "smptehdbars", "harvesting wheat on a farm", None, None),
+        ("boat_sea", 4, 25, (320, 180), "rgbtestsrc", "sailing a boat on the sea", None, None),
+    ]
+    pairs = []
+    for clip_id, seconds, fps, size, source, text, start, end in clips:
+        write_clip(folder / "clips" / f"{clip_id}.mp4", seconds, fps, size, gop=fps, source=source)
+        pair = {"clip": f"{clip_id}.mp4", "text": text}
+        if start is not None:
+            pair["start"] = start
+        if end is not None:
+            pair["end"] = end
+        pairs.append(pair)
+    path = folder / "train_pairs.json"
+    path.write_text(json.dumps(pairs, indent=1) + "\n")
+    return path

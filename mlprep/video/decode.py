@@ -1,0 +1,266 @@
+"""Frame sampling and decoding: probe the stream, pick uniformly spaced frames, decode only those.
+
+The probe demuxes the stream without decoding it (cheap) to learn each frame's timestamp and the
+keyframes. Frame i means the i-th frame in presentation order, for every backend. When a backend
+cannot deliver a frame the container lists (a truncated or corrupt tail: the container
+over-reports its frame count), the frames that do decode are counted and the sample is redrawn
+over them, so a clip still yields exactly `num_frames` frames, and its record says so.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+import av
+import cv2
+import numpy as np
+
+BACKENDS = ("decord", "pyav", "ffmpeg")
+
+
+class ClipError(ValueError):
+    """A clip that cannot give frames (no video stream, empty window, nothing decodes)."""
+
+
+class ShortStreamError(RuntimeError):
+    """The stream ended (or broke) before a frame the container lists."""
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    pts: np.ndarray  # presentation timestamps of the frames, sorted
+    keyframe_pts: np.ndarray
+    time_base: float
+    fps: float
+    width: int
+    height: int
+    container_frames: int  # what the container header claims (0 when it does not say)
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.pts)
+
+    def seconds(self) -> np.ndarray:
+        return (self.pts - self.pts[0]) * self.time_base if len(self.pts) else np.zeros(0)
+
+    def truncated(self, n: int) -> StreamInfo:
+        pts = self.pts[:n]
+        return StreamInfo(pts, self.keyframe_pts[self.keyframe_pts <= pts[-1]], self.time_base, self.fps,
+                          self.width, self.height, self.container_frames)
+
+
+@dataclass
+class ClipFrames:
+    frames: np.ndarray  # uint8 [num_frames, height, width, 3] RGB
+    indices: list[int]  # source frame index of each frame
+    fps: float
+    duration: float  # seconds covered by the sampled window
+    source_frames: int  # frames that actually decode in the window's stream
+    container_frames: int
+    repeated: bool  # fewer source frames than num_frames: some repeat
+    note: str = ""
+
+
+def probe(path) -> StreamInfo:
+    try:
+        container = av.open(str(path))
+    except av.FFmpegError as err:
+        raise ClipError(f"not a readable video: {err}") from err
+    with container:
+        if not container.streams.video:
+            raise ClipError("no video stream")
+        stream = container.streams.video[0]
+        pts, keys = [], []
+        try:
+            for packet in container.demux(stream):
+                stamp = packet.pts if packet.pts is not None else packet.dts
+                if packet.size == 0 or stamp is None:
+                    continue
+                pts.append(stamp)
+                if packet.is_keyframe:
+                    keys.append(stamp)
+        except av.FFmpegError:
+            pass  # a broken tail: keep the packets read so far
+        if not pts:
+            raise ClipError("video stream holds no frames")
+        rate = stream.average_rate or stream.guessed_rate
+        time_base = float(stream.time_base)
+        pts_sorted = np.unique(np.asarray(pts, dtype=np.int64))
+        fps = float(rate) if rate else (len(pts_sorted) - 1) / max((pts_sorted[-1] - pts_sorted[0]) * time_base, 1e-9)
+        return StreamInfo(pts_sorted, np.unique(np.asarray(keys or pts[:1], dtype=np.int64)), time_base, fps,
+                          stream.codec_context.width, stream.codec_context.height, int(stream.frames or 0))
+
+
+def frame_window(info: StreamInfo, start: float | None, end: float | None) -> tuple[int, int]:
+    """First and last frame index whose time lies in [start, end) (the whole clip by default)."""
+    seconds = info.seconds()
+    first = 0 if start is None else int(np.searchsorted(seconds, start, "left"))
+    last = info.n_frames - 1 if end is None else int(np.searchsorted(seconds, end, "left")) - 1
+    if first > last:
+        raise ClipError(f"window [{start}, {end}) s holds no frames (clip lasts {seconds[-1]:.2f} s)")
+    return first, last
+
+
+def uniform_indices(first: int, last: int, num_frames: int) -> np.ndarray:
+    """num_frames indices spread evenly from first to last inclusive; they repeat when the window is short."""
+    return np.linspace(first, last, num_frames).astype(np.int64)
+
+
+def ffmpeg_exe() -> str:
+    """The ffmpeg binary: $MLPREP_FFMPEG, else one on PATH, else the one imageio-ffmpeg ships."""
+    found = os.environ.get("MLPREP_FFMPEG") or shutil.which("ffmpeg")
+    if found:
+        return found
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def open_decord(path, threads: int = 1):
+    """A decord reader and the stream facts it knows (timestamps, keyframes) without a separate probe."""
+    import decord
+
+    reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=threads)
+    n = len(reader)
+    if n == 0:
+        raise ClipError("video stream holds no frames")
+    micro = np.round(reader.get_frame_timestamp(range(n))[:, 0] * 1e6).astype(np.int64)
+    keys = micro[np.asarray(reader.get_key_indices(), dtype=np.int64)] if n else micro[:1]
+    info = StreamInfo(micro, np.unique(keys), 1e-6, float(reader.get_avg_fps()), 0, 0, n)
+    return reader, info
+
+
+def read_decord(path, indices: np.ndarray, info: StreamInfo, threads: int = 1, hwaccel=None, reader=None):
+    if reader is None:
+        reader, _ = open_decord(path, threads)
+    if int(indices[-1]) >= len(reader):
+        raise ShortStreamError(f"decord sees {len(reader)} frames, frame {int(indices[-1])} wanted")
+    return reader.get_batch([int(i) for i in indices]).asnumpy()
+
+
+def read_pyav(path, indices: np.ndarray, info: StreamInfo, threads: int = 1, hwaccel=None, reader=None):
+    """Seek to the keyframe before each wanted frame only when that is ahead of the decoder: exact and minimal."""
+    out = []
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = threads
+        decoder, position = None, None
+        for target in info.pts[indices]:
+            keyframe = info.keyframe_pts[max(0, np.searchsorted(info.keyframe_pts, target, "right") - 1)]
+            if decoder is None or position is None or position >= target or keyframe > position:
+                container.seek(int(keyframe), stream=stream, backward=True, any_frame=False)
+                decoder = container.decode(stream)
+            found = None
+            for frame in decoder:
+                position = frame.pts
+                if frame.pts is None or frame.pts < target:
+                    continue
+                if frame.pts == target:
+                    found = frame.to_ndarray(format="rgb24")
+                break
+            if found is None:
+                raise ShortStreamError(f"frame at pts {int(target)} did not decode")
+            out.append(found)
+    return np.stack(out)
+
+
+def read_ffmpeg(path, indices: np.ndarray, info: StreamInfo, threads: int = 1, hwaccel=None, reader=None):
+    """ffmpeg's select filter over an ffmpeg binary; `hwaccel='cuda'` decodes on NVDEC."""
+    import ffmpeg
+
+    select = "+".join(f"eq(n,{int(i)})" for i in indices)
+    source = ffmpeg.input(str(path), threads=threads, **({"hwaccel": hwaccel} if hwaccel else {}))
+    stream = source.video.filter("select", select).output(
+        "pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough", threads=threads
+    )
+    try:
+        raw, _ = stream.run(cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True, quiet=True)
+    except ffmpeg.Error as err:
+        raise ShortStreamError(f"ffmpeg failed: {err.stderr.decode(errors='replace')[-300:]}") from err
+    frames = np.frombuffer(raw, np.uint8)
+    count = len(frames) // (info.width * info.height * 3)
+    if count != len(indices):
+        raise ShortStreamError(f"ffmpeg gave {count} of {len(indices)} frames")
+    return frames.reshape(count, info.height, info.width, 3)
+
+
+READERS = {"decord": read_decord, "pyav": read_pyav, "ffmpeg": read_ffmpeg}
+
+
+def count_decodable(path) -> int:
+    """Frames that decode, in order, until the first error (the slow path for broken clips)."""
+    n = 0
+    with av.open(str(path)) as container:
+        try:
+            for _ in container.decode(video=0):
+                n += 1
+        except av.FFmpegError:
+            pass
+    return n
+
+
+def resize_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Area-averaging resize (no aliasing when shrinking), the same for every backend."""
+    if frames.shape[1:3] == (height, width):
+        return frames
+    return np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in frames])
+
+
+def extract_clip(
+    path,
+    num_frames: int,
+    width: int,
+    height: int,
+    backend: str = "decord",
+    start: float | None = None,
+    end: float | None = None,
+    threads: int = 1,
+    hwaccel: str | None = None,
+) -> ClipFrames:
+    """Exactly num_frames uniformly spaced RGB frames of the clip (or its [start, end) window), resized."""
+    cv2.setNumThreads(threads)
+    reader = None
+    if backend == "decord":
+        try:
+            reader, info = open_decord(path, threads)
+        except Exception:  # noqa: BLE001 - let PyAV say what is wrong, or take the slow path below
+            info = probe(path)
+    else:
+        info = probe(path)
+    first, last = frame_window(info, start, end)
+    indices = uniform_indices(first, last, num_frames)
+    wanted = np.unique(indices)
+    note = ""
+    try:
+        if backend == "decord" and reader is None:
+            raise ShortStreamError("decord cannot open the clip")
+        frames = READERS[backend](path, wanted, info, threads=threads, hwaccel=hwaccel, reader=reader)
+        source = last - first + 1
+    except Exception as err:  # noqa: BLE001 - any decoder error: see whether the tail is broken
+        decodable = count_decodable(path)
+        info = probe(path)
+        if decodable >= info.n_frames:
+            raise
+        if decodable <= first:
+            raise ClipError(f"only {decodable} frames decode, none in the window ({type(err).__name__}: {err})") from err
+        last = min(last, decodable - 1)
+        indices = uniform_indices(first, last, num_frames)
+        wanted = np.unique(indices)
+        frames = read_pyav(path, wanted, info.truncated(decodable), threads=threads)
+        source = last - first + 1
+        note = f"container lists {info.n_frames} frames but {decodable} decode; sampled over those"
+    frames = resize_frames(frames, width, height)[np.searchsorted(wanted, indices)]
+    seconds = info.seconds()
+    duration = float(seconds[last] - seconds[first] + 1 / info.fps) if info.fps else 0.0
+    return ClipFrames(
+        frames=np.ascontiguousarray(frames),
+        indices=[int(i) for i in indices],
+        fps=info.fps,
+        duration=round(duration, 4),
+        source_frames=int(source),
+        container_frames=info.container_frames or info.n_frames,
+        repeated=bool(source < num_frames),
+        note=note,
+    )

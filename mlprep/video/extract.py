@@ -1,0 +1,119 @@
+"""Extract shard: reader (clips of one split shard) -> decode in a watchdog process -> pkl writer.
+
+The pkl shard is a list of records, the CLIP4MC format a training loader streams:
+{"id", "text", "frames" (uint8 [num_frames, H, W, 3] RGB), "fps", "frame_indices", "duration",
+ "start", "end", "source_frames", "container_frames", "repeated", "note"}.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import pandas as pd
+from tqdm import tqdm
+
+from mlprep.failures import FailureLog, write_failures
+from mlprep.io import atomic_path, write_parquet
+from mlprep.stats import ShardStats
+from mlprep.video.decode import extract_clip
+from mlprep.video.pairs import ClipItem
+from mlprep.watchdog import Watchdog
+
+log = logging.getLogger(__name__)
+
+INDEX_COLUMNS = ["clip_id", "text", "n_frames", "status", "repeated", "note"]
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    num_frames: int = 16
+    width: int = 256
+    height: int = 160
+    backend: str = "decord"
+    hwaccel: str | None = None
+    timeout_s: float = 120.0
+    threads: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: dict, threads: int = 1) -> ExtractSettings:
+        return cls(cfg["num_frames"], cfg["width"], cfg["height"], cfg["backend"], cfg.get("hwaccel"),
+                   float(cfg["timeout_s"]), threads)
+
+
+def extract_items(
+    items: list[ClipItem],
+    settings: ExtractSettings,
+    failures: FailureLog,
+    progress: TextIO | None = None,
+    decode=extract_clip,
+) -> tuple[list[dict], pd.DataFrame]:
+    """Records for the clips that decode; a failure row for each that does not (or hangs)."""
+    records, rows = [], []
+    with Watchdog(settings.timeout_s) as watchdog:
+        for item in tqdm(items, desc="extract clips", unit="clip", file=progress, mininterval=2.0):
+            try:
+                clip = watchdog.call(
+                    decode, item.path, settings.num_frames, settings.width, settings.height, settings.backend,
+                    item.start, item.end, settings.threads, settings.hwaccel,
+                )
+            except Exception as err:  # noqa: BLE001 - decode errors, timeouts and crashes are this clip's failure
+                failures.record(item.clip_id, item.path, "decode", f"{type(err).__name__}: {err}")
+                rows.append({"clip_id": item.clip_id, "text": item.text, "n_frames": 0, "status": "failed",
+                             "repeated": False, "note": str(err)[:200]})
+                continue
+            records.append({
+                "id": item.clip_id,
+                "text": item.text,
+                "frames": clip.frames,
+                "fps": clip.fps,
+                "frame_indices": clip.indices,
+                "duration": clip.duration,
+                "start": item.start,
+                "end": item.end,
+                "source_frames": clip.source_frames,
+                "container_frames": clip.container_frames,
+                "repeated": clip.repeated,
+                "note": clip.note,
+            })
+            rows.append({"clip_id": item.clip_id, "text": item.text, "n_frames": len(clip.frames), "status": "ok",
+                         "repeated": clip.repeated, "note": clip.note})
+    index = pd.DataFrame(rows, columns=INDEX_COLUMNS).astype(
+        {"clip_id": "string", "text": "string", "n_frames": "int32", "status": "string", "repeated": "bool",
+         "note": "string"}
+    )
+    return records, index
+
+
+def write_pkl(records: list[dict], path: Path | str) -> int:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        pickle.dump(records, handle, protocol=pickle.HIGHEST_PROTOCOL)
+    return Path(path).stat().st_size
+
+
+def extract_shard(
+    shard: str,
+    items: list[dict],
+    cfg: dict,
+    continue_on_error: bool,
+    threads: int,
+    outputs: dict,
+    progress: TextIO | None = None,
+) -> dict:
+    stats = ShardStats(shard)
+    clip_items = [ClipItem(**item) for item in items]
+    settings = ExtractSettings.from_config(cfg, threads)
+    failures = FailureLog(continue_on_error)
+    records, index = extract_items(clip_items, settings, failures, progress)
+    size = write_pkl(records, outputs["pkl"])
+    write_parquet(index, outputs["index"])
+    write_failures(failures.records, outputs["failures"])
+    stats.ok, stats.failed = len(records), len(failures)
+    stats.counts = {"frames": sum(len(r["frames"]) for r in records)}
+    stats.extra = {"bytes": size, "backend": settings.backend, "repeated": int(index["repeated"].sum())}
+    data = stats.write(outputs["stats"])
+    log.info("shard %s: %s", shard, data)
+    return data

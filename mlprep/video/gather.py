@@ -1,0 +1,92 @@
+"""Gather: dataset summary, merged index and failures, and a contact sheet to eyeball the frames."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from mlprep.failures import read_failures
+from mlprep.io import atomic_path, read_json, write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+
+def contact_sheet(records: list[dict], path: Path | str, thumb_width: int = 128) -> None:
+    """One row per clip: its frames side by side, its id and text above them."""
+    if records:
+        frames = records[0]["frames"]
+        th = max(1, round(thumb_width * frames.shape[1] / frames.shape[2]))
+        cols = max(len(r["frames"]) for r in records)
+    else:
+        th, cols = 80, 4
+    label = 16
+    sheet = Image.new("RGB", (cols * thumb_width, max(1, len(records)) * (th + label)), "white")
+    draw = ImageDraw.Draw(sheet)
+    if not records:
+        draw.text((4, 4), "no clips extracted", fill="black")
+    for row, record in enumerate(records):
+        y = row * (th + label)
+        draw.text((2, y + 2), f"{record['id']}: {record['text']}"[:160], fill="black")
+        for col, frame in enumerate(record["frames"]):
+            sheet.paste(Image.fromarray(frame).resize((thumb_width, th)), (col * thumb_width, y + label))
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+
+
+def gather(
+    shard_prefixes: list[tuple[str, str]],
+    manifest_failures: Path | str,
+    sheet_clips: int,
+    outputs: dict,
+) -> dict:
+    """shard_prefixes: (split, path prefix) per shard; its files are prefix + .pkl/.index.parquet/..."""
+    shard_paths = [
+        {"split": split, "pkl": f"{prefix}.pkl", "index": f"{prefix}.index.parquet",
+         "failures": f"{prefix}.failures.parquet", "stats": f"{prefix}.stats.json"}
+        for split, prefix in shard_prefixes
+    ]
+    indices, per_split = [], {}
+    for shard in shard_paths:
+        index = pd.read_parquet(shard["index"]).assign(split=shard["split"], pkl=Path(shard["pkl"]).name)
+        indices.append(index)
+        stats = read_json(shard["stats"])
+        split = per_split.setdefault(shard["split"], {"shards": 0, "clips_ok": 0, "clips_failed": 0, "frames": 0,
+                                                      "bytes": 0, "repeated": 0})
+        split["shards"] += 1
+        split["clips_ok"] += stats["items_ok"]
+        split["clips_failed"] += stats["items_failed"]
+        split["frames"] += stats["frames"]
+        split["bytes"] += stats["bytes"]
+        split["repeated"] += stats["repeated"]
+    merged = pd.concat(indices, ignore_index=True) if indices else pd.DataFrame()
+    failures = read_failures([manifest_failures, *(s["failures"] for s in shard_paths)])
+    summary = {
+        "splits": per_split,
+        "clips_ok": sum(s["clips_ok"] for s in per_split.values()),
+        "clips_failed": int(len(failures)),
+        "clips_failed_in_manifest": int(len(read_failures([manifest_failures]))),
+        "frames": sum(s["frames"] for s in per_split.values()),
+        "bytes": sum(s["bytes"] for s in per_split.values()),
+        "failure_reasons": failures["reason"].str.split(":").str[0].value_counts().to_dict() if len(failures) else {},
+    }
+    sample: list[dict] = []
+    for shard in shard_paths:
+        if len(sample) >= sheet_clips:
+            break
+        if read_json(shard["stats"])["items_ok"]:
+            with open(shard["pkl"], "rb") as handle:  # our own shard output, never a user-supplied pickle
+                sample += pickle.load(handle)[: sheet_clips - len(sample)]
+    for record in sample:
+        if record["frames"].dtype != np.uint8 or record["frames"].ndim != 4:
+            raise ValueError(f"clip {record['id']}: frames are {record['frames'].dtype} {record['frames'].shape}")
+    contact_sheet(sample, outputs["sheet"])
+    write_parquet(merged, outputs["index"])
+    write_parquet(failures, outputs["failures"])
+    write_json(summary, outputs["summary"])
+    log.info("video_frames summary: %s", summary)
+    return summary

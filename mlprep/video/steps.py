@@ -1,0 +1,22 @@
+"""The video_frames pipeline's cheap steps; the heavy one is mlprep.video.extract.extract_shard."""
+
+from __future__ import annotations
+
+import logging
+
+from mlprep.failures import FailureLog, write_failures
+from mlprep.io import write_parquet
+from mlprep.video.pairs import read_pairs
+
+log = logging.getLogger(__name__)
+
+
+def manifest(cfg: dict, seed: int, shard_counts: dict, continue_on_error: bool, outputs: dict) -> None:
+    catalog = read_pairs(cfg["pairs"], cfg["clips_dir"], shard_counts, cfg["split_mode"], cfg["val_ratio"], seed,
+                         cfg["clip_ext"])
+    failures = FailureLog(continue_on_error)
+    failures.extend(catalog.failures)
+    frame = catalog.frame()
+    write_parquet(frame, outputs["manifest"])
+    write_failures(failures.records, outputs["failures"])
+    log.info("%d clips (%s), %d failures", len(frame), frame["split"].value_counts().to_dict(), len(failures))

@@ -1,0 +1,90 @@
+"""Run calls in a child process and kill it when one overruns: the only cure for decoders that hang in native code."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Callable
+from typing import Any
+
+
+class CallTimeoutError(TimeoutError):
+    """The call did not answer within the watchdog's timeout; its process was killed."""
+
+
+class WorkerDiedError(RuntimeError):
+    """The child process died during the call (a crash in native code, or killed from outside)."""
+
+
+def _serve(conn) -> None:
+    while True:
+        message = conn.recv()
+        if message is None:
+            return
+        fn, args, kwargs = message
+        try:
+            conn.send((True, fn(*args, **kwargs)))
+        except BaseException as err:  # noqa: BLE001 - every error goes back to the caller as text
+            conn.send((False, f"{type(err).__name__}: {err}"))
+
+
+class Watchdog:
+    """One long-lived child process (forked, so start-up is cheap) that runs one call at a time.
+
+    A call that overruns `timeout` seconds gets its child killed and CallTimeoutError raised; the
+    next call starts a fresh child. Errors inside the call come back as RuntimeError with the
+    original type and message.
+    """
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._ctx = mp.get_context("fork")
+        self._proc = None
+        self._conn = None
+
+    def _start(self) -> None:
+        parent, child = self._ctx.Pipe()
+        self._proc = self._ctx.Process(target=_serve, args=(child,), daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn = parent
+
+    def _kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.join(timeout=10)
+        if self._conn is not None:
+            self._conn.close()
+        self._proc = self._conn = None
+
+    def call(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        if self._proc is None or not self._proc.is_alive():
+            self._kill()
+            self._start()
+        self._conn.send((fn, args, kwargs))
+        if not self._conn.poll(self.timeout):
+            self._kill()
+            raise CallTimeoutError(f"no answer within {self.timeout:g} s (process killed)")
+        try:
+            ok, value = self._conn.recv()
+        except EOFError:
+            code = self._proc.exitcode if self._proc else None
+            self._kill()
+            raise WorkerDiedError(f"decoder process died (exit code {code})") from None
+        if not ok:
+            raise RuntimeError(value)
+        return value
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            try:
+                self._conn.send(None)
+                self._proc.join(timeout=5)
+            except (OSError, BrokenPipeError):
+                pass
+        self._kill()
+
+    def __enter__(self) -> Watchdog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
