@@ -11,6 +11,7 @@ validate(config, "config/schema.yaml")
 
 include: "rules/common.smk"
 include: "rules/sku_index.smk"
+include: "rules/video_frames.smk"
 
 
 rule all:

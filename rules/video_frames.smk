@@ -1,0 +1,83 @@
+# video_frames: video-text pairs -> num_frames uniformly spaced frames per clip, CLIP4MC pkl shards (seed 003).
+from mlprep.video.workflow import VideoWorkflow
+
+VIDEO = config["video_frames"]
+VIDEO_FLOW = VideoWorkflow(config, RESULTS)
+VIDEO_DIR = VIDEO_FLOW.dir
+
+if pipeline_enabled("video_frames"):
+    TARGETS.extend([f"{VIDEO_DIR}/summary.json", f"{VIDEO_DIR}/contact_sheet.png"])
+
+
+localrules:
+    video_manifest,
+    video_gather,
+
+
+rule video_manifest:
+    input:
+        pairs=VIDEO["pairs"],
+    output:
+        manifest=f"{VIDEO_DIR}/manifest.parquet",
+        failures=f"{VIDEO_DIR}/manifest_failures.parquet",
+    log:
+        f"{RESULTS}/logs/video_frames/manifest.log",
+    conda:
+        "../envs/video_frames.yaml"
+    params:
+        shard_counts=VIDEO_FLOW.shard_counts,
+    script:
+        "../scripts/video_manifest.py"
+
+
+rule video_extract_shard:
+    input:
+        clips=VIDEO_FLOW.shard_clips,
+    output:
+        pkl=f"{VIDEO_DIR}/{{split}}/{{shard}}.pkl",
+        index=f"{VIDEO_DIR}/{{split}}/{{shard}}.index.parquet",
+        failures=f"{VIDEO_DIR}/{{split}}/{{shard}}.failures.parquet",
+        stats=f"{VIDEO_DIR}/{{split}}/{{shard}}.stats.json",
+    log:
+        f"{RESULTS}/logs/video_frames/extract_{{split}}_{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/video_frames/extract_{{split}}_{{shard}}.tsv"
+    wildcard_constraints:
+        split="train|val",
+    conda:
+        "../envs/video_frames.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+    params:
+        shard_items=VIDEO_FLOW.shard_items,
+        settings=VIDEO_FLOW.frame_settings,
+    script:
+        "../scripts/video_extract.py"
+
+
+rule video_gather:
+    input:
+        manifest_failures=f"{VIDEO_DIR}/manifest_failures.parquet",
+        pkl=VIDEO_FLOW.shard_files(".pkl"),
+        index=VIDEO_FLOW.shard_files(".index.parquet"),
+        failures=VIDEO_FLOW.shard_files(".failures.parquet"),
+        stats=VIDEO_FLOW.shard_files(".stats.json"),
+    output:
+        summary=f"{VIDEO_DIR}/summary.json",
+        index=f"{VIDEO_DIR}/index.parquet",
+        failures=f"{VIDEO_DIR}/failures.parquet",
+        sheet=report(
+            f"{VIDEO_DIR}/contact_sheet.png",
+            caption="../report/video_contact_sheet.rst",
+            category="video_frames",
+        ),
+    log:
+        f"{RESULTS}/logs/video_frames/gather.log",
+    conda:
+        "../envs/video_frames.yaml"
+    params:
+        shards=VIDEO_FLOW.shard_prefixes(),
+        sheet_clips=VIDEO["contact_sheet_clips"],
+    script:
+        "../scripts/video_gather.py"
