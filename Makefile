@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/sku_encode.py
+	$(BIN)/python bench/video_frames.py
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint

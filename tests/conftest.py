@@ -56,7 +56,14 @@ def workflow_config(workdir: Path, tiny_clip: dict, **sku_overrides) -> dict:
         "eval": {"queries_per_image": 1, "top_k": [1, 5]},
     }
     sku.update(sku_overrides)
-    return {"seed": 7, "device": "cpu", "precision": "fp32", "continue_on_error": True, "sku_index": sku}
+    return {
+        "seed": 7,
+        "device": "cpu",
+        "precision": "fp32",
+        "continue_on_error": True,
+        "sku_index": sku,
+        "video_frames": {"enabled": False},
+    }
 
 
 def run_snakemake(workdir: Path, config: dict, *args: str, check: bool = True, timeout: int = 600):

@@ -1,0 +1,159 @@
+"""Benchmark of the video_frames extract job, measured side by side in one run (`make bench`).
+
+Clips: 60 s, 640x360, 30 fps, a keyframe every second (made once with the bundled ffmpeg and
+cached under results/bench/). Rows, seconds per video over the same clips:
+  decode only        decord get_batch of the same 16 indices, no resize, no write: the floor
+  extract job        mlprep's shard loop: probe, decode in the watchdog process, resize, pkl write
+  naive (seed)       OpenCV reading every frame sequentially, then keeping 16
+and the throughput of two extract shards on two cores against one shard doing all the clips,
+beside the same scaling of the bare decode-only loop (the machine's own limit for this work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mlprep.demo import write_clip  # noqa: E402
+from mlprep.failures import FailureLog  # noqa: E402
+from mlprep.video.decode import probe, uniform_indices  # noqa: E402
+from mlprep.video.extract import ExtractSettings, extract_items, write_pkl  # noqa: E402
+from mlprep.video.pairs import ClipItem  # noqa: E402
+
+
+def make_clips(folder: Path, n_distinct: int, copies: int, seconds: int) -> list[Path]:
+    sources = ["testsrc", "testsrc2", "smptebars", "rgbtestsrc"]
+    paths = []
+    for i in range(n_distinct):
+        path = folder / f"clip{i}_{seconds}s.mp4"
+        if not path.exists():
+            write_clip(path, seconds, 30, (640, 360), gop=30, source=sources[i % len(sources)])
+        paths.append(path)
+    return [p for _ in range(copies) for p in paths]
+
+
+def decode_only(paths: list[Path], num_frames: int) -> float:
+    import decord
+
+    started = time.perf_counter()
+    for path in paths:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        reader.get_batch(uniform_indices(0, len(reader) - 1, num_frames).tolist()).asnumpy()
+    return (time.perf_counter() - started) / len(paths)
+
+
+def naive_opencv(paths: list[Path], num_frames: int) -> float:
+    import cv2
+
+    cv2.setNumThreads(1)
+    started = time.perf_counter()
+    for path in paths:
+        capture = cv2.VideoCapture(str(path))
+        frames = []
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            frames.append(frame)
+        capture.release()
+        keep = uniform_indices(0, len(frames) - 1, num_frames)
+        [cv2.resize(cv2.cvtColor(frames[i], cv2.COLOR_BGR2RGB), (256, 160)) for i in keep]
+    return (time.perf_counter() - started) / len(paths)
+
+
+def extract_job(paths: list[Path], settings: ExtractSettings, out: Path) -> float:
+    items = [ClipItem(f"c{i}", "text", p.name, str(p), None, None, "train", 0) for i, p in enumerate(paths)]
+    started = time.perf_counter()
+    with open(os.devnull, "w") as quiet:
+        records, _ = extract_items(items, settings, FailureLog(False), progress=quiet)
+    write_pkl(records, out)
+    return (time.perf_counter() - started) / len(paths)
+
+
+def shards_in_parallel(paths: list[Path], n_shards: int, backend: str) -> float:
+    """Wall time for n_shards extract processes (one per shard) to do all the clips.
+
+    The processes import their libraries first and start together at an agreed time, so the
+    figure is the shards' work, not interpreter start-up (which a real shard of hundreds of clips
+    amortises).
+    """
+    chunks = [paths[i::n_shards] for i in range(n_shards)]
+    start_at = time.time() + 3.0
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "--start-at", str(start_at), "--worker", backend, *map(str, chunk)],
+                         stdout=subprocess.PIPE, text=True)
+        for chunk in chunks
+    ]
+    ends = []
+    for proc in procs:
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError("a benchmark shard failed")
+        ends.append(float(out.split()[-1]))
+    return max(ends) - start_at
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=4, help="distinct 60 s clips to make")
+    parser.add_argument("--copies", type=int, default=4, help="times each clip is processed")
+    parser.add_argument("--seconds", type=int, default=60)
+    parser.add_argument("--backend", default="decord")
+    parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    settings = ExtractSettings(16, 256, 160, args.backend if not args.worker else args.worker[0], None, 300.0, 1)
+    if args.worker:
+        time.sleep(max(0.0, args.start_at - time.time()))
+        if args.worker[0] == "decode-only":
+            decode_only([Path(p) for p in args.worker[1:]], 16)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                extract_job([Path(p) for p in args.worker[1:]], settings, Path(tmp) / "shard.pkl")
+        print(time.time())
+        return
+
+    folder = REPO / "results" / "bench" / "video"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = make_clips(folder, args.clips, args.copies, args.seconds)
+    info = probe(paths[0])
+    decode_only(paths[:1], 16)  # warm the page cache and the libraries
+    rows = {
+        "decode only": decode_only(paths, 16),
+        "extract job": extract_job(paths, settings, folder / "bench.pkl"),
+        "naive (seed)": naive_opencv(paths, 16),
+    }
+    one = shards_in_parallel(paths, 1, settings.backend)
+    two = shards_in_parallel(paths, 2, settings.backend)
+    floor_one = shards_in_parallel(paths, 1, "decode-only")
+    floor_two = shards_in_parallel(paths, 2, "decode-only")
+    print(f"video_frames extract, {len(paths)} clips of {args.seconds} s, {info.width}x{info.height} "
+          f"{info.fps:g} fps, keyframe every 1 s, backend {settings.backend}, 16 frames at 256x160")
+    print(f"{'setup':<14} {'s/video':>8} {'vs decode only':>15} {'speed-up vs naive':>18}")
+    for name, seconds in rows.items():
+        print(f"{name:<14} {seconds:8.3f} {seconds / rows['decode only']:15.2f} "
+              f"{rows['naive (seed)'] / seconds:18.2f}")
+    print(f"extract job: 1 shard {one:.2f} s, 2 shards on 2 cores {two:.2f} s -> throughput x{one / two:.2f}")
+    print(f"decode only: 1 process {floor_one:.2f} s, 2 processes {floor_two:.2f} s -> throughput "
+          f"x{floor_one / floor_two:.2f} (what this machine's two cores give a decode-bound loop)")
+    if args.json:
+        figures = {"s_per_video": rows, "one_shard_s": one, "two_shards_s": two,
+                   "decode_only_one_s": floor_one, "decode_only_two_s": floor_two}
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    os.remove(folder / "bench.pkl")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""video_frames: sampling, the three decoder backends, failure paths, the watchdog, and workflow runs."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import run_snakemake
+from mlprep.demo import write_clip
+from mlprep.failures import FailureLog
+from mlprep.ids import shard_of
+from mlprep.video.decode import BACKENDS, ClipError, extract_clip, uniform_indices
+from mlprep.video.extract import ExtractSettings, extract_items
+from mlprep.video.pairs import read_pairs, split_of
+from mlprep.watchdog import CallTimeoutError, Watchdog
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("clips")
+    made = {
+        "plain": write_clip(d / "plain.mp4", 4, 25, (320, 180), gop=25),
+        "long_gop": write_clip(d / "long_gop.mp4", 6, 30, (426, 240), gop=90, source="testsrc2"),
+        "odd": write_clip(d / "odd.mp4", 3, 24, (250, 130), gop=12, source="smptebars"),
+        "red": write_clip(d / "red.mp4", 0.5, 10, (160, 120), source="color=c=red"),
+        "audio_longer": write_clip(d / "audio_longer.mkv", 2, 25, (320, 180), gop=25, audio_seconds=4),
+    }
+    data = bytearray(made["plain"].read_bytes())  # moov at the end: corrupt the tail of the frame data
+    mdat, moov = data.find(b"mdat"), data.find(b"moov")
+    cut = mdat + 4 + int((moov - mdat) * 0.6)
+    data[cut : moov - 8] = bytes(moov - 8 - cut)
+    (d / "corrupt_tail.mp4").write_bytes(bytes(data))
+    made["corrupt_tail"] = d / "corrupt_tail.mp4"
+    (d / "zero.mp4").write_bytes(b"")
+    made["zero"] = d / "zero.mp4"
+    (d / "text.mp4").write_text("this is a text file, not a video\n" * 20)
+    made["text"] = d / "text.mp4"
+    full = made["plain"].read_bytes()
+    (d / "truncated.mp4").write_bytes(full[: len(full) // 10])
+    made["truncated"] = d / "truncated.mp4"
+    return made
+
+
+@pytest.fixture(scope="module")
+def audio_only(tmp_path_factory) -> Path:
+    import subprocess
+
+    from mlprep.video.decode import ffmpeg_exe
+
+    path = tmp_path_factory.mktemp("audio") / "audio_only.mp4"
+    subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i", "sine=duration=2", "-c:a", "aac",
+                    str(path)], check=True)
+    return path
+
+
+def test_uniform_indices():
+    assert uniform_indices(0, 99, 16).tolist() == np.linspace(0, 99, 16).astype(int).tolist()
+    assert uniform_indices(0, 99, 16)[[0, -1]].tolist() == [0, 99]
+    short = uniform_indices(0, 4, 16)
+    assert len(short) == 16 and set(short.tolist()) == {0, 1, 2, 3, 4} and np.all(np.diff(short) >= 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frames_count_shape_and_indices(clips, backend):
+    clip = extract_clip(clips["plain"], 16, 256, 160, backend)
+    assert clip.frames.shape == (16, 160, 256, 3) and clip.frames.dtype == np.uint8
+    assert clip.indices == np.linspace(0, 99, 16).astype(int).tolist()
+    assert clip.fps == 25 and clip.duration == pytest.approx(4.0) and not clip.repeated
+    assert clip.source_frames == 100 == clip.container_frames
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_red_clip_gives_red_rgb_frames(clips, backend):
+    clip = extract_clip(clips["red"], 16, 64, 48, backend)
+    mean = clip.frames.reshape(-1, 3).mean(axis=0)
+    assert mean[0] > 230 and mean[1] < 20 and mean[2] < 20  # RGB order, not BGR
+    assert clip.repeated and clip.source_frames == 5 and len(clip.frames) == 16
+    assert sorted(set(clip.indices)) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("name", ["plain", "long_gop", "odd", "audio_longer"])
+def test_backends_agree(clips, name):
+    results = {b: extract_clip(clips[name], 16, 256, 160, b) for b in BACKENDS}
+    reference = results["decord"]
+    for backend, clip in results.items():
+        assert clip.indices == reference.indices, backend
+        diff = np.abs(clip.frames.astype(int) - reference.frames)
+        assert diff.mean() < 1.0 and diff.max() <= 16, (backend, diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_window_samples_inside_start_end(clips, backend):
+    clip = extract_clip(clips["long_gop"], 8, 128, 80, backend, start=1.0, end=3.0)
+    assert clip.indices[0] == 30 and clip.indices[-1] == 89  # 30 fps: [1 s, 3 s) is frames 30..89
+    assert clip.duration == pytest.approx(2.0)
+    with pytest.raises(ClipError, match="holds no frames"):
+        extract_clip(clips["plain"], 8, 128, 80, backend, start=10.0, end=12.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_over_reported_frame_count_still_gives_num_frames(clips, backend):
+    clip = extract_clip(clips["corrupt_tail"], 16, 128, 80, backend)
+    assert len(clip.frames) == 16
+    assert clip.container_frames == 100 and clip.source_frames < 100
+    assert max(clip.indices) == clip.source_frames - 1
+    assert "decode" in clip.note
+
+
+def test_audio_longer_than_video_samples_the_video_only(clips):
+    clip = extract_clip(clips["audio_longer"], 16, 128, 80, "decord")
+    assert max(clip.indices) == 49 and clip.duration == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("name", ["zero", "text", "truncated"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_broken_files_raise(clips, name, backend):
+    with pytest.raises(Exception):
+        extract_clip(clips[name], 16, 128, 80, backend)
+
+
+def test_no_video_stream_raises(audio_only):
+    with pytest.raises(ClipError, match="no video stream"):
+        extract_clip(audio_only, 16, 128, 80, "decord")
+
+
+def _sleepy_decoder(path, *args):
+    if "hang" in str(path):
+        time.sleep(60)
+    return extract_clip(path, *args)
+
+
+def _crashing_decoder(path, *args):
+    import os
+
+    os._exit(3)
+
+
+def test_watchdog_kills_a_hanging_call_and_goes_on():
+    with Watchdog(timeout=1.0) as dog:
+        started = time.perf_counter()
+        with pytest.raises(CallTimeoutError):
+            dog.call(time.sleep, 30)
+        assert time.perf_counter() - started < 10
+        assert dog.call(sum, [1, 2, 3]) == 6
+        with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+            dog.call(divmod, 1, 0)
+
+
+def test_shard_records_hangs_crashes_and_broken_files_and_finishes(clips, tmp_path):
+    from mlprep.video.pairs import ClipItem
+
+    hang = tmp_path / "hang.mp4"
+    hang.write_bytes(clips["plain"].read_bytes())
+
+    def item(name, path):
+        return ClipItem(name, f"text of {name}", Path(path).name, str(path), None, None, "train", 0)
+
+    items = [item("ok1", clips["plain"]), item("hang", hang), item("zero", clips["zero"]),
+             item("missing", tmp_path / "missing.mp4"), item("ok2", clips["odd"])]
+    failures = FailureLog(True)
+    settings = ExtractSettings(num_frames=4, width=64, height=40, backend="decord", timeout_s=2.0)
+    records, index = extract_items(items, settings, failures, decode=_sleepy_decoder)
+    assert [r["id"] for r in records] == ["ok1", "ok2"]
+    assert {f.item_id for f in failures.records} == {"hang", "zero", "missing"}
+    hang_failure = next(f for f in failures.records if f.item_id == "hang")
+    assert "CallTimeoutError" in hang_failure.reason and hang_failure.path == str(hang)
+    assert index["status"].tolist() == ["ok", "failed", "failed", "failed", "ok"]
+    crashed = FailureLog(True)
+    extract_items(items[:1], settings, crashed, decode=_crashing_decoder)
+    assert "WorkerDiedError" in crashed.records[0].reason
+    with pytest.raises(Exception, match="zero.mp4"):
+        extract_items(items[2:3], settings, FailureLog(False))
+
+
+# ---------------------------------------------------------------- pairs
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        [{"clip": "a.mp4", "text": "hello"}],
+        {"pairs": [{"video_path": "a.mp4", "caption": "hello", "id": "a"}]},
+        {"a": {"video": "a.mp4", "transcript": "hello"}},
+        [["a.mp4", "hello"]],
+        [{"vid": "a", "text": "hello"}],  # bare id + clip_ext
+    ],
+)
+def test_pairs_accept_the_documented_shapes(tmp_path, data):
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    catalog = read_pairs(tmp_path / "p.json", tmp_path, {"train": 2})
+    assert catalog.failures == []
+    [item] = catalog.items
+    assert (item.clip_id, item.text, Path(item.path).name, item.split) == ("a", "hello", "a.mp4", "train")
+
+
+def test_pairs_record_every_problem(tmp_path):
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    data = [
+        {"clip": "a.mp4", "text": "ok", "start": 1, "end": 2},
+        {"clip": "a.mp4", "text": "dup"},
+        {"clip": "missing.mp4", "text": "x"},
+        {"clip": "../../etc/passwd", "text": "x", "id": "evil"},
+        {"clip": "/abs/path.mp4", "text": "x", "id": "abs"},
+        {"clip": "a.mp4", "id": "b", "text": "x", "start": 3, "end": 1},
+        {"clip": "a.mp4", "id": "c"},
+        {"text": "no clip"},
+        42,
+    ]
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    catalog = read_pairs(tmp_path / "p.json", tmp_path, {"train": 2})
+    assert [(i.clip_id, i.start, i.end) for i in catalog.items] == [("a", 1.0, 2.0)]
+    reasons = {f.item_id: f.reason for f in catalog.failures}
+    assert "duplicate" in reasons["a"] and "not found" in reasons["missing"]
+    assert "escapes" in reasons["evil"] and "must be relative" in reasons["abs"]
+    assert "not after start" in reasons["b"] and "no text" in reasons["c"]
+    assert len(catalog.failures) == 8
+
+
+def test_splits_are_seeded_hash_stable_and_near_the_ratio():
+    ids = [f"clip{i}" for i in range(4000)]
+    val = [i for i in ids if split_of(i, 1, "train_val", 0.2) == "val"]
+    assert 0.17 < len(val) / len(ids) < 0.23
+    assert val == [i for i in ids if split_of(i, 1, "train_val", 0.2) == "val"]
+    assert val != [i for i in ids if split_of(i, 2, "train_val", 0.2) == "val"]
+    assert all(split_of(i, 1, "all_train", 0.2) == "train" for i in ids[:50])
+
+
+# ---------------------------------------------------------------- workflow
+
+
+def _video_config(workdir: Path, **overrides) -> dict:
+    video = {
+        "enabled": True,
+        "pairs": str(workdir / "data" / "train_pairs.json"),
+        "clips_dir": str(workdir / "data" / "clips"),
+        "num_frames": 8,
+        "width": 64,
+        "height": 40,
+        "split_mode": "train_val",
+        "val_ratio": 0.3,
+        "shards": {"train": 2, "val": 1},
+        "timeout_s": 30,
+    }
+    video.update(overrides)
+    return {"seed": 3, "continue_on_error": True, "device": "cpu", "sku_index": {"enabled": False}, "video_frames": video}
+
+
+def _write_video_data(workdir: Path, clips: dict[str, Path], names: list[str]) -> None:
+    data = workdir / "data"
+    (data / "clips").mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for name in names:
+        source = clips.get(name.split("-")[0]) or clips["plain"]
+        (data / "clips" / f"{name}.mp4").write_bytes(source.read_bytes())
+        pairs.append({"clip": f"{name}.mp4", "text": f"pair {name}"})
+    (data / "train_pairs.json").write_text(json.dumps(pairs))
+
+
+def _load_pkls(workdir: Path) -> dict[str, dict]:
+    out = {}
+    for path in sorted((workdir / "results" / "video_frames").glob("*/*.pkl")):
+        with open(path, "rb") as handle:
+            for record in pickle.load(handle):
+                out[record["id"]] = record
+    return out
+
+
+GOOD = ["plain-1", "plain-2", "odd-1", "long_gop-1", "red-1", "plain-3", "odd-2", "plain-4"]
+
+
+@pytest.mark.slow
+def test_video_workflow_end_to_end(tmp_path, clips):
+    _write_video_data(tmp_path, clips, [*GOOD, "zero-1", "text-1", "truncated-1"])
+    pairs = json.loads((tmp_path / "data" / "train_pairs.json").read_text())
+    pairs.append({"clip": "nope.mp4", "text": "missing"})
+    (tmp_path / "data" / "train_pairs.json").write_text(json.dumps(pairs))
+    run_snakemake(tmp_path, _video_config(tmp_path))
+    out = tmp_path / "results" / "video_frames"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["clips_ok"] == 8 and summary["clips_failed"] == 4 and summary["frames"] == 64
+    assert set(summary["splits"]) == {"train", "val"} and summary["splits"]["val"]["clips_ok"] > 0
+    records = _load_pkls(tmp_path)
+    assert sorted(records) == sorted(GOOD)
+    for record in records.values():
+        assert record["frames"].shape == (8, 40, 64, 3) and record["frames"].dtype == np.uint8
+        assert record["text"] == f"pair {record['id']}" and len(record["frame_indices"]) == 8
+    assert records["red-1"]["repeated"] and records["red-1"]["frames"][..., 0].mean() > 230
+    failures = pd.read_parquet(out / "failures.parquet")
+    assert sorted(failures["item_id"]) == ["nope", "text-1", "truncated-1", "zero-1"]
+    index = pd.read_parquet(out / "index.parquet")
+    assert len(index) == 11 and set(index["status"]) == {"ok", "failed"}
+    assert (out / "contact_sheet.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_video_resume_and_incremental(tmp_path, clips):
+    clean = tmp_path / "clean"
+    _write_video_data(clean, clips, GOOD)
+    run_snakemake(clean, _video_config(clean))
+
+    work = tmp_path / "work"
+    _write_video_data(work, clips, GOOD)
+    config = _video_config(work)
+    first = "results/video_frames/train/000-of-002.pkl"
+    run_snakemake(work, config, first)  # an interrupted run: one shard finished
+    done = work / first
+    mtime = done.stat().st_mtime_ns
+    run_snakemake(work, config)
+    assert done.stat().st_mtime_ns == mtime  # not redone
+    a, b = _load_pkls(clean), _load_pkls(work)
+    assert sorted(a) == sorted(b)
+    for clip_id in a:
+        np.testing.assert_array_equal(a[clip_id]["frames"], b[clip_id]["frames"])
+
+    # adding pairs reruns only the shards the new clips land in
+    before = {p: p.stat().st_mtime_ns for p in (work / "results" / "video_frames").glob("*/*.pkl")}
+    pairs = json.loads((work / "data" / "train_pairs.json").read_text())
+    for name in ["plain-new1", "odd-new2"]:
+        (work / "data" / "clips" / f"{name}.mp4").write_bytes(clips[name.split("-")[0]].read_bytes())
+        pairs.append({"clip": f"{name}.mp4", "text": f"pair {name}"})
+    (work / "data" / "train_pairs.json").write_text(json.dumps(pairs))
+    expected = set()
+    for name in ["plain-new1", "odd-new2"]:
+        split = split_of(name, 3, "train_val", 0.3)
+        count = {"train": 2, "val": 1}[split]
+        expected.add(f"{split}/{shard_of(name, count):03d}-of-{count:03d}.pkl")
+    run_snakemake(work, config)
+    after = {p: p.stat().st_mtime_ns for p in before}
+    changed = {f"{p.parent.name}/{p.name}" for p in before if after[p] != before[p]}
+    assert changed == expected
+    assert {"plain-new1", "odd-new2"} <= set(_load_pkls(work))
