@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mlprep.devices import precision_name
+from mlprep.rng import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,12 @@ class ClipSpec:
     name: str = "ViT-B-32"
     pretrained: str | None = None
     config_file: str | None = None
+    init_seed: int = 0  # seeds random weights, so that every shard job builds the same random model
 
     @classmethod
-    def from_config(cls, cfg: dict) -> ClipSpec:
-        return cls(cfg.get("name", "ViT-B-32"), cfg.get("pretrained") or None, cfg.get("config_file") or None)
+    def from_config(cls, cfg: dict, seed: int = 0) -> ClipSpec:
+        init_seed = derive_seed(seed, "clip-random-init") % 2**63
+        return cls(cfg.get("name", "ViT-B-32"), cfg.get("pretrained") or None, cfg.get("config_file") or None, init_seed)
 
 
 def _looks_like_path(value: str) -> bool:
@@ -60,7 +63,9 @@ class ClipEncoder:
         self.device = device
         self.dtype = dtype
         self.batch_size = batch_size
-        model = open_clip.create_model(spec.name, pretrained=spec.pretrained, device=device)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
+            torch.manual_seed(spec.init_seed)
+            model = open_clip.create_model(spec.name, pretrained=spec.pretrained, device=device)
         if not spec.pretrained and not spec.name.startswith(("hf-hub:", "local-dir:")):
             log.warning(RANDOM_WEIGHTS_WARNING, spec.name)
         self.model = model.eval().to(dtype=dtype)

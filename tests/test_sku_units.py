@@ -189,12 +189,18 @@ def test_encoder_errors_name_the_missing_file(tiny_clip, tmp_path):
         ClipEncoder(ClipSpec("no-such-model"), torch.device("cpu"), torch.float32)
 
 
-def test_random_weights_are_announced(caplog):
+def test_random_weights_are_announced_and_the_same_in_every_process(caplog, tiny_clip):
     import logging
 
     caplog.set_level(logging.WARNING)
-    ClipEncoder(ClipSpec("RN50"), torch.device("cpu"), torch.float32)  # builds fast enough, no weights
+    spec = ClipSpec.from_config({"name": tiny_clip["name"], "config_file": tiny_clip["config_file"]}, seed=5)
+    images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    first = ClipEncoder(spec, torch.device("cpu"), torch.float32, 2).encode_images(images)
     assert "RANDOM weights" in caplog.text
+    torch.manual_seed(123)  # whatever the global RNG holds, the same seed builds the same random model
+    np.testing.assert_array_equal(ClipEncoder(spec, torch.device("cpu"), torch.float32, 2).encode_images(images), first)
+    other = ClipSpec.from_config({"name": tiny_clip["name"], "config_file": tiny_clip["config_file"]}, seed=6)
+    assert not np.allclose(ClipEncoder(other, torch.device("cpu"), torch.float32, 2).encode_images(images), first)
 
 
 # ---------------------------------------------------------------- encode loop and index

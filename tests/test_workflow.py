@@ -209,6 +209,14 @@ def test_killed_run_resumes_to_the_same_index_whatever_the_shard_count(tmp_path,
         make_catalog(workdir / "data", 6)
         run_snakemake(workdir, workflow_config(workdir, tiny_clip, shards=shards))
         runs[name] = _index(workdir)
+    # random weights (no checkpoint): every shard job must still build the same model
+    random_weights = {"name": tiny_clip["name"], "config_file": tiny_clip["config_file"], "pretrained": None}
+    for name, shards in [("random_3", 3), ("random_1", 1)]:
+        workdir = tmp_path / name
+        make_catalog(workdir / "data", 6)
+        run_snakemake(workdir, workflow_config(workdir, tiny_clip, shards=shards, model=random_weights))
+        runs[name] = _index(workdir)
+    np.testing.assert_array_equal(runs["random_3"][0], runs["random_1"][0])
 
     workdir = tmp_path / "killed"
     make_catalog(workdir / "data", 6)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from mlprep.devices import precision_name, select_device, select_precision
 from mlprep.encoders import ClipEncoder, ClipSpec
 from mlprep.failures import FailureLog, write_failures
+from mlprep.gpuslots import claim_gpu
 from mlprep.io import save_npy, write_parquet
 from mlprep.sharding import ShardId
 from mlprep.sku.augment import AugmentSettings, ViewParams, load_image, original_view, render_views, sample_view
@@ -209,11 +211,13 @@ def write_encoded_shard(shard: EncodedShard, outputs: dict[str, Path | str]) -> 
     write_parquet(shard.query_meta, outputs["query_metadata"])
 
 
-def load_encoder(cfg: dict, device_spec: str, precision_spec: str, threads: int) -> ClipEncoder:
+def load_encoder(cfg: dict, device_spec: str, precision_spec: str, threads: int, seed: int) -> ClipEncoder:
     torch.set_num_threads(max(1, threads))
+    if device_spec != "cpu":
+        claim_gpu()  # before CUDA starts: a local job gets a GPU of its own; under SLURM, the one given
     device = select_device(device_spec)
     dtype = select_precision(precision_spec, device)
-    return ClipEncoder(ClipSpec.from_config(cfg["model"]), device, dtype, cfg["encoding_batch_size"])
+    return ClipEncoder(ClipSpec.from_config(cfg["model"], seed), device, dtype, cfg["encoding_batch_size"])
 
 
 def view_plan(cfg: dict, seed: int, image_size: int) -> ViewPlan:
@@ -241,7 +245,7 @@ def encode_shard(
     shard = ShardId.parse(shard_text)
     stats = ShardStats(str(shard))
     items = [ImageItem(**item) for item in items]
-    encoder = load_encoder(cfg, device_spec, precision_spec, threads)
+    encoder = load_encoder(cfg, device_spec, precision_spec, threads, seed)
     plan = view_plan(cfg, seed, encoder.image_size)
     failures = FailureLog(continue_on_error)
     encoded = encode_items(items, plan, encoder, failures, workers=cfg["decode_workers"], progress=progress)
@@ -256,6 +260,8 @@ def encode_shard(
         "precision": precision_name(encoder.dtype),
         "threads": threads,
         "decode_workers": cfg["decode_workers"],
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
     data = stats.write(outputs["stats"])
     log.info("shard %s: %s", shard, data)

@@ -39,7 +39,7 @@ class SkuSearcher:
         self.skus = self.meta["sku_id"].to_numpy(dtype=object)
         self.sku_info = self.meta.drop_duplicates("sku_id").set_index("sku_id")[["name", "category"]]
         cfg = {"model": self.info["model"], "encoding_batch_size": 1}
-        self.encoder = load_encoder(cfg, device or self.info["device"], self.info["precision"], threads)
+        self.encoder = load_encoder(cfg, device or self.info["device"], self.info["precision"], threads, self.info["seed"])
 
     def embed(self, paths: list[Path | str]):
         views = []

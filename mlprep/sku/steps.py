@@ -69,6 +69,7 @@ def build(
         "n_skus": int(meta["sku_id"].nunique()) if len(meta) else 0,
         "augment_per_image": cfg["augment_per_image"],
         "model": cfg["model"],
+        "seed": seed,  # also seeds random model weights: the search command rebuilds the same model
         "device": device_spec,
         "precision": precision_spec,
         "exact": exact,
