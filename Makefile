@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mlprep-installed
 CORES ?= all
 
-.PHONY: run test bench lint report dry-run clean
+.PHONY: run test bench lint report dry-run clean slurm-packages
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,12 @@ run: $(STAMP)
 dry-run: $(STAMP)
 	$(BIN)/snakemake -n
 
-test: $(STAMP)
+# SLURM for the cluster tests, from Debian's packages; only as root with apt (else those tests skip).
+slurm-packages:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then bash tests/cluster/slurm_cluster.sh install; \
+	else echo "not root or no apt-get: SLURM not installed, the cluster tests will be skipped"; fi
+
+test: $(STAMP) slurm-packages
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -1,0 +1,81 @@
+"""How many sbatch submissions 200 shards cost, with job arrays, with job groups, and with neither.
+
+Needs root and SLURM installed (`make slurm-packages`); starts its own single-node cluster with
+tests/cluster/slurm_cluster.sh and stops it at the end. Runs video_frames on the demo clips with
+`--shards` train shards through profiles/slurm, once per mode, each in a fresh folder, and counts
+the distinct SLURM job ids each run created (an array submission is one id with many tasks).
+Run: .venv/bin/python bench/slurm_submissions.py [--shards 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+SCRIPT = REPO / "tests" / "cluster" / "slurm_cluster.sh"
+MODES = {
+    "job arrays (profile default)": [],
+    "job groups of 50": ["--slurm-array-jobs", "", "--groups", "video_extract_shard=vx", "--group-components", "vx=50"],
+    "one job per shard": ["--slurm-array-jobs", ""],
+}
+
+
+def sacct_jobs() -> list[tuple[str, str]]:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,Comment"], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    return [tuple(line.split("|", 1)) for line in out.splitlines() if line.strip()]
+
+
+def run_mode(workdir: Path, shards: int, extra: list[str]) -> tuple[float, int, int]:
+    demo = REPO / "resources" / "demo" / "video"
+    config = {
+        "sku_index": {"enabled": False},
+        "video_frames": {"pairs": str(demo / "train_pairs.json"), "clips_dir": str(demo / "clips"),
+                         "split_mode": "all_train", "shards": {"train": shards}},
+    }
+    workdir.mkdir(parents=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    before = {job_id for job_id, _ in sacct_jobs()}
+    started = time.perf_counter()
+    subprocess.run([SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+                    "--configfile", str(workdir / "config.yaml"), "--profile", str(REPO / "profiles" / "slurm"),
+                    "--slurm-init-seconds-before-status-checks", "5", *extra],
+                   check=True, capture_output=True, timeout=3600)
+    seconds = time.perf_counter() - started
+    new = [job_id for job_id, _ in sacct_jobs() if job_id not in before]
+    return seconds, len({job_id.split("_")[0] for job_id in new}), len(new)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=int, default=200)
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="mlprep-slurm-bench-"))
+    env = {**os.environ, "SLURM_BASE": str(base)}
+    rows = {}
+    try:
+        subprocess.run(["bash", str(SCRIPT), "start"], env=env, check=True, timeout=300, capture_output=True)
+        for name, extra in MODES.items():
+            rows[name] = run_mode(base / "runs" / name.split()[0], args.shards, extra)
+            print(f"{name}: {rows[name]}", file=sys.stderr)
+    finally:
+        subprocess.run(["bash", str(SCRIPT), "stop"], env=env, timeout=180, capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"video_frames with {args.shards} shards through profiles/slurm (single-node cluster, 2 CPUs)")
+    print(f"{'mode':<30} {'sbatch calls':>12} {'SLURM jobs/tasks':>17} {'wall s':>8}")
+    for name, (seconds, submissions, tasks) in rows.items():
+        print(f"{name:<30} {submissions:>12} {tasks:>17} {seconds:8.1f}")
+
+
+if __name__ == "__main__":
+    main()

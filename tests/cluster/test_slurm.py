@@ -1,0 +1,135 @@
+"""The whole default workflow through `--profile profiles/slurm` on a real single-node SLURM cluster.
+
+The cluster (munge, MariaDB + slurmdbd, slurmctld, slurmd, two fake GPUs as GRES) is started by
+tests/cluster/slurm_cluster.sh and stopped by PID at the end, also on failure. The run's results
+must equal a local run's, every non-local job must show up in sacct, and GPU rules must have got
+a GPU from SLURM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+SCRIPT = REPO / "tests" / "cluster" / "slurm_cluster.sh"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    required = os.environ.get("MLPREP_REQUIRE_SLURM") == "1"
+    missing = [d for d in ("slurmctld", "slurmd", "slurmdbd", "mariadbd", "munged") if not shutil.which(d)]
+    if missing or os.geteuid() != 0:
+        reason = f"needs root and SLURM installed (missing: {missing or 'root'}); `make test` installs it as root"
+        if required:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    # Not under pytest's tmp folders: those are private to root, and munge and mysql run as their own users.
+    base = Path(tempfile.mkdtemp(prefix="mlprep-slurm-"))
+    env = {**os.environ, "SLURM_BASE": str(base)}
+    try:
+        subprocess.run(["bash", str(SCRIPT), "start"], env=env, check=True, timeout=300)
+        yield base
+    finally:
+        subprocess.run(["bash", str(SCRIPT), "stop"], env=env, timeout=180)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _demo_config(workdir: Path) -> Path:
+    demo = REPO / "resources" / "demo"
+    config = {
+        "sku_index": {"sku_data": str(demo / "sku" / "sku_data.json"), "images_dir": str(demo / "sku" / "images")},
+        "video_frames": {"pairs": str(demo / "video" / "train_pairs.json"), "clips_dir": str(demo / "video" / "clips")},
+    }
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _snakemake(workdir: Path, *args: str, timeout: int = 1200) -> float:
+    cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(_demo_config(workdir)), *args]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        logs = "\n".join(p.read_text()[-2000:] for p in workdir.glob(".snakemake/slurm_logs/**/*.log"))
+        raise AssertionError(f"snakemake failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}\n{logs}")
+    return time.perf_counter() - started
+
+
+def _sacct() -> list[dict]:
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,JobName,AllocTRES,State,Comment"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    keys = ["job_id", "name", "tres", "state", "comment"]
+    return [dict(zip(keys, line.split("|", 4))) for line in out.splitlines() if line.strip()]
+
+
+def _index(workdir: Path):
+    import faiss
+
+    folder = workdir / "results" / "sku_index"
+    index = faiss.read_index(str(folder / "index.faiss"))
+    return index.reconstruct_n(0, index.ntotal), pd.read_parquet(folder / "metadata.parquet")
+
+
+def _frames(workdir: Path) -> dict:
+    records = {}
+    for path in sorted((workdir / "results" / "video_frames").glob("*/*.pkl")):
+        with open(path, "rb") as handle:
+            records.update({r["id"]: r for r in pickle.load(handle)})
+    return records
+
+
+def test_default_workflow_on_slurm_equals_local_run(slurm_cluster, tmp_path):
+    local_s = _snakemake(tmp_path / "local", "--cores", "2")
+    # The profile's per-rule resources suit real GPU nodes; this node has 2 CPUs, so scale them down
+    # on the command line (which wins over the profile), as a user of a small cluster would.
+    slurm_s = _snakemake(tmp_path / "slurm", "--profile", str(REPO / "profiles" / "slurm"),
+                         "--slurm-init-seconds-before-status-checks", "5", "--jobs", "20",
+                         "--set-resources", "sku_encode_shard:cpus_per_gpu=2", "sku_encode_shard:mem_mb=4000",
+                         "--set-threads", "sku_encode_shard=2")
+    print(f"\nwall time: local {local_s:.1f} s, SLURM {slurm_s:.1f} s")
+
+    jobs = _sacct()
+    print("\n".join(f"{j['job_id']} {j['state']} {j['tres']} {j['comment']}" for j in jobs))
+    rules = sorted(j["comment"].split("_wildcards")[0].removeprefix("rule_") for j in jobs)
+    video_shards = len(list((tmp_path / "local" / "results" / "video_frames").glob("*/*.pkl")))
+    assert video_shards >= 2
+    assert rules == sorted(["sku_encode_shard"] * 2 + ["sku_build_index", "sku_evaluate"]
+                           + ["video_extract_shard"] * video_shards), jobs
+    assert all(j["state"] == "COMPLETED" for j in jobs), jobs
+    gpu_jobs = [j for j in jobs if "sku_encode_shard" in j["comment"]]
+    assert all("gres/gpu=1" in j["tres"] for j in gpu_jobs), gpu_jobs
+    assert not any("gres/gpu" in j["tres"] for j in jobs if j not in gpu_jobs), jobs
+    submissions = {j["job_id"].split("_")[0] for j in jobs}
+    assert len(submissions) < len(jobs)  # the shard rules went as job arrays
+    for stats_path in (tmp_path / "slurm" / "results" / "sku_index" / "shards").glob("*/stats.json"):
+        stats = json.loads(stats_path.read_text())
+        assert stats["slurm_job_id"] and stats["cuda_visible_devices"] in {"0", "1"}, stats
+
+    local_vectors, local_meta = _index(tmp_path / "local")
+    slurm_vectors, slurm_meta = _index(tmp_path / "slurm")
+    np.testing.assert_array_equal(slurm_vectors, local_vectors)
+    pd.testing.assert_frame_equal(slurm_meta, local_meta)
+    local_eval = json.loads((tmp_path / "local" / "results" / "sku_index" / "eval.json").read_text())
+    assert json.loads((tmp_path / "slurm" / "results" / "sku_index" / "eval.json").read_text()) == local_eval
+    local_frames, slurm_frames = _frames(tmp_path / "local"), _frames(tmp_path / "slurm")
+    assert sorted(local_frames) == sorted(slurm_frames) and len(local_frames) == 8
+    for clip_id, record in local_frames.items():
+        np.testing.assert_array_equal(slurm_frames[clip_id]["frames"], record["frames"])
