@@ -6,7 +6,6 @@ from pathlib import Path
 # The library lives beside the workflow; make it importable at parse time whatever the working dir.
 sys.path.insert(0, str(Path(workflow.basedir)))
 
-from mlprep.sharding import ShardId, shard_names  # noqa: E402
 
 RESULTS = "results"
 TARGETS = []

@@ -240,7 +240,8 @@ def extract_clip(
         source = last - first + 1
     except Exception as err:  # noqa: BLE001 - any decoder error: see whether the tail is broken
         decodable = count_decodable(path)
-        info = probe(path)
+        if reader is not None:  # decord's timestamps; the slow path below reads with PyAV's
+            info = probe(path)
         if decodable >= info.n_frames:
             raise
         if decodable <= first:

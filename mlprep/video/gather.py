@@ -54,7 +54,7 @@ def gather(
     for shard in shard_paths:
         index = pd.read_parquet(shard["index"]).assign(split=shard["split"], pkl=Path(shard["pkl"]).name)
         indices.append(index)
-        stats = read_json(shard["stats"])
+        stats = shard["stats_data"] = read_json(shard["stats"])
         split = per_split.setdefault(shard["split"], {"shards": 0, "clips_ok": 0, "clips_failed": 0, "frames": 0,
                                                       "bytes": 0, "repeated": 0})
         split["shards"] += 1
@@ -64,12 +64,14 @@ def gather(
         split["bytes"] += stats["bytes"]
         split["repeated"] += stats["repeated"]
     merged = pd.concat(indices, ignore_index=True) if indices else pd.DataFrame()
-    failures = read_failures([manifest_failures, *(s["failures"] for s in shard_paths)])
+    manifest_failed = read_failures([manifest_failures])
+    shard_failed = read_failures([s["failures"] for s in shard_paths])
+    failures = pd.concat([manifest_failed, shard_failed], ignore_index=True)
     summary = {
         "splits": per_split,
         "clips_ok": sum(s["clips_ok"] for s in per_split.values()),
         "clips_failed": int(len(failures)),
-        "clips_failed_in_manifest": int(len(read_failures([manifest_failures]))),
+        "clips_failed_in_manifest": int(len(manifest_failed)),
         "frames": sum(s["frames"] for s in per_split.values()),
         "bytes": sum(s["bytes"] for s in per_split.values()),
         "failure_reasons": failures["reason"].str.split(":").str[0].value_counts().to_dict() if len(failures) else {},
@@ -78,7 +80,7 @@ def gather(
     for shard in shard_paths:
         if len(sample) >= sheet_clips:
             break
-        if read_json(shard["stats"])["items_ok"]:
+        if shard["stats_data"]["items_ok"]:
             with open(shard["pkl"], "rb") as handle:  # our own shard output, never a user-supplied pickle
                 sample += pickle.load(handle)[: sheet_clips - len(sample)]
     for record in sample:
