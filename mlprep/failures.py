@@ -1,4 +1,5 @@
-"""Per-shard failure tables: a bad item is recorded with its id, path, stage and reason, or stops the job."""
+"""Failure tables shared by every pipeline: a bad item is recorded with its id, path, stage, a stable
+reason code and a human reason, or stops the job; and the gate that fails a run where too much failed."""
 
 from __future__ import annotations
 
@@ -10,11 +11,52 @@ import pandas as pd
 
 from mlprep.io import write_parquet
 
-FAILURE_COLUMNS = ["item_id", "path", "stage", "reason"]
+FAILURE_COLUMNS = ["item_id", "path", "stage", "reason_code", "reason"]
+
+# Every code a failure row may carry. Summaries count by code, so a code never changes meaning;
+# config/README.md lists them for users.
+REASON_CODES: dict[str, str] = {
+    "unreadable_list": "the list file (sku_data.json, train_pairs.json) is not JSON of an accepted shape",
+    "empty_list": "the list file holds no records",
+    "bad_record": "a record is not an object, or lacks a field it needs (id, image, clip, text)",
+    "duplicate_id": "the record's id is already taken by an earlier record, which is kept",
+    "no_images": "a SKU lists no images",
+    "bad_window": "a clip's start/end window is invalid (negative, or end not after start)",
+    "missing": "the file does not exist",
+    "unsafe_path": "the path is absolute or leaves the folder it must stay in",
+    "not_an_image": "no image decoder recognises the file",
+    "not_a_video": "no video demuxer recognises the file",
+    "no_video_stream": "the file holds no video stream",
+    "no_frames": "the video stream holds no frames",
+    "empty_window": "the clip's [start, end) window holds no frames",
+    "truncated": "the file ends or breaks before the data it announces",
+    "decoder_timeout": "the decoder did not answer within timeout_s; its process was killed",
+    "decoder_crash": "the decoder process died (a crash in native code)",
+    "decode_error": "another decoder error; the reason says which",
+}
 
 
 class ItemFailedError(RuntimeError):
     """Raised for a bad item when continue_on_error is off; the message names the file."""
+
+
+class ItemError(Exception):
+    """A problem with one input item, carrying its reason code; the message is the human reason."""
+
+    def __init__(self, code: str, message: str):
+        if code not in REASON_CODES:
+            raise ValueError(f"unknown failure reason code {code!r}")
+        super().__init__(message)
+        self.code = code
+
+
+def describe_error(err: BaseException, default_code: str = "decode_error") -> tuple[str, str]:
+    """(reason code, human reason) for an exception: its own code when it has one, else `default_code`
+    with the exception's type in the reason (an unexpected error should say what it was)."""
+    code = getattr(err, "code", None)
+    if code in REASON_CODES:
+        return code, str(err)
+    return default_code, f"{getattr(err, 'kind', None) or type(err).__name__}: {err}"
 
 
 @dataclass(frozen=True)
@@ -22,7 +64,12 @@ class Failure:
     item_id: str
     path: str
     stage: str
+    reason_code: str
     reason: str
+
+    def __post_init__(self) -> None:
+        if self.reason_code not in REASON_CODES:
+            raise ValueError(f"unknown failure reason code {self.reason_code!r}")
 
 
 @dataclass
@@ -32,18 +79,18 @@ class FailureLog:
     continue_on_error: bool
     records: list[Failure] = field(default_factory=list)
 
-    def record(self, item_id: str, path: str | Path, stage: str, reason: str) -> None:
-        failure = Failure(str(item_id), str(path), stage, reason)
+    def record(self, item_id: str, path: str | Path, stage: str, code: str, reason: str) -> None:
+        failure = Failure(str(item_id), str(path), stage, code, reason)
         if not self.continue_on_error:
             raise ItemFailedError(
-                f"{failure.path}: {stage} failed for item {failure.item_id!r}: {reason} "
+                f"{failure.path}: {stage} failed for item {failure.item_id!r}: {reason} [{code}] "
                 "(set continue_on_error: true to record such items and go on)"
             )
         self.records.append(failure)
 
     def extend(self, failures: Iterable[Failure]) -> None:
-        for failure in failures:
-            self.record(failure.item_id, failure.path, failure.stage, failure.reason)
+        for f in failures:
+            self.record(f.item_id, f.path, f.stage, f.reason_code, f.reason)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -67,3 +114,45 @@ def read_failures(paths: Iterable[Path | str]) -> pd.DataFrame:
     if not frames:
         return failures_frame([])
     return pd.concat(frames, ignore_index=True).astype("string")
+
+
+def count_by_code(failures: pd.DataFrame) -> dict[str, int]:
+    """Failure counts per reason code, most frequent first."""
+    if not len(failures):
+        return {}
+    return {str(k): int(v) for k, v in failures["reason_code"].value_counts().items()}
+
+
+class TooManyFailuresError(RuntimeError):
+    """A run in which no item, or too large a share of items, succeeded."""
+
+
+def check_failed_share(pipeline: str, n_ok: int, failures: pd.DataFrame, max_fraction: float,
+                       failures_path: Path | str) -> dict:
+    """Counts of ok and failed items; raises TooManyFailuresError when nothing succeeded or the failed
+    share exceeds `max_fraction` (1.0 turns the share test off; an empty result always fails)."""
+    n_failed = int(len(failures))
+    total = n_ok + n_failed
+    share = n_failed / total if total else 0.0
+    result = {
+        "pipeline": pipeline,
+        "items_ok": int(n_ok),
+        "items_failed": n_failed,
+        "failed_share": round(share, 6),
+        "max_failed_fraction": max_fraction,
+        "failures_by_code": count_by_code(failures),
+    }
+    if n_ok and share <= max_fraction:
+        return result
+    if not total:
+        raise TooManyFailuresError(f"{pipeline}: the run produced nothing: no item succeeded and none failed")
+    top = failures["reason_code"].value_counts().index[0]
+    example = failures[failures["reason_code"] == top].iloc[0]
+    headline = (
+        f"no item succeeded ({n_failed} failed)" if not n_ok
+        else f"{n_failed} of {total} items failed ({share:.1%}, more than max_failed_fraction {max_fraction})"
+    )
+    raise TooManyFailuresError(
+        f"{pipeline}: {headline}; most common reason: {top} ({result['failures_by_code'][top]} items), "
+        f"e.g. {example['path']}: {example['reason']}. Every failure is listed in {failures_path}."
+    )

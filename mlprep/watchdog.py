@@ -6,13 +6,21 @@ import multiprocessing as mp
 from collections.abc import Callable
 from typing import Any
 
+from mlprep.failures import ItemError, describe_error
 
-class CallTimeoutError(TimeoutError):
+
+class CallTimeoutError(ItemError):
     """The call did not answer within the watchdog's timeout; its process was killed."""
 
+    def __init__(self, message: str):
+        super().__init__("decoder_timeout", message)
 
-class WorkerDiedError(RuntimeError):
+
+class WorkerDiedError(ItemError):
     """The child process died during the call (a crash in native code, or killed from outside)."""
+
+    def __init__(self, message: str):
+        super().__init__("decoder_crash", message)
 
 
 def _serve(conn) -> None:
@@ -23,16 +31,16 @@ def _serve(conn) -> None:
         fn, args, kwargs = message
         try:
             conn.send((True, fn(*args, **kwargs)))
-        except BaseException as err:  # noqa: BLE001 - every error goes back to the caller as text
-            conn.send((False, f"{type(err).__name__}: {err}"))
+        except BaseException as err:  # noqa: BLE001 - every error goes back to the caller as (code, reason)
+            conn.send((False, describe_error(err)))
 
 
 class Watchdog:
     """One long-lived child process (forked, so start-up is cheap) that runs one call at a time.
 
     A call that overruns `timeout` seconds gets its child killed and CallTimeoutError raised; the
-    next call starts a fresh child. Errors inside the call come back as RuntimeError with the
-    original type and message.
+    next call starts a fresh child. An error inside the call comes back as an ItemError with the
+    error's own reason code (decode_error and the error's type for errors that carry none).
     """
 
     def __init__(self, timeout: float):
@@ -71,7 +79,7 @@ class Watchdog:
             self._kill()
             raise WorkerDiedError(f"decoder process died (exit code {code})") from None
         if not ok:
-            raise RuntimeError(value)
+            raise ItemError(*value)
         return value
 
     def close(self) -> None:

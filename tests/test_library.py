@@ -50,9 +50,14 @@ def test_safe_filename_keeps_clean_ids_and_separates_dirty_ones():
 def test_resolve_inside(tmp_path):
     (tmp_path / "img").mkdir()
     assert resolve_inside(tmp_path / "img", "a/b.jpg") == (tmp_path / "img" / "a" / "b.jpg").resolve()
-    for bad in ["../x.jpg", "/etc/passwd", "a/../../x", ""]:
+    for bad in ["../x.jpg", "/etc/passwd", "a/../../x", "", "a\x00.jpg"]:
         with pytest.raises(UnsafePathError):
             resolve_inside(tmp_path / "img", bad)
+    # a link the folder's owner placed inside it is followed: data folders of links are common
+    (tmp_path / "elsewhere.jpg").write_bytes(b"x")
+    (tmp_path / "img" / "link.jpg").symlink_to(tmp_path / "elsewhere.jpg")
+    assert resolve_inside(tmp_path / "img", "link.jpg").read_bytes() == b"x"
+    assert resolve_inside(tmp_path / "img", "sub/../link.jpg") == resolve_inside(tmp_path / "img", "link.jpg")
 
 
 def test_rng_depends_on_every_key_only():
@@ -92,20 +97,23 @@ def test_load_npy_refuses_pickles(tmp_path):
 
 def test_failure_log_records_or_raises_with_the_path(tmp_path):
     log = FailureLog(continue_on_error=True)
-    log.record("sku1/a.jpg", "/data/a.jpg", "decode", "truncated")
+    log.record("sku1/a.jpg", "/data/a.jpg", "decode", "truncated", "image data ends early")
     write_failures(log.records, tmp_path / "f.parquet")
     frame = read_failures([tmp_path / "f.parquet"])
     assert frame.to_dict("records") == [
-        {"item_id": "sku1/a.jpg", "path": "/data/a.jpg", "stage": "decode", "reason": "truncated"}
+        {"item_id": "sku1/a.jpg", "path": "/data/a.jpg", "stage": "decode", "reason_code": "truncated",
+         "reason": "image data ends early"}
     ]
     strict = FailureLog(continue_on_error=False)
     with pytest.raises(ItemFailedError, match="/data/b.jpg"):
-        strict.record("sku1/b.jpg", "/data/b.jpg", "decode", "truncated")
+        strict.record("sku1/b.jpg", "/data/b.jpg", "decode", "truncated", "image data ends early")
+    with pytest.raises(ValueError, match="unknown failure reason code"):
+        log.record("x", "/x", "decode", "Truncated", "codes are a fixed vocabulary")
 
 
 def test_empty_failures_table_has_its_columns(tmp_path):
     write_failures([], tmp_path / "f.parquet")
-    assert list(pd.read_parquet(tmp_path / "f.parquet").columns) == ["item_id", "path", "stage", "reason"]
+    assert list(pd.read_parquet(tmp_path / "f.parquet").columns) == ["item_id", "path", "stage", "reason_code", "reason"]
 
 
 def test_shard_stats(tmp_path):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from mlprep.devices import select_precision
 from mlprep.encoders import ClipEncoder, ClipSpec
-from mlprep.failures import FailureLog, ItemFailedError
+from mlprep.failures import FailureLog, ItemError, ItemFailedError
 from mlprep.sku.augment import AugmentSettings, load_image, original_view, render_views, sample_view
 from mlprep.sku.catalog import read_catalog
 from mlprep.sku.encode import ViewPlan, encode_items
@@ -109,9 +109,10 @@ def test_load_image_rejects_truncated_and_garbage(tmp_path):
     data = (tmp_path / "ok.jpg").read_bytes()
     (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 2])
     (tmp_path / "junk.jpg").write_bytes(b"this is not an image")
-    for name in ["trunc.jpg", "junk.jpg"]:
-        with pytest.raises(OSError):
+    for name, code in [("trunc.jpg", "truncated"), ("junk.jpg", "not_an_image"), ("gone.jpg", "missing")]:
+        with pytest.raises(ItemError) as caught:
             load_image(tmp_path / name, 64)
+        assert caught.value.code == code, name
 
 
 def test_original_view_is_the_centre_crop():
@@ -220,6 +221,7 @@ def test_encode_items_counts_views_and_records_bad_files(tiny_clip, tmp_path, wo
     out = encode_items(catalog.items, plan, enc, failures, workers=workers)
     assert out.items_ok == 3 and len(failures) == 1
     assert failures.records[0].path.endswith("bad.jpg") and failures.records[0].stage == "decode"
+    assert failures.records[0].reason_code == "not_an_image"
     assert out.index_vectors.shape == (9, 32) and len(out.index_meta) == 9
     assert out.query_vectors.shape == (3, 32) and len(out.query_meta) == 3
     assert out.index_meta["view"].tolist() == [0, 1, 2] * 3

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import run_snakemake
 from mlprep.demo import write_clip
-from mlprep.failures import FailureLog
+from mlprep.failures import FailureLog, ItemError
 from mlprep.ids import shard_of
 from mlprep.video.decode import BACKENDS, ClipError, extract_clip, uniform_indices
 from mlprep.video.extract import ExtractSettings, extract_items
@@ -117,20 +117,22 @@ def test_audio_longer_than_video_samples_the_video_only(clips):
     assert max(clip.indices) == 49 and clip.duration == pytest.approx(2.0)
 
 
-@pytest.mark.parametrize("name", ["zero", "text", "truncated"])
+@pytest.mark.parametrize("name, code", [("zero", "not_a_video"), ("text", "not_a_video"), ("truncated", "truncated")])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_broken_files_raise(clips, name, backend):
-    with pytest.raises(Exception):
+def test_broken_files_raise_with_their_reason_code(clips, name, code, backend):
+    with pytest.raises(ClipError) as caught:
         extract_clip(clips[name], 16, 128, 80, backend)
+    assert caught.value.code == code
 
 
 def test_no_video_stream_raises(audio_only):
-    with pytest.raises(ClipError, match="no video stream"):
+    with pytest.raises(ClipError, match="no video stream") as caught:
         extract_clip(audio_only, 16, 128, 80, "decord")
+    assert caught.value.code == "no_video_stream"
 
 
 def _sleepy_decoder(path, *args):
-    if "hang" in str(path):
+    if Path(path).name == "hang.mp4":
         time.sleep(60)
     return extract_clip(path, *args)
 
@@ -148,8 +150,9 @@ def test_watchdog_kills_a_hanging_call_and_goes_on():
             dog.call(time.sleep, 30)
         assert time.perf_counter() - started < 10
         assert dog.call(sum, [1, 2, 3]) == 6
-        with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        with pytest.raises(ItemError, match="ZeroDivisionError") as caught:
             dog.call(divmod, 1, 0)
+        assert caught.value.code == "decode_error"
 
 
 def test_shard_records_hangs_crashes_and_broken_files_and_finishes(clips, tmp_path):
@@ -169,11 +172,14 @@ def test_shard_records_hangs_crashes_and_broken_files_and_finishes(clips, tmp_pa
     assert [r["id"] for r in records] == ["ok1", "ok2"]
     assert {f.item_id for f in failures.records} == {"hang", "zero", "missing"}
     hang_failure = next(f for f in failures.records if f.item_id == "hang")
-    assert "CallTimeoutError" in hang_failure.reason and hang_failure.path == str(hang)
+    assert hang_failure.reason_code == "decoder_timeout" and hang_failure.path == str(hang)
+    assert "no answer within" in hang_failure.reason
+    codes = {f.item_id: f.reason_code for f in failures.records}
+    assert codes == {"hang": "decoder_timeout", "zero": "not_a_video", "missing": "missing"}
     assert index["status"].tolist() == ["ok", "failed", "failed", "failed", "ok"]
     crashed = FailureLog(True)
     extract_items(items[:1], settings, crashed, decode=_crashing_decoder)
-    assert "WorkerDiedError" in crashed.records[0].reason
+    assert crashed.records[0].reason_code == "decoder_crash" and "died" in crashed.records[0].reason
     with pytest.raises(Exception, match="zero.mp4"):
         extract_items(items[2:3], settings, FailureLog(False))
 
@@ -285,6 +291,8 @@ def test_video_workflow_end_to_end(tmp_path, clips):
     out = tmp_path / "results" / "video_frames"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["clips_ok"] == 8 and summary["clips_failed"] == 4 and summary["frames"] == 64
+    assert summary["failures_by_code"] == {"not_a_video": 2, "truncated": 1, "missing": 1}
+    assert json.loads((out / "check.json").read_text())["failed_share"] == 4 / 12
     assert set(summary["splits"]) == {"train", "val"} and summary["splits"]["val"]["clips_ok"] > 0
     records = _load_pkls(tmp_path)
     assert sorted(records) == sorted(GOOD)

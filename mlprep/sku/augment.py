@@ -9,14 +9,18 @@ same preprocessing a query image gets at search time.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mlprep.failures import ItemError
 from mlprep.rng import rng_for
 
 
@@ -105,21 +109,48 @@ def sample_view(settings: AugmentSettings, seed: int, stream: str, item_id: str,
     )
 
 
-def load_image(path, min_side: int) -> torch.Tensor:
-    """Decode an image to uint8 [3, H, W] RGB with its short side in [min_side, 2 * min_side).
+def content_hash(data: bytes) -> str:
+    """128-bit BLAKE2b of a file's bytes: equal hashes mean the same image file content."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def read_image_file(path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError as err:
+        raise ItemError("missing", "image file not found") from err
+    except OSError as err:
+        raise ItemError("decode_error", f"cannot read the file: {err}") from err
+
+
+def decode_image(data: bytes, min_side: int) -> torch.Tensor:
+    """Decode image bytes to uint8 [3, H, W] RGB with its short side in [min_side, 2 * min_side).
 
     JPEGs are decoded at reduced scale (draft), which costs a fraction of a full decode; EXIF
-    orientation is applied, since phone photos of products often carry it.
+    orientation is applied, since phone photos of products often carry it. Errors are ItemErrors
+    with a reason code (not_an_image, truncated, decode_error).
     """
-    with Image.open(path) as img:
-        img.draft("RGB", (min_side, min_side))
-        img = ImageOps.exif_transpose(img)
-        img = img.convert("RGB")
-        factor = min(img.size) // min_side
-        if factor >= 2:
-            img = img.reduce(factor)
-        array = np.asarray(img)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("RGB", (min_side, min_side))
+            img = ImageOps.exif_transpose(img)
+            img = img.convert("RGB")
+            factor = min(img.size) // min_side
+            if factor >= 2:
+                img = img.reduce(factor)
+            array = np.asarray(img)
+    except UnidentifiedImageError as err:
+        raise ItemError("not_an_image", f"not an image any decoder recognises ({len(data)} bytes)") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        if "truncat" in str(err).lower():
+            raise ItemError("truncated", f"image data ends early: {err}") from err
+        raise ItemError("decode_error", f"{type(err).__name__}: {err}") from err
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def load_image(path, min_side: int) -> torch.Tensor:
+    """decode_image of a file; a missing or unreadable file is an ItemError too."""
+    return decode_image(read_image_file(path), min_side)
 
 
 def _perspective_matrix(corners: tuple[float, ...], size: int) -> np.ndarray:

@@ -17,15 +17,20 @@ import av
 import cv2
 import numpy as np
 
+from mlprep.failures import ItemError
+
 BACKENDS = ("decord", "pyav", "ffmpeg")
 
 
-class ClipError(ValueError):
-    """A clip that cannot give frames (no video stream, empty window, nothing decodes)."""
+class ClipError(ItemError):
+    """A clip that cannot give frames (not a video, no video stream, empty window, nothing decodes)."""
 
 
-class ShortStreamError(RuntimeError):
+class ShortStreamError(ItemError):
     """The stream ended (or broke) before a frame the container lists."""
+
+    def __init__(self, message: str):
+        super().__init__("truncated", message)
 
 
 @dataclass(frozen=True)
@@ -63,14 +68,32 @@ class ClipFrames:
     note: str = ""
 
 
+def _container_kind(path) -> str | None:
+    """The container a file's first bytes announce (MP4/MOV, Matroska/WebM, AVI), if any."""
+    with open(path, "rb") as handle:
+        head = handle.read(12)
+    if head[4:8] == b"ftyp":
+        return "MP4/MOV"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "Matroska/WebM"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "AVI"
+    return None
+
+
 def probe(path) -> StreamInfo:
     try:
         container = av.open(str(path))
+    except FileNotFoundError as err:
+        raise ClipError("missing", "clip file not found") from err
     except av.FFmpegError as err:
-        raise ClipError(f"not a readable video: {err}") from err
+        kind = _container_kind(path)
+        if kind:  # the header is right but the rest cannot be read: a download or copy cut short
+            raise ClipError("truncated", f"starts as {kind} but cannot be read (cut short?): {err}") from err
+        raise ClipError("not_a_video", f"not a readable video: {err}") from err
     with container:
         if not container.streams.video:
-            raise ClipError("no video stream")
+            raise ClipError("no_video_stream", "no video stream")
         stream = container.streams.video[0]
         pts, keys = [], []
         try:
@@ -84,7 +107,7 @@ def probe(path) -> StreamInfo:
         except av.FFmpegError:
             pass  # a broken tail: keep the packets read so far
         if not pts:
-            raise ClipError("video stream holds no frames")
+            raise ClipError("no_frames", "video stream holds no frames")
         rate = stream.average_rate or stream.guessed_rate
         time_base = float(stream.time_base)
         pts_sorted = np.unique(np.asarray(pts, dtype=np.int64))
@@ -99,7 +122,7 @@ def frame_window(info: StreamInfo, start: float | None, end: float | None) -> tu
     first = 0 if start is None else int(np.searchsorted(seconds, start, "left"))
     last = info.n_frames - 1 if end is None else int(np.searchsorted(seconds, end, "left")) - 1
     if first > last:
-        raise ClipError(f"window [{start}, {end}) s holds no frames (clip lasts {seconds[-1]:.2f} s)")
+        raise ClipError("empty_window", f"window [{start}, {end}) s holds no frames (clip lasts {seconds[-1]:.2f} s)")
     return first, last
 
 
@@ -125,7 +148,7 @@ def open_decord(path, threads: int = 1):
     reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=threads)
     n = len(reader)
     if n == 0:
-        raise ClipError("video stream holds no frames")
+        raise ClipError("no_frames", "video stream holds no frames")
     micro = np.round(reader.get_frame_timestamp(range(n))[:, 0] * 1e6).astype(np.int64)
     keys = micro[np.asarray(reader.get_key_indices(), dtype=np.int64)] if n else micro[:1]
     info = StreamInfo(micro, np.unique(keys), 1e-6, float(reader.get_avg_fps()), 0, 0, n)
@@ -232,11 +255,11 @@ def extract_clip(
     first, last = frame_window(info, start, end)
     indices = uniform_indices(first, last, num_frames)
     wanted = np.unique(indices)
-    note = ""
+    read, note = READERS[backend], ""
+    if backend == "decord" and reader is None:  # PyAV probed it: read it with PyAV (same frames)
+        read, note = read_pyav, "decord cannot open the clip; frames read with PyAV"
     try:
-        if backend == "decord" and reader is None:
-            raise ShortStreamError("decord cannot open the clip")
-        frames = READERS[backend](path, wanted, info, threads=threads, hwaccel=hwaccel, reader=reader)
+        frames = read(path, wanted, info, threads=threads, hwaccel=hwaccel, reader=reader)
         source = last - first + 1
     except Exception as err:  # noqa: BLE001 - any decoder error: see whether the tail is broken
         decodable = count_decodable(path)
@@ -245,7 +268,7 @@ def extract_clip(
         if decodable >= info.n_frames:
             raise
         if decodable <= first:
-            raise ClipError(f"only {decodable} frames decode, none in the window ({type(err).__name__}: {err})") from err
+            raise ClipError("truncated", f"only {decodable} frames decode, none in the window ({err})") from err
         last = min(last, decodable - 1)
         indices = uniform_indices(first, last, num_frames)
         wanted = np.unique(indices)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -16,7 +17,7 @@ from typing import TextIO
 import pandas as pd
 from tqdm import tqdm
 
-from mlprep.failures import FailureLog, write_failures
+from mlprep.failures import FailureLog, describe_error, write_failures
 from mlprep.io import atomic_path, write_parquet
 from mlprep.stats import ShardStats
 from mlprep.video.decode import extract_clip
@@ -50,8 +51,11 @@ def extract_items(
     failures: FailureLog,
     progress: TextIO | None = None,
     decode=extract_clip,
+    on_item: Callable[[], None] | None = None,
 ) -> tuple[list[dict], pd.DataFrame]:
-    """Records for the clips that decode; a failure row for each that does not (or hangs)."""
+    """Records for the clips that decode; a failure row for each that does not (or hangs).
+
+    `on_item` is called after each clip (the job's stats time the first one)."""
     records, rows = [], []
     with Watchdog(settings.timeout_s) as watchdog:
         for item in tqdm(items, desc="extract clips", unit="clip", file=progress, mininterval=2.0):
@@ -61,9 +65,14 @@ def extract_items(
                     item.start, item.end, settings.threads, settings.hwaccel,
                 )
             except Exception as err:  # noqa: BLE001 - decode errors, timeouts and crashes are this clip's failure
-                failures.record(item.clip_id, item.path, "decode", f"{type(err).__name__}: {err}")
+                code, reason = describe_error(err)
+                failures.record(item.clip_id, item.path, "decode", code, reason)
                 rows.append({"clip_id": item.clip_id, "text": item.text, "n_frames": 0, "status": "failed",
-                             "repeated": False, "note": str(err)[:200]})
+                             "repeated": False, "note": f"{code}: {reason}"[:200]})
+                clip = None
+            if on_item is not None:
+                on_item()
+            if clip is None:
                 continue
             records.append({
                 "id": item.clip_id,
@@ -107,7 +116,7 @@ def extract_shard(
     clip_items = [ClipItem(**item) for item in items]
     settings = ExtractSettings.from_config(cfg, threads)
     failures = FailureLog(continue_on_error)
-    records, index = extract_items(clip_items, settings, failures, progress)
+    records, index = extract_items(clip_items, settings, failures, progress, on_item=stats.first_item_done)
     size = write_pkl(records, outputs["pkl"])
     write_parquet(index, outputs["index"])
     write_failures(failures.records, outputs["failures"])
