@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
 from pathlib import Path
 
@@ -40,11 +41,19 @@ def safe_filename(raw: str, max_len: int = 96) -> str:
 
 
 def resolve_inside(root: Path | str, relative: str) -> Path:
-    """Join `relative` onto `root` and refuse anything that lands outside `root`."""
+    """Join `relative` (a path from an input file) onto `root`; refuse anything that leaves `root`.
+
+    The check is on the path as written, after collapsing '.' and '..' (absolute paths, NUL bytes
+    and paths that climb above `root` are refused). Symlinks the user placed inside `root` are
+    followed when the file is read, as the user meant: a data folder of links to another disk is
+    common, and a link is the folder owner's choice, not something an input file can forge.
+    """
     root_path = Path(root).resolve()
     if not relative or Path(relative).is_absolute():
         raise UnsafePathError(f"path {relative!r} must be relative to {root_path}")
-    candidate = (root_path / relative).resolve()
-    if candidate != root_path and root_path not in candidate.parents:
+    if "\x00" in relative:
+        raise UnsafePathError(f"path {relative!r} holds a NUL byte")
+    normal = posixpath.normpath(relative)
+    if normal == ".." or normal.startswith("../"):
         raise UnsafePathError(f"path {relative!r} escapes {root_path}")
-    return candidate
+    return root_path / normal

@@ -10,7 +10,8 @@ image_files | image_path | image (a string or a list), the name from name | titl
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import posixpath
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -24,6 +25,21 @@ IMAGE_KEYS = ("images", "image_paths", "image_files", "image_path", "image")
 NAME_KEYS = ("name", "title")
 LIST_KEYS = ("skus", "items", "products", "data")
 ITEM_COLUMNS = ["item_id", "sku_id", "name", "category", "image", "path", "shard"]
+
+
+def item_id_for(sku_id: str, image: str) -> str:
+    """'<sku_id>/<image>', with '%' and '/' in the SKU id escaped (%25, %2F).
+
+    The escaped SKU id holds no '/', so the first '/' always ends it and no SKU id or image path
+    can forge another item's id: SKU 'A/B' with image 'c.jpg' is 'A%2FB/c.jpg', SKU 'A' with image
+    'B/c.jpg' is 'A/B/c.jpg'. Ids without those characters read as before.
+    """
+    return sku_id.replace("%", "%25").replace("/", "%2F") + "/" + image
+
+
+def _normalised(image: str) -> str:
+    """'./a.jpg' and 'x/../a.jpg' name the same file as 'a.jpg': one item, one id."""
+    return posixpath.normpath(image) if image else image
 
 
 @dataclass(frozen=True)
@@ -43,10 +59,12 @@ class ImageItem:
 class Catalog:
     items: list[ImageItem]
     failures: list[Failure]
+    listed: dict[str, int] = field(default_factory=dict)  # item id -> position in sku_data.json (first = 0)
 
     def items_frame(self) -> pd.DataFrame:
         frame = pd.DataFrame([asdict(i) for i in self.items], columns=ITEM_COLUMNS)
-        return frame.astype({c: "string" for c in ITEM_COLUMNS if c != "shard"} | {"shard": "int64"})
+        frame["listed"] = [self.listed.get(i.item_id, -1) for i in self.items]
+        return frame.astype({c: "string" for c in ITEM_COLUMNS if c != "shard"} | {"shard": "int64", "listed": "int64"})
 
     def shard_items(self, shard: int) -> list[ImageItem]:
         return [i for i in self.items if i.shard == shard]
@@ -59,43 +77,48 @@ def read_catalog(sku_data: Path | str, images_dir: Path | str, n_shards: int) ->
     try:
         records = read_records(sku_data, LIST_KEYS)
     except RecordsError as err:
-        return Catalog([], [Failure("", str(sku_data), "manifest", str(err))])
+        return Catalog([], [Failure("", str(sku_data), "manifest", "unreadable_list", str(err))])
     if not records:
-        return Catalog([], [Failure("", str(sku_data), "manifest", "SKU file holds no SKUs")])
+        return Catalog([], [Failure("", str(sku_data), "manifest", "empty_list", "SKU file holds no SKUs")])
 
     items: list[ImageItem] = []
-    seen_skus: set[str] = set()
+    listed: dict[str, int] = {}
+    first_entry: dict[str, int] = {}
     for position, (key_id, record) in enumerate(records):
         where = f"{sku_data}#{position}"
         if not isinstance(record, dict):
-            failures.append(Failure("", where, "manifest", f"SKU entry is {type(record).__name__}, not an object"))
+            reason = f"SKU entry is {type(record).__name__}, not an object"
+            failures.append(Failure("", where, "manifest", "bad_record", reason))
             continue
         sku_id = key_id if key_id is not None else first_value(record, ID_KEYS)
         if sku_id is None or str(sku_id).strip() == "":
-            failures.append(Failure("", where, "manifest", f"SKU has no id (looked for {', '.join(ID_KEYS)})"))
+            reason = f"SKU has no id (looked for {', '.join(ID_KEYS)})"
+            failures.append(Failure("", where, "manifest", "bad_record", reason))
             continue
         sku_id = str(sku_id).strip()
-        if sku_id in seen_skus:
-            failures.append(Failure(sku_id, where, "manifest", "duplicate SKU id; the first entry is kept"))
+        if sku_id in first_entry:
+            reason = f"duplicate SKU id; the first entry is kept (entry #{first_entry[sku_id]})"
+            failures.append(Failure(sku_id, where, "manifest", "duplicate_id", reason))
             continue
-        seen_skus.add(sku_id)
+        first_entry[sku_id] = position
         images = first_value(record, IMAGE_KEYS)
         images = [images] if isinstance(images, str) else images
         if not images:
-            failures.append(Failure(sku_id, where, "manifest", "SKU has no images"))
+            failures.append(Failure(sku_id, where, "manifest", "no_images", "SKU has no images"))
             continue
         name = str(first_value(record, NAME_KEYS) or "")
         category = str(record.get("category") or "")
-        for image in dict.fromkeys(str(i) for i in images):  # keeps order, drops repeats
-            item_id = f"{sku_id}/{image}"
+        for image in dict.fromkeys(_normalised(str(i)) for i in images):  # keeps order, drops repeats
+            item_id = item_id_for(sku_id, image)
             try:
                 path = resolve_inside(images_dir, image)
             except UnsafePathError as err:
-                failures.append(Failure(item_id, image, "manifest", str(err)))
+                failures.append(Failure(item_id, image, "manifest", "unsafe_path", str(err)))
                 continue
             if not path.is_file():
-                failures.append(Failure(item_id, str(path), "manifest", "image file not found"))
+                failures.append(Failure(item_id, str(path), "manifest", "missing", "image file not found"))
                 continue
+            listed[item_id] = len(listed)
             items.append(ImageItem(item_id, sku_id, name, category, image, str(path), shard_of(item_id, n_shards)))
     items.sort(key=lambda i: i.item_id)
-    return Catalog(items, failures)
+    return Catalog(items, failures, listed)

@@ -94,43 +94,53 @@ def read_pairs(
     try:
         records = read_records(pairs_json, LIST_KEYS)
     except RecordsError as err:
-        return PairCatalog([], [Failure("", str(pairs_json), "manifest", str(err))])
+        return PairCatalog([], [Failure("", str(pairs_json), "manifest", "unreadable_list", str(err))])
     if not records:
-        return PairCatalog([], [Failure("", str(pairs_json), "manifest", "pairs file holds no pairs")])
-    items, failures, seen = [], [], set()
+        return PairCatalog([], [Failure("", str(pairs_json), "manifest", "empty_list", "pairs file holds no pairs")])
+    items, failures = [], []
+    first_pair: dict[str, tuple[int, str]] = {}  # clip id -> (position, clip) of the pair that holds it
     for position, (key_id, raw) in enumerate(records):
         where = f"{pairs_json}#{position}"
         record = _as_record(raw)
         if record is None:
-            failures.append(Failure("", where, "manifest", f"pair entry is {type(raw).__name__}, not an object"))
+            reason = f"pair entry is {type(raw).__name__}, not an object"
+            failures.append(Failure("", where, "manifest", "bad_record", reason))
             continue
         clip = first_value(record, PATH_KEYS) or key_id or first_value(record, ID_KEYS)
         if clip is None:
-            failures.append(Failure("", where, "manifest", f"pair names no clip (looked for {', '.join(PATH_KEYS)})"))
+            reason = f"pair names no clip (looked for {', '.join(PATH_KEYS)})"
+            failures.append(Failure("", where, "manifest", "bad_record", reason))
             continue
         clip = str(clip)
         clip_id = str(key_id or first_value(record, ID_KEYS) or Path(clip).with_suffix("").as_posix())
-        if clip_id in seen:
-            failures.append(Failure(clip_id, where, "manifest", "duplicate clip id; the first pair is kept"))
+        if clip_id in first_pair:
+            other, other_clip = first_pair[clip_id]
+            reason = f"duplicate clip id {clip_id!r}: pair #{other} ({other_clip}) has it already and is kept"
+            failures.append(Failure(clip_id, where, "manifest", "duplicate_id", reason))
             continue
-        seen.add(clip_id)
+        first_pair[clip_id] = (position, clip)
         text = first_value(record, TEXT_KEYS)
         try:
             start = _seconds(first_value(record, START_KEYS), "start")
             end = _seconds(first_value(record, END_KEYS), "end")
             if start is not None and end is not None and end <= start:
                 raise ValueError(f"end {end} is not after start {start}")
-            path = resolve_inside(clips_dir, clip)
-            if not path.is_file() and not Path(clip).suffix and path.with_name(path.name + clip_ext).is_file():
-                path = path.with_name(path.name + clip_ext)
-        except (UnsafePathError, ValueError, TypeError) as err:
-            failures.append(Failure(clip_id, clip, "manifest", str(err)))
+        except (ValueError, TypeError) as err:
+            failures.append(Failure(clip_id, clip, "manifest", "bad_window", str(err)))
             continue
+        try:
+            path = resolve_inside(clips_dir, clip)
+        except UnsafePathError as err:
+            failures.append(Failure(clip_id, clip, "manifest", "unsafe_path", str(err)))
+            continue
+        if not path.is_file() and not Path(clip).suffix and path.with_name(path.name + clip_ext).is_file():
+            path = path.with_name(path.name + clip_ext)
         if not path.is_file():
-            failures.append(Failure(clip_id, str(path), "manifest", "clip file not found"))
+            failures.append(Failure(clip_id, str(path), "manifest", "missing", "clip file not found"))
             continue
         if text is None:
-            failures.append(Failure(clip_id, str(path), "manifest", f"pair has no text (looked for {', '.join(TEXT_KEYS)})"))
+            reason = f"pair has no text (looked for {', '.join(TEXT_KEYS)})"
+            failures.append(Failure(clip_id, str(path), "manifest", "bad_record", reason))
             continue
         split = split_of(clip_id, seed, split_mode, val_ratio)
         items.append(ClipItem(clip_id, str(text), clip, str(path), start, end, split, shard_of(clip_id, shards[split])))
