@@ -11,6 +11,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from mlprep.config import looks_like_path
 from mlprep.devices import precision_name
 from mlprep.rng import derive_seed
 
@@ -37,10 +38,6 @@ class ClipSpec:
         return cls(cfg.get("name", "ViT-B-32"), cfg.get("pretrained") or None, cfg.get("config_file") or None, init_seed)
 
 
-def _looks_like_path(value: str) -> bool:
-    return "/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))
-
-
 class ClipEncoder:
     """Encodes uint8 images and texts with one open_clip model on one device at one precision.
 
@@ -57,7 +54,7 @@ class ClipEncoder:
             open_clip.add_model_config(config_path)
         if spec.name not in open_clip.list_models() and not spec.name.startswith(("hf-hub:", "local-dir:")):
             raise ValueError(f"unknown open_clip model {spec.name!r} (give config_file for a custom architecture)")
-        if spec.pretrained and _looks_like_path(spec.pretrained) and not Path(spec.pretrained).is_file():
+        if spec.pretrained and looks_like_path(spec.pretrained) and not Path(spec.pretrained).is_file():
             raise FileNotFoundError(f"CLIP checkpoint {spec.pretrained} does not exist")
         self.spec = spec
         self.device = device

@@ -1,12 +1,5 @@
 # Helpers shared by every pipeline: config lookup, shard wildcards, device resources, targets.
 # Pipeline-specific input functions live in the library (mlprep/<pipeline>/workflow.py), where they are unit-tested.
-import sys
-from pathlib import Path
-
-# The library lives beside the workflow; make it importable at parse time whatever the working dir.
-sys.path.insert(0, str(Path(workflow.basedir)))
-
-
 RESULTS = "results"
 TARGETS = []
 
