@@ -6,11 +6,12 @@ SKU_FLOW = SkuWorkflow(config, RESULTS)
 SKU_DIR = SKU_FLOW.dir
 
 if pipeline_enabled("sku_index"):
-    TARGETS.extend([f"{SKU_DIR}/index.faiss", f"{SKU_DIR}/eval.json"])
+    TARGETS.extend([f"{SKU_DIR}/index.faiss", f"{SKU_DIR}/check.json", f"{SKU_DIR}/eval.json"])
 
 
 localrules:
     sku_manifest,
+    sku_check,
 
 
 rule sku_manifest:
@@ -64,11 +65,18 @@ rule sku_build_index:
         metadata=SKU_FLOW.shard_files("metadata.parquet"),
         query_embeddings=SKU_FLOW.shard_files("query_embeddings.npy"),
         failures=[f"{SKU_DIR}/manifest_failures.parquet", *SKU_FLOW.shard_files("failures.parquet")],
+        manifest=f"{SKU_DIR}/manifest.parquet",
     output:
         index=f"{SKU_DIR}/index.faiss",
         embeddings=f"{SKU_DIR}/embeddings.npy",
         metadata=f"{SKU_DIR}/metadata.parquet",
         failures=f"{SKU_DIR}/failures.parquet",
+        checks=f"{SKU_DIR}/catalog_checks.parquet",
+        checks_html=report(
+            f"{SKU_DIR}/catalog_checks.html",
+            caption="../report/sku_catalog_checks.rst",
+            category="sku_index",
+        ),
         info=f"{SKU_DIR}/index_info.json",
     log:
         f"{RESULTS}/logs/sku_index/build_index.log",
@@ -79,12 +87,33 @@ rule sku_build_index:
     threads: 2
     resources:
         mem_mb=4000,
+    params:
+        settings=SKU_FLOW.build_settings,
     script:
         "../scripts/sku_build_index.py"
 
 
+rule sku_check:
+    input:
+        info=f"{SKU_DIR}/index_info.json",
+        failures=f"{SKU_DIR}/failures.parquet",
+        checks=f"{SKU_DIR}/catalog_checks.parquet",
+    output:
+        f"{SKU_DIR}/check.json",
+    log:
+        f"{RESULTS}/logs/sku_index/check.log",
+    conda:
+        "../envs/sku_index.yaml"
+    params:
+        max_failed_fraction=config["max_failed_fraction"],
+        duplicate_images=SKU["duplicate_images"],
+    script:
+        "../scripts/sku_check.py"
+
+
 rule sku_evaluate:
     input:
+        check=f"{SKU_DIR}/check.json",
         index=f"{SKU_DIR}/index.faiss",
         embeddings=f"{SKU_DIR}/embeddings.npy",
         metadata=f"{SKU_DIR}/metadata.parquet",

@@ -6,12 +6,13 @@ VIDEO_FLOW = VideoWorkflow(config, RESULTS)
 VIDEO_DIR = VIDEO_FLOW.dir
 
 if pipeline_enabled("video_frames"):
-    TARGETS.extend([f"{VIDEO_DIR}/summary.json", f"{VIDEO_DIR}/contact_sheet.png"])
+    TARGETS.extend([f"{VIDEO_DIR}/summary.json", f"{VIDEO_DIR}/contact_sheet.png", f"{VIDEO_DIR}/check.json"])
 
 
 localrules:
     video_manifest,
     video_gather,
+    video_check,
 
 
 rule video_manifest:
@@ -81,3 +82,19 @@ rule video_gather:
         sheet_clips=VIDEO["contact_sheet_clips"],
     script:
         "../scripts/video_gather.py"
+
+
+rule video_check:
+    input:
+        summary=f"{VIDEO_DIR}/summary.json",
+        failures=f"{VIDEO_DIR}/failures.parquet",
+    output:
+        f"{VIDEO_DIR}/check.json",
+    log:
+        f"{RESULTS}/logs/video_frames/check.log",
+    conda:
+        "../envs/video_frames.yaml"
+    params:
+        max_failed_fraction=config["max_failed_fraction"],
+    script:
+        "../scripts/video_check.py"

@@ -15,6 +15,7 @@ steps.build(
     metadata_paths=list(sm.input.metadata),
     query_embedding_paths=list(sm.input.query_embeddings),
     failure_paths=list(sm.input.failures),
+    manifest_path=sm.input.manifest,
     cfg=sm.config["sku_index"],
     seed=sm.config["seed"],
     device_spec=sm.config["device"],

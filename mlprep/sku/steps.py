@@ -1,7 +1,9 @@
-"""The sku_index pipeline's cheap steps (manifest, index, evaluation); scripts/ only unpack `snakemake` and call these.
+"""The sku_index pipeline's cheap steps (manifest, index, checks, evaluation); scripts/ only unpack `snakemake`
+and call these.
 
-This module does not import torch or open_clip (5 s of start-up per job); the encode step lives in
-mlprep.sku.encode.
+Heavy modules (faiss, matplotlib) are imported inside the steps that use them, so the manifest and
+check jobs start in a fraction of a second; torch and open_clip are only ever imported by the
+encode step (mlprep.sku.encode).
 """
 
 from __future__ import annotations
@@ -12,21 +14,15 @@ import logging
 import numpy as np
 import pandas as pd
 
-from mlprep.failures import FailureLog, read_failures, write_failures
+from mlprep.failures import FailureLog, check_failed_share, count_by_code, read_failures, write_failures
 from mlprep.io import atomic_path, load_npy, read_json, save_npy, write_json, write_parquet
 from mlprep.sku.catalog import read_catalog
-from mlprep.sku.evaluate import evaluate, plot_accuracy
-from mlprep.sku.index import (
-    EXACT_FACTORIES,
-    apply_search_params,
-    build_index,
-    merge_shards,
-    read_index,
-    recall_at_k,
-    write_index,
-)
 
 log = logging.getLogger(__name__)
+
+
+class DuplicateImagesError(RuntimeError):
+    """duplicate_images: fail, and the catalog lists the same image under different SKUs."""
 
 
 def manifest(sku_data, images_dir, n_shards: int, continue_on_error: bool, out_items, out_failures) -> None:
@@ -39,11 +35,40 @@ def manifest(sku_data, images_dir, n_shards: int, continue_on_error: bool, out_i
     log.info("%d image items from %s, %d failures, %d shards", len(frame), sku_data, len(failures), n_shards)
 
 
+def _originals(meta: pd.DataFrame, listed: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
+    """Row numbers of the original views (view 0) and their items with their sku_data.json position."""
+    rows = np.flatnonzero((meta["view"] == 0).to_numpy())
+    items = meta.iloc[rows][["item_id", "sku_id", "image", "content_hash"]].reset_index(drop=True)
+    return rows, items.merge(listed, on="item_id", how="left")
+
+
+def catalog_checks(vectors: np.ndarray, meta: pd.DataFrame, listed: pd.DataFrame, cfg: dict, seed: int,
+                   threads: int) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
+    """(vectors, meta) after the duplicate_images policy, and the checks table."""
+    from mlprep.sku.checks import confusable_pairs, duplicate_images
+
+    policy = cfg["duplicate_images"]
+    rows, originals = _originals(meta, listed)
+    duplicates = duplicate_images(originals, policy)
+    if len(duplicates):
+        log.warning("%d images repeat an image of another SKU (duplicate_images: %s); see catalog_checks.parquet",
+                    len(duplicates), policy)
+    if policy == "drop" and len(duplicates):
+        keep = ~meta["item_id"].isin(duplicates["item_b"]).to_numpy()
+        vectors, meta = np.ascontiguousarray(vectors[keep]), meta[keep].reset_index(drop=True)
+        rows, originals = _originals(meta, listed)
+    confusable = confusable_pairs(vectors[rows], originals, cfg["confusable_pairs"], cfg["confusable_sample"], seed,
+                                  threads)
+    checks = pd.concat([duplicates, confusable], ignore_index=True) if len(duplicates) else confusable
+    return vectors, meta, checks
+
+
 def build(
     embedding_paths: list,
     metadata_paths: list,
     query_embedding_paths: list,
     failure_paths: list,
+    manifest_path,
     cfg: dict,
     seed: int,
     device_spec: str,
@@ -53,13 +78,29 @@ def build(
 ) -> dict:
     import faiss
 
+    from mlprep.sku.checks import DUPLICATE_CHECKS, checks_html
+    from mlprep.sku.index import (
+        EXACT_FACTORIES,
+        apply_search_params,
+        build_index,
+        merge_shards,
+        recall_at_k,
+        write_index,
+    )
+
     faiss.omp_set_num_threads(max(1, threads))
     vectors, meta = merge_shards(embedding_paths, metadata_paths)
     queries = np.concatenate([load_npy(p) for p in query_embedding_paths]) if query_embedding_paths else vectors[:0]
+    listed = pd.read_parquet(manifest_path, columns=["item_id", "listed"])
+    n_before = int(meta["item_id"].nunique()) if len(meta) else 0
+    vectors, meta, checks = catalog_checks(vectors, meta, listed, cfg, seed, threads)
     index_cfg = cfg["index"]
     index = build_index(vectors, index_cfg["factory"], seed, index_cfg["train_sample"])
     apply_search_params(index, index_cfg.get("search_params"))
     exact = index_cfg["factory"] in EXACT_FACTORIES
+    failures = read_failures(failure_paths)
+    n_items = int(meta["item_id"].nunique()) if len(meta) else 0
+    n_originals = int((meta["view"] == 0).sum()) if len(meta) else 0
     info = {
         "factory": index_cfg["factory"],
         "metric": "inner_product",
@@ -67,6 +108,8 @@ def build(
         "ntotal": int(index.ntotal),
         "dim": int(vectors.shape[1]),
         "n_skus": int(meta["sku_id"].nunique()) if len(meta) else 0,
+        "n_items_ok": n_items,
+        "n_dropped_duplicates": n_before - n_items,
         "augment_per_image": cfg["augment_per_image"],
         "model": cfg["model"],
         "seed": seed,  # also seeds random model weights: the search command rebuilds the same model
@@ -74,25 +117,61 @@ def build(
         "precision": precision_spec,
         "exact": exact,
         "recall_at_10": None if exact else recall_at_k(index, vectors, queries[: index_cfg["recall_sample"]], 10),
+        "n_failures": int(len(failures)),
+        "failures_by_code": count_by_code(failures),
+        "catalog_checks": {
+            "duplicate_images": int(checks["check"].isin(DUPLICATE_CHECKS).sum()),
+            "confusable_pairs": int((checks["check"] == "confusable").sum()),
+            "confusable_search": "exhaustive" if n_originals <= cfg["confusable_sample"] else "sampled",
+        },
     }
-    failures = read_failures(failure_paths)
     write_index(index, outputs["index"])
     save_npy(vectors, outputs["embeddings"])
     write_parquet(meta, outputs["metadata"])
     write_parquet(failures, outputs["failures"])
-    info["n_failures"] = int(len(failures))
+    write_parquet(checks, outputs["checks"])
+    with atomic_path(outputs["checks_html"]) as tmp:
+        tmp.write_text(checks_html(checks, n_originals <= cfg["confusable_sample"], cfg["confusable_sample"]))
     write_json(info, outputs["info"])
     log.info("index: %s", info)
     return info
 
 
-def evaluate_index(index_path, embeddings_path, metadata_path, info_path, query_paths: list, query_meta_paths: list, ks, outputs: dict) -> dict:
+def check(info_path, failures_path, checks_path, max_failed_fraction: float, duplicate_policy: str, out) -> dict:
+    """Fail the run when too many items failed, or on duplicate images under duplicate_images: fail."""
+    info = read_json(info_path)
+    result = check_failed_share("sku_index", info["n_items_ok"], pd.read_parquet(failures_path),
+                                max_failed_fraction, failures_path)
+    if duplicate_policy == "fail":
+        from mlprep.sku.checks import DUPLICATE_CHECKS
+
+        checks = pd.read_parquet(checks_path)
+        dups = checks[checks["check"].isin(DUPLICATE_CHECKS)]
+        if len(dups):
+            shown = "; ".join(f"{r.image_b} of SKU {r.sku_b!r} = {r.image_a} of SKU {r.sku_a!r}"
+                              for r in dups.head(5).itertuples())
+            raise DuplicateImagesError(
+                f"sku_index: {len(dups)} images repeat an image of another SKU (duplicate_images: fail): {shown}"
+                f"{' ...' if len(dups) > 5 else ''}; all are listed in {checks_path}"
+            )
+    write_json(result, out)
+    log.info("check passed: %s", result)
+    return result
+
+
+def evaluate_index(index_path, embeddings_path, metadata_path, info_path, query_paths: list, query_meta_paths: list,
+                   ks, outputs: dict) -> dict:
+    from mlprep.sku.evaluate import evaluate, plot_accuracy
+    from mlprep.sku.index import apply_search_params, merge_shards, read_index
+
     index = read_index(index_path)
     info = read_json(info_path)
     apply_search_params(index, info.get("search_params"))
     vectors = load_npy(embeddings_path)
     meta = pd.read_parquet(metadata_path)
     queries, query_meta = merge_shards(query_paths, query_meta_paths)
+    indexed = query_meta["item_id"].isin(meta["item_id"]).to_numpy() if len(query_meta) else np.zeros(0, bool)
+    queries, query_meta = queries[indexed], query_meta[indexed].reset_index(drop=True)  # drops dropped duplicates
     result = evaluate(index, vectors, meta, queries, query_meta, list(ks))
     result["factory"] = info["factory"]
     result["recall_at_10"] = info.get("recall_at_10")

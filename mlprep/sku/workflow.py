@@ -48,5 +48,9 @@ class SkuWorkflow:
             "encoding_batch_size": self.cfg["encoding_batch_size"],
         }
 
+    def build_settings(self, wildcards) -> dict:
+        """The settings that change the merged index and checks: a change reruns the merge only."""
+        return {k: self.cfg[k] for k in ("index", "duplicate_images", "confusable_pairs", "confusable_sample")}
+
     def shard_files(self, name: str) -> list[str]:
         return [f"{self.dir}/shards/{shard}/{name}" for shard in self.shards]

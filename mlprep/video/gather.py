@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from mlprep.failures import read_failures
+from mlprep.failures import count_by_code, read_failures
 from mlprep.io import atomic_path, read_json, write_json, write_parquet
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,14 @@ def gather(
         "clips_failed_in_manifest": int(len(manifest_failed)),
         "frames": sum(s["frames"] for s in per_split.values()),
         "bytes": sum(s["bytes"] for s in per_split.values()),
-        "failure_reasons": failures["reason"].str.split(":").str[0].value_counts().to_dict() if len(failures) else {},
+        "failures_by_code": count_by_code(failures),
+        "warnings": [],
     }
+    for name, split in per_split.items():
+        if not split["clips_ok"]:
+            warning = f"split {name!r} has no usable clip ({split['clips_failed']} failed in its shards)"
+            summary["warnings"].append(warning)
+            log.warning("%s", warning)
     sample: list[dict] = []
     for shard in shard_paths:
         if len(sample) >= sheet_clips:

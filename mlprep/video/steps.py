@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from mlprep.failures import FailureLog, write_failures
-from mlprep.io import write_parquet
+import pandas as pd
+
+from mlprep.failures import FailureLog, check_failed_share, write_failures
+from mlprep.io import read_json, write_json, write_parquet
 from mlprep.video.pairs import read_pairs
 
 log = logging.getLogger(__name__)
@@ -20,3 +22,14 @@ def manifest(cfg: dict, seed: int, shard_counts: dict, continue_on_error: bool, 
     write_parquet(frame, outputs["manifest"])
     write_failures(failures.records, outputs["failures"])
     log.info("%d clips (%s), %d failures", len(frame), frame["split"].value_counts().to_dict(), len(failures))
+
+
+def check(summary_path, failures_path, max_failed_fraction: float, out) -> dict:
+    """Fail the run when no clip, or too large a share of clips, could be used."""
+    summary = read_json(summary_path)
+    result = check_failed_share("video_frames", summary["clips_ok"], pd.read_parquet(failures_path),
+                                max_failed_fraction, failures_path)
+    result["warnings"] = summary.get("warnings", [])
+    write_json(result, out)
+    log.info("check passed: %s", result)
+    return result
