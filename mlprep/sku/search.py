@@ -5,13 +5,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
+from mlprep.failures import ItemError
 from mlprep.io import read_json
 from mlprep.sku.augment import load_image, original_view, render_views
 from mlprep.sku.index import apply_search_params, rank_skus, read_index
 from mlprep.sku.encode import load_encoder
+
+
+class EmptyIndexError(ValueError):
+    """The index holds no vectors, so no query can be answered."""
+
+
+@dataclass(frozen=True)
+class QueryFailure:
+    query: str
+    reason_code: str
+    error: str
 
 
 @dataclass(frozen=True)
@@ -31,6 +44,11 @@ class SkuSearcher:
         index_path = Path(index_path)
         folder = index_path.parent
         self.index = read_index(index_path)
+        if self.index.ntotal == 0:
+            raise EmptyIndexError(
+                f"index {index_path} holds no vectors: the build found no usable image "
+                f"(see {folder / 'failures.parquet'})"
+            )
         self.info = read_json(folder / "index_info.json")
         apply_search_params(self.index, self.info.get("search_params"))
         self.meta = pd.read_parquet(folder / "metadata.parquet")
@@ -41,22 +59,29 @@ class SkuSearcher:
         cfg = {"model": self.info["model"], "encoding_batch_size": 1}
         self.encoder = load_encoder(cfg, device or self.info["device"], self.info["precision"], threads, self.info["seed"])
 
-    def embed(self, paths: list[Path | str]):
-        views = []
-        for path in paths:
+    def embed(self, paths: list[Path | str]) -> tuple[np.ndarray, list[int], list[QueryFailure]]:
+        """Embeddings of the images that decode, their positions in `paths`, and a failure for each other."""
+        views, ok, failed = [], [], []
+        for position, path in enumerate(paths):
             try:
                 image = load_image(path, self.encoder.image_size)
-            except (OSError, ValueError) as err:
-                raise ValueError(f"{path}: cannot read image: {err}") from err
+            except ItemError as err:
+                failed.append(QueryFailure(str(path), err.code, f"{path}: {err}"))
+                continue
             _, height, width = image.shape
             views.append(render_views(image, [original_view(width, height)], self.encoder.image_size))
-        return self.encoder.encode_images(torch.cat(views))
+            ok.append(position)
+        vectors = self.encoder.encode_images(torch.cat(views)) if views else np.zeros((0, self.index.d), np.float32)
+        return vectors, ok, failed
 
-    def search(self, paths: list[Path | str], k: int = 5) -> list[Hit]:
-        ranked = rank_skus(self.index, self.skus, self.embed(paths), k)
+    def search(self, paths: list[Path | str], k: int = 5) -> tuple[list[Hit], list[QueryFailure]]:
+        """The top-k SKUs of every query image that decodes, and a failure for each that does not."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        vectors, ok, failed = self.embed(paths)
         hits = []
-        for path, row in zip(paths, ranked):
+        for position, row in zip(ok, rank_skus(self.index, self.skus, vectors, k)):
             for rank, (sku, score) in enumerate(row, start=1):
                 extra = self.sku_info.loc[sku]
-                hits.append(Hit(str(path), rank, sku, str(extra["name"]), str(extra["category"]), score))
-        return hits
+                hits.append(Hit(str(paths[position]), rank, sku, str(extra["name"]), str(extra["category"]), score))
+        return hits, failed
