@@ -30,6 +30,7 @@ test: $(STAMP) slurm-packages
 bench: $(STAMP)
 	$(BIN)/python bench/sku_encode.py
 	$(BIN)/python bench/video_frames.py
+	$(BIN)/python bench/end_to_end.py
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint

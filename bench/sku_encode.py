@@ -29,15 +29,11 @@ from mlprep.sku.encode import ItemViews, ViewPlan, encode_items
 REPO = Path(__file__).resolve().parents[1]
 
 
-def seed_approach(paths: list[str], views_per_image: int, spec: ClipSpec) -> float:
-    """The seed's sequential baseline: per view, PIL transforms and one fp32 model call."""
-    import open_clip
-    from PIL import Image
+def seed_augment():
+    """The seed script's per-view PIL/torchvision augmentation."""
     from torchvision import transforms as T
 
-    model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=spec.pretrained)
-    model.eval()
-    augment = T.Compose(
+    return T.Compose(
         [
             T.RandomResizedCrop(224, scale=(0.5, 1.0)),
             T.RandomRotation(15),
@@ -46,6 +42,16 @@ def seed_approach(paths: list[str], views_per_image: int, spec: ClipSpec) -> flo
             T.RandomApply([T.GaussianBlur(5, (0.1, 1.5))], p=0.3),
         ]
     )
+
+
+def seed_approach(paths: list[str], views_per_image: int, spec: ClipSpec) -> float:
+    """The seed's sequential baseline: per view, PIL transforms and one fp32 model call."""
+    import open_clip
+    from PIL import Image
+
+    model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=spec.pretrained)
+    model.eval()
+    augment = seed_augment()
     n = 0
     started = time.perf_counter()
     with torch.inference_mode():

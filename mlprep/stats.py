@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlprep.io import write_json
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (from /proc on Linux; None where that is not available)."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return float(Path("/proc/uptime").read_text().split()[0]) - started
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 @dataclass
@@ -19,6 +30,15 @@ class ShardStats:
     counts: dict[str, int] = field(default_factory=dict)  # other things done (views, frames...), rated per second
     extra: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    startup_s: float | None = None  # process start -> first item done: interpreter, imports, model build
+    _first_seen: bool = field(default=False, repr=False)
+
+    def first_item_done(self) -> None:
+        """Call after each item; the first call records the job's fixed start-up cost."""
+        if not self._first_seen:
+            self._first_seen = True
+            age = process_age()
+            self.startup_s = None if age is None else round(age, 3)
 
     def as_dict(self) -> dict[str, Any]:
         seconds = time.perf_counter() - self.started
@@ -30,6 +50,7 @@ class ShardStats:
             "items_skipped": self.skipped,
             "seconds": round(seconds, 3),
             "items_per_s": round(done / seconds, 3) if seconds > 0 else None,
+            "startup_s": self.startup_s,
             **self.counts,
             **{f"{name}_per_s": round(n / seconds, 3) if seconds > 0 else None for name, n in self.counts.items()},
             **self.extra,
