@@ -94,9 +94,22 @@ def test_full_run_on_tiny_data(sku_workdir, tiny_clip):
     assert proc.returncode == 0, proc.stderr
     hits = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(hits) == 3 and hits[0]["sku_id"] == "sku0003" and hits[0]["score"] > 0.999
-    proc = subprocess.run([mlprep, "search-sku", "--index", str(folder / "index.faiss"), str(sku_workdir / "nope.jpg")],
+    # one unreadable query does not cost the good ones their answers; each bad one is reported
+    (sku_workdir / "junk.jpg").write_bytes(b"not an image")
+    queries = [str(image), str(sku_workdir / "nope.jpg"), str(sku_workdir / "junk.jpg")]
+    proc = subprocess.run([mlprep, "search-sku", "--index", str(folder / "index.faiss"), "--k", "2", "--json", *queries],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "nope.jpg" in proc.stderr
+    assert proc.returncode == 1
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(h["query"], h["rank"], h["sku_id"]) for h in lines[:2]] == [(str(image), 1, "sku0003"), (str(image), 2, hits[1]["sku_id"])]
+    assert lines[2:] == [
+        {"query": queries[1], "reason_code": "missing", "error": f"{queries[1]}: image file not found"},
+        {"query": queries[2], "reason_code": "not_an_image", "error": lines[3]["error"]},
+    ]
+    assert "nope.jpg" in proc.stderr and "junk.jpg" in proc.stderr and "2 of 3 query images" in proc.stderr
+    proc = subprocess.run([mlprep, "search-sku", "--index", str(folder / "index.faiss"), "--k", "0", str(image)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--k: must be at least 1" in proc.stderr and proc.stdout == ""
 
 
 def _write_bad_catalog(workdir: Path) -> None:
@@ -126,9 +139,15 @@ def test_bad_inputs_become_failure_records(sku_workdir, tiny_clip):
     by_item = dict(zip(failures["item_id"], failures["stage"]))
     assert by_item["broken/trunc.jpg"] == "decode" and by_item["broken/junk.jpg"] == "decode"
     assert by_item["broken/missing.jpg"] == "manifest" and by_item["empty"] == "manifest"
-    assert by_item["sku0001"] == "manifest" and by_item["/abs/path/../../../../etc/passwd"] == "manifest"
+    assert by_item["sku0001"] == "manifest" and by_item["%2Fabs%2Fpath/../../../../etc/passwd"] == "manifest"
     assert len(failures) == 6
+    codes = dict(zip(failures["item_id"], failures["reason_code"]))
+    assert codes == {"broken/trunc.jpg": "truncated", "broken/junk.jpg": "not_an_image", "broken/missing.jpg": "missing",
+                     "empty": "no_images", "sku0001": "duplicate_id",
+                     "%2Fabs%2Fpath/../../../../etc/passwd": "unsafe_path"}
+    assert not any(r.startswith(("RuntimeError", "OSError")) for r in failures["reason"])
     info = json.loads((folder / "index_info.json").read_text())
+    assert info["failures_by_code"] == {code: 1 for code in codes.values()}
     assert info["n_failures"] == 6 and info["factory"] == "IVF4,Flat" and not info["exact"]
     assert info["recall_at_10"] == 1.0  # nprobe covers every list: the approximate index is exact here
     result = json.loads((folder / "eval.json").read_text())
@@ -149,14 +168,19 @@ def test_without_continue_on_error_the_job_fails_naming_the_file(sku_workdir, ti
     assert not (sku_workdir / "results" / "sku_index" / "index.faiss").exists()
 
 
-def test_empty_catalog_gives_an_empty_index_and_a_failure(sku_workdir, tiny_clip):
+def test_empty_catalog_fails_the_run_after_writing_the_failure(sku_workdir, tiny_clip):
     (sku_workdir / "data" / "sku_data.json").write_text("[]")
-    run_snakemake(sku_workdir, workflow_config(sku_workdir, tiny_clip))
+    config = workflow_config(sku_workdir, tiny_clip)
+    config["max_failed_fraction"] = 1.0  # even with the share test off, an empty result fails
+    proc = run_snakemake(sku_workdir, config, check=False)
+    assert proc.returncode != 0
+    assert "sku_index: no item succeeded (1 failed); most common reason: empty_list" in proc.stdout + proc.stderr
     vectors, meta, folder = _index(sku_workdir)
     assert len(vectors) == 0 and len(meta) == 0
     [failure] = pd.read_parquet(folder / "failures.parquet").to_dict("records")
     assert "no SKUs" in failure["reason"] and failure["path"].endswith("sku_data.json")
-    assert json.loads((folder / "eval.json").read_text())["augmented_index"]["top1"] is None
+    assert failure["reason_code"] == "empty_list"
+    assert not (folder / "eval.json").exists() and not (folder / "check.json").exists()
 
 
 def _dry_run_jobs(workdir: Path, config: dict) -> dict[str, list[str]]:
@@ -192,7 +216,7 @@ def test_adding_two_skus_reruns_only_their_shards(sku_workdir, tiny_clip):
 
     jobs = _dry_run_jobs(sku_workdir, config)
     assert sorted(jobs["sku_encode_shard"]) == touched
-    assert set(jobs) == {"sku_manifest", "sku_encode_shard", "sku_build_index", "sku_evaluate", "all"}
+    assert set(jobs) == {"sku_manifest", "sku_encode_shard", "sku_build_index", "sku_check", "sku_evaluate", "all"}
 
     run_snakemake(sku_workdir, config)
     after = {p: p.stat().st_mtime_ns for p in shards_dir.rglob("*") if p.is_file()}

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -22,17 +22,26 @@ from tqdm import tqdm
 
 from mlprep.devices import precision_name, select_device, select_precision
 from mlprep.encoders import ClipEncoder, ClipSpec
-from mlprep.failures import FailureLog, write_failures
+from mlprep.failures import FailureLog, describe_error, write_failures
 from mlprep.gpuslots import claim_gpu
 from mlprep.io import save_npy, write_parquet
 from mlprep.sharding import ShardId
-from mlprep.sku.augment import AugmentSettings, ViewParams, load_image, original_view, render_views, sample_view
+from mlprep.sku.augment import (
+    AugmentSettings,
+    ViewParams,
+    content_hash,
+    decode_image,
+    original_view,
+    read_image_file,
+    render_views,
+    sample_view,
+)
 from mlprep.sku.catalog import ImageItem
 from mlprep.stats import ShardStats
 
 log = logging.getLogger(__name__)
 
-META_COLUMNS = ["item_id", "sku_id", "name", "category", "image", "view", "augmentation"]
+META_COLUMNS = ["item_id", "sku_id", "name", "category", "image", "view", "augmentation", "content_hash"]
 INDEX_STREAM = "sku-index-view"
 QUERY_STREAM = "sku-query-view"
 
@@ -66,7 +75,8 @@ class RenderedItem:
     views: torch.Tensor | None  # uint8 [V, 3, S, S]: index views first, then query views
     index_params: list[ViewParams]
     query_params: list[ViewParams]
-    error: str | None = None
+    content_hash: str = ""
+    error: tuple[str, str] | None = None  # (reason code, reason)
 
 
 class ItemViews(torch.utils.data.Dataset):
@@ -82,13 +92,14 @@ class ItemViews(torch.utils.data.Dataset):
     def __getitem__(self, position: int) -> RenderedItem:
         item = self.items[position]
         try:
-            image = load_image(item.path, self.plan.image_size)
+            data = read_image_file(item.path)
+            image = decode_image(data, self.plan.image_size)
             _, height, width = image.shape
             index, queries = self.plan.views(item.item_id, width, height)
             views = render_views(image, index + queries, self.plan.image_size, self.plan.settings.padding_mode)
-            return RenderedItem(position, views, index, queries)
+            return RenderedItem(position, views, index, queries, content_hash(data))
         except Exception as err:  # noqa: BLE001 - any decoder error is this item's failure
-            return RenderedItem(position, None, [], [], f"{type(err).__name__}: {err}")
+            return RenderedItem(position, None, [], [], error=describe_error(err))
 
 
 def _single_thread_worker(_: int) -> None:
@@ -122,7 +133,7 @@ class EncodedShard:
     seconds_encoding: float
 
 
-def _meta_rows(item: ImageItem, params: list[ViewParams]) -> list[dict]:
+def _meta_rows(item: ImageItem, params: list[ViewParams], digest: str) -> list[dict]:
     return [
         {
             "item_id": item.item_id,
@@ -132,6 +143,7 @@ def _meta_rows(item: ImageItem, params: list[ViewParams]) -> list[dict]:
             "image": item.image,
             "view": p.view,
             "augmentation": json.dumps(p.as_dict(), sort_keys=True),
+            "content_hash": digest,
         }
         for p in params
     ]
@@ -149,8 +161,11 @@ def encode_items(
     failures: FailureLog,
     workers: int = 1,
     progress: TextIO | None = None,
+    on_encoded: Callable[[], None] | None = None,
 ) -> EncodedShard:
-    """Encode the index and query views of every item; bad items go to `failures`."""
+    """Encode the index and query views of every item; bad items go to `failures`.
+
+    `on_encoded` is called after each forward pass (the job's stats time its first one)."""
     pending: list[torch.Tensor] = []  # views waiting for a full batch
     n_pending = 0
     chunks: list[np.ndarray] = []
@@ -169,6 +184,8 @@ def encode_items(
         started = time.perf_counter()
         chunks.append(encoder.encode_images(block[:take]))
         encode_seconds += time.perf_counter() - started
+        if on_encoded is not None:
+            on_encoded()
         rest = block[take:]
         pending, n_pending = ([rest], len(rest)) if len(rest) else ([], 0)
 
@@ -177,14 +194,14 @@ def encode_items(
         item = items[rendered.position]
         bar.update(1)
         if rendered.error is not None:
-            failures.record(item.item_id, item.path, "decode", rendered.error)
+            failures.record(item.item_id, item.path, "decode", *rendered.error)
             continue
         ok += 1
         pending.append(rendered.views)
         n_pending += len(rendered.views)
         is_query += [False] * len(rendered.index_params) + [True] * len(rendered.query_params)
-        index_rows += _meta_rows(item, rendered.index_params)
-        query_rows += _meta_rows(item, rendered.query_params)
+        index_rows += _meta_rows(item, rendered.index_params, rendered.content_hash)
+        query_rows += _meta_rows(item, rendered.query_params, rendered.content_hash)
         if n_pending >= encoder.batch_size:
             flush(final=False)
     flush(final=True)
@@ -248,7 +265,8 @@ def encode_shard(
     encoder = load_encoder(cfg, device_spec, precision_spec, threads, seed)
     plan = view_plan(cfg, seed, encoder.image_size)
     failures = FailureLog(continue_on_error)
-    encoded = encode_items(items, plan, encoder, failures, workers=cfg["decode_workers"], progress=progress)
+    encoded = encode_items(items, plan, encoder, failures, workers=cfg["decode_workers"], progress=progress,
+                           on_encoded=stats.first_item_done)
     write_encoded_shard(encoded, outputs)
     write_failures(failures.records, outputs["failures"])
     stats.ok, stats.failed = encoded.items_ok, len(failures)
