@@ -5,7 +5,11 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -57,3 +61,32 @@ def resolve_inside(root: Path | str, relative: str) -> Path:
     if normal == ".." or normal.startswith("../"):
         raise UnsafePathError(f"path {relative!r} escapes {root_path}")
     return root_path / normal
+
+
+def shards_of(ids: Sequence[str], n_shards: int) -> np.ndarray:
+    """shard_of for many ids at once (int64 array), the same values."""
+    if n_shards < 1:
+        raise ValueError(f"shard count must be >= 1, got {n_shards}")
+    blake = hashlib.blake2b
+    return np.fromiter(
+        (int.from_bytes(blake(i.encode("utf-8"), digest_size=8).digest(), "big") % n_shards for i in ids),
+        dtype=np.int64, count=len(ids),
+    )
+
+
+def unsafe_path_reasons(relatives: Sequence[str], root: Path | str) -> list[tuple[int, str]]:
+    """(position, reason) for each path resolve_inside would refuse, found with vectorised string tests.
+
+    `relatives` are normalised already (posixpath.normpath), as the catalogs store them."""
+    if not len(relatives):
+        return []
+    s = pd.Series(relatives, dtype=object)
+    flagged = (s == "") | s.str.startswith("/") | s.str.contains("\x00", regex=False) | (s == "..") \
+        | s.str.startswith("../")
+    out = []
+    for position in np.flatnonzero(flagged.to_numpy()):
+        try:
+            resolve_inside(root, relatives[position])
+        except UnsafePathError as err:
+            out.append((int(position), str(err)))
+    return out

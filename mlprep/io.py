@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,9 +32,44 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_parquet(frame: pd.DataFrame, path: Path | str) -> None:
+@contextmanager
+def atomic_dir(final: Path | str) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; it becomes `final` (replacing an empty or absent one)
+    only if the block succeeds: a shard folder holds all its files or does not exist."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists() and not any(final.iterdir()):
+            final.rmdir()
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_parquet(frame: pd.DataFrame, path: Path | str, metadata: dict | None = None) -> None:
+    """`metadata` (JSON-able) goes into the file's key-value metadata under 'mlprep'."""
     with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False)
+        if metadata is None:
+            frame.to_parquet(tmp, index=False)
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        extra = {b"mlprep": json.dumps(metadata, sort_keys=True, default=str).encode()}
+        pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **extra}), tmp)
+
+
+def read_parquet_metadata(path: Path | str) -> dict:
+    """What write_parquet stored under 'mlprep' ({} when nothing)."""
+    import pyarrow.parquet as pq
+
+    raw = (pq.read_schema(path).metadata or {}).get(b"mlprep")
+    return json.loads(raw) if raw else {}
 
 
 def save_npy(array: np.ndarray, path: Path | str) -> None:

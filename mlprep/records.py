@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 
 class RecordsError(ValueError):
     """The file cannot be read as a list of records; the message names the file."""
@@ -13,6 +16,27 @@ class RecordsError(ValueError):
 def first_value(record: dict, keys: tuple[str, ...]):
     """The value of the first of `keys` that is present and not empty."""
     return next((record[k] for k in keys if record.get(k) not in (None, "", [])), None)
+
+
+def _present(series: pd.Series) -> np.ndarray:
+    """Where a column holds a value first_value would take: not missing, not '' and not []."""
+    present = series.notna().to_numpy() & (series != "").to_numpy()
+    if series.dtype == object:
+        present &= ~series.map(lambda v: isinstance(v, list) and not v).to_numpy(dtype=bool)
+    return present
+
+
+def coalesce(table: pd.DataFrame, keys: tuple[str, ...]) -> np.ndarray:
+    """first_value over whole columns: per row, the value of the first of `keys` present (else None)."""
+    out = np.full(len(table), None, dtype=object)
+    taken = np.zeros(len(table), dtype=bool)
+    for key in keys:
+        if key in table.columns:
+            column = table[key]
+            take = ~taken & _present(column)
+            out[take] = column.to_numpy(dtype=object)[take]
+            taken |= take
+    return out
 
 
 def read_records(path: Path | str, list_keys: tuple[str, ...]) -> list[tuple[str | None, object]]:

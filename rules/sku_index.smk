@@ -2,7 +2,7 @@
 from mlprep.sku.workflow import SkuWorkflow
 
 SKU = config["sku_index"]
-SKU_FLOW = SkuWorkflow(config, RESULTS)
+SKU_FLOW = SkuWorkflow(config, RESULTS, main_process=workflow.is_main_process)
 SKU_DIR = SKU_FLOW.dir
 
 if pipeline_enabled("sku_index"):
@@ -27,21 +27,16 @@ rule sku_manifest:
     params:
         images_dir=SKU["images_dir"],
         shards=SKU["shards"],
+        lists=str(SKU_FLOW.lists.folder),
+        catalog=SKU_FLOW.catalog_fingerprint,
         continue_on_error=config["continue_on_error"],
     script:
         "../scripts/sku_manifest.py"
 
 
 rule sku_encode_shard:
-    input:
-        images=SKU_FLOW.shard_images,
     output:
-        embeddings=f"{SKU_DIR}/shards/{{shard}}/embeddings.npy",
-        metadata=f"{SKU_DIR}/shards/{{shard}}/metadata.parquet",
-        query_embeddings=f"{SKU_DIR}/shards/{{shard}}/query_embeddings.npy",
-        query_metadata=f"{SKU_DIR}/shards/{{shard}}/query_metadata.parquet",
-        failures=f"{SKU_DIR}/shards/{{shard}}/failures.parquet",
-        stats=f"{SKU_DIR}/shards/{{shard}}/stats.json",
+        directory(f"{SKU_DIR}/shards/{{shard}}"),
     log:
         f"{RESULTS}/logs/sku_index/encode_{{shard}}.log",
     benchmark:
@@ -53,7 +48,8 @@ rule sku_encode_shard:
         mem_mb=4000,
         gpu=gpus_for_device,
     params:
-        shard_items=SKU_FLOW.shard_items,
+        shard_list=SKU_FLOW.shard_list,
+        fingerprint=SKU_FLOW.shard_fingerprint,
         settings=SKU_FLOW.encode_settings,
     script:
         "../scripts/sku_encode.py"
@@ -61,15 +57,15 @@ rule sku_encode_shard:
 
 rule sku_build_index:
     input:
-        embeddings=SKU_FLOW.shard_files("embeddings.npy"),
-        metadata=SKU_FLOW.shard_files("metadata.parquet"),
-        query_embeddings=SKU_FLOW.shard_files("query_embeddings.npy"),
-        failures=[f"{SKU_DIR}/manifest_failures.parquet", *SKU_FLOW.shard_files("failures.parquet")],
+        shards=SKU_FLOW.shard_dirs(),
         manifest=f"{SKU_DIR}/manifest.parquet",
+        manifest_failures=f"{SKU_DIR}/manifest_failures.parquet",
     output:
         index=f"{SKU_DIR}/index.faiss",
         embeddings=f"{SKU_DIR}/embeddings.npy",
         metadata=f"{SKU_DIR}/metadata.parquet",
+        query_embeddings=f"{SKU_DIR}/query_embeddings.npy",
+        query_metadata=f"{SKU_DIR}/query_metadata.parquet",
         failures=f"{SKU_DIR}/failures.parquet",
         checks=f"{SKU_DIR}/catalog_checks.parquet",
         checks_html=report(
@@ -118,8 +114,8 @@ rule sku_evaluate:
         embeddings=f"{SKU_DIR}/embeddings.npy",
         metadata=f"{SKU_DIR}/metadata.parquet",
         info=f"{SKU_DIR}/index_info.json",
-        query_embeddings=SKU_FLOW.shard_files("query_embeddings.npy"),
-        query_metadata=SKU_FLOW.shard_files("query_metadata.parquet"),
+        query_embeddings=f"{SKU_DIR}/query_embeddings.npy",
+        query_metadata=f"{SKU_DIR}/query_metadata.parquet",
     output:
         json=f"{SKU_DIR}/eval.json",
         plot=report(

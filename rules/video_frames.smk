@@ -2,7 +2,7 @@
 from mlprep.video.workflow import VideoWorkflow
 
 VIDEO = config["video_frames"]
-VIDEO_FLOW = VideoWorkflow(config, RESULTS)
+VIDEO_FLOW = VideoWorkflow(config, RESULTS, main_process=workflow.is_main_process)
 VIDEO_DIR = VIDEO_FLOW.dir
 
 if pipeline_enabled("video_frames"):
@@ -27,18 +27,16 @@ rule video_manifest:
         "../envs/video_frames.yaml"
     params:
         shard_counts=VIDEO_FLOW.shard_counts,
+        lists=str(VIDEO_FLOW.lists.folder),
+        catalog=VIDEO_FLOW.catalog_fingerprint,
     script:
         "../scripts/video_manifest.py"
 
 
 rule video_extract_shard:
-    input:
-        clips=VIDEO_FLOW.shard_clips,
     output:
         pkl=f"{VIDEO_DIR}/{{split}}/{{shard}}.pkl",
         index=f"{VIDEO_DIR}/{{split}}/{{shard}}.index.parquet",
-        failures=f"{VIDEO_DIR}/{{split}}/{{shard}}.failures.parquet",
-        stats=f"{VIDEO_DIR}/{{split}}/{{shard}}.stats.json",
     log:
         f"{RESULTS}/logs/video_frames/extract_{{split}}_{{shard}}.log",
     benchmark:
@@ -51,7 +49,8 @@ rule video_extract_shard:
     resources:
         mem_mb=4000,
     params:
-        shard_items=VIDEO_FLOW.shard_items,
+        shard_list=VIDEO_FLOW.shard_list,
+        fingerprint=VIDEO_FLOW.shard_fingerprint,
         settings=VIDEO_FLOW.frame_settings,
     script:
         "../scripts/video_extract.py"
@@ -62,8 +61,6 @@ rule video_gather:
         manifest_failures=f"{VIDEO_DIR}/manifest_failures.parquet",
         pkl=VIDEO_FLOW.shard_files(".pkl"),
         index=VIDEO_FLOW.shard_files(".index.parquet"),
-        failures=VIDEO_FLOW.shard_files(".failures.parquet"),
-        stats=VIDEO_FLOW.shard_files(".stats.json"),
     output:
         summary=f"{VIDEO_DIR}/summary.json",
         index=f"{VIDEO_DIR}/index.parquet",

@@ -11,11 +11,9 @@ from mlprep.sku import steps  # noqa: E402
 sm = snakemake  # noqa: F821
 log_to_file(sm.log[0])
 steps.build(
-    embedding_paths=list(sm.input.embeddings),
-    metadata_paths=list(sm.input.metadata),
-    query_embedding_paths=list(sm.input.query_embeddings),
-    failure_paths=list(sm.input.failures),
+    shard_dirs=list(sm.input.shards),
     manifest_path=sm.input.manifest,
+    manifest_failures_path=sm.input.manifest_failures,
     cfg=sm.config["sku_index"],
     seed=sm.config["seed"],
     device_spec=sm.config["device"],

@@ -12,13 +12,13 @@ sm = snakemake  # noqa: F821
 progress = log_to_file(sm.log[0])
 encode_shard(
     shard_text=sm.wildcards.shard,
-    items=sm.params.shard_items,
+    list_path=sm.params.shard_list,
     cfg=sm.config["sku_index"],
     seed=sm.config["seed"],
     device_spec=sm.config["device"],
     precision_spec=sm.config["precision"],
     continue_on_error=sm.config["continue_on_error"],
     threads=sm.threads,
-    outputs=dict(sm.output.items()),
+    out_dir=sm.output[0],
     progress=progress,
 )

@@ -15,8 +15,8 @@ steps.evaluate_index(
     embeddings_path=sm.input.embeddings,
     metadata_path=sm.input.metadata,
     info_path=sm.input.info,
-    query_paths=list(sm.input.query_embeddings),
-    query_meta_paths=list(sm.input.query_metadata),
+    query_path=sm.input.query_embeddings,
+    query_meta_path=sm.input.query_metadata,
     ks=sm.params.top_k,
     outputs=dict(sm.output.items()),
 )

@@ -13,6 +13,7 @@ steps.manifest(
     sku_data=snakemake.input.sku_data,  # noqa: F821
     images_dir=snakemake.params.images_dir,  # noqa: F821
     n_shards=snakemake.params.shards,  # noqa: F821
+    lists_folder=snakemake.params.lists,  # noqa: F821
     continue_on_error=snakemake.params.continue_on_error,  # noqa: F821
     out_items=snakemake.output.manifest,  # noqa: F821
     out_failures=snakemake.output.failures,  # noqa: F821

@@ -12,7 +12,7 @@ sm = snakemake  # noqa: F821
 progress = log_to_file(sm.log[0])
 extract_shard(
     shard=f"{sm.wildcards.split}/{sm.wildcards.shard}",
-    items=sm.params.shard_items,
+    list_path=sm.params.shard_list,
     cfg=sm.config["video_frames"],
     continue_on_error=sm.config["continue_on_error"],
     threads=sm.threads,

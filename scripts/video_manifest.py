@@ -14,6 +14,7 @@ steps.manifest(
     cfg=sm.config["video_frames"],
     seed=sm.config["seed"],
     shard_counts=sm.params.shard_counts,
+    lists_folder=sm.params.lists,
     continue_on_error=sm.config["continue_on_error"],
     outputs=dict(sm.output.items()),
 )

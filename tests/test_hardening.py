@@ -327,8 +327,9 @@ def test_search_refuses_an_empty_index(tmp_path, capsys):
 def test_a_split_without_usable_clips_is_warned_about(tmp_path):
     from mlprep.demo import write_clip
     from mlprep.video.extract import extract_shard
-    from mlprep.video.gather import gather
     from mlprep.failures import write_failures
+    from mlprep.video.gather import gather
+    from mlprep.video.pairs import shard_list_lines
 
     good = write_clip(tmp_path / "good.mp4", 1, 10, (64, 48))
     (tmp_path / "broken.mp4").write_bytes(b"not a video")
@@ -336,12 +337,13 @@ def test_a_split_without_usable_clips_is_warned_about(tmp_path):
     prefixes = []
     for split, path in [("train", good), ("val", tmp_path / "broken.mp4")]:
         prefix = tmp_path / "out" / split / "000-of-001"
-        item = {"clip_id": path.stem, "text": "t", "clip": path.name, "path": str(path), "start": None, "end": None,
-                "split": split, "shard": 0}
-        outputs = {k: f"{prefix}{suffix}" for k, suffix in
-                   [("pkl", ".pkl"), ("index", ".index.parquet"), ("failures", ".failures.parquet"),
-                    ("stats", ".stats.json")]}
-        extract_shard(f"{split}/000-of-001", [item], cfg, True, 1, outputs)
+        row = pd.DataFrame({"clip_id": [path.stem], "clip": [path.name], "path": [str(path)], "start": [None],
+                            "end": [None], "text": ["t"], "size": [path.stat().st_size], "mtime_ns": [0]})
+        list_path = tmp_path / "lists" / f"{split}.jsonl"
+        list_path.parent.mkdir(exist_ok=True)
+        list_path.write_text("\n".join(shard_list_lines(row)) + "\n")
+        outputs = {"pkl": f"{prefix}.pkl", "index": f"{prefix}.index.parquet"}
+        extract_shard(f"{split}/000-of-001", list_path, cfg, True, 1, outputs)
         prefixes.append((split, str(prefix)))
     write_failures([], tmp_path / "manifest_failures.parquet")
     outputs = {k: str(tmp_path / "out" / name) for k, name in

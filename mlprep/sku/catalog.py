@@ -11,14 +11,18 @@ image_files | image_path | image (a string or a list), the name from name | titl
 from __future__ import annotations
 
 import posixpath
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from mlprep.failures import Failure
-from mlprep.ids import UnsafePathError, resolve_inside, shard_of
+from mlprep.failures import Failure, failures_frame
+from mlprep.files import file_stats
+from mlprep.ids import shards_of, unsafe_path_reasons
 from mlprep.records import RecordsError, first_value, read_records
+from mlprep.shardlists import CatalogCache, ShardLists, encode_lines, source_key
 
 ID_KEYS = ("sku_id", "id", "sku", "code")
 IMAGE_KEYS = ("images", "image_paths", "image_files", "image_path", "image")
@@ -50,39 +54,73 @@ class ImageItem:
     sku_id: str
     name: str
     category: str
-    image: str  # as written in sku_data.json, relative to images_dir
-    path: str  # resolved absolute path
+    image: str  # as written in sku_data.json (normalised), relative to images_dir
+    path: str  # absolute path
     shard: int
+
+
+# What a shard's list holds per image: what its encode job needs, and the file's size and mtime (an
+# edited image changes its line, so its shard reruns). Not the SKU's name or category: renaming a SKU
+# changes only the merged metadata, it does not re-encode anything.
+LIST_COLUMNS = ["sku_id", "image", "path", "size", "mtime_ns"]
+
+
+def shard_list_lines(frame: pd.DataFrame) -> list[str]:
+    return encode_lines({
+        "sku_id": ("str", frame["sku_id"]), "image": ("str", frame["image"]), "path": ("str", frame["path"]),
+        "size": ("int", frame["size"]), "mtime_ns": ("int", frame["mtime_ns"]),
+    })
+
+
+def items_from_list(rows: list[dict], shard: int) -> list[ImageItem]:
+    """The encode job's items, from its shard list (list_rows)."""
+    return [ImageItem(item_id_for(r["sku_id"], r["image"]), r["sku_id"], "", "", r["image"], r["path"], shard)
+            for r in rows]
 
 
 @dataclass(frozen=True)
 class Catalog:
-    items: list[ImageItem]
+    frame: pd.DataFrame  # valid images, sorted by item_id: ITEM_COLUMNS + listed, size, mtime_ns
     failures: list[Failure]
-    listed: dict[str, int] = field(default_factory=dict)  # item id -> position in sku_data.json (first = 0)
+
+    @cached_property
+    def items(self) -> list[ImageItem]:
+        return [ImageItem(*row) for row in self.frame[ITEM_COLUMNS].itertuples(index=False)]
 
     def items_frame(self) -> pd.DataFrame:
-        frame = pd.DataFrame([asdict(i) for i in self.items], columns=ITEM_COLUMNS)
-        frame["listed"] = [self.listed.get(i.item_id, -1) for i in self.items]
-        return frame.astype({c: "string" for c in ITEM_COLUMNS if c != "shard"} | {"shard": "int64", "listed": "int64"})
-
-    def shard_items(self, shard: int) -> list[ImageItem]:
-        return [i for i in self.items if i.shard == shard]
+        """The manifest: ITEM_COLUMNS and `listed`, each image's position in sku_data.json (first = 0)."""
+        return self.frame[[*ITEM_COLUMNS, "listed"]].reset_index(drop=True)
 
 
-def read_catalog(sku_data: Path | str, images_dir: Path | str, n_shards: int) -> Catalog:
-    """List every (SKU, image) item; anything wrong becomes a failure, nothing is dropped silently."""
+@dataclass(frozen=True)
+class ParsedCatalog:
+    """What sku_data.json says, before any image file is looked at (cacheable while the file is unchanged)."""
+
+    candidates: pd.DataFrame  # ITEM_COLUMNS, in sku_data.json order; paths not yet checked
+    failures: list[Failure]  # SKU-level problems and unsafe paths
+
+
+def _as_list(images) -> list:
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+def parse_catalog(sku_data: Path | str, images_dir: Path | str, n_shards: int) -> ParsedCatalog:
+    """Every (SKU, image) sku_data.json names, with ids, paths and shards; SKU-level problems and unsafe
+    paths become failures. One pass in Python per SKU record; everything per image is done on whole
+    columns."""
     sku_data = Path(sku_data)
+    empty = pd.DataFrame({c: pd.Series(dtype=object) for c in ITEM_COLUMNS}).astype({"shard": "int64"})
     failures: list[Failure] = []
     try:
         records = read_records(sku_data, LIST_KEYS)
     except RecordsError as err:
-        return Catalog([], [Failure("", str(sku_data), "manifest", "unreadable_list", str(err))])
+        return ParsedCatalog(empty, [Failure("", str(sku_data), "manifest", "unreadable_list", str(err))])
     if not records:
-        return Catalog([], [Failure("", str(sku_data), "manifest", "empty_list", "SKU file holds no SKUs")])
+        return ParsedCatalog(empty, [Failure("", str(sku_data), "manifest", "empty_list", "SKU file holds no SKUs")])
 
-    items: list[ImageItem] = []
-    listed: dict[str, int] = {}
+    skus, names, categories, image_lists = [], [], [], []
     first_entry: dict[str, int] = {}
     for position, (key_id, record) in enumerate(records):
         where = f"{sku_data}#{position}"
@@ -102,23 +140,87 @@ def read_catalog(sku_data: Path | str, images_dir: Path | str, n_shards: int) ->
             continue
         first_entry[sku_id] = position
         images = first_value(record, IMAGE_KEYS)
-        images = [images] if isinstance(images, str) else images
         if not images:
             failures.append(Failure(sku_id, where, "manifest", "no_images", "SKU has no images"))
             continue
-        name = str(first_value(record, NAME_KEYS) or "")
-        category = str(record.get("category") or "")
-        for image in dict.fromkeys(_normalised(str(i)) for i in images):  # keeps order, drops repeats
-            item_id = item_id_for(sku_id, image)
-            try:
-                path = resolve_inside(images_dir, image)
-            except UnsafePathError as err:
-                failures.append(Failure(item_id, image, "manifest", "unsafe_path", str(err)))
-                continue
-            if not path.is_file():
-                failures.append(Failure(item_id, str(path), "manifest", "missing", "image file not found"))
-                continue
-            listed[item_id] = len(listed)
-            items.append(ImageItem(item_id, sku_id, name, category, image, str(path), shard_of(item_id, n_shards)))
-    items.sort(key=lambda i: i.item_id)
-    return Catalog(items, failures, listed)
+        skus.append(sku_id)
+        names.append(str(first_value(record, NAME_KEYS) or ""))
+        categories.append(str(record.get("category") or ""))
+        image_lists.append(_as_list(images))
+
+    counts = np.fromiter((len(x) for x in image_lists), dtype=np.int64, count=len(image_lists))
+    owner = np.repeat(np.arange(len(skus)), counts)
+    frame = pd.DataFrame({
+        "sku_id": np.asarray(skus, dtype=object)[owner] if len(skus) else np.zeros(0, dtype=object),
+        "image": [_normalised(str(i)) for images in image_lists for i in images],
+        "owner": owner,
+    }).drop_duplicates(["sku_id", "image"]).reset_index(drop=True)  # one item per file per SKU, order kept
+    escaped = frame["sku_id"].str.replace("%", "%25", regex=False).str.replace("/", "%2F", regex=False)
+    frame["item_id"] = escaped + "/" + frame["image"]
+
+    root = Path(images_dir).resolve()
+    unsafe = unsafe_path_reasons(frame["image"].tolist(), root)
+    for position, reason in unsafe:
+        row = frame.iloc[position]
+        failures.append(Failure(row["item_id"], row["image"], "manifest", "unsafe_path", reason))
+    frame = frame.drop(index=[p for p, _ in unsafe]).reset_index(drop=True)
+    frame["path"] = f"{root}/" + frame["image"]
+    owners = frame["owner"].to_numpy()
+    frame["name"] = np.asarray(names, dtype=object)[owners] if len(frame) else frame["image"]
+    frame["category"] = np.asarray(categories, dtype=object)[owners] if len(frame) else frame["image"]
+    frame["shard"] = shards_of(frame["item_id"].tolist(), n_shards)
+    return ParsedCatalog(frame[ITEM_COLUMNS], failures)
+
+
+def check_files(parsed: ParsedCatalog, size: np.ndarray, mtime_ns: np.ndarray) -> Catalog:
+    """The catalog, given each candidate's file stats (size -1: missing or not a regular file)."""
+    frame = parsed.candidates.assign(size=size, mtime_ns=mtime_ns)
+    missing = size < 0
+    failures = list(parsed.failures)
+    for item_id, path in zip(frame["item_id"][missing], frame["path"][missing]):
+        failures.append(Failure(item_id, path, "manifest", "missing", "image file not found"))
+    frame = frame[~missing].reset_index(drop=True)
+    frame["listed"] = np.arange(len(frame), dtype=np.int64)
+    frame = frame.sort_values("item_id", kind="stable").reset_index(drop=True)
+    return Catalog(frame[[*ITEM_COLUMNS, "listed", "size", "mtime_ns"]], failures)
+
+
+def read_catalog(sku_data: Path | str, images_dir: Path | str, n_shards: int) -> Catalog:
+    """List every (SKU, image) item; anything wrong becomes a failure, nothing is dropped silently."""
+    parsed = parse_catalog(sku_data, images_dir, n_shards)
+    return check_files(parsed, *file_stats(parsed.candidates["path"].tolist()))
+
+
+def cached_parse(sku_data: Path | str, images_dir: Path | str, n_shards: int, folder: Path | str):
+    """parse_catalog, through the catalog cache in `folder` (the shard lists' folder)."""
+    cache = CatalogCache(folder, {"sku_data": source_key(sku_data), "images_dir": str(Path(images_dir).resolve()),
+                                  "shards": n_shards})
+    hit = cache.load()
+    if hit is not None:
+        candidates, failures = hit
+        return ParsedCatalog(candidates, [Failure(**row) for row in failures.to_dict("records")]), cache
+    parsed = parse_catalog(sku_data, images_dir, n_shards)
+    cache.save(parsed.candidates, failures_frame(parsed.failures))
+    return parsed, cache
+
+
+def load_catalog(sku_data: Path | str, images_dir: Path | str, n_shards: int, folder: Path | str) -> Catalog:
+    """read_catalog through the cache: what the manifest job uses."""
+    parsed, _ = cached_parse(sku_data, images_dir, n_shards, folder)
+    return check_files(parsed, *file_stats(parsed.candidates["path"].tolist()))
+
+
+def sync_lists(sku_data: Path | str, images_dir: Path | str, lists: ShardLists) -> dict[str, str]:
+    """Bring the shard lists in step with the catalog and its files; return shard -> fingerprint.
+
+    When neither sku_data.json nor any image's size or mtime changed since the last sync, nothing is
+    parsed or written: the cost is one stat per image."""
+    parsed, cache = cached_parse(sku_data, images_dir, len(lists.names), lists.folder)
+    size, mtime = file_stats(parsed.candidates["path"].tolist())
+    stats = np.stack([size, mtime], axis=1)
+    if cache.same_stats(stats) and lists.complete():
+        return lists.fingerprints()
+    catalog = check_files(parsed, size, mtime)
+    lists.sync(catalog.frame["shard"].to_numpy(), shard_list_lines(catalog.frame))
+    cache.save_stats(stats)
+    return lists.fingerprints()

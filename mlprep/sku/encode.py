@@ -24,7 +24,7 @@ from mlprep.devices import precision_name, select_device, select_precision
 from mlprep.encoders import ClipEncoder, ClipSpec
 from mlprep.failures import FailureLog, describe_error, write_failures
 from mlprep.gpuslots import claim_gpu
-from mlprep.io import save_npy, write_parquet
+from mlprep.io import atomic_dir, save_npy, write_parquet
 from mlprep.sharding import ShardId
 from mlprep.sku.augment import (
     AugmentSettings,
@@ -36,12 +36,23 @@ from mlprep.sku.augment import (
     render_views,
     sample_view,
 )
-from mlprep.sku.catalog import ImageItem
+from mlprep.shardlists import ShardLists
+from mlprep.sku.catalog import LIST_COLUMNS, ImageItem, items_from_list
 from mlprep.stats import ShardStats
 
 log = logging.getLogger(__name__)
 
-META_COLUMNS = ["item_id", "sku_id", "name", "category", "image", "view", "augmentation", "content_hash"]
+# Per view; the merge adds each SKU's name and category from the manifest (a rename re-encodes nothing).
+META_COLUMNS = ["item_id", "sku_id", "image", "view", "augmentation", "content_hash"]
+# The files of one shard's output folder.
+SHARD_FILES = {
+    "embeddings": "embeddings.npy",
+    "metadata": "metadata.parquet",
+    "query_embeddings": "query_embeddings.npy",
+    "query_metadata": "query_metadata.parquet",
+    "failures": "failures.parquet",
+    "stats": "stats.json",
+}
 INDEX_STREAM = "sku-index-view"
 QUERY_STREAM = "sku-query-view"
 
@@ -138,8 +149,6 @@ def _meta_rows(item: ImageItem, params: list[ViewParams], digest: str) -> list[d
         {
             "item_id": item.item_id,
             "sku_id": item.sku_id,
-            "name": item.name,
-            "category": item.category,
             "image": item.image,
             "view": p.view,
             "augmentation": json.dumps(p.as_dict(), sort_keys=True),
@@ -220,12 +229,11 @@ def encode_items(
     )
 
 
-def write_encoded_shard(shard: EncodedShard, outputs: dict[str, Path | str]) -> None:
-    """Each file is written to a temporary name and renamed: a shard file is whole or absent."""
-    save_npy(shard.index_vectors, outputs["embeddings"])
-    write_parquet(shard.index_meta, outputs["metadata"])
-    save_npy(shard.query_vectors, outputs["query_embeddings"])
-    write_parquet(shard.query_meta, outputs["query_metadata"])
+def write_encoded_shard(shard: EncodedShard, folder: Path) -> None:
+    save_npy(shard.index_vectors, folder / SHARD_FILES["embeddings"])
+    write_parquet(shard.index_meta, folder / SHARD_FILES["metadata"])
+    save_npy(shard.query_vectors, folder / SHARD_FILES["query_embeddings"])
+    write_parquet(shard.query_meta, folder / SHARD_FILES["query_metadata"])
 
 
 def load_encoder(cfg: dict, device_spec: str, precision_spec: str, threads: int, seed: int) -> ClipEncoder:
@@ -249,26 +257,25 @@ def view_plan(cfg: dict, seed: int, image_size: int) -> ViewPlan:
 
 def encode_shard(
     shard_text: str,
-    items: list[dict],
+    list_path: Path | str,
     cfg: dict,
     seed: int,
     device_spec: str,
     precision_spec: str,
     continue_on_error: bool,
     threads: int,
-    outputs: dict,
+    out_dir: Path | str,
     progress: TextIO | None = None,
 ) -> dict:
+    """Encode the images of one shard list into the shard's folder (written whole or not at all)."""
     shard = ShardId.parse(shard_text)
     stats = ShardStats(str(shard))
-    items = [ImageItem(**item) for item in items]
+    items = items_from_list(ShardLists.read(list_path, LIST_COLUMNS), shard.index)
     encoder = load_encoder(cfg, device_spec, precision_spec, threads, seed)
     plan = view_plan(cfg, seed, encoder.image_size)
     failures = FailureLog(continue_on_error)
     encoded = encode_items(items, plan, encoder, failures, workers=cfg["decode_workers"], progress=progress,
                            on_encoded=stats.first_item_done)
-    write_encoded_shard(encoded, outputs)
-    write_failures(failures.records, outputs["failures"])
     stats.ok, stats.failed = encoded.items_ok, len(failures)
     stats.counts = {"index_views": len(encoded.index_vectors), "query_views": len(encoded.query_vectors)}
     stats.counts["views"] = stats.counts["index_views"] + stats.counts["query_views"]
@@ -281,6 +288,9 @@ def encode_shard(
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
-    data = stats.write(outputs["stats"])
+    with atomic_dir(out_dir) as folder:
+        write_encoded_shard(encoded, folder)
+        write_failures(failures.records, folder / SHARD_FILES["failures"])
+        data = stats.write(folder / SHARD_FILES["stats"])
     log.info("shard %s: %s", shard, data)
     return data

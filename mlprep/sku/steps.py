@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from mlprep.failures import FailureLog, check_failed_share, count_by_code, read_failures, write_failures
 from mlprep.io import atomic_path, load_npy, read_json, save_npy, write_json, write_parquet
-from mlprep.sku.catalog import read_catalog
+from mlprep.sku.catalog import load_catalog
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,9 @@ class DuplicateImagesError(RuntimeError):
     """duplicate_images: fail, and the catalog lists the same image under different SKUs."""
 
 
-def manifest(sku_data, images_dir, n_shards: int, continue_on_error: bool, out_items, out_failures) -> None:
-    catalog = read_catalog(sku_data, images_dir, n_shards)
+def manifest(sku_data, images_dir, n_shards: int, lists_folder, continue_on_error: bool, out_items,
+             out_failures) -> None:
+    catalog = load_catalog(sku_data, images_dir, n_shards, lists_folder)
     failures = FailureLog(continue_on_error)
     failures.extend(catalog.failures)
     frame = catalog.items_frame()
@@ -63,22 +65,14 @@ def catalog_checks(vectors: np.ndarray, meta: pd.DataFrame, listed: pd.DataFrame
     return vectors, meta, checks
 
 
-def build(
-    embedding_paths: list,
-    metadata_paths: list,
-    query_embedding_paths: list,
-    failure_paths: list,
-    manifest_path,
-    cfg: dict,
-    seed: int,
-    device_spec: str,
-    precision_spec: str,
-    threads: int,
-    outputs: dict,
-) -> dict:
+def build(shard_dirs: list, manifest_path, manifest_failures_path, cfg: dict, seed: int, device_spec: str,
+          precision_spec: str, threads: int, outputs: dict) -> dict:
+    """Merge the shard folders into the index, its metadata (with names and categories from the manifest),
+    the held-out queries, the failures table and the catalog checks."""
     import faiss
 
     from mlprep.sku.checks import DUPLICATE_CHECKS, checks_html
+    from mlprep.sku.encode import SHARD_FILES
     from mlprep.sku.index import (
         EXACT_FACTORIES,
         apply_search_params,
@@ -89,16 +83,20 @@ def build(
     )
 
     faiss.omp_set_num_threads(max(1, threads))
-    vectors, meta = merge_shards(embedding_paths, metadata_paths)
-    queries = np.concatenate([load_npy(p) for p in query_embedding_paths]) if query_embedding_paths else vectors[:0]
-    listed = pd.read_parquet(manifest_path, columns=["item_id", "listed"])
+    shard_dirs = [Path(d) for d in shard_dirs]
+    vectors, meta = merge_shards([d / SHARD_FILES["embeddings"] for d in shard_dirs],
+                                 [d / SHARD_FILES["metadata"] for d in shard_dirs])
+    queries, query_meta = merge_shards([d / SHARD_FILES["query_embeddings"] for d in shard_dirs],
+                                       [d / SHARD_FILES["query_metadata"] for d in shard_dirs])
+    manifest = pd.read_parquet(manifest_path, columns=["item_id", "name", "category", "listed"])
+    meta, query_meta = _with_names(meta, manifest), _with_names(query_meta, manifest)
     n_before = int(meta["item_id"].nunique()) if len(meta) else 0
-    vectors, meta, checks = catalog_checks(vectors, meta, listed, cfg, seed, threads)
+    vectors, meta, checks = catalog_checks(vectors, meta, manifest[["item_id", "listed"]], cfg, seed, threads)
     index_cfg = cfg["index"]
     index = build_index(vectors, index_cfg["factory"], seed, index_cfg["train_sample"])
     apply_search_params(index, index_cfg.get("search_params"))
     exact = index_cfg["factory"] in EXACT_FACTORIES
-    failures = read_failures(failure_paths)
+    failures = read_failures([manifest_failures_path, *(d / SHARD_FILES["failures"] for d in shard_dirs)])
     n_items = int(meta["item_id"].nunique()) if len(meta) else 0
     n_originals = int((meta["view"] == 0).sum()) if len(meta) else 0
     info = {
@@ -128,6 +126,8 @@ def build(
     write_index(index, outputs["index"])
     save_npy(vectors, outputs["embeddings"])
     write_parquet(meta, outputs["metadata"])
+    save_npy(queries, outputs["query_embeddings"])
+    write_parquet(query_meta, outputs["query_metadata"])
     write_parquet(failures, outputs["failures"])
     write_parquet(checks, outputs["checks"])
     with atomic_path(outputs["checks_html"]) as tmp:
@@ -135,6 +135,19 @@ def build(
     write_json(info, outputs["info"])
     log.info("index: %s", info)
     return info
+
+
+METADATA_COLUMNS = ["item_id", "sku_id", "name", "category", "image", "view", "augmentation", "content_hash"]
+
+
+def _with_names(meta: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """The shard metadata with each SKU's name and category from the manifest, in the index's column order."""
+    if not len(meta):
+        return pd.DataFrame({c: pd.Series(dtype="int32" if c == "view" else "string") for c in METADATA_COLUMNS})
+    names = manifest.drop_duplicates("item_id").set_index("item_id")
+    joined = meta.assign(name=meta["item_id"].map(names["name"]).fillna(""),
+                         category=meta["item_id"].map(names["category"]).fillna(""))
+    return joined[METADATA_COLUMNS].astype({c: "string" for c in METADATA_COLUMNS if c != "view"})
 
 
 def check(info_path, failures_path, checks_path, max_failed_fraction: float, duplicate_policy: str, out) -> dict:
@@ -159,17 +172,17 @@ def check(info_path, failures_path, checks_path, max_failed_fraction: float, dup
     return result
 
 
-def evaluate_index(index_path, embeddings_path, metadata_path, info_path, query_paths: list, query_meta_paths: list,
+def evaluate_index(index_path, embeddings_path, metadata_path, info_path, query_path, query_meta_path,
                    ks, outputs: dict) -> dict:
     from mlprep.sku.evaluate import evaluate, plot_accuracy
-    from mlprep.sku.index import apply_search_params, merge_shards, read_index
+    from mlprep.sku.index import apply_search_params, read_index
 
     index = read_index(index_path)
     info = read_json(info_path)
     apply_search_params(index, info.get("search_params"))
     vectors = load_npy(embeddings_path)
     meta = pd.read_parquet(metadata_path)
-    queries, query_meta = merge_shards(query_paths, query_meta_paths)
+    queries, query_meta = load_npy(query_path), pd.read_parquet(query_meta_path)
     indexed = query_meta["item_id"].isin(meta["item_id"]).to_numpy() if len(query_meta) else np.zeros(0, bool)
     queries, query_meta = queries[indexed], query_meta[indexed].reset_index(drop=True)  # drops dropped duplicates
     result = evaluate(index, vectors, meta, queries, query_meta, list(ks))

@@ -1,40 +1,50 @@
 """What the Snakemake DAG needs to know about sku_index: shard lists, their fingerprints, rerun settings.
 
-Each shard job's inputs are the image files of that shard and its params hold its item list:
-adding SKUs changes the inputs and params of only the shards they land in, so Snakemake reruns
-only those (plus the merge), and a dry-run says so. Shard jobs deliberately do not depend on the
-manifest file, which changes whenever any SKU does.
+A shard job reads its items from its list file (mlprep.shardlists) and declares the list's
+fingerprint as a param: adding SKUs changes the lists, so the params, of only the shards they land
+in, and Snakemake reruns only those (plus the merge), as a dry-run shows. The lists are refreshed
+once per Snakemake run, in the main process, when a job first asks for a fingerprint (after the DAG's
+shape is known); a job on a cluster node only hashes its own list.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from functools import cached_property
+import hashlib
+import json
 
-from mlprep.sharding import ShardId, shard_names
-from mlprep.sku.catalog import Catalog, ImageItem, read_catalog
+from mlprep.sharding import shard_names
+from mlprep.shardlists import ShardLists, file_digest
+from mlprep.sku.catalog import LIST_COLUMNS, sync_lists
 
 
 class SkuWorkflow:
-    def __init__(self, config: dict, results: str = "results"):
+    def __init__(self, config: dict, results: str = "results", main_process: bool = True):
         self.config = config
         self.cfg = config["sku_index"]
         self.dir = f"{results}/sku_index"
+        self.main_process = main_process
         self.shards = shard_names(self.cfg["shards"])
+        self.lists = ShardLists(f"{self.dir}/lists", self.shards, LIST_COLUMNS)
+        self._fingerprints: dict[str, str] | None = None
 
-    @cached_property
-    def catalog(self) -> Catalog:
-        """The catalog as the DAG sees it; the manifest job writes the same list and validates it."""
-        return read_catalog(self.cfg["sku_data"], self.cfg["images_dir"], self.cfg["shards"])
+    def fingerprints(self) -> dict[str, str]:
+        """Shard -> digest of its list, after bringing the lists in step with the catalog (once per run)."""
+        if self._fingerprints is None:
+            self._fingerprints = sync_lists(self.cfg["sku_data"], self.cfg["images_dir"], self.lists)
+        return self._fingerprints
 
-    def _items(self, wildcards) -> list[ImageItem]:
-        return self.catalog.shard_items(ShardId.parse(wildcards.shard).index)
+    def shard_list(self, wildcards) -> str:
+        return str(self.lists.path(wildcards.shard))
 
-    def shard_images(self, wildcards) -> list[str]:
-        return [item.path for item in self._items(wildcards)]
+    def shard_fingerprint(self, wildcards) -> str:
+        if not self.main_process:  # a job on a node: its own list, never the catalog
+            return file_digest(self.lists.path(wildcards.shard))
+        return self.fingerprints()[wildcards.shard]
 
-    def shard_items(self, wildcards) -> list[dict]:
-        return [asdict(item) for item in self._items(wildcards)]
+    def catalog_fingerprint(self, wildcards) -> str:
+        """One digest of all lists: the manifest reruns when any image is added, removed or edited."""
+        text = json.dumps(self.fingerprints(), sort_keys=True)
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
     def encode_settings(self, wildcards) -> dict:
         """The settings that change a shard's vectors: a change reruns every shard (params trigger)."""
@@ -52,5 +62,5 @@ class SkuWorkflow:
         """The settings that change the merged index and checks: a change reruns the merge only."""
         return {k: self.cfg[k] for k in ("index", "duplicate_images", "confusable_pairs", "confusable_sample")}
 
-    def shard_files(self, name: str) -> list[str]:
-        return [f"{self.dir}/shards/{shard}/{name}" for shard in self.shards]
+    def shard_dirs(self) -> list[str]:
+        return [f"{self.dir}/shards/{shard}" for shard in self.shards]

@@ -17,16 +17,20 @@ from typing import TextIO
 import pandas as pd
 from tqdm import tqdm
 
-from mlprep.failures import FailureLog, describe_error, write_failures
+from mlprep.failures import Failure, FailureLog, describe_error, failures_frame
 from mlprep.io import atomic_path, write_parquet
+from mlprep.sharding import ShardId
+from mlprep.shardlists import ShardLists
 from mlprep.stats import ShardStats
 from mlprep.video.decode import extract_clip
-from mlprep.video.pairs import ClipItem
+from mlprep.video.pairs import LIST_COLUMNS, ClipItem, items_from_list
 from mlprep.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
-INDEX_COLUMNS = ["clip_id", "text", "n_frames", "status", "repeated", "note"]
+# One row per clip of the shard; a failed clip's row carries the failure (reason_code, and the reason in
+# `note`), and the shard's stats ride in the file's metadata: one small file beside each pkl.
+INDEX_COLUMNS = ["clip_id", "text", "n_frames", "status", "repeated", "note", "reason_code", "path"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ def extract_items(
                 code, reason = describe_error(err)
                 failures.record(item.clip_id, item.path, "decode", code, reason)
                 rows.append({"clip_id": item.clip_id, "text": item.text, "n_frames": 0, "status": "failed",
-                             "repeated": False, "note": f"{code}: {reason}"[:200]})
+                             "repeated": False, "note": reason, "reason_code": code, "path": item.path})
                 clip = None
             if on_item is not None:
                 on_item()
@@ -89,10 +93,10 @@ def extract_items(
                 "note": clip.note,
             })
             rows.append({"clip_id": item.clip_id, "text": item.text, "n_frames": len(clip.frames), "status": "ok",
-                         "repeated": clip.repeated, "note": clip.note})
+                         "repeated": clip.repeated, "note": clip.note, "reason_code": "", "path": item.path})
     index = pd.DataFrame(rows, columns=INDEX_COLUMNS).astype(
         {"clip_id": "string", "text": "string", "n_frames": "int32", "status": "string", "repeated": "bool",
-         "note": "string"}
+         "note": "string", "reason_code": "string", "path": "string"}
     )
     return records, index
 
@@ -105,24 +109,31 @@ def write_pkl(records: list[dict], path: Path | str) -> int:
 
 def extract_shard(
     shard: str,
-    items: list[dict],
+    list_path: Path | str,
     cfg: dict,
     continue_on_error: bool,
     threads: int,
     outputs: dict,
     progress: TextIO | None = None,
 ) -> dict:
+    """Extract the clips of one shard list into its pkl and its index (with the failures and stats)."""
     stats = ShardStats(shard)
-    clip_items = [ClipItem(**item) for item in items]
+    split, name = shard.split("/")
+    clip_items = items_from_list(ShardLists.read(list_path, LIST_COLUMNS), split, ShardId.parse(name).index)
     settings = ExtractSettings.from_config(cfg, threads)
     failures = FailureLog(continue_on_error)
     records, index = extract_items(clip_items, settings, failures, progress, on_item=stats.first_item_done)
     size = write_pkl(records, outputs["pkl"])
-    write_parquet(index, outputs["index"])
-    write_failures(failures.records, outputs["failures"])
     stats.ok, stats.failed = len(records), len(failures)
     stats.counts = {"frames": sum(len(r["frames"]) for r in records)}
     stats.extra = {"bytes": size, "backend": settings.backend, "repeated": int(index["repeated"].sum())}
-    data = stats.write(outputs["stats"])
+    data = stats.as_dict()
+    write_parquet(index, outputs["index"], metadata={"stats": data})
     log.info("shard %s: %s", shard, data)
     return data
+
+
+def shard_failures(index: pd.DataFrame) -> pd.DataFrame:
+    """The failures table rows of one shard index."""
+    failed = index[index["status"] == "failed"]
+    return failures_frame(Failure(r.clip_id, r.path, "decode", r.reason_code, r.note) for r in failed.itertuples())

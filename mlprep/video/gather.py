@@ -11,7 +11,8 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from mlprep.failures import count_by_code, read_failures
-from mlprep.io import atomic_path, read_json, write_json, write_parquet
+from mlprep.io import atomic_path, read_parquet_metadata, write_json, write_parquet
+from mlprep.video.extract import shard_failures
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +45,16 @@ def gather(
     sheet_clips: int,
     outputs: dict,
 ) -> dict:
-    """shard_prefixes: (split, path prefix) per shard; its files are prefix + .pkl/.index.parquet/..."""
-    shard_paths = [
-        {"split": split, "pkl": f"{prefix}.pkl", "index": f"{prefix}.index.parquet",
-         "failures": f"{prefix}.failures.parquet", "stats": f"{prefix}.stats.json"}
-        for split, prefix in shard_prefixes
-    ]
-    indices, per_split = [], {}
+    """shard_prefixes: (split, path prefix) per shard; its files are prefix + .pkl and prefix + .index.parquet."""
+    shard_paths = [{"split": split, "pkl": f"{prefix}.pkl", "index": f"{prefix}.index.parquet"}
+                   for split, prefix in shard_prefixes]
+    indices, shard_failed, per_split = [], [], {}
     for shard in shard_paths:
-        index = pd.read_parquet(shard["index"]).assign(split=shard["split"], pkl=Path(shard["pkl"]).name)
-        indices.append(index)
-        stats = shard["stats_data"] = read_json(shard["stats"])
+        index = pd.read_parquet(shard["index"])
+        shard_failed.append(shard_failures(index))
+        indices.append(index.drop(columns=["reason_code", "path"]).assign(split=shard["split"],
+                                                                         pkl=Path(shard["pkl"]).name))
+        stats = shard["stats_data"] = read_parquet_metadata(shard["index"])["stats"]
         split = per_split.setdefault(shard["split"], {"shards": 0, "clips_ok": 0, "clips_failed": 0, "frames": 0,
                                                       "bytes": 0, "repeated": 0})
         split["shards"] += 1
@@ -65,8 +65,7 @@ def gather(
         split["repeated"] += stats["repeated"]
     merged = pd.concat(indices, ignore_index=True) if indices else pd.DataFrame()
     manifest_failed = read_failures([manifest_failures])
-    shard_failed = read_failures([s["failures"] for s in shard_paths])
-    failures = pd.concat([manifest_failed, shard_failed], ignore_index=True)
+    failures = pd.concat([manifest_failed, *shard_failed], ignore_index=True).astype("string")
     summary = {
         "splits": per_split,
         "clips_ok": sum(s["clips_ok"] for s in per_split.values()),

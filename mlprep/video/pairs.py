@@ -11,15 +11,21 @@ start | start_time | begin and end | end_time | stop (seconds).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import posixpath
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from mlprep.failures import Failure
-from mlprep.ids import UnsafePathError, resolve_inside, shard_of
-from mlprep.records import RecordsError, first_value, read_records
+from mlprep.failures import Failure, failures_frame
+from mlprep.files import file_stats
+from mlprep.ids import shards_of, unsafe_path_reasons
+from mlprep.records import RecordsError, coalesce, read_records
 from mlprep.rng import derive_seed
+from mlprep.sharding import ShardId
+from mlprep.shardlists import CatalogCache, ShardLists, encode_lines, source_key
 
 LIST_KEYS = ("pairs", "data", "items", "clips")
 PATH_KEYS = ("clip", "path", "video", "video_path", "file", "clip_path", "vid")
@@ -42,19 +48,44 @@ class ClipItem:
     shard: int
 
 
+# What a shard's list holds per clip: all a decode job needs, and the file's size and mtime.
+LIST_COLUMNS = ["clip_id", "clip", "path", "start", "end", "text", "size", "mtime_ns"]
+
+
+def shard_list_lines(frame: pd.DataFrame) -> list[str]:
+    return encode_lines({
+        "clip_id": ("str", frame["clip_id"]), "clip": ("str", frame["clip"]), "path": ("str", frame["path"]),
+        "start": ("num", frame["start"]), "end": ("num", frame["end"]), "text": ("str", frame["text"]),
+        "size": ("int", frame["size"]), "mtime_ns": ("int", frame["mtime_ns"]),
+    })
+
+
+def items_from_list(rows: list[dict], split: str, shard: int) -> list[ClipItem]:
+    return [ClipItem(r["clip_id"], r["text"], r["clip"], r["path"], r["start"], r["end"], split, shard) for r in rows]
+
+
 @dataclass(frozen=True)
 class PairCatalog:
-    items: list[ClipItem]
+    table: pd.DataFrame  # valid pairs sorted by clip_id: COLUMNS + size, mtime_ns
     failures: list[Failure]
 
+    @cached_property
+    def items(self) -> list[ClipItem]:
+        return [ClipItem(*row) for row in self.table[COLUMNS].itertuples(index=False)]
+
     def frame(self) -> pd.DataFrame:
-        return pd.DataFrame([asdict(i) for i in self.items], columns=COLUMNS).astype(
+        return self.table[COLUMNS].astype(
             {"clip_id": "string", "text": "string", "clip": "string", "path": "string", "split": "string",
              "start": "Float64", "end": "Float64", "shard": "int64"}
-        )
+        ).reset_index(drop=True)
 
-    def shard_items(self, split: str, shard: int) -> list[ClipItem]:
-        return [i for i in self.items if i.split == split and i.shard == shard]
+
+@dataclass(frozen=True)
+class ParsedPairs:
+    """What the pairs file says, before any clip file is looked at (cacheable while the file is unchanged)."""
+
+    candidates: pd.DataFrame  # COLUMNS, in file order; paths not yet checked
+    failures: list[Failure]
 
 
 def split_of(clip_id: str, seed: int, split_mode: str, val_ratio: float) -> str:
@@ -72,13 +103,159 @@ def _as_record(raw) -> dict | None:
     return None
 
 
-def _seconds(value, what: str) -> float | None:
-    if value is None or value == "":
-        return None
-    seconds = float(value)
-    if seconds < 0:
-        raise ValueError(f"{what} is negative")
-    return seconds
+def _seconds(values: np.ndarray, what: str) -> tuple[np.ndarray, dict[int, str]]:
+    """Seconds as floats (NaN where absent) and a reason per row whose value is not usable."""
+    absent = pd.isna(pd.Series(values, dtype=object)).to_numpy() | (values == "")
+    numbers = pd.to_numeric(pd.Series(np.where(absent, None, values), dtype=object), errors="coerce")
+    numbers = numbers.to_numpy(dtype=np.float64)
+    errors = {}
+    for i in np.flatnonzero(~absent & np.isnan(numbers)):
+        errors[int(i)] = f"{what} {values[i]!r} is not a number of seconds"
+    for i in np.flatnonzero(numbers < 0):
+        errors[int(i)] = f"{what} is negative"
+    return numbers, errors
+
+
+def _strip_suffix(clips: list[str]) -> list[str]:
+    """What Path(clip).with_suffix('') gives: the clip path without its extension."""
+    return [Path(c).with_suffix("").as_posix() if "." in c.rsplit("/", 1)[-1] else c for c in clips]
+
+
+def parse_pairs(
+    pairs_json: Path | str,
+    clips_dir: Path | str,
+    shards: dict[str, int],
+    split_mode: str = "all_train",
+    val_ratio: float = 0.1,
+    seed: int = 0,
+) -> ParsedPairs:
+    """Every pair the file names, with ids, splits, shards and paths; record problems become failures.
+
+    Whole columns at a time: a million pairs take seconds."""
+    pairs_json = Path(pairs_json)
+    empty = pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS}).astype(
+        {"start": "float64", "end": "float64", "shard": "int64"})
+    try:
+        records = read_records(pairs_json, LIST_KEYS)
+    except RecordsError as err:
+        return ParsedPairs(empty, [Failure("", str(pairs_json), "manifest", "unreadable_list", str(err))])
+    if not records:
+        return ParsedPairs(empty, [Failure("", str(pairs_json), "manifest", "empty_list", "pairs file holds no pairs")])
+    failures: list[Failure] = []
+    dicts, positions, key_ids = [], [], []
+    for position, (key_id, raw) in enumerate(records):
+        record = _as_record(raw)
+        if record is None:
+            reason = f"pair entry is {type(raw).__name__}, not an object"
+            failures.append(Failure("", f"{pairs_json}#{position}", "manifest", "bad_record", reason))
+            continue
+        dicts.append(record)
+        positions.append(position)
+        key_ids.append(key_id)
+    table = pd.DataFrame.from_records(dicts) if dicts else pd.DataFrame(index=range(0))
+    keys = np.asarray(key_ids, dtype=object)
+    has_key = np.fromiter((k is not None for k in key_ids), dtype=bool, count=len(key_ids))
+    clip = coalesce(table, PATH_KEYS)
+    ids = coalesce(table, ID_KEYS)
+    clip = np.where(pd.isna(pd.Series(clip, dtype=object)), np.where(has_key, keys, ids), clip)
+    frame = pd.DataFrame({"position": positions, "clip": clip, "key_id": keys, "id": ids,
+                          "text": coalesce(table, TEXT_KEYS), "start": coalesce(table, START_KEYS),
+                          "end": coalesce(table, END_KEYS)})
+    no_clip = frame["clip"].isna().to_numpy()
+    for position in frame["position"][no_clip]:
+        reason = f"pair names no clip (looked for {', '.join(PATH_KEYS)})"
+        failures.append(Failure("", f"{pairs_json}#{position}", "manifest", "bad_record", reason))
+    frame = frame[~no_clip].reset_index(drop=True)
+    frame["clip"] = frame["clip"].astype(str)
+    given = frame["key_id"].where(frame["key_id"].notna(), frame["id"])
+    derived = pd.Series(_strip_suffix(frame["clip"].tolist()), dtype=object)
+    frame["clip_id"] = given.where(given.notna(), derived).astype(str)
+
+    first = frame.groupby("clip_id", sort=False)[["position", "clip"]].transform("first")
+    duplicate = frame["clip_id"].duplicated(keep="first").to_numpy()
+    for row, other, other_clip in zip(np.flatnonzero(duplicate), first["position"][duplicate],
+                                      first["clip"][duplicate]):
+        clip_id = frame.at[row, "clip_id"]
+        reason = f"duplicate clip id {clip_id!r}: pair #{other} ({other_clip}) has it already and is kept"
+        failures.append(Failure(clip_id, f"{pairs_json}#{frame.at[row, 'position']}", "manifest", "duplicate_id",
+                                reason))
+    frame = frame[~duplicate].reset_index(drop=True)
+
+    starts, bad_start = _seconds(frame["start"].to_numpy(dtype=object), "start")
+    ends, bad_end = _seconds(frame["end"].to_numpy(dtype=object), "end")
+    bad = {**bad_end, **bad_start}
+    for i in np.flatnonzero(ends <= starts):  # NaN compares false: only where both are given
+        bad.setdefault(int(i), f"end {ends[i]} is not after start {starts[i]}")
+    for row, reason in sorted(bad.items()):
+        failures.append(Failure(frame.at[row, "clip_id"], frame.at[row, "clip"], "manifest", "bad_window", reason))
+    frame["start"], frame["end"] = starts, ends
+    frame = frame.drop(index=sorted(bad)).reset_index(drop=True)
+
+    root = Path(clips_dir).resolve()
+    unsafe = unsafe_path_reasons([posixpath.normpath(c) if c else c for c in frame["clip"]], root)
+    for row, reason in unsafe:
+        failures.append(Failure(frame.at[row, "clip_id"], frame.at[row, "clip"], "manifest", "unsafe_path", reason))
+    frame = frame.drop(index=[r for r, _ in unsafe]).reset_index(drop=True)
+    frame["path"] = [f"{root}/{posixpath.normpath(c)}" for c in frame["clip"]]
+
+    clip_ids = frame["clip_id"].tolist()
+    if split_mode == "all_train":
+        splits = np.full(len(frame), "train", dtype=object)
+    else:
+        draws = np.fromiter((derive_seed(seed, "split", c) for c in clip_ids), dtype=np.uint64, count=len(clip_ids))
+        splits = np.where(draws / 2**64 < val_ratio, "val", "train").astype(object)
+    frame["split"] = splits
+    frame["shard"] = np.zeros(len(frame), dtype=np.int64)
+    for split, count in shards.items():
+        rows = np.flatnonzero(splits == split)
+        frame.loc[rows, "shard"] = shards_of([clip_ids[i] for i in rows], count)
+    return ParsedPairs(frame[COLUMNS], failures)
+
+
+def check_clip_files(parsed: ParsedPairs, size: np.ndarray, mtime_ns: np.ndarray, clip_ext: str) -> PairCatalog:
+    """The catalog, given each candidate's file stats. A bare id whose file is missing is tried with
+    `clip_ext` appended; pairs without a clip file or without text become failures."""
+    frame = parsed.candidates.assign(size=size, mtime_ns=mtime_ns)
+    retry = np.flatnonzero((size < 0) & ~frame["clip"].str.rsplit("/", n=1).str[-1].str.contains(".", regex=False))
+    if len(retry):
+        with_ext = [p + clip_ext for p in frame["path"].to_numpy()[retry]]
+        ext_size, ext_mtime = file_stats(with_ext)
+        found = ext_size >= 0
+        frame.loc[retry[found], "path"] = np.asarray(with_ext, dtype=object)[found]
+        frame.loc[retry[found], "size"] = ext_size[found]
+        frame.loc[retry[found], "mtime_ns"] = ext_mtime[found]
+    failures = list(parsed.failures)
+    missing = (frame["size"] < 0).to_numpy()
+    for clip_id, path in zip(frame["clip_id"][missing], frame["path"][missing]):
+        failures.append(Failure(clip_id, path, "manifest", "missing", "clip file not found"))
+    no_text = ~missing & frame["text"].isna().to_numpy()
+    for clip_id, path in zip(frame["clip_id"][no_text], frame["path"][no_text]):
+        reason = f"pair has no text (looked for {', '.join(TEXT_KEYS)})"
+        failures.append(Failure(clip_id, path, "manifest", "bad_record", reason))
+    frame = frame[~missing & ~no_text].copy()
+    frame["text"] = frame["text"].astype(str)
+    frame["start"] = frame["start"].astype(object).where(frame["start"].notna(), None)
+    frame["end"] = frame["end"].astype(object).where(frame["end"].notna(), None)
+    frame = frame.sort_values("clip_id", kind="stable").reset_index(drop=True)
+    return PairCatalog(frame[[*COLUMNS, "size", "mtime_ns"]], failures)
+
+
+def _cache(pairs_json, clips_dir, shards, split_mode, val_ratio, seed, folder) -> CatalogCache:
+    return CatalogCache(folder, {"pairs": source_key(pairs_json), "clips_dir": str(Path(clips_dir).resolve()),
+                                 "shards": shards, "split_mode": split_mode, "val_ratio": val_ratio, "seed": seed})
+
+
+def cached_parse(pairs_json, clips_dir, shards, split_mode, val_ratio, seed, folder):
+    """parse_pairs through the catalog cache in `folder` (the shard lists' folder)."""
+    cache = _cache(pairs_json, clips_dir, shards, split_mode, val_ratio, seed, folder)
+    hit = cache.load()
+    if hit is not None:
+        candidates, failures = hit
+        candidates = candidates.astype({"start": "float64", "end": "float64"})
+        return ParsedPairs(candidates, [Failure(**row) for row in failures.to_dict("records")]), cache
+    parsed = parse_pairs(pairs_json, clips_dir, shards, split_mode, val_ratio, seed)
+    cache.save(parsed.candidates, failures_frame(parsed.failures))
+    return parsed, cache
 
 
 def read_pairs(
@@ -89,60 +266,33 @@ def read_pairs(
     val_ratio: float = 0.1,
     seed: int = 0,
     clip_ext: str = ".mp4",
+    cache_folder: Path | str | None = None,
 ) -> PairCatalog:
-    pairs_json = Path(pairs_json)
-    try:
-        records = read_records(pairs_json, LIST_KEYS)
-    except RecordsError as err:
-        return PairCatalog([], [Failure("", str(pairs_json), "manifest", "unreadable_list", str(err))])
-    if not records:
-        return PairCatalog([], [Failure("", str(pairs_json), "manifest", "empty_list", "pairs file holds no pairs")])
-    items, failures = [], []
-    first_pair: dict[str, tuple[int, str]] = {}  # clip id -> (position, clip) of the pair that holds it
-    for position, (key_id, raw) in enumerate(records):
-        where = f"{pairs_json}#{position}"
-        record = _as_record(raw)
-        if record is None:
-            reason = f"pair entry is {type(raw).__name__}, not an object"
-            failures.append(Failure("", where, "manifest", "bad_record", reason))
-            continue
-        clip = first_value(record, PATH_KEYS) or key_id or first_value(record, ID_KEYS)
-        if clip is None:
-            reason = f"pair names no clip (looked for {', '.join(PATH_KEYS)})"
-            failures.append(Failure("", where, "manifest", "bad_record", reason))
-            continue
-        clip = str(clip)
-        clip_id = str(key_id or first_value(record, ID_KEYS) or Path(clip).with_suffix("").as_posix())
-        if clip_id in first_pair:
-            other, other_clip = first_pair[clip_id]
-            reason = f"duplicate clip id {clip_id!r}: pair #{other} ({other_clip}) has it already and is kept"
-            failures.append(Failure(clip_id, where, "manifest", "duplicate_id", reason))
-            continue
-        first_pair[clip_id] = (position, clip)
-        text = first_value(record, TEXT_KEYS)
-        try:
-            start = _seconds(first_value(record, START_KEYS), "start")
-            end = _seconds(first_value(record, END_KEYS), "end")
-            if start is not None and end is not None and end <= start:
-                raise ValueError(f"end {end} is not after start {start}")
-        except (ValueError, TypeError) as err:
-            failures.append(Failure(clip_id, clip, "manifest", "bad_window", str(err)))
-            continue
-        try:
-            path = resolve_inside(clips_dir, clip)
-        except UnsafePathError as err:
-            failures.append(Failure(clip_id, clip, "manifest", "unsafe_path", str(err)))
-            continue
-        if not path.is_file() and not Path(clip).suffix and path.with_name(path.name + clip_ext).is_file():
-            path = path.with_name(path.name + clip_ext)
-        if not path.is_file():
-            failures.append(Failure(clip_id, str(path), "manifest", "missing", "clip file not found"))
-            continue
-        if text is None:
-            reason = f"pair has no text (looked for {', '.join(TEXT_KEYS)})"
-            failures.append(Failure(clip_id, str(path), "manifest", "bad_record", reason))
-            continue
-        split = split_of(clip_id, seed, split_mode, val_ratio)
-        items.append(ClipItem(clip_id, str(text), clip, str(path), start, end, split, shard_of(clip_id, shards[split])))
-    items.sort(key=lambda i: i.clip_id)
-    return PairCatalog(items, failures)
+    """Every usable pair, and a failure for every other; through the catalog cache when given a folder."""
+    if cache_folder is None:
+        parsed = parse_pairs(pairs_json, clips_dir, shards, split_mode, val_ratio, seed)
+    else:
+        parsed, _ = cached_parse(pairs_json, clips_dir, shards, split_mode, val_ratio, seed, cache_folder)
+    return check_clip_files(parsed, *file_stats(parsed.candidates["path"].tolist()), clip_ext)
+
+
+def list_name(split: str, shard: int, count: int) -> str:
+    return f"{split}/{ShardId(shard, count)}"
+
+
+def sync_lists(cfg: dict, seed: int, shards: dict[str, int], lists: ShardLists) -> dict[str, str]:
+    """Bring the shard lists ('train/000-of-002', ...) in step with the pairs and clip files."""
+    parsed, cache = cached_parse(cfg["pairs"], cfg["clips_dir"], shards, cfg["split_mode"], cfg["val_ratio"], seed,
+                                 lists.folder)
+    size, mtime = file_stats(parsed.candidates["path"].tolist())
+    stats = np.stack([size, mtime], axis=1)
+    if cache.same_stats(stats) and lists.complete():
+        return lists.fingerprints()
+    catalog = check_clip_files(parsed, size, mtime, cfg["clip_ext"])
+    table = catalog.table
+    position = {name: k for k, name in enumerate(lists.names)}
+    index = np.fromiter((position[list_name(s, int(k), shards[s])] for s, k in zip(table["split"], table["shard"])),
+                        dtype=np.int64, count=len(table))
+    lists.sync(index, shard_list_lines(table))
+    cache.save_stats(stats)
+    return lists.fingerprints()

@@ -13,9 +13,9 @@ from mlprep.video.pairs import read_pairs
 log = logging.getLogger(__name__)
 
 
-def manifest(cfg: dict, seed: int, shard_counts: dict, continue_on_error: bool, outputs: dict) -> None:
+def manifest(cfg: dict, seed: int, shard_counts: dict, lists_folder, continue_on_error: bool, outputs: dict) -> None:
     catalog = read_pairs(cfg["pairs"], cfg["clips_dir"], shard_counts, cfg["split_mode"], cfg["val_ratio"], seed,
-                         cfg["clip_ext"])
+                         cfg["clip_ext"], cache_folder=lists_folder)
     failures = FailureLog(continue_on_error)
     failures.extend(catalog.failures)
     frame = catalog.frame()
