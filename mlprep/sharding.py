@@ -24,3 +24,14 @@ class ShardId:
 
 def shard_names(count: int) -> list[str]:
     return [str(ShardId(i, count)) for i in range(count)]
+
+
+def shard_count(n_items: int, items_per_shard: int) -> int:
+    """Shards for `n_items` at most `items_per_shard` each: the smallest power of two that holds them.
+
+    A power of two, so that the count (and with it every item's shard, which a new count reshuffles)
+    changes only when the catalog doubles, not with every item added."""
+    if items_per_shard < 1:
+        raise ValueError(f"items_per_shard must be >= 1, got {items_per_shard}")
+    needed = max(1, -(-n_items // items_per_shard))
+    return 1 << (needed - 1).bit_length()

@@ -15,8 +15,12 @@ when some list does.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
+import re
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,12 +36,12 @@ _NEEDS_ESCAPE = r'["\\\x00-\x1f\x7f]'
 
 def json_strings(values: Sequence) -> list[str]:
     """JSON string literals for many values at once: json.dumps only where escaping is needed."""
-    series = pd.Series(values, dtype=object).fillna("").astype(str)
-    texts = series.tolist()
-    escape = series.str.contains(_NEEDS_ESCAPE, regex=True).to_numpy()
+    texts = pd.Series(values, dtype=object).fillna("").astype(str).tolist()
     out = ['"' + t + '"' for t in texts]
-    for i in np.flatnonzero(escape):
-        out[i] = json.dumps(texts[i], ensure_ascii=False)
+    if re.search(_NEEDS_ESCAPE, "".join(texts)):  # one scan of the whole column; rare in ids and paths
+        for i, text in enumerate(texts):
+            if re.search(_NEEDS_ESCAPE, text):
+                out[i] = json.dumps(text, ensure_ascii=False)
     return out
 
 
@@ -60,6 +64,27 @@ def encode_lines(columns: dict[str, tuple[str, Sequence]]) -> list[str]:
     return ["[" + ",".join(parts) + "]" for parts in zip(*encoded)]
 
 
+def list_path(folder: Path | str, name: str) -> Path:
+    """Where the list of shard `name` lives (a job on a node knows no more than its folder and name)."""
+    return Path(folder) / f"{name}{SUFFIX}"
+
+
+def cached_count(folder: Path | str, source: Path | str, count) -> int:
+    """count(source), remembered in `folder` while the source file is unchanged: the size of a catalog,
+    which items_per_shard turns into a shard count when the workflow is parsed."""
+    path = Path(folder) / "count.json"
+    key = source_key(source)
+    try:
+        data = json.loads(path.read_text())
+        if data["source"] == key:
+            return int(data["count"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    n = int(count(source))
+    write_json({"source": key, "count": n}, path)
+    return n
+
+
 def file_digest(path: Path | str) -> str:
     """The digest a list's fingerprint is: what a job on a cluster node computes from its own list."""
     return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
@@ -74,7 +99,7 @@ class ShardLists:
         self.columns = list(columns)
 
     def path(self, name: str) -> Path:
-        return self.folder / f"{name}{SUFFIX}"
+        return list_path(self.folder, name)
 
     @property
     def fingerprints_path(self) -> Path:
@@ -96,14 +121,15 @@ class ShardLists:
 
     def sync(self, list_index: np.ndarray, lines: list[str]) -> list[str]:
         """Write the lists whose lines changed (`list_index`: the position in `names` of each line's list);
-        return the names of the lists written."""
+        return the names of the lists written. Lines are sorted within a list, so reordering the
+        catalog file changes nothing."""
         order = np.argsort(list_index, kind="stable")
         bounds = np.searchsorted(np.asarray(list_index)[order], np.arange(len(self.names) + 1))
         ordered = [lines[i] for i in order]
         old = self.fingerprints()
         new, changed = {}, []
         for k, name in enumerate(self.names):
-            chunk = ordered[bounds[k] : bounds[k + 1]]
+            chunk = sorted(ordered[bounds[k] : bounds[k + 1]])  # a list's text never depends on input order
             data = ("\n".join(chunk) + "\n" if chunk else "").encode("utf-8")
             digest = hashlib.blake2b(data, digest_size=16).hexdigest()
             new[name] = digest
@@ -183,3 +209,56 @@ class CatalogCache:
         from mlprep.io import save_npy
 
         save_npy(stats, self._path("stats.npy"))
+
+
+# ---------------------------------------------------------------- refreshing the lists beside the DAG build
+
+SYNCS = {  # pipeline -> "module:function(**payload) -> None" that brings its lists in step
+    "sku_index": "mlprep.sku.catalog:sync_lists_from",
+    "video_frames": "mlprep.video.pairs:sync_lists_from",
+}
+
+
+class ListSync:
+    """Refreshes one pipeline's shard lists in a separate process, started as soon as the DAG needs the
+    pipeline, so that reading and stat'ing a large catalog overlaps with Snakemake building the DAG on
+    another core. `fingerprints()` waits for it; without a start() it refreshes in-process."""
+
+    def __init__(self, pipeline: str, lists: ShardLists, payload: dict):
+        self.pipeline = pipeline
+        self.lists = lists
+        self.payload = payload
+        self._proc: subprocess.Popen | None = None
+        self._fingerprints: dict[str, str] | None = None
+
+    def start(self) -> None:
+        if self._proc is None and self._fingerprints is None:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "mlprep.shardlists", self.pipeline],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )
+            self._proc.stdin.write(json.dumps(self.payload))  # ten thousand shard names: not an argument
+            self._proc.stdin.close()
+
+    def fingerprints(self) -> dict[str, str]:
+        if self._fingerprints is None:
+            if self._proc is None:
+                run_sync(self.pipeline, self.payload)
+            else:
+                errors = self._proc.stderr.read()
+                self._proc.wait()
+                if self._proc.returncode != 0:
+                    raise RuntimeError(f"{self.pipeline}: refreshing the shard lists failed:\n{errors[-3000:]}")
+            self._fingerprints = self.lists.fingerprints()
+            if not self._fingerprints:
+                raise RuntimeError(f"{self.pipeline}: no shard lists in {self.lists.folder} after refreshing them")
+        return self._fingerprints
+
+
+def run_sync(pipeline: str, payload: dict) -> None:
+    module, function = SYNCS[pipeline].split(":")
+    getattr(importlib.import_module(module), function)(**payload)
+
+
+if __name__ == "__main__":
+    run_sync(sys.argv[1], json.loads(sys.stdin.read()))

@@ -12,6 +12,6 @@ def pipeline_enabled(name):
     return bool(lookup(dpath=f"{name}/enabled", within=config, default=False))
 
 
-def gpus_for_device(wildcards):
-    """1 GPU for model rules unless the config pins them to the CPU."""
-    return 0 if str(config["device"]) == "cpu" else 1
+# GPUs a model job asks for: 1 unless the config pins models to the CPU. A constant, not a function of the
+# job: with ten thousand shards, every per-job callable costs Snakemake a signature inspection per job.
+MODEL_GPUS = 0 if str(config["device"]) == "cpu" else 1

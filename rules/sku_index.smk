@@ -26,8 +26,8 @@ rule sku_manifest:
         "../envs/sku_index.yaml"
     params:
         images_dir=SKU["images_dir"],
-        shards=SKU["shards"],
-        lists=str(SKU_FLOW.lists.folder),
+        shards=SKU_FLOW.shard_count_param,
+        lists=SKU_FLOW.lists_dir,
         catalog=SKU_FLOW.catalog_fingerprint,
         continue_on_error=config["continue_on_error"],
     script:
@@ -46,18 +46,18 @@ rule sku_encode_shard:
     threads: 2
     resources:
         mem_mb=4000,
-        gpu=gpus_for_device,
+        gpu=MODEL_GPUS,
     params:
-        shard_list=SKU_FLOW.shard_list,
+        shard_list=SKU_FLOW.shard_list_pattern,
         fingerprint=SKU_FLOW.shard_fingerprint,
-        settings=SKU_FLOW.encode_settings,
+        settings=SKU_FLOW.encode_settings(),
     script:
         "../scripts/sku_encode.py"
 
 
 rule sku_build_index:
     input:
-        shards=SKU_FLOW.shard_dirs(),
+        shards=SKU_FLOW.shard_dirs,
         manifest=f"{SKU_DIR}/manifest.parquet",
         manifest_failures=f"{SKU_DIR}/manifest_failures.parquet",
     output:
@@ -84,7 +84,7 @@ rule sku_build_index:
     resources:
         mem_mb=4000,
     params:
-        settings=SKU_FLOW.build_settings,
+        settings=SKU_FLOW.build_settings(),
     script:
         "../scripts/sku_build_index.py"
 

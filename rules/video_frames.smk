@@ -26,8 +26,8 @@ rule video_manifest:
     conda:
         "../envs/video_frames.yaml"
     params:
-        shard_counts=VIDEO_FLOW.shard_counts,
-        lists=str(VIDEO_FLOW.lists.folder),
+        shard_counts=VIDEO_FLOW.shard_counts_param,
+        lists=VIDEO_FLOW.lists_dir,
         catalog=VIDEO_FLOW.catalog_fingerprint,
     script:
         "../scripts/video_manifest.py"
@@ -49,9 +49,9 @@ rule video_extract_shard:
     resources:
         mem_mb=4000,
     params:
-        shard_list=VIDEO_FLOW.shard_list,
+        shard_list=VIDEO_FLOW.shard_list_pattern,
         fingerprint=VIDEO_FLOW.shard_fingerprint,
-        settings=VIDEO_FLOW.frame_settings,
+        settings=VIDEO_FLOW.frame_settings(),
     script:
         "../scripts/video_extract.py"
 
@@ -75,7 +75,7 @@ rule video_gather:
     conda:
         "../envs/video_frames.yaml"
     params:
-        shards=VIDEO_FLOW.shard_prefixes(),
+        shards=VIDEO_FLOW.shard_prefixes,
         sheet_clips=VIDEO["contact_sheet_clips"],
     script:
         "../scripts/video_gather.py"

@@ -10,7 +10,6 @@ image_files | image_path | image (a string or a list), the name from name | titl
 
 from __future__ import annotations
 
-import posixpath
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -20,7 +19,7 @@ import pandas as pd
 
 from mlprep.failures import Failure, failures_frame
 from mlprep.files import file_stats
-from mlprep.ids import shards_of, unsafe_path_reasons
+from mlprep.ids import normalise_paths, shards_of, unsafe_path_reasons
 from mlprep.records import RecordsError, first_value, read_records
 from mlprep.shardlists import CatalogCache, ShardLists, encode_lines, source_key
 
@@ -39,11 +38,6 @@ def item_id_for(sku_id: str, image: str) -> str:
     'B/c.jpg' is 'A/B/c.jpg'. Ids without those characters read as before.
     """
     return sku_id.replace("%", "%25").replace("/", "%2F") + "/" + image
-
-
-def _normalised(image: str) -> str:
-    """'./a.jpg' and 'x/../a.jpg' name the same file as 'a.jpg': one item, one id."""
-    return posixpath.normpath(image) if image else image
 
 
 @dataclass(frozen=True)
@@ -80,16 +74,19 @@ def items_from_list(rows: list[dict], shard: int) -> list[ImageItem]:
 
 @dataclass(frozen=True)
 class Catalog:
-    frame: pd.DataFrame  # valid images, sorted by item_id: ITEM_COLUMNS + listed, size, mtime_ns
+    frame: pd.DataFrame  # valid images in sku_data.json order: ITEM_COLUMNS + listed, size, mtime_ns
     failures: list[Failure]
 
     @cached_property
     def items(self) -> list[ImageItem]:
-        return [ImageItem(*row) for row in self.frame[ITEM_COLUMNS].itertuples(index=False)]
+        """The valid images, sorted by item id."""
+        return [ImageItem(*row) for row in self.items_frame()[ITEM_COLUMNS].itertuples(index=False)]
 
     def items_frame(self) -> pd.DataFrame:
-        """The manifest: ITEM_COLUMNS and `listed`, each image's position in sku_data.json (first = 0)."""
-        return self.frame[[*ITEM_COLUMNS, "listed"]].reset_index(drop=True)
+        """The manifest, sorted by item id: ITEM_COLUMNS and `listed`, each image's position among the
+        valid images of sku_data.json (first = 0)."""
+        frame = self.frame[[*ITEM_COLUMNS, "listed"]].sort_values("item_id", kind="stable")
+        return frame.reset_index(drop=True)
 
 
 @dataclass(frozen=True)
@@ -152,7 +149,7 @@ def parse_catalog(sku_data: Path | str, images_dir: Path | str, n_shards: int) -
     owner = np.repeat(np.arange(len(skus)), counts)
     frame = pd.DataFrame({
         "sku_id": np.asarray(skus, dtype=object)[owner] if len(skus) else np.zeros(0, dtype=object),
-        "image": [_normalised(str(i)) for images in image_lists for i in images],
+        "image": normalise_paths([str(i) for images in image_lists for i in images]),
         "owner": owner,
     }).drop_duplicates(["sku_id", "image"]).reset_index(drop=True)  # one item per file per SKU, order kept
     escaped = frame["sku_id"].str.replace("%", "%25", regex=False).str.replace("/", "%2F", regex=False)
@@ -181,7 +178,6 @@ def check_files(parsed: ParsedCatalog, size: np.ndarray, mtime_ns: np.ndarray) -
         failures.append(Failure(item_id, path, "manifest", "missing", "image file not found"))
     frame = frame[~missing].reset_index(drop=True)
     frame["listed"] = np.arange(len(frame), dtype=np.int64)
-    frame = frame.sort_values("item_id", kind="stable").reset_index(drop=True)
     return Catalog(frame[[*ITEM_COLUMNS, "listed", "size", "mtime_ns"]], failures)
 
 
@@ -189,6 +185,20 @@ def read_catalog(sku_data: Path | str, images_dir: Path | str, n_shards: int) ->
     """List every (SKU, image) item; anything wrong becomes a failure, nothing is dropped silently."""
     parsed = parse_catalog(sku_data, images_dir, n_shards)
     return check_files(parsed, *file_stats(parsed.candidates["path"].tolist()))
+
+
+def count_images(sku_data: Path | str) -> int:
+    """How many images sku_data.json lists, before any check (what items_per_shard sizes shards by)."""
+    try:
+        records = read_records(sku_data, LIST_KEYS)
+    except RecordsError:
+        return 0
+    n = 0
+    for _, record in records:
+        if isinstance(record, dict):
+            images = first_value(record, IMAGE_KEYS)
+            n += len(images) if isinstance(images, (list, tuple)) else int(images is not None)
+    return n
 
 
 def cached_parse(sku_data: Path | str, images_dir: Path | str, n_shards: int, folder: Path | str):
@@ -224,3 +234,8 @@ def sync_lists(sku_data: Path | str, images_dir: Path | str, lists: ShardLists) 
     lists.sync(catalog.frame["shard"].to_numpy(), shard_list_lines(catalog.frame))
     cache.save_stats(stats)
     return lists.fingerprints()
+
+
+def sync_lists_from(sku_data: str, images_dir: str, folder: str, shards: list[str]) -> None:
+    """sync_lists from plain arguments (what mlprep.shardlists.ListSync passes to its process)."""
+    sync_lists(sku_data, images_dir, ShardLists(folder, shards, LIST_COLUMNS))

@@ -12,33 +12,62 @@ from __future__ import annotations
 import hashlib
 import json
 
-from mlprep.sharding import shard_names
-from mlprep.shardlists import ShardLists, file_digest
-from mlprep.sku.catalog import LIST_COLUMNS, sync_lists
+from functools import cached_property
+
+from mlprep.sharding import shard_count, shard_names
+from mlprep.shardlists import ListSync, ShardLists, cached_count, file_digest, list_path
+from mlprep.sku.catalog import LIST_COLUMNS, count_images
 
 
 class SkuWorkflow:
+    """The shard count, names and lists are worked out on first use, in the main process only: a job on
+    a cluster node knows its shard from its wildcard and never reads the catalog."""
+
     def __init__(self, config: dict, results: str = "results", main_process: bool = True):
         self.config = config
         self.cfg = config["sku_index"]
         self.dir = f"{results}/sku_index"
+        self.lists_dir = f"{self.dir}/lists"
         self.main_process = main_process
-        self.shards = shard_names(self.cfg["shards"])
-        self.lists = ShardLists(f"{self.dir}/lists", self.shards, LIST_COLUMNS)
-        self._fingerprints: dict[str, str] | None = None
+
+    @cached_property
+    def shard_total(self) -> int:
+        """`shards`, or with `items_per_shard` the power of two that keeps shards at most that big."""
+        if not self.cfg.get("items_per_shard"):
+            return int(self.cfg["shards"])
+        n = cached_count(self.lists_dir, self.cfg["sku_data"], count_images)
+        return shard_count(n, int(self.cfg["items_per_shard"]))
+
+    @cached_property
+    def shards(self) -> list[str]:
+        return shard_names(self.shard_total)
+
+    @cached_property
+    def lists(self) -> ShardLists:
+        return ShardLists(self.lists_dir, self.shards, LIST_COLUMNS)
+
+    @cached_property
+    def sync(self) -> ListSync:
+        return ListSync("sku_index", self.lists, {
+            "sku_data": self.cfg["sku_data"], "images_dir": self.cfg["images_dir"],
+            "folder": self.lists_dir, "shards": self.shards,
+        })
+
+    def shard_count_param(self, wildcards) -> int:
+        return self.shard_total
 
     def fingerprints(self) -> dict[str, str]:
         """Shard -> digest of its list, after bringing the lists in step with the catalog (once per run)."""
-        if self._fingerprints is None:
-            self._fingerprints = sync_lists(self.cfg["sku_data"], self.cfg["images_dir"], self.lists)
-        return self._fingerprints
+        return self.sync.fingerprints()
 
-    def shard_list(self, wildcards) -> str:
-        return str(self.lists.path(wildcards.shard))
+    @property
+    def shard_list_pattern(self) -> str:
+        """The list a shard job reads, with {shard} for Snakemake to fill."""
+        return str(list_path(self.lists_dir, "{shard}"))
 
     def shard_fingerprint(self, wildcards) -> str:
         if not self.main_process:  # a job on a node: its own list, never the catalog
-            return file_digest(self.lists.path(wildcards.shard))
+            return file_digest(list_path(self.lists_dir, wildcards.shard))
         return self.fingerprints()[wildcards.shard]
 
     def catalog_fingerprint(self, wildcards) -> str:
@@ -46,7 +75,7 @@ class SkuWorkflow:
         text = json.dumps(self.fingerprints(), sort_keys=True)
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
-    def encode_settings(self, wildcards) -> dict:
+    def encode_settings(self) -> dict:
         """The settings that change a shard's vectors: a change reruns every shard (params trigger)."""
         return {
             "seed": self.config["seed"],
@@ -58,9 +87,12 @@ class SkuWorkflow:
             "encoding_batch_size": self.cfg["encoding_batch_size"],
         }
 
-    def build_settings(self, wildcards) -> dict:
+    def build_settings(self) -> dict:
         """The settings that change the merged index and checks: a change reruns the merge only."""
         return {k: self.cfg[k] for k in ("index", "duplicate_images", "confusable_pairs", "confusable_sample")}
 
-    def shard_dirs(self) -> list[str]:
+    def shard_dirs(self, wildcards=None) -> list[str]:
+        """The merge's inputs. Asked for early in the DAG build: the lists start refreshing beside it."""
+        if self.main_process:
+            self.sync.start()
         return [f"{self.dir}/shards/{shard}" for shard in self.shards]
