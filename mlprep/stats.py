@@ -21,6 +21,15 @@ def process_age() -> float | None:
         return None
 
 
+def scheduler_ids() -> dict[str, str | None]:
+    """Where this job ran: SLURM's job id, and its array job and task id when it ran as an array task."""
+    return {
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_array_job_id": os.environ.get("SLURM_ARRAY_JOB_ID"),
+        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+    }
+
+
 @dataclass
 class ShardStats:
     shard: str

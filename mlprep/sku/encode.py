@@ -38,7 +38,7 @@ from mlprep.sku.augment import (
 )
 from mlprep.shardlists import ShardLists
 from mlprep.sku.catalog import LIST_COLUMNS, ImageItem, items_from_list
-from mlprep.stats import ShardStats
+from mlprep.stats import ShardStats, scheduler_ids
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def encode_shard(
         "threads": threads,
         "decode_workers": cfg["decode_workers"],
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        **scheduler_ids(),
     }
     with atomic_dir(out_dir) as folder:
         write_encoded_shard(encoded, folder)

@@ -21,7 +21,7 @@ from mlprep.failures import Failure, FailureLog, describe_error, failures_frame
 from mlprep.io import atomic_path, write_parquet
 from mlprep.sharding import ShardId
 from mlprep.shardlists import ShardLists
-from mlprep.stats import ShardStats
+from mlprep.stats import ShardStats, scheduler_ids
 from mlprep.video.decode import extract_clip
 from mlprep.video.pairs import LIST_COLUMNS, ClipItem, items_from_list
 from mlprep.watchdog import Watchdog
@@ -126,7 +126,8 @@ def extract_shard(
     size = write_pkl(records, outputs["pkl"])
     stats.ok, stats.failed = len(records), len(failures)
     stats.counts = {"frames": sum(len(r["frames"]) for r in records)}
-    stats.extra = {"bytes": size, "backend": settings.backend, "repeated": int(index["repeated"].sum())}
+    stats.extra = {"bytes": size, "backend": settings.backend, "repeated": int(index["repeated"].sum()),
+                   **scheduler_ids()}
     data = stats.as_dict()
     write_parquet(index, outputs["index"], metadata={"stats": data})
     log.info("shard %s: %s", shard, data)

@@ -33,6 +33,9 @@ start() {
   local host ncpu mem
   host=$(hostname -s)
   ncpu=$(nproc)
+  # The node declares at least 8 CPUs (config_overrides lets slurmd accept more than the hardware has), so
+  # that profiles/slurm runs here exactly as users run it: its encode jobs ask for 4 CPUs beside a GPU.
+  [ "$ncpu" -ge 8 ] || ncpu=8
   mem=$(free -m | awk '/^Mem:/{print $2 - 512}')
   mkdir -p "$B"/{state/ctld,state/d,run,log,munge,mysql/data,fakegpu} "$CONF"
   chmod 755 "$B"  # munge and mysql run as their own users
@@ -79,6 +82,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=500
 ReturnToService=2
+SlurmdParameters=config_overrides
 GresTypes=gpu
 NodeName=$host CPUs=$ncpu Sockets=1 CoresPerSocket=$ncpu ThreadsPerCore=1 RealMemory=$mem Gres=gpu:2 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP

@@ -30,8 +30,11 @@ SCRIPT = REPO / "tests" / "cluster" / "slurm_cluster.sh"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def slurm_cluster():
+    """Up until the whole session ends, not just this module: with SLURM installed, every Snakemake start
+    imports the SLURM executor plugin, which asks `scontrol show config` for its help text and, when no
+    controller answers, waits 10 s for it. Later tests' Snakemake runs would each pay that."""
     required = os.environ.get("MLPREP_REQUIRE_SLURM") == "1"
     missing = [d for d in ("slurmctld", "slurmd", "slurmdbd", "mariadbd", "munged") if not shutil.which(d)]
     if missing or os.geteuid() != 0:
@@ -96,14 +99,17 @@ def _frames(workdir: Path) -> dict:
     return records
 
 
+PROFILE = REPO / "profiles" / "slurm"
+
+
+def _profile_run(workdir: Path, *args: str) -> float:
+    """The workflow through profiles/slurm exactly as a user runs it (only the first status check sooner)."""
+    return _snakemake(workdir, "--profile", str(PROFILE), "--slurm-init-seconds-before-status-checks", "5", *args)
+
+
 def test_default_workflow_on_slurm_equals_local_run(slurm_cluster, tmp_path):
     local_s = _snakemake(tmp_path / "local", "--cores", "2")
-    # The profile's per-rule resources suit real GPU nodes; this node has 2 CPUs, so scale them down
-    # on the command line (which wins over the profile), as a user of a small cluster would.
-    slurm_s = _snakemake(tmp_path / "slurm", "--profile", str(REPO / "profiles" / "slurm"),
-                         "--slurm-init-seconds-before-status-checks", "5", "--jobs", "20",
-                         "--set-resources", "sku_encode_shard:cpus_per_gpu=2", "sku_encode_shard:mem_mb=4000",
-                         "--set-threads", "sku_encode_shard=2")
+    slurm_s = _profile_run(tmp_path / "slurm")
     print(f"\nwall time: local {local_s:.1f} s, SLURM {slurm_s:.1f} s")
 
     jobs = _sacct()
@@ -122,6 +128,14 @@ def test_default_workflow_on_slurm_equals_local_run(slurm_cluster, tmp_path):
     for stats_path in (tmp_path / "slurm" / "results" / "sku_index" / "shards").glob("*/stats.json"):
         stats = json.loads(stats_path.read_text())
         assert stats["slurm_job_id"] and stats["cuda_visible_devices"] in {"0", "1"}, stats
+        # the profile's set-threads (4), not the rule's 2; a job uses at most the node's cores (2 here)
+        assert stats["threads"] == min(4, os.cpu_count()), stats
+    # the profile's per-rule resources reached SLURM: no command-line override replaced them
+    tres = {j["comment"].split("_wildcards")[0].removeprefix("rule_"): dict(kv.split("=") for kv in j["tres"].split(","))
+            for j in jobs}
+    mem_mb = {rule: int(t["mem"].removesuffix("M")) for rule, t in tres.items()}
+    assert 16000 <= mem_mb["sku_encode_shard"] <= 16010 and tres["sku_encode_shard"]["cpu"] == "4", tres
+    assert 6000 <= mem_mb["video_extract_shard"] <= 6010, tres
 
     local_vectors, local_meta = _index(tmp_path / "local")
     slurm_vectors, slurm_meta = _index(tmp_path / "slurm")
@@ -133,3 +147,40 @@ def test_default_workflow_on_slurm_equals_local_run(slurm_cluster, tmp_path):
     assert sorted(local_frames) == sorted(slurm_frames) and len(local_frames) == 8
     for clip_id, record in local_frames.items():
         np.testing.assert_array_equal(slurm_frames[clip_id]["frames"], record["frames"])
+
+
+def _array_limit() -> int:
+    return int(yaml.safe_load(PROFILE.joinpath("config.yaml").read_text())["slurm-array-limit"])
+
+
+def test_an_array_of_the_profiles_largest_size_runs_every_shard_in_its_own_task(slurm_cluster, tmp_path):
+    """One video_frames array of exactly slurm-array-limit tasks: every task must have run its own shard."""
+    from mlprep.io import read_parquet_metadata
+
+    tasks = _array_limit()
+    demo = REPO / "resources" / "demo" / "video"
+    work = tmp_path / "array"
+    work.mkdir()
+    config = {"sku_index": {"enabled": False},
+              "video_frames": {"pairs": str(demo / "train_pairs.json"), "clips_dir": str(demo / "clips"),
+                               "split_mode": "all_train", "shards": {"train": tasks}}}
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    before = {j["job_id"] for j in _sacct()}
+    cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(work), "--configfile",
+           str(work / "config.yaml"), "--profile", str(PROFILE), "--slurm-init-seconds-before-status-checks", "5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    new = [j for j in _sacct() if j["job_id"] not in before]
+    arrays = {j["job_id"].split("_")[0] for j in new}
+    assert len(new) == tasks and len(arrays) == 1, new  # one sbatch call, one task per shard
+    assert all(j["state"] == "COMPLETED" for j in new), new
+    seen = {}
+    for index in sorted((work / "results" / "video_frames" / "train").glob("*.index.parquet")):
+        stats = read_parquet_metadata(index)["stats"]
+        assert stats["shard"] == f"train/{index.name.removesuffix('.index.parquet')}"
+        seen[stats["shard"]] = (stats["slurm_array_job_id"], stats["slurm_array_task_id"])
+    assert len(seen) == tasks
+    assert {job for job, _ in seen.values()} == arrays
+    assert sorted(int(task) for _, task in seen.values()) == list(range(1, tasks + 1))
+    summary = json.loads((work / "results" / "video_frames" / "summary.json").read_text())
+    assert summary["clips_ok"] == 8  # every demo clip extracted, by whichever task its shard got
