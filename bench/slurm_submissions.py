@@ -1,10 +1,11 @@
-"""How many sbatch submissions 200 shards cost, with job arrays (the profile's way) and without.
+"""sbatch calls and wall time for many tiny shards: job arrays (the profile's way), one job per shard, job groups.
 
 Needs root and SLURM installed (`make slurm-packages`); starts its own single-node cluster with
 tests/cluster/slurm_cluster.sh and stops it at the end. Runs video_frames on the demo clips with
 `--shards` train shards through profiles/slurm, once per mode, each in a fresh folder, and counts
-the distinct SLURM job ids each run created (an array submission is one id with many tasks).
-Run: .venv/bin/python bench/slurm_submissions.py [--shards 200]
+the distinct SLURM job ids each run created (an array submission is one id with many tasks) and
+checks that every shard's output was written by a task of its own.
+Run: .venv/bin/python bench/slurm_submissions.py [--shards 1000] [--modes ...]
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 SCRIPT = REPO / "tests" / "cluster" / "slurm_cluster.sh"
 MODES = {
-    "job arrays of 20 (profile)": [],
+    "job arrays (profile)": [],
     "one job per shard": ["--slurm-array-jobs", ""],
+    "job groups of 50": ["--slurm-array-jobs", "", "--groups", "video_extract_shard=vx", "--group-components", "vx=50"],
 }
 
 
@@ -52,12 +55,18 @@ def run_mode(workdir: Path, shards: int, extra: list[str]) -> tuple[float, int, 
                    check=True, capture_output=True, timeout=3600)
     seconds = time.perf_counter() - started
     new = [job_id for job_id, _ in sacct_jobs() if job_id not in before]
+    from mlprep.io import read_parquet_metadata
+
+    written = {read_parquet_metadata(p)["stats"]["shard"] for p in (workdir / "results" / "video_frames" / "train")
+               .glob("*.index.parquet")}
+    if len(written) != shards:
+        raise RuntimeError(f"only {len(written)} of {shards} shards were written by their own job")
     return seconds, len({job_id.split("_")[0] for job_id in new}), len(new)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", type=int, default=200)
+    parser.add_argument("--shards", type=int, default=1000)
     parser.add_argument("--modes", nargs="+", default=list(MODES), help="which of: " + ", ".join(MODES))
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="mlprep-slurm-bench-"))
