@@ -28,7 +28,10 @@ SCRIPT = REPO / "tests" / "cluster" / "slurm_cluster.sh"
 MODES = {
     "job arrays (profile)": [],
     "one job per shard": ["--slurm-array-jobs", ""],
-    "job groups of 50": ["--slurm-array-jobs", "", "--groups", "video_extract_shard=vx", "--group-components", "vx=50"],
+    # A group asks SLURM for the sum of its members' resources at once: 50 shards of 1 CPU and 6 GB would
+    # need 50 CPUs and 300 GB. Groups of 8 with 2 GB shards fit this 8-CPU, 23 GB node.
+    "job groups of 8": ["--slurm-array-jobs", "", "--groups", "video_extract_shard=vx", "--group-components", "vx=8",
+                        "--set-resources", "video_extract_shard:mem_mb=2000"],
 }
 
 
@@ -52,7 +55,7 @@ def run_mode(workdir: Path, shards: int, extra: list[str]) -> tuple[float, int, 
     subprocess.run([SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
                     "--configfile", str(workdir / "config.yaml"), "--profile", str(REPO / "profiles" / "slurm"),
                     "--slurm-init-seconds-before-status-checks", "5", *extra],
-                   check=True, capture_output=True, timeout=3600)
+                   check=True, capture_output=True, timeout=7200)
     seconds = time.perf_counter() - started
     new = [job_id for job_id, _ in sacct_jobs() if job_id not in before]
     from mlprep.io import read_parquet_metadata
@@ -75,7 +78,7 @@ def main() -> None:
     try:
         subprocess.run(["bash", str(SCRIPT), "start"], env=env, check=True, timeout=300, capture_output=True)
         for name in args.modes:
-            rows[name] = run_mode(base / "runs" / name.split()[0], args.shards, MODES[name])
+            rows[name] = run_mode(base / "runs" / name.replace(" ", "-"), args.shards, MODES[name])
             print(f"{name}: {rows[name]}", file=sys.stderr)
     finally:
         subprocess.run(["bash", str(SCRIPT), "stop"], env=env, timeout=180, capture_output=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, SNAKEMAKE, run_snakemake, workflow_config
+from conftest import REPO, run_snakemake, workflow_config
 from mlprep.config import ConfigError, check_config, load_schema, validate
 from mlprep.failures import REASON_CODES, TooManyFailuresError, check_failed_share, failures_frame, Failure
 from mlprep.sku.catalog import item_id_for, read_catalog
