@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,15 +26,6 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
-
-
-def cpu_summary() -> str:
-    from mlprep.devices import cpu_flags
-
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), platform.processor())
-    flags = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
-    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(flags) or 'none of avx512f/avx512_bf16/amx_bf16'}"
 
 
 def timed(cmd: list[str], cwd: Path | None = None) -> float:
@@ -192,7 +181,7 @@ def main() -> None:
 
     import torch
 
-    from mlprep.devices import precision_name, select_precision
+    from mlprep.devices import cpu_summary, precision_name, select_precision
 
     print(f"end to end, {cpu_summary()}; workflow precision auto = "
           f"{precision_name(select_precision('auto', torch.device('cpu')))}")

@@ -5,8 +5,11 @@ Rows (views per second over the same demo images, same model, batch size and thr
   shard job         mlprep's encode loop: decode + augment in a worker process, batched encoding
   shard job inline  the same loop with decoding in the main process (no overlap)
   seed approach     the seed script's original loop: PIL decode, torchvision transforms per view,
-                    one image per model call, fp32
+                    one image per model call, fp32, on the same device
 Ratios are what to read; absolute numbers move with the machine's load.
+On a GPU, `--repeat 32 --decode-workers 1 4 8` gives the encoder enough work to time and shows how many
+decode workers keep it fed; the run also compares its embeddings with the same views encoded on the CPU
+at fp32 (a shard encoded on a GPU must land in the same index as one encoded on a CPU).
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from mlprep.devices import precision_name, select_device, select_precision
+from mlprep.devices import cpu_summary, precision_name, select_device, select_precision
 from mlprep.encoders import ClipEncoder, ClipSpec
 from mlprep.failures import FailureLog
 from mlprep.sku.augment import AugmentSettings
@@ -44,12 +48,12 @@ def seed_augment():
     )
 
 
-def seed_approach(paths: list[str], views_per_image: int, spec: ClipSpec) -> float:
+def seed_approach(paths: list[str], views_per_image: int, spec: ClipSpec, device: torch.device) -> float:
     """The seed's sequential baseline: per view, PIL transforms and one fp32 model call."""
     import open_clip
     from PIL import Image
 
-    model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=spec.pretrained)
+    model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=spec.pretrained, device=device)
     model.eval()
     augment = seed_augment()
     n = 0
@@ -59,9 +63,26 @@ def seed_approach(paths: list[str], views_per_image: int, spec: ClipSpec) -> flo
             image = Image.open(path).convert("RGB")
             for k in range(views_per_image):
                 view = image if k == 0 else augment(image)
-                model.encode_image(preprocess(view).unsqueeze(0))
+                model.encode_image(preprocess(view).unsqueeze(0).to(device))
                 n += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return n / (time.perf_counter() - started)
+
+
+def repeated_catalog(sku_data: str, repeat: int, folder: str) -> str:
+    """The catalog listed `repeat` times under new SKU ids (same image files): more work for a fast device."""
+    entries = json.loads(Path(sku_data).read_text())
+    copies = [{**e, "sku_id": f"{e['sku_id']}-r{k}"} for k in range(repeat) for e in entries]
+    out = Path(folder) / "catalog.json"
+    out.write_text(json.dumps(copies))
+    return str(out)
+
+
+def cpu_agreement(spec: ClipSpec, batch_size: int, views: torch.Tensor, on_device) -> float:
+    """Smallest cosine between the device's embeddings and the CPU fp32 embeddings of the same views."""
+    reference = ClipEncoder(spec, torch.device("cpu"), torch.float32, batch_size).encode_images(views)
+    return float((reference * on_device).sum(axis=1).min())
 
 
 def main() -> None:
@@ -75,12 +96,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--augment-per-image", type=int, default=5)
     parser.add_argument("--seed-images", type=int, default=8, help="images for the (slow) seed baseline")
+    parser.add_argument("--repeat", type=int, default=1, help="list the catalog this many times (more views)")
+    parser.add_argument("--decode-workers", type=int, nargs="+", default=[1], help="shard job rows to run")
+    parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    items = read_catalog(args.sku_data, args.images_dir, 1).items
-    device = select_device("auto")
+    scratch = tempfile.mkdtemp(prefix="mlprep-bench-")
+    sku_data = repeated_catalog(args.sku_data, args.repeat, scratch) if args.repeat > 1 else args.sku_data
+    items = read_catalog(sku_data, args.images_dir, 1).items
+    device = select_device(args.device)
     dtype = select_precision(args.precision, device)
     spec = ClipSpec(args.model, args.pretrained)
     encoder = ClipEncoder(spec, device, dtype, args.batch_size)
@@ -91,26 +117,35 @@ def main() -> None:
     encoder.encode_images(rendered[: args.batch_size])  # warm-up
     rows = {}
     started = time.perf_counter()
-    encoder.encode_images(rendered)
+    on_device = encoder.encode_images(rendered)
     rows["encoder only"] = len(rendered) / (time.perf_counter() - started)
-    for name, workers in [("shard job", 1), ("shard job inline", 0)]:
+    agreement = None
+    if device.type != "cpu" or dtype != torch.float32:
+        agreement = cpu_agreement(spec, args.batch_size, rendered[:256], on_device[:256])
+    shard_rows = [(f"shard job, {w} decode worker{'s' * (w > 1)}", w) for w in args.decode_workers]
+    for name, workers in [*shard_rows, ("shard job inline", 0)]:
         started = time.perf_counter()
         with open(os.devnull, "w") as quiet:
             out = encode_items(items, plan, encoder, FailureLog(False), workers=workers, progress=quiet)
         rows[name] = len(out.index_vectors) / (time.perf_counter() - started)
     seed_paths = [i.path for i in items[: args.seed_images]]
-    rows["seed approach"] = seed_approach(seed_paths, views_per_image, spec)
+    rows["seed approach"] = seed_approach(seed_paths, views_per_image, spec, device)
 
+    where = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     header = (
         f"sku_index encode, {len(items)} images x {views_per_image} views, {args.model} at "
-        f"{precision_name(dtype)} on {device}, batch {args.batch_size}, {args.threads} threads"
+        f"{precision_name(dtype)} on {device}{where}, batch {args.batch_size}, {args.threads} threads; "
+        f"CPU: {cpu_summary()}"
     )
     print(header)
-    print(f"{'setup':<18} {'views/s':>8} {'vs encoder only':>16} {'vs seed approach':>17}")
+    print(f"{'setup':<30} {'views/s':>8} {'vs encoder only':>16} {'vs seed approach':>17}")
     for name, rate in rows.items():
-        print(f"{name:<18} {rate:8.1f} {rate / rows['encoder only']:16.2f} {rate / rows['seed approach']:17.2f}")
+        print(f"{name:<30} {rate:8.1f} {rate / rows['encoder only']:16.2f} {rate / rows['seed approach']:17.2f}")
+    if agreement is not None:
+        print(f"smallest cosine to the CPU fp32 embedding of the same view (256 views): {agreement:.5f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"setup": header, "views_per_s": rows}, indent=2))
+        figures = {"setup": header, "views_per_s": rows, "min_cosine_to_cpu_fp32": agreement}
+        Path(args.json).write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

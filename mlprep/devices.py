@@ -23,6 +23,18 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_summary() -> str:
+    """The CPU model, core count and the flags that decide the fastest precision, for benchmark headers."""
+    import os
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text(errors="replace").splitlines() if cpuinfo.exists() else []
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
+    flags = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
+    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(flags) or 'none of avx512f/avx512_bf16/amx_bf16'}"
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU multiplies bf16 natively: AMX tiles (Intel Sapphire Rapids+) or AVX512-BF16.
 

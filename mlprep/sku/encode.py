@@ -175,7 +175,10 @@ def encode_items(
     """Encode the index and query views of every item; bad items go to `failures`.
 
     `on_encoded` is called after each forward pass (the job's stats time its first one)."""
-    pending: list[torch.Tensor] = []  # views waiting for a full batch
+    # Views wait for a full batch in one staging buffer that is reused for the whole shard: a fresh
+    # torch.cat per batch cost ~37 ms on a 16-core VM (new pages, many threads), capping a GPU shard
+    # at ~550 views/s while the encoder alone ran ~8,500; a memcpy into reused pages costs ~1 ms.
+    staging: np.ndarray | None = None
     n_pending = 0
     chunks: list[np.ndarray] = []
     is_query: list[bool] = []
@@ -185,18 +188,18 @@ def encode_items(
     encode_seconds = 0.0
 
     def flush(final: bool) -> None:
-        nonlocal pending, n_pending, encode_seconds
-        if not pending:
+        nonlocal n_pending, encode_seconds
+        take = n_pending if final else (n_pending // encoder.batch_size) * encoder.batch_size
+        if take == 0:
             return
-        block = torch.cat(pending)
-        take = len(block) if final else (len(block) // encoder.batch_size) * encoder.batch_size
         started = time.perf_counter()
-        chunks.append(encoder.encode_images(block[:take]))
+        chunks.append(encoder.encode_images(torch.from_numpy(staging[:take])))
         encode_seconds += time.perf_counter() - started
         if on_encoded is not None:
             on_encoded()
-        rest = block[take:]
-        pending, n_pending = ([rest], len(rest)) if len(rest) else ([], 0)
+        rest = n_pending - take
+        staging[:rest] = staging[take:n_pending]
+        n_pending = rest
 
     bar = tqdm(total=len(items), desc="encode images", unit="img", file=progress, mininterval=2.0)
     for rendered in iter_rendered(items, plan, workers):
@@ -206,8 +209,15 @@ def encode_items(
             failures.record(item.item_id, item.path, "decode", *rendered.error)
             continue
         ok += 1
-        pending.append(rendered.views)
-        n_pending += len(rendered.views)
+        views = rendered.views.numpy()
+        if staging is None or n_pending + len(views) > len(staging):
+            grown = np.empty((max(n_pending + len(views), encoder.batch_size + len(views)), *views.shape[1:]),
+                             dtype=np.uint8)
+            if staging is not None:
+                grown[:n_pending] = staging[:n_pending]
+            staging = grown
+        staging[n_pending : n_pending + len(views)] = views
+        n_pending += len(views)
         is_query += [False] * len(rendered.index_params) + [True] * len(rendered.query_params)
         index_rows += _meta_rows(item, rendered.index_params, rendered.content_hash)
         query_rows += _meta_rows(item, rendered.query_params, rendered.content_hash)
