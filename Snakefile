@@ -22,6 +22,7 @@ except ConfigError as err:
 include: "rules/common.smk"
 include: "rules/sku_index.smk"
 include: "rules/video_frames.smk"
+include: "rules/speaker_embed.smk"
 
 
 rule all:

@@ -122,8 +122,8 @@ def make_video(folder: Path, items: int) -> Path:
 def pipeline_config(pipeline: str, data: Path, shards: int) -> dict:
     if pipeline == "sku_index":
         return {"sku_index": {"sku_data": str(data), "images_dir": str(data.parent / "images"), "shards": shards},
-                "video_frames": {"enabled": False}}
-    return {"sku_index": {"enabled": False},
+                "video_frames": {"enabled": False}, "speaker_embed": {"enabled": False}}
+    return {"sku_index": {"enabled": False}, "speaker_embed": {"enabled": False},
             "video_frames": {"pairs": str(data), "clips_dir": str(data.parent / "clips"), "split_mode": "all_train",
                              "shards": {"train": shards}}}
 

@@ -50,6 +50,7 @@ def run_mode(workdir: Path, shards: int, extra: list[str]) -> tuple[float, int, 
     demo = REPO / "resources" / "demo" / "video"
     config = {
         "sku_index": {"enabled": False},
+        "speaker_embed": {"enabled": False},
         "video_frames": {"pairs": str(demo / "train_pairs.json"), "clips_dir": str(demo / "clips"),
                          "split_mode": "all_train", "shards": {"train": shards}},
     }

@@ -126,3 +126,57 @@ def write_video_demo(folder: Path | str) -> Path:
     path = folder / "train_pairs.json"
     path.write_text(json.dumps(pairs, indent=1) + "\n")
     return path
+
+
+# Speech demo: speakers are espeak-ng voice variants at different pitches and speeds (a speaker encoder
+# tells those apart; one voice in two languages it does not). Made once with `python -m mlprep.demo speech`
+# and committed (espeak-ng is a Debian package, not something the tests or CI need).
+SPEECH_SPEAKERS = {  # dataset/speaker -> (espeak voice, pitch 0-99, words per minute)
+    "studio/alice": ("en-us+f3", 75, 165),
+    "studio/bruno": ("en-us+m3", 35, 150),
+    "phone/chen": ("en-gb+m7", 55, 130),
+    "phone/dana": ("en-us+f5", 92, 190),
+}
+SPEECH_LINES = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Please call me back when you have finished reading the report.",
+    "Seven silver spoons were missing from the kitchen drawer this morning.",
+    "We will meet at the station at half past nine tomorrow.",
+    "Rain is expected later today, so bring an umbrella with you.",
+]
+
+
+def write_speech_demo(folder: Path | str, rate: int = 16000) -> Path:
+    """{dataset}/{speaker}/{utt}.wav at 16 kHz mono; one FLAC and one 44.1 kHz stereo 24-bit file among them."""
+    import subprocess
+    import tempfile
+
+    import numpy as np
+    import soundfile
+
+    from mlprep.speaker.audio import resample
+
+    folder = Path(folder)
+    for key, (voice, pitch, speed) in SPEECH_SPEAKERS.items():
+        for k, line in enumerate(SPEECH_LINES):
+            with tempfile.NamedTemporaryFile(suffix=".wav") as tmp:
+                subprocess.run(["espeak-ng", "-v", voice, "-p", str(pitch), "-s", str(speed), "-w", tmp.name, line],
+                               check=True, capture_output=True)
+                samples, source_rate = soundfile.read(tmp.name, dtype="float32")
+            out = folder / key / f"utt{k}.wav"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if key == "phone/chen" and k == 1:
+                soundfile.write(out.with_suffix(".flac"), resample(samples, source_rate, rate), rate)
+            elif key == "studio/alice" and k == 2:
+                wide = resample(samples, source_rate, 44100)
+                soundfile.write(out, np.stack([wide, 0.8 * wide], axis=1), 44100, subtype="PCM_24")
+            else:
+                soundfile.write(out, resample(samples, source_rate, rate), rate, subtype="PCM_16")
+    return folder
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["speech"]:
+        print(write_speech_demo(sys.argv[2] if len(sys.argv) > 2 else "resources/demo/speech"))

@@ -33,6 +33,13 @@ REASON_CODES: dict[str, str] = {
     "decoder_timeout": "the decoder did not answer within timeout_s; its process was killed",
     "decoder_crash": "the decoder process died (a crash in native code)",
     "decode_error": "another decoder error; the reason says which",
+    "not_audio": "no audio reader recognises the file",
+    "empty_audio": "the audio file holds no samples",
+    "bad_audio": "the audio samples hold NaN or infinity",
+    "too_short": "the utterance is shorter than min_seconds",
+    "silent": "the utterance holds no sound (every sample near zero, or nothing left after trimming silences)",
+    "bad_embedding": "a precomputed embedding file is not a finite 1-D numeric array (or is a pickle, untrusted)",
+    "wrong_dimension": "a precomputed embedding's length differs from embedding_dim (or the shard's usual length)",
 }
 
 

@@ -216,6 +216,7 @@ class CatalogCache:
 SYNCS = {  # pipeline -> "module:function(**payload) -> None" that brings its lists in step
     "sku_index": "mlprep.sku.catalog:sync_lists_from",
     "video_frames": "mlprep.video.pairs:sync_lists_from",
+    "speaker_embed": "mlprep.speaker.corpus:sync_lists_from",
 }
 
 

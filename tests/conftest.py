@@ -63,6 +63,7 @@ def workflow_config(workdir: Path, tiny_clip: dict, **sku_overrides) -> dict:
         "continue_on_error": True,
         "sku_index": sku,
         "video_frames": {"enabled": False},
+        "speaker_embed": {"enabled": False},
     }
 
 

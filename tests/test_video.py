@@ -255,7 +255,8 @@ def _video_config(workdir: Path, **overrides) -> dict:
         "timeout_s": 30,
     }
     video.update(overrides)
-    return {"seed": 3, "continue_on_error": True, "device": "cpu", "sku_index": {"enabled": False}, "video_frames": video}
+    return {"seed": 3, "continue_on_error": True, "device": "cpu", "sku_index": {"enabled": False}, "video_frames": video,
+            "speaker_embed": {"enabled": False}}
 
 
 def _write_video_data(workdir: Path, clips: dict[str, Path], names: list[str]) -> None:

@@ -1,0 +1,1 @@
+"""speaker_embed: utterance and speaker embeddings from a speech corpus (seed 004)."""

@@ -1,0 +1,205 @@
+"""Speaker shard: utterances of one shard list -> utterance embeddings -> speaker embeddings.
+
+All of a speaker's utterances are in one shard (mlprep.speaker.corpus), so the speaker step runs inside
+the shard job and the gather only concatenates. Audio is read, downmixed, resampled and cut into model
+windows in worker processes (`decode_workers`); the model encodes the windows of many utterances per
+forward pass. Precomputed embeddings (`input: embeddings`) are read with numpy.load(allow_pickle=False);
+.pkl files only with `trust_pickles: true` (unpickling runs code from the file).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from mlprep.devices import select_device
+from mlprep.failures import FailureLog, ItemError, describe_error, write_failures
+from mlprep.io import atomic_dir, save_npy, write_parquet
+from mlprep.sharding import ShardId
+from mlprep.shardlists import ShardLists
+from mlprep.speaker.audio import load_audio
+from mlprep.speaker.backends import load_backend
+from mlprep.speaker.corpus import LIST_COLUMNS, rows_from_list, speaker_keys
+from mlprep.speaker.speakers import aggregate
+from mlprep.stats import ShardStats, scheduler_ids
+
+log = logging.getLogger(__name__)
+
+SHARD_FILES = {
+    "utterance_embeddings": "utterance_embeddings.npy",
+    "utterances": "utterances.parquet",
+    "speaker_embeddings": "speaker_embeddings.npy",
+    "speakers": "speakers.parquet",
+    "skipped": "skipped.parquet",
+    "failures": "failures.parquet",
+    "stats": "stats.json",
+}
+PENDING_BATCHES = 16  # windows of this many forward passes are gathered before encoding: bounded memory
+
+
+@dataclass
+class Prepared:
+    position: int
+    windows: np.ndarray | None  # the backend's model input for one utterance
+    seconds: float = 0.0
+    error: tuple[str, str] | None = None
+
+
+class _Utterances(torch.utils.data.Dataset):
+    def __init__(self, paths: list[str], backend, min_seconds: float):
+        self.paths, self.backend, self.min_seconds = paths, backend, min_seconds
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, position: int) -> Prepared:
+        try:
+            wav = load_audio(self.paths[position], self.backend.sample_rate, self.min_seconds)
+            return Prepared(position, self.backend.prepare(wav), len(wav) / self.backend.sample_rate)
+        except Exception as err:  # noqa: BLE001 - any reader error is this utterance's failure
+            return Prepared(position, None, error=describe_error(err, "not_audio"))
+
+
+def _single_thread_worker(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def iter_prepared(paths: list[str], backend, min_seconds: float, workers: int):
+    dataset = _Utterances(paths, backend, min_seconds)
+    if workers <= 0 or not paths:
+        yield from (dataset[i] for i in range(len(dataset)))
+        return
+    yield from torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4,
+                                           worker_init_fn=_single_thread_worker, collate_fn=lambda x: x)
+
+
+def embed_audio(frame: pd.DataFrame, backend, failures: FailureLog, workers: int, min_seconds: float,
+                progress: TextIO | None = None, on_encoded=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(embeddings [n_ok, dim], positions of the ok rows in `frame`, seconds of audio per ok row)."""
+    paths, item_ids = frame["path"].tolist(), frame["item_id"].tolist()
+    pending: list[Prepared] = []
+    out_vectors: list[np.ndarray] = []
+    positions: list[int] = []
+    seconds: list[float] = []
+
+    def flush() -> None:
+        if pending:
+            out_vectors.append(backend.encode([p.windows for p in pending]))
+            positions.extend(p.position for p in pending)
+            seconds.extend(p.seconds for p in pending)
+            pending.clear()
+            if on_encoded is not None:
+                on_encoded()
+
+    bar = tqdm(total=len(paths), desc="embed utterances", unit="utt", file=progress, mininterval=2.0)
+    n_windows = 0
+    for prepared in iter_prepared(paths, backend, min_seconds, workers):
+        bar.update(1)
+        if prepared.error is not None:
+            failures.record(item_ids[prepared.position], paths[prepared.position], "embed", *prepared.error)
+            continue
+        pending.append(prepared)
+        n_windows += len(prepared.windows)
+        if n_windows >= PENDING_BATCHES * backend.batch_size:
+            flush()
+            n_windows = 0
+    flush()
+    bar.close()
+    vectors = np.concatenate(out_vectors) if out_vectors else np.zeros((0, backend.dim), dtype=np.float32)
+    order = np.argsort(positions, kind="stable")
+    return vectors[order], np.asarray(positions, dtype=np.int64)[order], np.asarray(seconds)[order]
+
+
+def _read_embedding(path: str, trust_pickles: bool) -> np.ndarray:
+    try:
+        if path.endswith(".pkl"):
+            if not trust_pickles:
+                raise ItemError("bad_embedding", "pickled embeddings need trust_pickles: true (unsafe)")
+            with open(path, "rb") as handle:
+                array = np.asarray(pickle.load(handle))  # noqa: S301 - the user opted in, documented as unsafe
+        else:
+            array = np.load(path, allow_pickle=False)
+    except ItemError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise ItemError("bad_embedding", f"not a readable .npy array: {err}") from err
+    if array.ndim == 2 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.number) or len(array) == 0:
+        raise ItemError("bad_embedding", f"expected a 1-D numeric vector, got {array.dtype} {array.shape}")
+    if not np.isfinite(array).all():
+        raise ItemError("bad_embedding", "the vector holds NaN or infinity")
+    return array.astype(np.float32)
+
+
+def read_embeddings(frame: pd.DataFrame, failures: FailureLog, dim: int | None, trust_pickles: bool,
+                    progress: TextIO | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings [n_ok, dim], positions of the ok rows). Without a configured `embedding_dim`, the most
+    common length in the shard is expected; other lengths are failures (wrong_dimension)."""
+    arrays: dict[int, np.ndarray] = {}
+    for position, (item_id, path) in enumerate(tqdm(list(zip(frame["item_id"], frame["path"])), file=progress,
+                                                    desc="read embeddings", unit="utt", mininterval=2.0)):
+        try:
+            arrays[position] = _read_embedding(path, trust_pickles)
+        except ItemError as err:
+            failures.record(item_id, path, "embed", err.code, str(err))
+    lengths = pd.Series({p: len(a) for p, a in arrays.items()}, dtype="int64")
+    expected = dim or (int(lengths.value_counts().index[0]) if len(lengths) else 0)
+    positions = [p for p in sorted(arrays) if len(arrays[p]) == expected]
+    for p in sorted(set(arrays) - set(positions)):
+        failures.record(frame["item_id"].iat[p], frame["path"].iat[p], "embed", "wrong_dimension",
+                        f"{len(arrays[p])} values, expected {expected}")
+    vectors = np.stack([arrays[p] for p in positions]) if positions else np.zeros((0, expected), np.float32)
+    return vectors, np.asarray(positions, dtype=np.int64)
+
+
+def embed_shard(shard_text: str, list_path: Path | str, cfg: dict, device_spec: str, continue_on_error: bool,
+                threads: int, out_dir: Path | str, progress: TextIO | None = None) -> dict:
+    """Embed one shard's utterances and make its speakers' embeddings (the folder is written whole or not at all)."""
+    shard = ShardId.parse(shard_text)
+    stats = ShardStats(str(shard))
+    torch.set_num_threads(max(1, threads))
+    frame = rows_from_list(ShardLists.read(list_path, LIST_COLUMNS))
+    frame["speaker_key"] = speaker_keys(frame["dataset"], frame["speaker_id"])
+    failures = FailureLog(continue_on_error)
+    extra: dict = {}
+    if cfg["input"] == "audio":
+        device = select_device(device_spec)
+        backend = load_backend(cfg["backend"], device, cfg["batch_size"], cfg.get("weights"))
+        vectors, positions, seconds = embed_audio(frame, backend, failures, cfg["decode_workers"],
+                                                  cfg["min_seconds"], progress, stats.first_item_done)
+        extra = {"backend": backend.name, "device": str(device), "audio_seconds": round(float(seconds.sum()), 3)}
+    else:
+        vectors, positions = read_embeddings(frame, failures, cfg.get("embedding_dim"), cfg["trust_pickles"], progress)
+        seconds = np.full(len(positions), np.nan)
+        stats.first_item_done()
+    ok = frame.iloc[positions].reset_index(drop=True).assign(duration_s=seconds)
+    failed_ids = {f.item_id for f in failures.records}
+    failed = frame[frame["item_id"].isin(failed_ids)]
+    speakers = aggregate(ok, vectors, failed, min_utterances=cfg["min_utterances"], normalize=cfg["normalize"],
+                         outlier_std=cfg.get("outlier_std"))
+    stats.ok, stats.failed = len(ok), len(failures)
+    stats.counts = {"utterances": len(ok), "speakers": len(speakers.table)}
+    stats.extra = {**extra, "threads": threads, "decode_workers": cfg["decode_workers"],
+                   "speakers_skipped": len(speakers.skipped), **scheduler_ids(),
+                   "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    utterance_columns = ["item_id", "dataset", "speaker_id", "utterance_id", "speaker_key", "path", "duration_s"]
+    with atomic_dir(out_dir) as folder:
+        save_npy(np.ascontiguousarray(vectors, dtype=np.float32), folder / SHARD_FILES["utterance_embeddings"])
+        write_parquet(ok[utterance_columns], folder / SHARD_FILES["utterances"])
+        save_npy(speakers.embeddings, folder / SHARD_FILES["speaker_embeddings"])
+        write_parquet(speakers.table, folder / SHARD_FILES["speakers"])
+        write_parquet(speakers.skipped, folder / SHARD_FILES["skipped"])
+        write_failures(failures.records, folder / SHARD_FILES["failures"])
+        data = stats.write(folder / SHARD_FILES["stats"])
+    log.info("shard %s: %s", shard, data)
+    return data

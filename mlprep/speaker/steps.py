@@ -1,0 +1,120 @@
+"""The speaker_embed pipeline's cheap steps: manifest, gather, check; the heavy one is
+mlprep.speaker.embed.embed_shard."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mlprep.failures import FailureLog, check_failed_share, count_by_code, read_failures, write_failures
+from mlprep.ids import safe_filename
+from mlprep.io import atomic_dir, atomic_path, load_npy, read_json, save_npy, write_json, write_parquet
+from mlprep.speaker.corpus import durations, list_corpus
+from mlprep.speaker.embed import SHARD_FILES
+from mlprep.speaker.speakers import SKIPPED_COLUMNS
+
+log = logging.getLogger(__name__)
+
+
+def manifest(cfg: dict, n_shards: int, continue_on_error: bool, outputs: dict) -> None:
+    """Every utterance with its ids, shard, file size and (audio) duration from the header."""
+    corpus = list_corpus(cfg, n_shards)
+    failures = FailureLog(continue_on_error)
+    failures.extend(corpus.failures)
+    frame = corpus.frame
+    if cfg["input"] == "audio":
+        frame = frame.assign(duration_s=durations(frame["path"].tolist()))
+    write_parquet(frame, outputs["manifest"])
+    write_failures(failures.records, outputs["failures"])
+    log.info("%d utterances of %d speakers in %d shards, %d failures", len(frame),
+             frame.groupby(["dataset", "speaker_id"]).ngroups, n_shards, len(failures))
+
+
+def _speakers_table(table: pd.DataFrame, embeddings: np.ndarray) -> pa.Table:
+    """The speakers with their embedding as a fixed-size list column (what Arrow readers take as a vector)."""
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    dim = embeddings.shape[1] if embeddings.ndim == 2 else 0
+    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
+    return arrow.append_column("embedding", pa.FixedSizeListArray.from_arrays(flat, dim))
+
+
+def speaker_pickle_name(dataset: str, speaker_id: str) -> str:
+    """'<dataset>/<speaker>.pkl' from untrusted ids: no separators or '..' survive, distinct ids stay distinct."""
+    return f"{safe_filename(dataset)}/{safe_filename(speaker_id)}.pkl"
+
+
+def gather(shard_dirs: list[str], manifest_failures: str, write_pickles: bool, outputs: dict) -> dict:
+    """Concatenate the shards (speakers are shard-local, so no re-aggregation) and write the outputs."""
+    folders = [Path(d) for d in shard_dirs]
+    tables = [pd.read_parquet(f / SHARD_FILES["speakers"]) for f in folders]
+    vectors = [load_npy(f / SHARD_FILES["speaker_embeddings"]) for f in folders]
+    dims = {v.shape[1] for v in vectors if len(v)}
+    if len(dims) > 1:
+        raise ValueError(f"speaker_embed: shards made embeddings of different lengths {sorted(dims)}; "
+                         "set speaker_embed.embedding_dim to the length your embeddings have")
+    table = pd.concat(tables, ignore_index=True)
+    dim = dims.pop() if dims else 0
+    embeddings = np.concatenate([v.reshape(-1, dim) if len(v) else np.zeros((0, dim), np.float32) for v in vectors])
+    order = np.argsort(table["speaker_key"].to_numpy(), kind="stable")
+    table, embeddings = table.iloc[order].reset_index(drop=True), np.ascontiguousarray(embeddings[order])
+
+    utterances = pd.concat([pd.read_parquet(f / SHARD_FILES["utterances"]) for f in folders], ignore_index=True)
+    utt_vectors = np.concatenate([load_npy(f / SHARD_FILES["utterance_embeddings"]).reshape(-1, dim or 1)
+                                  for f in folders]) if dim else np.zeros((0, 0), np.float32)
+    u_order = np.argsort(utterances["item_id"].to_numpy(), kind="stable")
+    skipped = pd.concat([pd.read_parquet(f / SHARD_FILES["skipped"]) for f in folders], ignore_index=True)
+    skipped = skipped.sort_values("speaker_key", kind="stable").reset_index(drop=True)[SKIPPED_COLUMNS]
+    failures = read_failures([manifest_failures, *(f / SHARD_FILES["failures"] for f in folders)])
+
+    with atomic_path(outputs["speakers"]) as tmp:
+        pq.write_table(_speakers_table(table, embeddings), tmp)
+    save_npy(embeddings, outputs["speaker_embeddings"])
+    with atomic_path(outputs["speaker_ids"]) as tmp:
+        tmp.write_text("".join(f"{key}\n" for key in table["speaker_key"]), encoding="utf-8")
+    save_npy(np.ascontiguousarray(utt_vectors[u_order]) if len(utt_vectors) else utt_vectors,
+             outputs["utterance_embeddings"])
+    write_parquet(utterances.iloc[u_order].reset_index(drop=True), outputs["utterances"])
+    write_parquet(skipped, outputs["skipped"])
+    write_parquet(failures, outputs["failures"])
+    if write_pickles:
+        with atomic_dir(outputs["pickles"]) as folder:
+            for row, vector in zip(table.to_dict("records"), embeddings):
+                record = {**row, "embedding": vector, "embedding_stats": {
+                    k: float(row.pop(f"embedding_{k}")) for k in ("mean", "std", "min", "max")}}
+                path = folder / speaker_pickle_name(row["dataset"], row["speaker_id"])
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "wb") as handle:
+                    pickle.dump(record, handle, protocol=pickle.HIGHEST_PROTOCOL)
+    else:
+        Path(outputs["pickles"]).mkdir(parents=True, exist_ok=True)
+    stats = [read_json(f / SHARD_FILES["stats"]) for f in folders]
+    summary = {
+        "speakers": int(len(table)), "speakers_skipped": int(len(skipped)), "embedding_dim": int(dim),
+        "utterances_ok": int(len(utterances)), "utterances_failed": int(len(failures)),
+        "failures_by_code": count_by_code(failures),
+        "utterances_per_speaker": {q: float(table["num_utterances"].quantile(p)) if len(table) else None
+                                   for q, p in (("min", 0.0), ("median", 0.5), ("max", 1.0))},
+        "mean_spread": float(table["spread"].mean()) if len(table) else None,
+        "shards": {s["shard"]: {k: s.get(k) for k in ("items_ok", "items_failed", "seconds", "startup_s")}
+                   for s in stats},
+    }
+    write_json(summary, outputs["summary"])
+    log.info("gathered %d speakers (%d skipped) from %d shards", len(table), len(skipped), len(folders))
+    return summary
+
+
+def check(summary_path, failures_path, max_failed_fraction: float, out) -> dict:
+    """Fail the run when no utterance, or too large a share of them, could be used."""
+    summary = read_json(summary_path)
+    result = check_failed_share("speaker_embed", summary["utterances_ok"], pd.read_parquet(failures_path),
+                                max_failed_fraction, failures_path)
+    result["speakers"] = summary["speakers"]
+    write_json(result, out)
+    log.info("check passed: %s", result)
+    return result

@@ -1,0 +1,13 @@
+"""Snakemake entry: speakers table, matrices, per-speaker pickles, failures, summary (rule speaker_gather)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - the repo root, for conda envs
+
+from mlprep.logs import log_to_file  # noqa: E402
+from mlprep.speaker import steps  # noqa: E402
+
+sm = snakemake  # noqa: F821
+log_to_file(sm.log[0])
+steps.gather(list(sm.input.shards), sm.input.manifest_failures, sm.params.write_pickles, dict(sm.output.items()))

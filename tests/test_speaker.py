@@ -1,0 +1,265 @@
+"""speaker_embed: corpus listing, batched = one-at-a-time embeddings, the speaker step, bad inputs, the workflow."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import soundfile
+import torch
+
+from conftest import REPO, run_snakemake
+from mlprep.failures import REASON_CODES
+from mlprep.speaker.corpus import list_corpus, speaker_keys
+from mlprep.speaker.embed import embed_shard
+from mlprep.speaker.speakers import aggregate
+from mlprep.speaker.steps import speaker_pickle_name
+from mlprep.shardlists import ShardLists
+from mlprep.speaker.corpus import LIST_COLUMNS, sync_lists
+
+DEMO = REPO / "resources" / "demo" / "speech"
+BASE_CFG = {
+    "corpus_dir": str(DEMO), "manifest": None, "input": "audio", "shards": 2, "items_per_shard": None,
+    "backend": "resemblyzer", "weights": None, "batch_size": 4, "decode_workers": 0, "min_seconds": 0.5,
+    "embedding_dim": None, "trust_pickles": False, "min_utterances": 2, "normalize": "both", "outlier_std": None,
+    "write_pickles": True,
+}
+
+
+def _cfg(**overrides) -> dict:
+    return {**BASE_CFG, **overrides}
+
+
+# ---------------------------------------------------------------- corpus
+
+
+def test_layout_lists_every_utterance_and_keeps_a_speaker_in_one_shard():
+    corpus = list_corpus(_cfg(), 8)
+    frame = corpus.frame
+    assert len(frame) == 20 and corpus.failures == []
+    assert set(frame["dataset"]) == {"studio", "phone"} and frame["path"].str.endswith((".wav", ".flac")).all()
+    assert frame.groupby(["dataset", "speaker_id"])["shard"].nunique().eq(1).all()
+    assert "phone/chen/utt1" in set(frame["item_id"])  # the FLAC one, id without its extension
+
+
+def test_manifest_ids_are_unambiguous_and_hostile_paths_are_refused(tmp_path):
+    root = tmp_path / "corpus"
+    shutil.copytree(DEMO, root)
+    wav = "studio/alice/utt0.wav"
+    rows = [
+        ("a/b", "c", "u", wav), ("a", "b/c", "u", wav),  # would both be a/b/c/u without escaping
+        ("d", "s", "up", "../outside.wav"), ("d", "s", "abs", "/etc/passwd"), ("d", "s", "nul", "x\x00.wav"),
+        ("d", "s", "gone", "studio/alice/missing.wav"), ("d", "s", "u", wav), ("d", "s", "u", "phone/dana/utt0.wav"),
+    ]
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame(rows, columns=["dataset", "speaker_id", "utterance_id", "path"]).to_csv(manifest, index=False)
+    corpus = list_corpus(_cfg(corpus_dir=str(root), manifest=str(manifest)), 4)
+    assert sorted(corpus.frame["item_id"]) == ["a%2Fb/c/u", "a/b%2Fc/u", "d/s/u"]
+    codes = sorted(f.reason_code for f in corpus.failures)
+    assert codes == ["duplicate_id", "missing", "unsafe_path", "unsafe_path", "unsafe_path"]
+    assert all(str(root) in p for p in corpus.frame["path"])
+
+
+def test_pickle_names_never_leave_their_folder():
+    for dataset, speaker in [("..", "x"), ("a/b", "../../etc"), ("d", "名前"), ("d", "x\x00y"), ("d", "s" * 500)]:
+        name = speaker_pickle_name(dataset, speaker)
+        parts = Path(name).parts
+        assert len(parts) == 2 and ".." not in parts and "\x00" not in name and len(parts[1]) < 120
+    assert speaker_pickle_name("d", "a/b") != speaker_pickle_name("d", "a_b")
+
+
+def test_adding_a_speaker_rewrites_only_its_shard_list(tmp_path):
+    root = tmp_path / "corpus"
+    shutil.copytree(DEMO, root)
+    names = [f"{i:03d}-of-008" for i in range(8)]
+    lists = ShardLists(tmp_path / "lists", names, LIST_COLUMNS)
+    before = sync_lists(_cfg(corpus_dir=str(root)), lists)
+    shutil.copytree(root / "phone" / "chen", root / "phone" / "newcomer")
+    after = sync_lists(_cfg(corpus_dir=str(root)), lists)
+    changed = [n for n in names if before[n] != after[n]]
+    shard = list_corpus(_cfg(corpus_dir=str(root)), 8).frame.query("speaker_id == 'newcomer'")["shard"].iloc[0]
+    assert changed == [names[shard]]
+
+
+# ---------------------------------------------------------------- the speaker step
+
+
+def _utterances(keys: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"speaker_key": keys, "dataset": [k.split("/")[0] for k in keys],
+                         "speaker_id": [k.split("/")[1] for k in keys],
+                         "item_id": [f"{k}/u{i}" for i, k in enumerate(keys)], "path": [f"/p{i}" for i in range(len(keys))]})
+
+
+def test_speaker_step_matches_a_plain_loop_for_every_normalize_mode():
+    rng = np.random.default_rng(0)
+    keys = [f"ds/s{i % 7}" for i in range(60)]
+    vectors = rng.standard_normal((60, 16)).astype(np.float32) * rng.uniform(0.5, 3, (60, 1)).astype(np.float32)
+    utts = _utterances(keys)
+    for mode in ("before", "after", "both", "none"):
+        out = aggregate(utts, vectors, normalize=mode)
+        for row, emb in zip(out.table.itertuples(), out.embeddings):
+            rows = vectors[utts["speaker_key"].to_numpy() == row.speaker_key]
+            if mode in ("before", "both"):
+                rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+            expected = rows.mean(axis=0)
+            if mode in ("after", "both"):
+                expected = expected / np.linalg.norm(expected)
+            np.testing.assert_allclose(emb, expected, atol=1e-5)
+            assert row.num_utterances == len(rows) and row.embedding_dim == 16
+            assert row.embedding_min == pytest.approx(emb.min()) and row.embedding_max == pytest.approx(emb.max())
+
+
+def test_speaker_step_skips_small_speakers_with_a_reason_and_drops_outliers():
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal(8)
+    keys = ["ds/big"] * 6 + ["ds/small"] + ["ds/gone"] * 0
+    vectors = np.stack([base + 0.01 * rng.standard_normal(8) for _ in range(5)] + [-base] + [base]).astype(np.float32)
+    failed = pd.DataFrame({"speaker_key": ["ds/small", "ds/gone"], "dataset": ["ds", "ds"], "speaker_id": ["small", "gone"]})
+    out = aggregate(_utterances(keys), vectors, failed, min_utterances=2, outlier_std=1.0)
+    assert out.table["speaker_key"].tolist() == ["ds/big"]
+    big = out.table.iloc[0]
+    assert big.num_utterances == 5 and big.dropped_outliers == 1 and big.spread > 0.99
+    skipped = out.skipped.set_index("speaker_key")
+    assert skipped.loc["ds/small", "failed_utterances"] == 1 and "min_utterances" in skipped.loc["ds/small", "reason"]
+    assert skipped.loc["ds/gone", "reason"] == "every utterance failed"
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+def test_batched_resemblyzer_embeddings_equal_one_at_a_time():
+    from resemblyzer import VoiceEncoder, preprocess_wav
+
+    from mlprep.speaker.audio import load_audio
+    from mlprep.speaker.backends import ResemblyzerBackend
+
+    wavs = [load_audio(str(p), 16000, 0.5) for p in sorted(DEMO.rglob("utt[0-2].*"))[:6]]
+    backend = ResemblyzerBackend(torch.device("cpu"), batch_size=5)  # windows of several utterances per batch
+    batched = backend.encode([backend.prepare(w) for w in wavs])
+    reference = VoiceEncoder(device="cpu", verbose=False)
+    single = np.stack([reference.embed_utterance(preprocess_wav(w)) for w in wavs])
+    cosine = (batched * single).sum(axis=1)
+    assert cosine.min() > 1 - 1e-3, cosine
+
+
+def test_mel_spectrogram_equals_librosas():
+    from resemblyzer import audio
+
+    from mlprep.speaker.backends import mel_power
+
+    rng = np.random.default_rng(3)
+    for n in (16000, 35123, 200):
+        wav = (0.1 * rng.standard_normal(n)).astype(np.float32)
+        reference = audio.wav_to_mel_spectrogram(wav)
+        np.testing.assert_allclose(mel_power(wav, 16000, 400, 160, 40), reference, rtol=0, atol=1e-6 * reference.max())
+
+
+def _write_bad_audio(folder: Path) -> dict[str, str]:
+    """speaker 'bad' of dataset 'x': one file per problem -> the reason code expected (None: readable)."""
+    folder.mkdir(parents=True)
+    tone, rate = soundfile.read(DEMO / "studio" / "bruno" / "utt0.wav", dtype="float32")  # speech, 16 kHz
+    soundfile.write(folder / "float.wav", tone, rate, subtype="FLOAT")
+    soundfile.write(folder / "stereo24.wav", np.stack([tone, tone], 1), rate, subtype="PCM_24")
+    soundfile.write(folder / "rate8k.flac", tone[::2], rate // 2)
+    soundfile.write(folder / "silent.wav", np.zeros(len(tone), np.float32), rate)
+    soundfile.write(folder / "short.wav", tone[: rate // 10], rate)
+    nan = tone.copy()
+    nan[100] = np.nan
+    soundfile.write(folder / "nan.wav", nan, rate, subtype="FLOAT")
+    (folder / "empty.wav").write_bytes(b"")
+    (folder / "text.wav").write_text("not audio at all")
+    soundfile.write(folder / "cut.wav", tone, rate, subtype="PCM_16")
+    data = (folder / "cut.wav").read_bytes()
+    (folder / "cut.wav").write_bytes(data[: len(data) // 2])
+    return {"float": None, "stereo24": None, "rate8k": None, "silent": "silent", "short": "too_short",
+            "nan": "bad_audio", "empty": "not_audio", "text": "not_audio", "cut": "truncated"}
+
+
+def _run_shard(tmp_path: Path, cfg: dict) -> Path:
+    lists = ShardLists(tmp_path / "lists", ["000-of-001"], LIST_COLUMNS)
+    sync_lists(cfg, lists)
+    out = tmp_path / "shard"
+    embed_shard("000-of-001", lists.path("000-of-001"), cfg, "cpu", True, 2, out)
+    return out
+
+
+def test_every_kind_of_bad_audio_is_one_failure_with_its_code(tmp_path):
+    root = tmp_path / "corpus"
+    shutil.copytree(DEMO / "studio", root / "studio")
+    expected = _write_bad_audio(root / "x" / "bad")
+    out = _run_shard(tmp_path, _cfg(corpus_dir=str(root), shards=1, min_utterances=1))
+    failures = pd.read_parquet(out / "failures.parquet")
+    got = dict(zip(failures["item_id"].str.rsplit("/", n=1).str[-1], failures["reason_code"]))
+    assert got == {k: v for k, v in expected.items() if v}
+    assert set(failures["reason_code"]) <= set(REASON_CODES)
+    speakers = pd.read_parquet(out / "speakers.parquet").set_index("speaker_key")
+    assert speakers.loc["x/bad", "num_utterances"] == 3 and speakers.loc["x/bad", "failed_utterances"] == 6
+    utterances = pd.read_parquet(out / "utterances.parquet")
+    assert np.load(out / "utterance_embeddings.npy").shape == (len(utterances), 256)
+    seconds = utterances.set_index("item_id").loc["x/bad/rate8k", "duration_s"]
+    assert seconds == pytest.approx(soundfile.info(DEMO / "studio" / "bruno" / "utt0.wav").duration, abs=0.01)
+
+
+def test_precomputed_embeddings_refuse_pickles_nan_and_wrong_lengths(tmp_path):
+    root = tmp_path / "emb"
+    spk = root / "ds" / "s1"
+    spk.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        np.save(spk / f"ok{i}.npy", rng.standard_normal(32).astype(np.float32))
+    np.save(spk / "row.npy", rng.standard_normal((1, 32)))  # [1, d] is accepted
+    np.save(spk / "short.npy", rng.standard_normal(16))
+    np.save(spk / "nan.npy", np.full(32, np.nan))
+    np.save(spk / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with open(spk / "pickled.pkl", "wb") as handle:
+        pickle.dump(rng.standard_normal(32), handle)
+    cfg = _cfg(corpus_dir=str(root), input="embeddings", shards=1)
+    out = _run_shard(tmp_path / "a", cfg)
+    failures = pd.read_parquet(out / "failures.parquet")
+    got = dict(zip(failures["item_id"].str.rsplit("/", n=1).str[-1], failures["reason_code"]))
+    assert got == {"short": "wrong_dimension", "nan": "bad_embedding", "objects": "bad_embedding"}  # .pkl not listed
+    assert pd.read_parquet(out / "speakers.parquet")["num_utterances"].tolist() == [4]
+    trusted = _run_shard(tmp_path / "b", {**cfg, "trust_pickles": True})
+    assert pd.read_parquet(trusted / "speakers.parquet")["num_utterances"].tolist() == [5]
+
+
+# ---------------------------------------------------------------- the workflow
+
+
+@pytest.mark.slow
+def test_speaker_workflow_outputs_and_a_new_speaker_reruns_one_shard(tmp_path):
+    work = tmp_path / "flow"
+    shutil.copytree(DEMO, work / "speech")
+    config = {"device": "cpu", "sku_index": {"enabled": False}, "video_frames": {"enabled": False},
+              "speaker_embed": {"corpus_dir": str(work / "speech"), "shards": 4, "decode_workers": 1}}
+    run_snakemake(work, config)
+    out = work / "results" / "speaker_embed"
+    table = pq.read_table(out / "speakers.parquet")
+    vector_type = table.schema.field("embedding").type
+    assert table.num_rows == 4 and vector_type.list_size == 256 and str(vector_type.value_type) == "float"
+    speakers = table.to_pandas()
+    assert speakers["num_utterances"].tolist() == [5, 5, 5, 5]
+    emb = np.load(out / "speaker_embeddings.npy")
+    assert emb.shape == (4, 256) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert (out / "speaker_ids.txt").read_text().split() == speakers["speaker_key"].tolist()
+    # an utterance is closest to its own speaker's embedding (the demo voices differ in pitch and speed)
+    utts = pd.read_parquet(out / "utterances.parquet")
+    nearest = speakers["speaker_key"].to_numpy()[(np.load(out / "utterance_embeddings.npy") @ emb.T).argmax(1)]
+    assert (nearest == utts["speaker_key"].to_numpy()).all()
+    with open(out / "speakers_pkl" / "studio" / "alice.pkl", "rb") as handle:
+        record = pickle.load(handle)
+    assert record["num_utterances"] == 5 and record["embedding"].shape == (256,) and set(record["embedding_stats"]) == {
+        "mean", "std", "min", "max"}
+    # a new speaker: only its shard (and the gather) run again
+    shutil.copytree(work / "speech" / "phone" / "dana", work / "speech" / "phone" / "erin")
+    dry = run_snakemake(work, config, "-n")
+    assert dry.stdout.count("rule speaker_embed_shard:") == 1, dry.stdout[-3000:]
+    shard = list_corpus({**BASE_CFG, "corpus_dir": str(work / "speech")}, 4).frame.query(
+        "speaker_id == 'erin'")["shard"].iloc[0]
+    assert f"{shard:03d}-of-004" in dry.stdout
+    assert speaker_keys(pd.Series(["a/b"]), pd.Series(["c"])).iloc[0] == "a%2Fb/c"
