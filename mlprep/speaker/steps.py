@@ -85,8 +85,8 @@ def gather(shard_dirs: list[str], manifest_failures: str, write_pickles: bool, o
     if write_pickles:
         with atomic_dir(outputs["pickles"]) as folder:
             for row, vector in zip(table.to_dict("records"), embeddings):
-                record = {**row, "embedding": vector, "embedding_stats": {
-                    k: float(row.pop(f"embedding_{k}")) for k in ("mean", "std", "min", "max")}}
+                stats = {k: float(row.pop(f"embedding_{k}")) for k in ("mean", "std", "min", "max")}
+                record = {**row, "embedding": vector, "embedding_stats": stats}
                 path = folder / speaker_pickle_name(row["dataset"], row["speaker_id"])
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "wb") as handle:
