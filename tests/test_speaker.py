@@ -129,6 +129,43 @@ def test_speaker_step_skips_small_speakers_with_a_reason_and_drops_outliers():
     assert skipped.loc["ds/gone", "reason"] == "every utterance failed"
 
 
+def test_eer_and_min_dcf_match_the_roc_curve():
+    from sklearn.metrics import roc_curve
+
+    from mlprep.speaker.evaluate import verification_metrics
+
+    hand = verification_metrics(np.array([0.9, 0.8, 0.4, 0.7, 0.3, 0.2, 0.1]), np.array([1, 1, 1, 0, 0, 0, 0], bool))
+    assert hand["eer"] == pytest.approx(0.25)
+    assert verification_metrics(np.array([0.9, 0.8, 0.1]), np.array([1, 1, 0], bool))["eer"] == 0
+    assert verification_metrics(np.array([0.9, 0.8, 0.1]), np.array([1, 1, 0], bool))["min_dcf"] == 0
+    rng = np.random.default_rng(4)
+    target = rng.random(3000) < 0.1
+    scores = rng.standard_normal(3000) + 1.5 * target
+    got = verification_metrics(scores, target, p_target=0.01)
+    fpr, tpr, _ = roc_curve(target, scores)
+    fnr = 1 - tpr
+    i = np.nanargmin(np.abs(fnr - fpr))
+    assert got["eer"] == pytest.approx((fpr[i] + fnr[i]) / 2, abs=0.01)
+    brute = min(0.01 * m + 0.99 * f for m, f in zip(fnr, fpr)) / 0.01
+    assert got["min_dcf"] == pytest.approx(min(brute, 1.0), abs=1e-9)
+
+
+def test_held_out_identification_on_separable_speakers():
+    from mlprep.speaker.evaluate import choose_holdout, evaluate
+
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((5, 32))
+    keys = pd.Series([f"d/s{i}" for i in range(5) for _ in range(6)] + ["d/lonely"])
+    items = pd.Series([f"{k}/u{j}" for j, k in enumerate(keys)])
+    vectors = np.vstack([centres[i] + 0.05 * rng.standard_normal(32) for i in range(5) for _ in range(6)]
+                        + [rng.standard_normal(32)])
+    held = choose_holdout(keys, items, 2, seed=1)
+    assert held.sum() == 10 and not held[-1]  # 2 per speaker; a speaker's only utterance is never held out
+    assert (held == choose_holdout(keys[::-1], items[::-1], 2, seed=1)[::-1]).all()  # order does not matter
+    result = evaluate(keys, items, vectors, per_speaker=2, seed=1)
+    assert result["top1"] == 1.0 and result["eer"] == 0 and result["speakers"] == 6 and result["held_out"] == 10
+
+
 # ---------------------------------------------------------------- embeddings
 
 
