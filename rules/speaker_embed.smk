@@ -6,7 +6,7 @@ SPEAKER_FLOW = SpeakerWorkflow(config, RESULTS, main_process=workflow.is_main_pr
 SPEAKER_DIR = SPEAKER_FLOW.dir
 
 if pipeline_enabled("speaker_embed"):
-    TARGETS.extend([f"{SPEAKER_DIR}/speakers.parquet", f"{SPEAKER_DIR}/check.json"])
+    TARGETS.extend([f"{SPEAKER_DIR}/speakers.parquet", f"{SPEAKER_DIR}/check.json", f"{SPEAKER_DIR}/eval.json"])
 
 
 localrules:
@@ -91,3 +91,28 @@ rule speaker_check:
         max_failed_fraction=config["max_failed_fraction"],
     script:
         "../scripts/speaker_check.py"
+
+
+rule speaker_evaluate:
+    input:
+        utterances=f"{SPEAKER_DIR}/utterances.parquet",
+        utterance_embeddings=f"{SPEAKER_DIR}/utterance_embeddings.npy",
+        speakers=f"{SPEAKER_DIR}/speakers.parquet",
+        speaker_embeddings=f"{SPEAKER_DIR}/speaker_embeddings.npy",
+        check=f"{SPEAKER_DIR}/check.json",
+    output:
+        eval=f"{SPEAKER_DIR}/eval.json",
+        plot=report(
+            f"{SPEAKER_DIR}/eval.png",
+            caption="../report/speaker_eval.rst",
+            category="speaker_embed",
+        ),
+    log:
+        f"{RESULTS}/logs/speaker_embed/evaluate.log",
+    conda:
+        "../envs/speaker_embed.yaml"
+    params:
+        per_speaker=SPEAKER["eval"]["holdout_per_speaker"],
+        p_target=SPEAKER["eval"]["p_target"],
+    script:
+        "../scripts/speaker_evaluate.py"

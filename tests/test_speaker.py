@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -292,6 +293,9 @@ def test_speaker_workflow_outputs_and_a_new_speaker_reruns_one_shard(tmp_path):
         record = pickle.load(handle)
     assert record["num_utterances"] == 5 and record["embedding"].shape == (256,) and set(record["embedding_stats"]) == {
         "mean", "std", "min", "max"}
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert evaluation["held_out"] == 4 and evaluation["top1"] >= 0.75 and 0 <= evaluation["eer"] <= 0.25
+    assert (out / "eval.png").stat().st_size > 10_000
     # a new speaker: only its shard (and the gather) run again
     shutil.copytree(work / "speech" / "phone" / "dana", work / "speech" / "phone" / "erin")
     dry = run_snakemake(work, config, "-n")

@@ -54,23 +54,63 @@ def verification_metrics(scores: np.ndarray, is_target: np.ndarray, p_target: fl
             "target_trials": n_target, "nontarget_trials": n_nontarget}
 
 
-def evaluate(speaker_keys: pd.Series, item_ids: pd.Series, vectors: np.ndarray, per_speaker: int = 1,
-             seed: int = 0, p_target: float = 0.01) -> dict:
-    """Identification top-1 and verification metrics of held-out utterances against centroids of the rest."""
+def held_out_scores(speaker_keys: pd.Series, item_ids: pd.Series, vectors: np.ndarray, per_speaker: int,
+                    seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores [held-out utterances, speakers], index of each utterance's own speaker, speaker keys):
+    cosine of each held-out utterance to every speaker's centroid of its other utterances."""
     held = choose_holdout(speaker_keys, item_ids, per_speaker, seed)
     keys = speaker_keys.to_numpy()
     unit = (vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)).astype(np.float32)
     enrol_keys, inverse = np.unique(keys[~held], return_inverse=True)
     centroids = _group_mean(unit[~held], inverse, np.bincount(inverse, minlength=len(enrol_keys)))
     centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-    if not held.any() or len(enrol_keys) < 2:
-        return {"speakers": int(len(enrol_keys)), "held_out": int(held.sum()), "top1": None, "eer": None,
+    return unit[held] @ centroids.T, np.searchsorted(enrol_keys, keys[held]), enrol_keys
+
+
+def evaluate(speaker_keys: pd.Series, item_ids: pd.Series, vectors: np.ndarray, per_speaker: int = 1,
+             seed: int = 0, p_target: float = 0.01) -> dict:
+    """Identification top-1 and verification metrics of held-out utterances against centroids of the rest."""
+    scores, truth, enrol_keys = held_out_scores(speaker_keys, item_ids, vectors, per_speaker, seed)
+    if not len(scores) or len(enrol_keys) < 2:
+        return {"speakers": int(len(enrol_keys)), "held_out": int(len(scores)), "top1": None, "eer": None,
                 "min_dcf": None, "note": "needs at least 2 speakers with a held-out utterance"}
-    scores = unit[held] @ centroids.T
-    truth = np.searchsorted(enrol_keys, keys[held])
     top1 = float((scores.argmax(axis=1) == truth).mean())
     is_target = np.zeros_like(scores, dtype=bool)
     is_target[np.arange(len(truth)), truth] = True
     metrics = verification_metrics(scores.ravel(), is_target.ravel(), p_target)
-    return {"speakers": int(len(enrol_keys)), "held_out": int(held.sum()), "top1": top1, "p_target": p_target,
+    return {"speakers": int(len(enrol_keys)), "held_out": int(len(scores)), "top1": top1, "p_target": p_target,
             **metrics}
+
+
+def plot(speaker_keys: pd.Series, item_ids: pd.Series, vectors: np.ndarray, speaker_vectors: np.ndarray,
+         speaker_names: list[str], result: dict, per_speaker: int, seed: int, path) -> None:
+    """Two panels: own- and other-speaker score distributions of the held-out trials (the scores behind
+    the metrics), and the speakers' embeddings projected on their first two principal components."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    scores, truth, enrol_keys = held_out_scores(speaker_keys, item_ids, vectors, per_speaker, seed)
+    if len(scores) and len(enrol_keys) > 1:
+        target = np.zeros_like(scores, dtype=bool)
+        target[np.arange(len(truth)), truth] = True
+        bins = np.linspace(-1, 1, 41)
+        left.hist(scores[~target], bins=bins, alpha=0.6, density=True, label="other speakers")
+        left.hist(scores[target], bins=bins, alpha=0.6, density=True, label="own speaker")
+        left.legend(fontsize=8)
+    eer = result.get("eer")
+    left.set_title(f"held-out cosine scores (EER {eer:.3f})" if eer is not None else "held-out cosine scores")
+    left.set_xlabel("cosine to speaker embedding")
+    if len(speaker_vectors) >= 2:
+        centred = speaker_vectors - speaker_vectors.mean(axis=0)
+        _, _, axes = np.linalg.svd(centred, full_matrices=False)
+        xy = centred @ axes[:2].T
+        right.scatter(xy[:, 0], xy[:, 1 % xy.shape[1]], s=18)
+        for (x, y), name in list(zip(xy[:, :2] if xy.shape[1] > 1 else np.c_[xy, xy], speaker_names))[:40]:
+            right.annotate(name, (x, y), fontsize=7)
+    right.set_title(f"{len(speaker_vectors)} speaker embeddings, first two principal components")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -118,3 +118,22 @@ def check(summary_path, failures_path, max_failed_fraction: float, out) -> dict:
     write_json(result, out)
     log.info("check passed: %s", result)
     return result
+
+
+def evaluate(utterances_path, utterance_embeddings, speakers_path, speaker_embeddings, per_speaker: int, seed: int,
+             p_target: float, outputs: dict) -> dict:
+    """Held-out identification and verification metrics, and the report's plot."""
+    from mlprep.speaker import evaluate as metrics
+
+    utterances = pd.read_parquet(utterances_path)
+    vectors = load_npy(utterance_embeddings)
+    result = metrics.evaluate(utterances["speaker_key"], utterances["item_id"], vectors, per_speaker, seed, p_target)
+    result["note"] = ("held-out utterances scored against centroids of each speaker's other utterances; the "
+                      "speaker embeddings in speakers.parquet use every utterance")
+    write_json(result, outputs["eval"])
+    speakers = pd.read_parquet(speakers_path, columns=["speaker_key"])
+    with atomic_path(outputs["plot"]) as tmp:
+        metrics.plot(utterances["speaker_key"], utterances["item_id"], vectors, load_npy(speaker_embeddings),
+                     speakers["speaker_key"].tolist(), result, per_speaker, seed, tmp)
+    log.info("evaluation: %s", result)
+    return result
