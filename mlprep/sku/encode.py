@@ -39,6 +39,7 @@ from mlprep.sku.augment import (
 from mlprep.shardlists import ShardLists
 from mlprep.sku.catalog import LIST_COLUMNS, ImageItem, items_from_list
 from mlprep.stats import ShardStats, scheduler_ids
+from mlprep.workers import in_order
 
 log = logging.getLogger(__name__)
 
@@ -113,25 +114,9 @@ class ItemViews(torch.utils.data.Dataset):
             return RenderedItem(position, None, [], [], error=describe_error(err))
 
 
-def _single_thread_worker(_: int) -> None:
-    torch.set_num_threads(1)
-
-
 def iter_rendered(items: list[ImageItem], plan: ViewPlan, workers: int) -> Iterator[RenderedItem]:
     """Rendered items in shard order; with workers > 0 they are prepared ahead in other processes."""
-    dataset = ItemViews(items, plan)
-    if workers <= 0 or not items:
-        yield from (dataset[i] for i in range(len(dataset)))
-        return
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=workers,
-        prefetch_factor=4,
-        worker_init_fn=_single_thread_worker,
-        collate_fn=lambda x: x,
-    )
-    yield from loader
+    return in_order(ItemViews(items, plan), workers)
 
 
 @dataclass

@@ -31,6 +31,7 @@ from mlprep.speaker.backends import load_backend
 from mlprep.speaker.corpus import LIST_COLUMNS, rows_from_list, speaker_keys
 from mlprep.speaker.speakers import aggregate
 from mlprep.stats import ShardStats, scheduler_ids
+from mlprep.workers import in_order
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +70,8 @@ class _Utterances(torch.utils.data.Dataset):
             return Prepared(position, None, error=describe_error(err, "not_audio"))
 
 
-def _single_thread_worker(_: int) -> None:
-    torch.set_num_threads(1)
-
-
 def iter_prepared(paths: list[str], backend, min_seconds: float, workers: int):
-    dataset = _Utterances(paths, backend, min_seconds)
-    if workers <= 0 or not paths:
-        yield from (dataset[i] for i in range(len(dataset)))
-        return
-    yield from torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4,
-                                           worker_init_fn=_single_thread_worker, collate_fn=lambda x: x)
+    return in_order(_Utterances(paths, backend, min_seconds), workers)
 
 
 def embed_audio(frame: pd.DataFrame, backend, failures: FailureLog, workers: int, min_seconds: float,

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from mlprep.ids import stable_hash
-from mlprep.speaker.speakers import _group_mean
+from mlprep.speaker.speakers import group_mean
 
 
 def choose_holdout(speaker_keys: pd.Series, item_ids: pd.Series, per_speaker: int, seed: int) -> np.ndarray:
@@ -62,7 +62,7 @@ def held_out_scores(speaker_keys: pd.Series, item_ids: pd.Series, vectors: np.nd
     keys = speaker_keys.to_numpy()
     unit = (vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)).astype(np.float32)
     enrol_keys, inverse = np.unique(keys[~held], return_inverse=True)
-    centroids = _group_mean(unit[~held], inverse, np.bincount(inverse, minlength=len(enrol_keys)))
+    centroids = group_mean(unit[~held], inverse, np.bincount(inverse, minlength=len(enrol_keys)))
     centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
     return unit[held] @ centroids.T, np.searchsorted(enrol_keys, keys[held]), enrol_keys
 
