@@ -13,15 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile
 import torch
-
 from conftest import REPO, run_snakemake
+
+from mlprep.config import only
 from mlprep.failures import REASON_CODES
-from mlprep.speaker.corpus import list_corpus, speaker_keys
+from mlprep.shardlists import ShardLists
+from mlprep.speaker.corpus import LIST_COLUMNS, list_corpus, speaker_keys, sync_lists
 from mlprep.speaker.embed import embed_shard
 from mlprep.speaker.speakers import aggregate
 from mlprep.speaker.steps import speaker_pickle_name
-from mlprep.shardlists import ShardLists
-from mlprep.speaker.corpus import LIST_COLUMNS, sync_lists
 
 DEMO = REPO / "resources" / "demo" / "speech"
 BASE_CFG = {
@@ -101,17 +101,24 @@ def test_speaker_step_matches_a_plain_loop_for_every_normalize_mode():
     keys = [f"ds/s{i % 7}" for i in range(60)]
     vectors = rng.standard_normal((60, 16)).astype(np.float32) * rng.uniform(0.5, 3, (60, 1)).astype(np.float32)
     utts = _utterances(keys)
+    shuffled = rng.permutation(60)  # rows in any order: the step sorts ids, not vectors
+    utts, vectors = utts.iloc[shuffled].reset_index(drop=True), vectors[shuffled]
     for mode in ("before", "after", "both", "none"):
         out = aggregate(utts, vectors, normalize=mode)
         for row, emb in zip(out.table.itertuples(), out.embeddings):
-            rows = vectors[utts["speaker_key"].to_numpy() == row.speaker_key]
+            mine = (utts["speaker_key"] == row.speaker_key).to_numpy()
+            rows = vectors[mine]
+            units = rows / np.linalg.norm(rows, axis=1, keepdims=True)
             if mode in ("before", "both"):
-                rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+                rows = units
             expected = rows.mean(axis=0)
             if mode in ("after", "both"):
                 expected = expected / np.linalg.norm(expected)
             np.testing.assert_allclose(emb, expected, atol=1e-5)
             assert row.num_utterances == len(rows) and row.embedding_dim == 16
+            assert row.spread == pytest.approx((units @ (expected / np.linalg.norm(expected))).mean(), abs=1e-5)
+            assert list(row.utterance_list) == utts.loc[mine, "item_id"].tolist()  # input order (a shard's: by id)
+            assert list(row.original_paths) == utts.loc[mine, "path"].tolist()
             assert row.embedding_min == pytest.approx(emb.min()) and row.embedding_max == pytest.approx(emb.max())
 
 
@@ -183,6 +190,78 @@ def test_batched_resemblyzer_embeddings_equal_one_at_a_time():
     single = np.stack([reference.embed_utterance(preprocess_wav(w)) for w in wavs])
     cosine = (batched * single).sum(axis=1)
     assert cosine.min() > 1 - 1e-3, cosine
+
+
+@pytest.fixture(scope="module")
+def tiny_ecapa(tmp_path_factory) -> Path:
+    from mlprep.demo import write_ecapa_model
+
+    return write_ecapa_model(tmp_path_factory.mktemp("ecapa") / "model")
+
+
+def test_speechbrain_loads_a_local_model_folder_and_batches_without_changing_an_embedding(tiny_ecapa):
+    from speechbrain.inference.speaker import EncoderClassifier
+
+    from mlprep.speaker.audio import load_audio
+    from mlprep.speaker.backends import load_backend
+
+    backend = load_backend("speechbrain", torch.device("cpu"), 4, source=str(tiny_ecapa), length_quantum_s=0.5)
+    saved = torch.load(tiny_ecapa / "embedding_model.ckpt")  # loaded through from_hparams, hub path redirected
+    assert all(torch.equal(v, backend.encoder.mods.embedding_model.state_dict()[k]) for k, v in saved.items())
+    wavs = [load_audio(str(p), 16000, 0.5) for p in sorted(DEMO.rglob("utt*.*"))]
+    prepared = [backend.prepare(w) for w in wavs]
+    lengths = [p.shape[1] for p in prepared]
+    assert len(set(lengths)) < len(lengths)  # some batches really hold several utterances
+    assert all(n % 8000 == 0 and 0 <= len(w) - n < 8000 for n, w in zip(lengths, wavs))
+    batched = backend.encode(prepared)
+    reference = EncoderClassifier.from_hparams(source=str(tiny_ecapa), savedir=None,
+                                               overrides={"pretrained_path": str(tiny_ecapa)})
+    with torch.inference_mode():
+        single = np.stack([reference.encode_batch(torch.from_numpy(p)).flatten().numpy() for p in prepared])
+    single /= np.linalg.norm(single, axis=1, keepdims=True)
+    assert batched.shape == (len(wavs), 24)
+    assert ((batched * single).sum(axis=1)).min() > 1 - 1e-3
+
+
+def test_speechbrain_shard_handles_bad_audio_and_its_config_is_checked(tmp_path, tiny_ecapa):
+    from mlprep.config import ConfigError, check_config
+
+    root = tmp_path / "corpus"
+    shutil.copytree(DEMO / "studio", root / "studio")
+    expected = _write_bad_audio(root / "x" / "bad")
+    cfg = _cfg(corpus_dir=str(root), shards=1, min_utterances=1, backend="speechbrain", source=str(tiny_ecapa))
+    out = _run_shard(tmp_path, cfg)
+    failures = pd.read_parquet(out / "failures.parquet")
+    assert dict(zip(failures["item_id"].str.rsplit("/", n=1).str[-1], failures["reason_code"])) == {
+        k: v for k, v in expected.items() if v}
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["items_ok"] == 13 and stats["backend"] == "speechbrain"
+    assert np.load(out / "utterance_embeddings.npy").shape == (13, 24)
+    schema = REPO / "config" / "schema.yaml"
+    base = {**only("speaker_embed")}
+    for source, ok in ((str(tmp_path / "nowhere"), False), ("speechbrain/spkrec-ecapa-voxceleb", True),
+                       (str(tiny_ecapa), True)):
+        config = {**base, "speaker_embed": {"corpus_dir": str(DEMO), "backend": "speechbrain", "source": source}}
+        if ok:
+            check_config(config, schema)
+        else:
+            with pytest.raises(ConfigError, match="speaker_embed.source"):
+                check_config(config, schema)
+
+
+def test_silence_trimming_equals_resemblyzers():
+    from resemblyzer import audio, hparams
+
+    from mlprep.speaker.audio import load_audio
+    from mlprep.speaker.backends import trim_long_silences
+
+    for path in sorted(DEMO.rglob("utt[01].*")):
+        wav = audio.normalize_volume(load_audio(str(path), 16000, 0.5), -30, increase_only=True)
+        wav = np.concatenate([np.zeros(16000, np.float32), wav, np.zeros(24000, np.float32), wav])  # long silences
+        ours = trim_long_silences(wav, 16000, hparams.vad_window_length, hparams.vad_moving_average_width,
+                                  hparams.vad_max_silence_length)
+        reference = audio.trim_long_silences(wav)
+        assert len(ours) < len(wav) and np.array_equal(ours, reference)
 
 
 def test_mel_spectrogram_equals_librosas():
@@ -273,7 +352,7 @@ def test_precomputed_embeddings_refuse_pickles_nan_and_wrong_lengths(tmp_path):
 def test_speaker_workflow_outputs_and_a_new_speaker_reruns_one_shard(tmp_path):
     work = tmp_path / "flow"
     shutil.copytree(DEMO, work / "speech")
-    config = {"device": "cpu", "sku_index": {"enabled": False}, "video_frames": {"enabled": False},
+    config = {"device": "cpu", **only("speaker_embed"),
               "speaker_embed": {"corpus_dir": str(work / "speech"), "shards": 4, "decode_workers": 1}}
     run_snakemake(work, config)
     out = work / "results" / "speaker_embed"
@@ -293,6 +372,7 @@ def test_speaker_workflow_outputs_and_a_new_speaker_reruns_one_shard(tmp_path):
         record = pickle.load(handle)
     assert record["num_utterances"] == 5 and record["embedding"].shape == (256,) and set(record["embedding_stats"]) == {
         "mean", "std", "min", "max"}
+    assert record["utterance_list"] == [f"studio/alice/utt{k}" for k in range(5)]  # plain lists, as the seed's
     evaluation = json.loads((out / "eval.json").read_text())
     assert evaluation["held_out"] == 4 and evaluation["top1"] >= 0.75 and 0 <= evaluation["eer"] <= 0.25
     assert (out / "eval.png").stat().st_size > 10_000
@@ -304,3 +384,102 @@ def test_speaker_workflow_outputs_and_a_new_speaker_reruns_one_shard(tmp_path):
         "speaker_id == 'erin'")["shard"].iloc[0]
     assert f"{shard:03d}-of-004" in dry.stdout
     assert speaker_keys(pd.Series(["a/b"]), pd.Series(["c"])).iloc[0] == "a%2Fb/c"
+
+
+HOSTILE = {"studio/alice": ("../..", "/etc"), "studio/bruno": ("a/b", "x\x00y"), "phone/chen": ("日本語", "ünï ëx"),
+           "phone/dana": ("C:\\tmp", "." * 300)}
+
+
+def _hostile_manifest(root: Path) -> Path:
+    """The demo corpus listed under ids that are paths, NUL, unicode and a 300-character name."""
+    rows = []
+    for folder, (dataset, speaker) in HOSTILE.items():
+        for path in sorted((root / folder).iterdir()):
+            rows.append({"dataset": dataset, "speaker_id": speaker, "utterance_id": f"../{path.stem}",
+                         "path": str(path.relative_to(root))})
+    manifest = root / "manifest.parquet"
+    pd.DataFrame(rows).to_parquet(manifest)
+    return manifest
+
+
+def _final_outputs(work: Path) -> dict:
+    """Every final artefact of speaker_embed, in a form to compare: bytes, arrays, tables, records."""
+    out = work / "results" / "speaker_embed"
+    got = {}
+    for path in sorted(out.rglob("*")):
+        name = str(path.relative_to(out))
+        if path.is_dir() or name.startswith(("shards", "lists", "logs", "benchmarks")):
+            continue
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            data.pop("shards", None)  # per-shard timings
+            got[name] = data
+        elif path.suffix == ".parquet":
+            got[name] = pd.read_parquet(path)
+        elif path.suffix == ".pkl":
+            with open(path, "rb") as handle:
+                got[name] = pickle.load(handle)
+        elif path.suffix != ".png":
+            got[name] = path.read_bytes()
+    return got
+
+
+def test_hostile_ids_stay_inside_results_and_a_killed_run_reruns_to_identical_outputs(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import yaml
+    from conftest import SNAKEMAKE
+
+    runs = {}
+    work = tmp_path / "work"  # both runs in one folder: outputs name absolute paths
+    shutil.copytree(DEMO, work / "speech")
+    manifest = _hostile_manifest(work / "speech")
+    config = {"device": "cpu", **only("speaker_embed"),
+              "speaker_embed": {"corpus_dir": str(work / "speech"), "manifest": str(manifest), "shards": 4,
+                                "decode_workers": 0}}
+    for name in ("clean", "killed"):
+        if name == "killed":
+            shutil.rmtree(work / "results")
+            shutil.rmtree(work / ".snakemake")
+            (work / "config.yaml").write_text(yaml.safe_dump(config))
+            cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(work), "--configfile",
+                   str(work / "config.yaml"), "--cores", "1"]
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            shards = work / "results" / "speaker_embed" / "shards"
+            deadline = time.time() + 300
+            while not list(shards.glob("*/stats.json")) and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.1)
+            assert proc.poll() is None, "the run finished before it could be killed"
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole job tree, mid-run, no cleanup
+            proc.wait(timeout=60)
+            assert not (work / "results" / "speaker_embed" / "speakers.parquet").exists()
+            run_snakemake(work, config, "--unlock")
+        before = set(tmp_path.rglob("*"))
+        run_snakemake(work, config)
+        made = {p for p in set(tmp_path.rglob("*")) - before if not p.is_dir()}
+        outside = [p for p in made if not p.is_relative_to(work / "results") and not p.is_relative_to(
+            work / ".snakemake") and p != work / "config.yaml"]
+        assert outside == [], outside
+        runs[name] = _final_outputs(work)
+
+    clean, killed = runs["clean"], runs["killed"]
+    assert sorted(clean) == sorted(killed)
+    for name, value in clean.items():
+        if isinstance(value, pd.DataFrame):
+            pd.testing.assert_frame_equal(killed[name], value, obj=name)
+        elif name.endswith(".pkl"):
+            assert killed[name].keys() == value.keys()
+            np.testing.assert_array_equal(killed[name].pop("embedding"), value.pop("embedding"))
+            assert killed[name] == value, name
+        else:
+            assert killed[name] == value, name
+    speakers, failures = clean["speakers.parquet"], clean["failures.parquet"]
+    kept = [ids for ids in HOSTILE.values() if "\x00" not in ids[1]]  # a NUL id: a failure record per utterance
+    assert sorted(zip(speakers["dataset"], speakers["speaker_id"])) == sorted(kept)
+    assert (failures["reason_code"] == "bad_record").sum() == 5 and failures["reason"].str.contains("NUL").all()
+    pickles = [n for n in clean if n.endswith(".pkl")]
+    assert len(pickles) == 3 and all(n.startswith("speakers_pkl/") and ".." not in Path(n).parts for n in pickles)
+    assert all(len(part.encode()) <= 255 for n in pickles for part in Path(n).parts)

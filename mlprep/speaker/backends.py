@@ -7,6 +7,12 @@ runs offline. An utterance is cut into 1.6 s partial windows (160 mel frames), e
 the utterance's embedding the normalised mean of its windows', as resemblyzer's embed_utterance does.
 Every window has the same length, so windows of many utterances share one forward pass with no padding:
 batching is exact by construction.
+
+speechbrain: ECAPA-TDNN (or any speechbrain EncoderClassifier) loaded with `from_hparams` from a local
+model folder (hyperparams.yaml + checkpoints) or a hub id. Padding changes its embeddings (the
+convolutions see the padded frames: a cosine distance of ~0.08 for a 10% pad measured on a random-init
+ECAPA), so no utterance is ever padded: each is cut to a whole number of `length_quantum_s` (the tail
+lost is shorter than that) and only utterances of one length share a forward pass.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-BACKENDS = ("resemblyzer",)
+BACKENDS = ("resemblyzer", "speechbrain")
 
 
 def _hz_to_mel(f):
@@ -56,11 +62,34 @@ def mel_power(wav: np.ndarray, rate: int, n_fft: int, hop: int, n_mels: int) -> 
     return power @ mel_filters(rate, n_fft, n_mels).T
 
 
+def trim_long_silences(wav: np.ndarray, rate: int, window_ms: int, average_width: int, max_silence: int) -> np.ndarray:
+    """resemblyzer's silence trimming (webrtcvad at its strictest mode on 30 ms windows, smoothed, voiced
+    regions dilated), with the PCM conversion done by numpy instead of a per-sample struct.pack: the same
+    bytes, ~6x less time for the whole step, which is most of what a reader spends per utterance."""
+    import webrtcvad
+    from scipy.ndimage import binary_dilation
+
+    window = (window_ms * rate) // 1000
+    wav = wav[: len(wav) - len(wav) % window]
+    pcm = np.round(wav * 32767).astype(np.int16).tobytes()
+    vad = webrtcvad.Vad(3)
+    step = 2 * window
+    flags = np.array([vad.is_speech(pcm[k : k + step], sample_rate=rate) for k in range(0, len(pcm), step)],
+                     dtype=np.float64)
+    padded = np.concatenate((np.zeros((average_width - 1) // 2), flags, np.zeros(average_width // 2)))
+    sums = np.cumsum(padded)
+    sums[average_width:] = sums[average_width:] - sums[:-average_width]
+    mask = np.round(sums[average_width - 1 :] / average_width).astype(bool)
+    mask = binary_dilation(mask, np.ones(max_silence + 1))
+    return wav[np.repeat(mask, window)]
+
+
 class ResemblyzerBackend:
     name = "resemblyzer"
     sample_rate = 16000
     rate = 1.3  # partial windows per second, resemblyzer's default
     min_coverage = 0.75
+    pending_factor = 16  # windows of this many batches are gathered before encoding (small mel windows)
 
     def __init__(self, device: torch.device, batch_size: int = 64, weights: str | None = None):
         from resemblyzer import VoiceEncoder
@@ -76,7 +105,9 @@ class ResemblyzerBackend:
         windows [n_windows, 160, 40]: what encode() batches."""
         from resemblyzer import audio, hparams
 
-        wav = audio.preprocess_wav(wav)  # already at 16 kHz: no resampling here
+        wav = audio.normalize_volume(wav, hparams.audio_norm_target_dBFS, increase_only=True)  # as preprocess_wav
+        wav = trim_long_silences(wav, hparams.sampling_rate, hparams.vad_window_length,
+                                 hparams.vad_moving_average_width, hparams.vad_max_silence_length)
         if len(wav) == 0:
             from mlprep.failures import ItemError
 
@@ -106,7 +137,68 @@ class ResemblyzerBackend:
         return (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32)
 
 
-def load_backend(name: str, device: torch.device, batch_size: int, weights: str | None = None):
+class SpeechbrainBackend:
+    name = "speechbrain"
+    pending_factor = 4  # utterances of this many batches are gathered before encoding (whole waveforms)
+
+    def __init__(self, device: torch.device, batch_size: int, source: str, length_quantum_s: float = 0.1):
+        from speechbrain.inference.speaker import EncoderClassifier
+
+        self.device, self.batch_size = device, batch_size
+        self.encoder = EncoderClassifier.from_hparams(source=str(source), savedir=None,
+                                                      overrides=local_overrides(source),
+                                                      run_opts={"device": str(device)})
+        self.encoder.eval()
+        self.sample_rate = int(getattr(getattr(self.encoder, "audio_normalizer", None), "sample_rate", 16000))
+        self.quantum = max(1, int(round(length_quantum_s * self.sample_rate)))
+        self.dim = int(self._forward(np.zeros((1, self.sample_rate), np.float32)).shape[1])
+
+    def prepare(self, wav: np.ndarray) -> np.ndarray:
+        """The waveform cut to a whole number of quanta, as one row [1, samples]."""
+        keep = len(wav) - len(wav) % self.quantum
+        if keep == 0:
+            from mlprep.failures import ItemError
+
+            raise ItemError("too_short", f"shorter than one length quantum ({self.quantum} samples)")
+        return np.ascontiguousarray(wav[:keep], dtype=np.float32)[None, :]
+
+    @torch.inference_mode()
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        out = self.encoder.encode_batch(torch.from_numpy(batch).to(self.device))
+        return out.reshape(len(batch), -1).float().cpu().numpy()
+
+    def encode(self, windows: list[np.ndarray]) -> np.ndarray:
+        """Waveforms [1, samples] -> embeddings, in batches of equal length (sorted by length): no padding."""
+        if not windows:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        lengths = np.array([w.shape[1] for w in windows])
+        order = np.argsort(lengths, kind="stable")
+        out = np.empty((len(windows), self.dim), dtype=np.float32)
+        bounds = np.flatnonzero(np.diff(lengths[order])) + 1
+        for group in np.split(order, bounds):
+            for start in range(0, len(group), self.batch_size):
+                members = group[start : start + self.batch_size]
+                out[members] = self._forward(np.concatenate([windows[i] for i in members]))
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def local_overrides(source) -> dict:
+    """A local copy of a hub model names its checkpoints by hub id (`pretrained_path: org/model`): point
+    that key at the folder so that nothing is fetched."""
+    from pathlib import Path
+
+    hparams = Path(str(source)) / "hyperparams.yaml"
+    if hparams.is_file() and any(line.startswith("pretrained_path:") for line in hparams.read_text().splitlines()):
+        return {"pretrained_path": str(Path(str(source)).resolve())}
+    return {}
+
+
+def load_backend(name: str, device: torch.device, batch_size: int, weights: str | None = None,
+                 source: str | None = None, length_quantum_s: float = 0.1):
     if name == "resemblyzer":
         return ResemblyzerBackend(device, batch_size, weights)
+    if name == "speechbrain":
+        if not source:
+            raise ValueError("speaker_embed.source: backend speechbrain needs a model folder or hub id")
+        return SpeechbrainBackend(device, batch_size, source, length_quantum_s)
     raise ValueError(f"unknown speaker backend {name!r}; one of {', '.join(BACKENDS)}")

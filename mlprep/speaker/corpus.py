@@ -103,11 +103,14 @@ def list_corpus(cfg: dict, n_shards: int, with_stats: bool = True) -> Corpus:
     else:
         frame = scan_layout(root, extensions(cfg["input"], bool(cfg.get("trust_pickles"))))
     frame["item_id"] = utterance_ids(frame["dataset"], frame["speaker_id"], frame["utterance_id"])
-    bad_ids = (frame["dataset"].str.strip() == "") | (frame["speaker_id"].str.strip() == "") | (
-        frame["utterance_id"].str.strip() == "") | frame["item_id"].str.contains("\x00", regex=False)
-    for item_id, path in zip(frame["item_id"][bad_ids], frame["path"][bad_ids]):
-        failures.append(Failure(item_id, path, "manifest", "bad_record", "empty dataset, speaker or utterance id"))
-    frame = frame[~bad_ids].reset_index(drop=True)
+    empty = (frame["dataset"].str.strip() == "") | (frame["speaker_id"].str.strip() == "") | (
+        frame["utterance_id"].str.strip() == "")
+    nul = frame["item_id"].str.contains("\x00", regex=False) & ~empty  # no file system or C library takes it
+    for mask, reason in ((empty, "empty dataset, speaker or utterance id"),
+                         (nul, "a NUL character in the dataset, speaker or utterance id")):
+        for item_id, path in zip(frame["item_id"][mask], frame["path"][mask]):
+            failures.append(Failure(item_id, path, "manifest", "bad_record", reason))
+    frame = frame[~(empty | nul)].reset_index(drop=True)
     unsafe = unsafe_path_reasons(frame["path"].tolist(), root)
     for position, reason in unsafe:
         row = frame.iloc[position]

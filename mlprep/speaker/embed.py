@@ -18,6 +18,7 @@ from typing import TextIO
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
@@ -29,7 +30,7 @@ from mlprep.shardlists import ShardLists
 from mlprep.speaker.audio import load_audio
 from mlprep.speaker.backends import load_backend
 from mlprep.speaker.corpus import LIST_COLUMNS, rows_from_list, speaker_keys
-from mlprep.speaker.speakers import aggregate
+from mlprep.speaker.speakers import aggregate, speakers_arrow
 from mlprep.stats import ShardStats, scheduler_ids
 from mlprep.workers import in_order
 
@@ -44,7 +45,6 @@ SHARD_FILES = {
     "failures": "failures.parquet",
     "stats": "stats.json",
 }
-PENDING_BATCHES = 16  # windows of this many forward passes are gathered before encoding: bounded memory
 
 
 @dataclass
@@ -71,7 +71,10 @@ class _Utterances(torch.utils.data.Dataset):
 
 
 def iter_prepared(paths: list[str], backend, min_seconds: float, workers: int):
-    return in_order(_Utterances(paths, backend, min_seconds), workers)
+    # A whole group of batches read ahead (an utterance is >= 1 window): the readers keep working while the
+    # model encodes the previous group. Bounded: ~80 MB of mel windows, ~160 MB of 10 s waveforms.
+    return in_order(_Utterances(paths, backend, min_seconds), workers,
+                    ahead=backend.pending_factor * backend.batch_size)
 
 
 def embed_audio(frame: pd.DataFrame, backend, failures: FailureLog, workers: int, min_seconds: float,
@@ -101,7 +104,7 @@ def embed_audio(frame: pd.DataFrame, backend, failures: FailureLog, workers: int
             continue
         pending.append(prepared)
         n_windows += len(prepared.windows)
-        if n_windows >= PENDING_BATCHES * backend.batch_size:
+        if n_windows >= backend.pending_factor * backend.batch_size:  # bounded memory
             flush()
             n_windows = 0
     flush()
@@ -157,6 +160,14 @@ def read_embeddings(frame: pd.DataFrame, failures: FailureLog, dim: int | None, 
 def embed_shard(shard_text: str, list_path: Path | str, cfg: dict, device_spec: str, continue_on_error: bool,
                 threads: int, out_dir: Path | str, progress: TextIO | None = None) -> dict:
     """Embed one shard's utterances and make its speakers' embeddings (the folder is written whole or not at all)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(max(1, threads)):  # numpy's BLAS too keeps to the job's cores
+        return _embed_shard(shard_text, list_path, cfg, device_spec, continue_on_error, threads, out_dir, progress)
+
+
+def _embed_shard(shard_text: str, list_path: Path | str, cfg: dict, device_spec: str, continue_on_error: bool,
+                 threads: int, out_dir: Path | str, progress: TextIO | None) -> dict:
     shard = ShardId.parse(shard_text)
     stats = ShardStats(str(shard))
     torch.set_num_threads(max(1, threads))
@@ -166,7 +177,8 @@ def embed_shard(shard_text: str, list_path: Path | str, cfg: dict, device_spec: 
     extra: dict = {}
     if cfg["input"] == "audio":
         device = select_device(device_spec)
-        backend = load_backend(cfg["backend"], device, cfg["batch_size"], cfg.get("weights"))
+        backend = load_backend(cfg["backend"], device, cfg["batch_size"], cfg.get("weights"), cfg.get("source"),
+                               cfg.get("length_quantum_s", 0.1))
         vectors, positions, seconds = embed_audio(frame, backend, failures, cfg["decode_workers"],
                                                   cfg["min_seconds"], progress, stats.first_item_done)
         extra = {"backend": backend.name, "device": str(device), "audio_seconds": round(float(seconds.sum()), 3)}
@@ -189,7 +201,7 @@ def embed_shard(shard_text: str, list_path: Path | str, cfg: dict, device_spec: 
         save_npy(np.ascontiguousarray(vectors, dtype=np.float32), folder / SHARD_FILES["utterance_embeddings"])
         write_parquet(ok[utterance_columns], folder / SHARD_FILES["utterances"])
         save_npy(speakers.embeddings, folder / SHARD_FILES["speaker_embeddings"])
-        write_parquet(speakers.table, folder / SHARD_FILES["speakers"])
+        pq.write_table(speakers_arrow(speakers.table), folder / SHARD_FILES["speakers"])
         write_parquet(speakers.skipped, folder / SHARD_FILES["skipped"])
         write_failures(failures.records, folder / SHARD_FILES["failures"])
         data = stats.write(folder / SHARD_FILES["stats"])

@@ -29,73 +29,118 @@ class Speakers:
     skipped: pd.DataFrame  # SKIPPED_COLUMNS
 
 
+ROW_CHUNK = 1 << 16  # rows per step where a per-row product is needed: bounded temporaries
+
+
 def _unit(rows: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     return rows / np.where(norms > 0, norms, 1.0)
 
 
-def group_mean(vectors: np.ndarray, group: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Mean row per group, as one sparse [groups x rows] product (np.add.reduceat over rows of a 2-D
-    array runs ~15x slower at a million rows)."""
+def row_norms(vectors: np.ndarray) -> np.ndarray:
+    """L2 norm of each row without a temporary the size of `vectors` (zero rows get 1)."""
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors).astype(np.float64))  # float32 sums: 5x faster
+    return np.where(norms > 0, norms, 1.0)
+
+
+def group_sum(vectors: np.ndarray, group: np.ndarray, n_groups: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Weighted row sum per group [n_groups, dim], as one sparse [groups x rows] product: rows
+    stay where they are, nothing the size of `vectors` is copied (np.add.reduceat over the rows of a 2-D
+    array runs ~15x slower at a million rows and needs them sorted)."""
     from scipy import sparse
 
-    members = sparse.csr_matrix((np.ones(len(group), dtype=vectors.dtype), (group, np.arange(len(group)))),
-                                shape=(len(counts), len(group)))
-    return np.asarray(members @ vectors) / counts[:, None].astype(vectors.dtype)
+    # The matrix takes the vectors' dtype: a float64 matrix would make scipy convert every row to float64.
+    data = np.ones(len(group), vectors.dtype) if weights is None else np.asarray(weights, dtype=vectors.dtype)
+    members = sparse.csr_matrix((data, (group, np.arange(len(group)))), shape=(n_groups, len(group)))
+    return np.asarray(members @ vectors, dtype=np.float64)
+
+
+def group_mean(vectors: np.ndarray, group: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Mean row per group."""
+    return (group_sum(vectors, group, len(counts)) / np.maximum(counts, 1)[:, None]).astype(vectors.dtype)
+
+
+def row_cosines(vectors: np.ndarray, norms: np.ndarray, directions: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """cos(vectors[i], directions[group[i]]) for unit `directions`, in chunks of rows."""
+    out = np.empty(len(vectors), dtype=np.float64)
+    for start in range(0, len(vectors), ROW_CHUNK):
+        rows = slice(start, start + ROW_CHUNK)
+        out[rows] = np.einsum("ij,ij->i", vectors[rows], directions[group[rows]].astype(vectors.dtype))
+    return out / norms
+
+
+def _list_column(values: pd.Series, rows: np.ndarray, offsets: np.ndarray, chosen: np.ndarray) -> pd.Series:
+    """values[rows] cut at `offsets` into one list per group, for the `chosen` groups: built in Arrow, no
+    Python object per speaker or utterance (write it with speakers_arrow)."""
+    import pyarrow as pa
+
+    flat = pa.array(values, type=pa.string())
+    if isinstance(flat, pa.ChunkedArray):  # columns read from parquet
+        flat = flat.combine_chunks()
+    flat = flat.take(pa.array(rows, type=pa.int64()))
+    lists = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), flat).take(pa.array(chosen, pa.int64()))
+    return pd.Series(pd.arrays.ArrowExtensionArray(lists))
+
+
+def speakers_arrow(table: pd.DataFrame):
+    """The speaker table as an Arrow table without pandas' schema note: pandas cannot read back the dtype
+    name it writes for Arrow list columns, and without the note every reader gets plain list columns."""
+    import pyarrow as pa
+
+    return pa.Table.from_pandas(table, preserve_index=False).replace_schema_metadata(None)
 
 
 def aggregate(utterances: pd.DataFrame, vectors: np.ndarray, failed: pd.DataFrame | None = None, *,
               min_utterances: int = 1, normalize: str = "before", outlier_std: float | None = None) -> Speakers:
     """`utterances`: speaker_key, dataset, speaker_id, item_id, path, one row per row of `vectors`.
-    `failed`: speaker_key, dataset, speaker_id of each failed utterance (counted, never averaged)."""
+    `failed`: speaker_key, dataset, speaker_id of each failed utterance (counted, never averaged).
+    Speakers come out sorted by key, each one's utterance_list in input order (a shard job's rows are
+    sorted by id). Nothing the size of `vectors` is copied (a million 256-dim rows: ~1 GiB)."""
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
     failed = failed if failed is not None else pd.DataFrame(columns=["speaker_key", "dataset", "speaker_id"])
     failed_counts = failed.groupby("speaker_key").size()
     vectors = np.asarray(vectors, dtype=np.float32)
-    order = utterances[["speaker_key", "item_id"]].sort_values(["speaker_key", "item_id"], kind="stable").index
-    order = utterances.index.get_indexer(order)
-    utts = utterances.iloc[order].reset_index(drop=True)
-    vecs = vectors[order]
-    if normalize in ("before", "both"):
-        vecs = _unit(vecs)
-    keys = utts["speaker_key"].to_numpy()
-    new_group = np.r_[True, keys[1:] != keys[:-1]] if len(keys) else np.zeros(0, dtype=bool)
-    starts = np.flatnonzero(new_group)
-    counts = np.diff(np.r_[starts, len(keys)])
-    group = np.cumsum(new_group) - 1
-    keep = np.ones(len(vecs), dtype=bool)
-    if outlier_std is not None and len(vecs):
-        # The best utterance of a speaker is always >= its mean cosine: every speaker keeps at least one.
-        cos = (_unit(vecs) * _unit(group_mean(vecs, group, counts))[group]).sum(axis=1, dtype=np.float64)
-        mean = np.bincount(group, weights=cos) / counts
-        var = np.bincount(group, weights=(cos - mean[group]) ** 2) / counts
-        keep = cos >= mean[group] - outlier_std * np.sqrt(var)[group] - 1e-12
     dim = vectors.shape[1] if vectors.ndim == 2 else 0
-    kept_counts = np.bincount(group[keep], minlength=len(starts)) if len(vecs) else counts
-    vecs, group, utts = vecs[keep], group[keep], utts[keep].reset_index(drop=True)
-    starts = np.r_[0, np.cumsum(kept_counts)[:-1]].astype(np.int64) if len(kept_counts) else starts
-    centroids = group_mean(vecs, group, kept_counts) if len(vecs) else np.zeros((0, dim), dtype=np.float32)
+    group, speaker_keys = pd.factorize(utterances["speaker_key"], sort=True)  # each row: its speaker's number
+    group = np.asarray(group, dtype=np.int64)
+    n_groups = len(speaker_keys)
+    counts = np.bincount(group, minlength=n_groups)
+    order = np.argsort(group, kind="stable")  # rows grouped by speaker, input order within
+    norms = row_norms(vectors) if len(vectors) else np.ones(0)
+    per_row = 1.0 / norms if normalize in ("before", "both") else np.ones(len(vectors))  # the averaged rows
+    keep = np.ones(len(vectors), dtype=bool)
+    if outlier_std is not None and len(vectors):
+        # The best utterance of a speaker is always >= its mean cosine: every speaker keeps at least one.
+        cos = row_cosines(vectors, norms, _unit(group_sum(vectors, group, n_groups, per_row)), group)
+        mean = np.bincount(group, weights=cos, minlength=n_groups) / counts
+        var = np.bincount(group, weights=(cos - mean[group]) ** 2, minlength=n_groups) / counts
+        keep = cos >= mean[group] - outlier_std * np.sqrt(var)[group] - 1e-12
+    kept_counts = np.bincount(group[keep], minlength=n_groups)
+    sums = group_sum(vectors, group, n_groups, per_row * keep) if len(vectors) else np.zeros((0, dim))
+    centroids = sums / np.maximum(kept_counts, 1)[:, None]
     if normalize in ("after", "both"):
         centroids = _unit(centroids)
-    cos_to_centroid = (_unit(vecs) * _unit(centroids)[group]).sum(axis=1, dtype=np.float64)
-    spread = np.bincount(group, weights=cos_to_centroid, minlength=len(kept_counts)) / np.maximum(kept_counts, 1)
+    centroids = centroids.astype(np.float32)
+    # spread: mean over kept rows of cos(row, centroid) = (sum of the kept unit rows) . unit(centroid) / count
+    unit_sums = sums if normalize in ("before", "both") else (
+        group_sum(vectors, group, n_groups, keep / norms) if len(vectors) else sums)
+    spread = np.einsum("ij,ij->i", unit_sums, _unit(centroids.astype(np.float64))) / np.maximum(kept_counts, 1)
 
-    first = utts.iloc[starts] if len(utts) else utts
+    first = utterances.iloc[order[np.r_[0, np.cumsum(counts)[:-1]]]] if n_groups else utterances.iloc[:0]
+    keys = np.asarray(speaker_keys, dtype=object)
     per_speaker = pd.DataFrame({
-        "speaker_key": first["speaker_key"].to_numpy(), "dataset": first["dataset"].to_numpy(),
-        "speaker_id": first["speaker_id"].to_numpy(), "num_utterances": kept_counts,
-        "failed_utterances": failed_counts.reindex(first["speaker_key"]).fillna(0).astype(int).to_numpy(),
+        "speaker_key": keys, "dataset": first["dataset"].to_numpy(), "speaker_id": first["speaker_id"].to_numpy(),
+        "num_utterances": kept_counts, "failed_utterances": failed_counts.reindex(keys).fillna(0).astype(int).to_numpy(),
         "dropped_outliers": counts - kept_counts,
     })
-    bounds = np.r_[starts, len(utts)]
-    item_ids, paths = utts["item_id"].tolist(), utts["path"].tolist()
     enough = kept_counts >= max(1, int(min_utterances))
     chosen = np.flatnonzero(enough)
-    emb = centroids[chosen].astype(np.float32)
+    emb = centroids[chosen]
     table = per_speaker.iloc[chosen].reset_index(drop=True)
-    table["utterance_list"] = [item_ids[bounds[i] : bounds[i + 1]] for i in chosen]
-    table["original_paths"] = [paths[bounds[i] : bounds[i + 1]] for i in chosen]
+    kept_rows, offsets = order[keep[order]], np.r_[0, np.cumsum(kept_counts)]
+    table["utterance_list"] = _list_column(utterances["item_id"], kept_rows, offsets, chosen)
+    table["original_paths"] = _list_column(utterances["path"], kept_rows, offsets, chosen)
     table["embedding_dim"] = dim
     table["spread"] = spread[chosen]
     for name, fn in (("mean", np.mean), ("std", np.std), ("min", np.min), ("max", np.max)):

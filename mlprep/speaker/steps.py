@@ -17,7 +17,7 @@ from mlprep.ids import safe_filename
 from mlprep.io import atomic_dir, atomic_path, load_npy, read_json, save_npy, write_json, write_parquet
 from mlprep.speaker.corpus import durations, list_corpus
 from mlprep.speaker.embed import SHARD_FILES
-from mlprep.speaker.speakers import SKIPPED_COLUMNS
+from mlprep.speaker.speakers import SKIPPED_COLUMNS, speakers_arrow
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def manifest(cfg: dict, n_shards: int, continue_on_error: bool, outputs: dict) -
 
 def _speakers_table(table: pd.DataFrame, embeddings: np.ndarray) -> pa.Table:
     """The speakers with their embedding as a fixed-size list column (what Arrow readers take as a vector)."""
-    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    arrow = speakers_arrow(table)
     dim = embeddings.shape[1] if embeddings.ndim == 2 else 0
     flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
     return arrow.append_column("embedding", pa.FixedSizeListArray.from_arrays(flat, dim))
@@ -47,6 +47,21 @@ def _speakers_table(table: pd.DataFrame, embeddings: np.ndarray) -> pa.Table:
 def speaker_pickle_name(dataset: str, speaker_id: str) -> str:
     """'<dataset>/<speaker>.pkl' from untrusted ids: no separators or '..' survive, distinct ids stay distinct."""
     return f"{safe_filename(dataset)}/{safe_filename(speaker_id)}.pkl"
+
+
+def write_speaker_pickles(table: pd.DataFrame, embeddings: np.ndarray, folder: Path) -> None:
+    """One pickle per speaker with the seed's record layout, at <dataset>/<speaker>.pkl (sanitised names)."""
+    made: set[Path] = set()
+    for row, vector in zip(table.to_dict("records"), embeddings):
+        stats = {k: float(row.pop(f"embedding_{k}")) for k in ("mean", "std", "min", "max")}
+        lists = {k: [str(v) for v in row[k]] for k in ("utterance_list", "original_paths")}
+        record = {**row, **lists, "embedding": vector, "embedding_stats": stats}
+        path = folder / speaker_pickle_name(row["dataset"], row["speaker_id"])
+        if path.parent not in made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            made.add(path.parent)
+        with open(path, "wb") as handle:
+            pickle.dump(record, handle, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def gather(shard_dirs: list[str], manifest_failures: str, write_pickles: bool, outputs: dict) -> dict:
@@ -84,13 +99,7 @@ def gather(shard_dirs: list[str], manifest_failures: str, write_pickles: bool, o
     write_parquet(failures, outputs["failures"])
     if write_pickles:
         with atomic_dir(outputs["pickles"]) as folder:
-            for row, vector in zip(table.to_dict("records"), embeddings):
-                stats = {k: float(row.pop(f"embedding_{k}")) for k in ("mean", "std", "min", "max")}
-                record = {**row, "embedding": vector, "embedding_stats": stats}
-                path = folder / speaker_pickle_name(row["dataset"], row["speaker_id"])
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "wb") as handle:
-                    pickle.dump(record, handle, protocol=pickle.HIGHEST_PROTOCOL)
+            write_speaker_pickles(table, embeddings, folder)
     else:
         Path(outputs["pickles"]).mkdir(parents=True, exist_ok=True)
     stats = [read_json(f / SHARD_FILES["stats"]) for f in folders]

@@ -8,8 +8,8 @@ from mlprep.shardwork import ShardedPipeline
 from mlprep.speaker.corpus import LIST_COLUMNS, count_utterances
 
 # Keys that change a shard's embeddings: a change reruns every shard.
-EMBED_KEYS = ("input", "backend", "weights", "batch_size", "min_seconds", "embedding_dim", "trust_pickles",
-              "min_utterances", "normalize", "outlier_std")
+EMBED_KEYS = ("input", "backend", "weights", "source", "length_quantum_s", "batch_size", "min_seconds",
+              "embedding_dim", "trust_pickles", "min_utterances", "normalize", "outlier_std")
 
 
 class SpeakerWorkflow(ShardedPipeline):
