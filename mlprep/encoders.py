@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mlprep.config import looks_like_path
-from mlprep.devices import precision_name
+from mlprep.devices import precision_name, select_device, select_precision
 from mlprep.rng import derive_seed
 
 log = logging.getLogger(__name__)
@@ -124,3 +124,17 @@ class ClipEncoder:
             features = self.model.encode_text(chunk.to(self.device))[:n]
             out.append(F.normalize(features.float(), dim=-1).cpu())
         return torch.cat(out).numpy().astype(np.float32, copy=False)
+
+
+def load_clip_encoder(model_cfg: dict, batch_size: int, device_spec: str, precision_spec: str, threads: int,
+                      seed: int) -> ClipEncoder:
+    """A shard job's encoder: its thread budget, a GPU of its own when it runs one (mlprep.gpuslots), the
+    device and precision the config asks for."""
+    from mlprep.gpuslots import claim_gpu
+
+    torch.set_num_threads(max(1, threads))
+    if device_spec != "cpu":
+        claim_gpu()  # before CUDA starts: a local job gets a GPU of its own; under SLURM, the one given
+    device = select_device(device_spec)
+    return ClipEncoder(ClipSpec.from_config(model_cfg, seed), device, select_precision(precision_spec, device),
+                       batch_size)

@@ -311,7 +311,7 @@ def test_search_refuses_an_empty_index(tmp_path, capsys):
 
     from mlprep.cli import main
     from mlprep.io import write_json
-    from mlprep.sku.index import write_index
+    from mlprep.indexing import write_index
 
     write_index(faiss.IndexFlatIP(8), tmp_path / "index.faiss")
     write_json({"model": {}, "device": "cpu", "precision": "fp32", "seed": 0}, tmp_path / "index_info.json")

@@ -16,7 +16,8 @@ from mlprep.failures import FailureLog, ItemError, ItemFailedError
 from mlprep.sku.augment import AugmentSettings, load_image, original_view, render_views, sample_view
 from mlprep.sku.catalog import read_catalog
 from mlprep.sku.encode import ViewPlan, encode_items
-from mlprep.sku.index import build_index, merge_shards, rank_skus, recall_at_k
+from mlprep.indexing import build_index, recall_at_k
+from mlprep.sku.index import merge_shards, rank_skus
 from mlprep.io import save_npy, write_parquet
 
 from conftest import make_catalog

@@ -20,10 +20,9 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from mlprep.devices import precision_name, select_device, select_precision
-from mlprep.encoders import ClipEncoder, ClipSpec
+from mlprep.devices import precision_name
+from mlprep.encoders import ClipEncoder, load_clip_encoder
 from mlprep.failures import FailureLog, describe_error, write_failures
-from mlprep.gpuslots import claim_gpu
 from mlprep.io import atomic_dir, save_npy, write_parquet
 from mlprep.sharding import ShardId
 from mlprep.sku.augment import (
@@ -233,12 +232,7 @@ def write_encoded_shard(shard: EncodedShard, folder: Path) -> None:
 
 
 def load_encoder(cfg: dict, device_spec: str, precision_spec: str, threads: int, seed: int) -> ClipEncoder:
-    torch.set_num_threads(max(1, threads))
-    if device_spec != "cpu":
-        claim_gpu()  # before CUDA starts: a local job gets a GPU of its own; under SLURM, the one given
-    device = select_device(device_spec)
-    dtype = select_precision(precision_spec, device)
-    return ClipEncoder(ClipSpec.from_config(cfg["model"], seed), device, dtype, cfg["encoding_batch_size"])
+    return load_clip_encoder(cfg["model"], cfg["encoding_batch_size"], device_spec, precision_spec, threads, seed)
 
 
 def view_plan(cfg: dict, seed: int, image_size: int) -> ViewPlan:

@@ -1,4 +1,4 @@
-"""Merging shards into one FAISS index, and ranking SKUs from vector hits."""
+"""Merging shards into one FAISS index, and ranking SKUs from vector hits (the index itself: mlprep.indexing)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,9 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from mlprep.io import atomic_path, load_npy
-from mlprep.rng import rng_for
+from mlprep.io import load_npy
 
 log = logging.getLogger(__name__)
-
-EXACT_FACTORIES = {"Flat", "IDMap,Flat"}
-
 
 def merge_shards(embedding_paths: Sequence[Path | str], metadata_paths: Sequence[Path | str]):
     """Concatenate shard outputs in a canonical order (item id, view): the result does not depend on
@@ -40,59 +36,6 @@ def merge_shards(embedding_paths: Sequence[Path | str], metadata_paths: Sequence
         meta = meta.iloc[order].reset_index(drop=True)
         stacked = stacked[order]
     return np.ascontiguousarray(stacked, dtype=np.float32), meta
-
-
-def build_index(vectors: np.ndarray, factory: str, seed: int, train_sample: int) -> faiss.Index:
-    """An inner-product index from any FAISS factory string, trained on a seeded sample when it needs training."""
-    dim = vectors.shape[1]
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as err:
-        raise ValueError(f"FAISS cannot build index factory {factory!r}: {err}") from err
-    if not index.is_trained:
-        n = min(len(vectors), train_sample)
-        sample = vectors[np.sort(rng_for(seed, "faiss-train").choice(len(vectors), n, replace=False))] if n else vectors
-        log.info("training %s on %d of %d vectors", factory, n, len(vectors))
-        try:
-            index.train(sample)
-        except RuntimeError as err:
-            raise ValueError(
-                f"FAISS could not train {factory!r} on {n} vectors ({err}); "
-                "use a smaller index (fewer lists/centroids) or the exact Flat index for small data"
-            ) from err
-    if len(vectors):
-        index.add(vectors)
-    return index
-
-
-def apply_search_params(index: faiss.Index, search_params: str | None) -> None:
-    """Apply a FAISS ParameterSpace string such as 'nprobe=16' or 'efSearch=64'."""
-    if search_params:
-        faiss.ParameterSpace().set_index_parameters(index, search_params)
-
-
-def write_index(index: faiss.Index, path: Path | str) -> None:
-    with atomic_path(path) as tmp:
-        faiss.write_index(index, str(tmp))
-
-
-def read_index(path: Path | str) -> faiss.Index:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"FAISS index {path} does not exist")
-    return faiss.read_index(str(path))
-
-
-def recall_at_k(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int = 10) -> float | None:
-    """Share of the exact top-k neighbours that `index` also returns, over `queries`."""
-    if not len(queries) or not len(vectors):
-        return None
-    k = min(k, len(vectors))
-    exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(vectors)
-    _, truth = exact.search(queries, k)
-    _, found = index.search(queries, k)
-    hits = sum(len(set(t) & set(f)) for t, f in zip(truth, found))
-    return hits / (k * len(queries))
 
 
 def rank_skus(

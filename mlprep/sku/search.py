@@ -12,7 +12,8 @@ import torch
 from mlprep.failures import ItemError
 from mlprep.io import read_json
 from mlprep.sku.augment import load_image, original_view, render_views
-from mlprep.sku.index import apply_search_params, rank_skus, read_index
+from mlprep.indexing import apply_search_params, read_index
+from mlprep.sku.index import rank_skus
 from mlprep.sku.encode import load_encoder
 
 

@@ -73,14 +73,8 @@ def build(shard_dirs: list, manifest_path, manifest_failures_path, cfg: dict, se
 
     from mlprep.sku.checks import DUPLICATE_CHECKS, checks_html
     from mlprep.sku.encode import SHARD_FILES
-    from mlprep.sku.index import (
-        EXACT_FACTORIES,
-        apply_search_params,
-        build_index,
-        merge_shards,
-        recall_at_k,
-        write_index,
-    )
+    from mlprep.indexing import EXACT_FACTORIES, apply_search_params, build_index, recall_at_k, write_index
+    from mlprep.sku.index import merge_shards
 
     faiss.omp_set_num_threads(max(1, threads))
     shard_dirs = [Path(d) for d in shard_dirs]
@@ -175,7 +169,7 @@ def check(info_path, failures_path, checks_path, max_failed_fraction: float, dup
 def evaluate_index(index_path, embeddings_path, metadata_path, info_path, query_path, query_meta_path,
                    ks, outputs: dict) -> dict:
     from mlprep.sku.evaluate import evaluate, plot_accuracy
-    from mlprep.sku.index import apply_search_params, read_index
+    from mlprep.indexing import apply_search_params, read_index
 
     index = read_index(index_path)
     info = read_json(info_path)
