@@ -31,6 +31,8 @@ test: $(STAMP) slurm-packages
 bench: $(STAMP)
 	$(BIN)/python bench/sku_encode.py
 	$(BIN)/python bench/video_frames.py
+	$(BIN)/python bench/speaker.py
+	$(BIN)/python bench/kline.py
 	$(BIN)/python bench/end_to_end.py
 
 lint: $(STAMP)

@@ -23,6 +23,7 @@ include: "rules/common.smk"
 include: "rules/sku_index.smk"
 include: "rules/video_frames.smk"
 include: "rules/speaker_embed.smk"
+include: "rules/kline_factor.smk"
 
 
 rule all:

@@ -30,7 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mlprep.config import only  # noqa: E402
 from mlprep.sharding import ShardId  # noqa: E402
+
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 DIRS = 1000  # items spread over this many folders, as real data sets are
 
@@ -122,8 +124,8 @@ def make_video(folder: Path, items: int) -> Path:
 def pipeline_config(pipeline: str, data: Path, shards: int) -> dict:
     if pipeline == "sku_index":
         return {"sku_index": {"sku_data": str(data), "images_dir": str(data.parent / "images"), "shards": shards},
-                "video_frames": {"enabled": False}, "speaker_embed": {"enabled": False}}
-    return {"sku_index": {"enabled": False}, "speaker_embed": {"enabled": False},
+                **only("sku_index")}
+    return {**only("video_frames"),
             "video_frames": {"pairs": str(data), "clips_dir": str(data.parent / "clips"), "split_mode": "all_train",
                              "shards": {"train": shards}}}
 

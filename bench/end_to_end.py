@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from mlprep.config import only
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
@@ -125,7 +127,7 @@ def bench_sku(sizes: list[int], work: Path) -> dict:
     for n in sizes:
         data = work / f"sku{n}"
         sku_data = write_catalog(data / "data", n // 2, 2)
-        config = {"device": "cpu", "video_frames": {"enabled": False}, "speaker_embed": {"enabled": False},
+        config = {"device": "cpu", **only("sku_index"),
                   "sku_index": {"sku_data": str(sku_data), "images_dir": str(data / "data" / "images"), "shards": 1,
                                 "eval": {"queries_per_image": 0}, "confusable_pairs": 0}}
         wall, jobs = run_workflow(data / "flow", config)
@@ -154,7 +156,7 @@ def bench_video(sizes: list[int], work: Path) -> dict:
                 target.symlink_to(distinct[i % len(distinct)])
             pairs.append({"clip": target.name, "text": f"clip {i}"})
         (data / "pairs.json").write_text(json.dumps(pairs))
-        config = {"device": "cpu", "sku_index": {"enabled": False}, "speaker_embed": {"enabled": False},
+        config = {"device": "cpu", **only("video_frames"),
                   "video_frames": {"pairs": str(data / "pairs.json"), "clips_dir": str(data / "clips"),
                                    "split_mode": "all_train", "shards": {"train": 2}}}
         wall, jobs = run_workflow(data / "flow", config)

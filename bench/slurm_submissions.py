@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from mlprep.config import only
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -49,8 +51,7 @@ def sacct_jobs() -> list[tuple[str, str]]:
 def run_mode(workdir: Path, shards: int, extra: list[str]) -> tuple[float, int, int]:
     demo = REPO / "resources" / "demo" / "video"
     config = {
-        "sku_index": {"enabled": False},
-        "speaker_embed": {"enabled": False},
+        **only("video_frames"),
         "video_frames": {"pairs": str(demo / "train_pairs.json"), "clips_dir": str(demo / "clips"),
                          "split_mode": "all_train", "shards": {"train": shards}},
     }

@@ -2,8 +2,8 @@
 
 Errors are short: the key, where it is, what is wrong (and the allowed keys for an unknown one),
 never the schema or the whole config. Keys whose value is an input path carry `x-path` in
-config/schema.yaml (`file`, `dir`, or `file-or-tag` for model weights that may be a hub tag); they
-are checked for the pipelines that are enabled.
+config/schema.yaml (`file`, `dir`, `file-or-tag` for model weights that may be a hub tag, `dir-or-hub`
+for a model folder that may be a hub id); they are checked for the pipelines that are enabled.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -100,9 +101,26 @@ def validate(config: dict, schema: dict) -> None:
         raise ConfigError("config error:\n  " + "\n  ".join("\n".join(lines).splitlines()) + more)
 
 
+PIPELINES = ("sku_index", "video_frames", "speaker_embed", "kline_factor")
+
+
+def only(*pipelines: str) -> dict:
+    """Config sections that switch off every pipeline but `pipelines` (a run or test of some of them:
+    the others' default inputs are relative paths that need not exist where it runs)."""
+    unknown = set(pipelines) - set(PIPELINES)
+    if unknown:
+        raise ValueError(f"unknown pipeline(s) {sorted(unknown)}; known: {', '.join(PIPELINES)}")
+    return {name: {"enabled": False} for name in PIPELINES if name not in pipelines}
+
+
 def looks_like_path(value: str) -> bool:
     """Model weights given as a file path rather than a hub tag."""
     return "/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """`org/model`: one slash, no leading dot, slash or tilde."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value) is not None
 
 
 def _path_problem(key: str, value, kind: str) -> str | None:
@@ -113,6 +131,10 @@ def _path_problem(key: str, value, kind: str) -> str | None:
         if not looks_like_path(str(value)):
             return None  # a hub tag such as laion2b_s34b_b79k
         kind = "file"
+    if kind == "dir-or-hub":
+        if not path.exists() and looks_like_hub_id(str(value)):
+            return None  # a hub id such as speechbrain/spkrec-ecapa-voxceleb
+        kind = "dir"
     if kind == "dir" and not path.is_dir():
         what = "is not a folder" if path.exists() else "does not exist"
     elif kind == "file" and not path.is_file():

@@ -175,8 +175,116 @@ def write_speech_demo(folder: Path | str, rate: int = 16000) -> Path:
     return folder
 
 
+def _planted_shape():
+    """A 20-bar shape (log-returns: a slide, a base, a breakout) and the 5-bar rise that follows it."""
+    import numpy as np
+
+    return np.r_[np.full(6, -0.012), np.full(8, 0.001), np.full(6, 0.009)], np.full(5, 0.008)
+
+
+def price_series(n_bars: int, seed: int, plants: int = 8, start: str = "2018-01-02"):
+    """One symbol's daily OHLCV: a seeded random walk whose drift and volatility switch regime every
+    60-250 bars, with `plants` copies of the planted shape (each followed by its rise) at random places."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    returns = np.empty(n_bars)
+    at = 0
+    while at < n_bars:
+        length = int(rng.integers(60, 250))
+        drift, vol = rng.normal(0, 0.0008), rng.uniform(0.008, 0.025)
+        returns[at : at + length] = rng.normal(drift, vol, min(length, n_bars - at))
+        at += length
+    shape, rise = _planted_shape()
+    span = len(shape) + len(rise)
+    slots = np.arange(30, n_bars - span, span + 5)
+    starts = np.sort(rng.choice(slots, size=min(plants, len(slots)), replace=False))
+    for s in starts:
+        returns[s : s + span] = np.r_[shape, rise] + rng.normal(0, 0.002, span)
+    close = 20.0 * np.exp(np.cumsum(returns)) * rng.uniform(0.5, 5.0)
+    opens = np.r_[close[0], close[:-1]] * np.exp(rng.normal(0, 0.003, n_bars))
+    high = np.maximum(opens, close) * np.exp(np.abs(rng.normal(0, 0.006, n_bars)))
+    low = np.minimum(opens, close) * np.exp(-np.abs(rng.normal(0, 0.006, n_bars)))
+    volume = np.round(rng.lognormal(13, 0.4, n_bars))
+    dates = pd.bdate_range(start, periods=n_bars)
+    return pd.DataFrame({"date": dates, "open": opens, "high": high, "low": low, "close": close, "volume": volume})
+
+
+def write_prices_demo(folder: Path | str, n_symbols: int = 32, n_bars: int = 750, seed: int = 11) -> Path:
+    """{SYMBOL}.csv (or .parquet) price files in the column spellings users have: Yahoo-style
+    (Date, Open, High, Low, Close, Adj Close, Volume), lower case, and a `timestamp` parquet."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n_symbols):
+        frame = price_series(n_bars, seed * 1000 + k)
+        symbol = f"S{k:03d}"
+        if k % 4 == 0:  # Yahoo's spelling, with an adjusted close
+            frame = frame.rename(columns=str.title).assign(**{"Adj Close": lambda f: f["Close"] * 0.98})
+            frame = frame[["Date", "Open", "High", "Low", "Close", "Adj Close", "Volume"]]
+            frame.to_csv(folder / f"{symbol}.csv", index=False, float_format="%.4f")
+        elif k % 4 == 1:
+            frame.rename(columns={"date": "timestamp"}).to_parquet(folder / f"{symbol}.parquet", index=False)
+        else:
+            frame.to_csv(folder / f"{symbol}.csv", index=False, float_format="%.4f")
+    return folder
+
+
+ECAPA_HPARAMS = """\
+# A speechbrain speaker-encoder folder laid out as the hub's spkrec-ecapa-voxceleb (smaller sizes).
+pretrained_path: speechbrain/spkrec-ecapa-voxceleb
+n_mels: {n_mels}
+compute_features: !new:speechbrain.lobes.features.Fbank
+    n_mels: !ref <n_mels>
+mean_var_norm: !new:speechbrain.processing.features.InputNormalization
+    norm_type: sentence
+    std_norm: False
+embedding_model: !new:speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN
+    input_size: !ref <n_mels>
+    channels: {channels}
+    kernel_sizes: [5, 3, 3, 3, 1]
+    dilations: [1, 2, 3, 4, 1]
+    attention_channels: {attention}
+    lin_neurons: {dim}
+modules:
+    compute_features: !ref <compute_features>
+    mean_var_norm: !ref <mean_var_norm>
+    embedding_model: !ref <embedding_model>
+pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
+    loadables:
+        embedding_model: !ref <embedding_model>
+    paths:
+        embedding_model: !ref <pretrained_path>/embedding_model.ckpt
+"""
+
+
+def write_ecapa_model(folder: Path | str, channels: int = 32, dim: int = 24, n_mels: int = 24, seed: int = 0) -> Path:
+    """A random-init ECAPA-TDNN model folder (hyperparams.yaml + embedding_model.ckpt) in the layout of the
+    hub's speechbrain/spkrec-ecapa-voxceleb, for tests and benchmarks of the speechbrain backend: it loads
+    through the real from_hparams path, but random weights carry no speaker identity. channels=1024,
+    dim=192, n_mels=80 give the real model's size."""
+    import torch
+    from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = [channels] * 4 + [channels * 3]
+    attention = max(8, channels // 8)
+    (folder / "hyperparams.yaml").write_text(
+        ECAPA_HPARAMS.format(n_mels=n_mels, channels=sizes, attention=attention, dim=dim))
+    torch.manual_seed(seed)
+    model = ECAPA_TDNN(n_mels, channels=sizes, kernel_sizes=[5, 3, 3, 3, 1], dilations=[1, 2, 3, 4, 1],
+                       attention_channels=attention, lin_neurons=dim)
+    torch.save(model.state_dict(), folder / "embedding_model.ckpt")
+    return folder
+
+
 if __name__ == "__main__":
     import sys
 
     if sys.argv[1:2] == ["speech"]:
         print(write_speech_demo(sys.argv[2] if len(sys.argv) > 2 else "resources/demo/speech"))
+    elif sys.argv[1:2] == ["prices"]:
+        print(write_prices_demo(sys.argv[2] if len(sys.argv) > 2 else "resources/demo/prices"))
+    elif sys.argv[1:2] == ["ecapa"]:
+        print(write_ecapa_model(sys.argv[2] if len(sys.argv) > 2 else "ecapa-random"))

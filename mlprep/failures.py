@@ -40,6 +40,13 @@ REASON_CODES: dict[str, str] = {
     "silent": "the utterance holds no sound (every sample near zero, or nothing left after trimming silences)",
     "bad_embedding": "a precomputed embedding file is not a finite 1-D numeric array (or is a pickle, untrusted)",
     "wrong_dimension": "a precomputed embedding's length differs from embedding_dim (or the shard's usual length)",
+    "unreadable_table": "the price file is not a readable CSV or parquet table",
+    "empty_file": "the price file holds no rows",
+    "missing_column": "the price file lacks a column it needs (date, open, high, low, close)",
+    "bad_date": "a price row's date does not parse (the row is dropped)",
+    "bad_value": "a price row holds a missing, non-numeric, zero or negative price, or high below low (dropped)",
+    "duplicate_date": "a price row repeats an earlier row's date; the first is kept",
+    "too_few_bars": "the symbol keeps fewer bars than one window plus the horizon",
 }
 
 

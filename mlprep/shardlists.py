@@ -217,6 +217,7 @@ SYNCS = {  # pipeline -> "module:function(**payload) -> None" that brings its li
     "sku_index": "mlprep.sku.catalog:sync_lists_from",
     "video_frames": "mlprep.video.pairs:sync_lists_from",
     "speaker_embed": "mlprep.speaker.corpus:sync_lists_from",
+    "kline_factor": "mlprep.kline.catalog:sync_lists_from",
 }
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mlprep.config import only
+
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
@@ -62,8 +64,7 @@ def workflow_config(workdir: Path, tiny_clip: dict, **sku_overrides) -> dict:
         "precision": "fp32",
         "continue_on_error": True,
         "sku_index": sku,
-        "video_frames": {"enabled": False},
-        "speaker_embed": {"enabled": False},
+        **only("sku_index"),
     }
 
 

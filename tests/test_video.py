@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import run_snakemake
+
+from mlprep.config import only
 from mlprep.demo import write_clip
 from mlprep.failures import FailureLog, ItemError
 from mlprep.ids import shard_of
@@ -255,8 +256,7 @@ def _video_config(workdir: Path, **overrides) -> dict:
         "timeout_s": 30,
     }
     video.update(overrides)
-    return {"seed": 3, "continue_on_error": True, "device": "cpu", "sku_index": {"enabled": False}, "video_frames": video,
-            "speaker_embed": {"enabled": False}}
+    return {"seed": 3, "continue_on_error": True, "device": "cpu", **only("video_frames"), "video_frames": video}
 
 
 def _write_video_data(workdir: Path, clips: dict[str, Path], names: list[str]) -> None:

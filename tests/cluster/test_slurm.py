@@ -23,6 +23,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from mlprep.config import only
+
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 SCRIPT = REPO / "tests" / "cluster" / "slurm_cluster.sh"
@@ -58,7 +60,7 @@ def _demo_config(workdir: Path) -> Path:
     config = {
         "sku_index": {"sku_data": str(demo / "sku" / "sku_data.json"), "images_dir": str(demo / "sku" / "images")},
         "video_frames": {"pairs": str(demo / "video" / "train_pairs.json"), "clips_dir": str(demo / "video" / "clips")},
-        "speaker_embed": {"enabled": False},
+        **only("sku_index", "video_frames"),
     }
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "config.yaml"
@@ -162,7 +164,7 @@ def test_an_array_of_the_profiles_largest_size_runs_every_shard_in_its_own_task(
     demo = REPO / "resources" / "demo" / "video"
     work = tmp_path / "array"
     work.mkdir()
-    config = {"sku_index": {"enabled": False}, "speaker_embed": {"enabled": False},
+    config = {**only("video_frames"),
               "video_frames": {"pairs": str(demo / "train_pairs.json"), "clips_dir": str(demo / "clips"),
                                "split_mode": "all_train", "shards": {"train": tasks}}}
     (work / "config.yaml").write_text(yaml.safe_dump(config))

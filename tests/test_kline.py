@@ -1,0 +1,225 @@
+"""kline_factor: price files, windows, the no-look-ahead factor, evaluation, the workflow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO, run_snakemake
+
+from mlprep.config import only
+from mlprep.failures import REASON_CODES, ItemError
+from mlprep.kline.library import WindowSpec, price_embedding, symbol_windows
+from mlprep.kline.prices import read_bars
+from mlprep.kline.search import Library, SearchSpec, factor_for, sample_rows
+
+DEMO = REPO / "resources" / "demo" / "prices"
+
+
+def _bars(n: int = 40, seed: int = 0) -> pd.DataFrame:
+    from mlprep.demo import price_series
+
+    return price_series(n, seed, plants=0)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def test_column_spellings_adjusted_close_and_sorting(tmp_path):
+    frame = _bars()
+    yahoo = frame.rename(columns=str.title).assign(**{"Adj Close": frame["close"] * 0.5})
+    yahoo.iloc[::-1].to_csv(tmp_path / "Y.csv", index=False)  # newest first, as some vendors write
+    bars = read_bars("Y", str(tmp_path / "Y.csv"), 10).frame
+    assert bars["date"].is_monotonic_increasing and len(bars) == 40
+    np.testing.assert_allclose(bars["close"], frame["close"] * 0.5, rtol=1e-12)
+    np.testing.assert_allclose(bars["open"], frame["open"] * 0.5, rtol=1e-12)  # scaled like the close
+    raw = read_bars("Y", str(tmp_path / "Y.csv"), 10, adjusted=False).frame
+    np.testing.assert_allclose(raw["close"], frame["close"], rtol=1e-12)
+    frame.rename(columns={"date": "timestamp"}).to_parquet(tmp_path / "T.parquet")
+    assert len(read_bars("T", str(tmp_path / "T.parquet"), 10).frame) == 40
+
+
+def test_bad_rows_become_failures_and_bad_files_raise_with_their_code(tmp_path):
+    frame = _bars().astype({"open": object, "close": object})
+    frame.loc[3, "close"] = "n/a"
+    frame.loc[5, "open"] = 0
+    frame.loc[7, "close"] = -1.0
+    frame.loc[9, "high"] = frame.loc[9, "low"] / 2
+    frame["date"] = frame["date"].astype(str)
+    frame.loc[11, "date"] = "not a date"
+    frame.loc[13, "date"] = frame.loc[12, "date"]
+    frame.to_csv(tmp_path / "B.csv", index=False)
+    bars = read_bars("B", str(tmp_path / "B.csv"), 10)
+    codes = {f.item_id: f.reason_code for f in bars.failures}
+    assert codes == {"B@row5": "bad_value", "B@row7": "bad_value", "B@row9": "bad_value", "B@row11": "bad_value",
+                     "B@row13": "bad_date", "B@row15": "duplicate_date"}
+    assert len(bars.frame) == 34 and bars.frame["date"].is_unique
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text("date,open,high,low,close\n")
+    _bars().drop(columns=["low"]).to_csv(tmp_path / "nolow.csv", index=False)
+    _bars(8).to_csv(tmp_path / "short.csv", index=False)
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 but not really")
+    for name, code in [("empty.csv", "empty_file"), ("header.csv", "empty_file"), ("nolow.csv", "missing_column"),
+                       ("short.csv", "too_few_bars"), ("junk.parquet", "unreadable_table")]:
+        with pytest.raises(ItemError) as err:
+            read_bars("X", str(tmp_path / name), 10)
+        assert err.value.code == code and code in REASON_CODES, name
+
+
+# ---------------------------------------------------------------- windows
+
+
+def test_windows_know_their_outcome_only_after_the_horizon():
+    bars = _bars(30)
+    spec = WindowSpec(window=10, stride=3, horizon=4)
+    meta, closes = symbol_windows("S", bars, spec)
+    assert meta["end_pos"].tolist() == [9, 12, 15, 18, 21, 24, 27]
+    close = bars["close"].to_numpy()
+    assert meta["fwd_return"].iloc[0] == pytest.approx(close[13] / close[9] - 1)
+    assert meta["known_date"].iloc[0] == bars["date"].iloc[13]
+    assert meta["known_date"].isna().tolist() == [False] * 6 + [True] and meta["fwd_return"].isna().sum() == 1
+    np.testing.assert_array_equal(closes[1], close[3:13].astype(np.float32))
+    vectors = price_embedding(bars, meta["end_pos"].to_numpy(), spec)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-6)
+    # inner product of two price embeddings = Pearson correlation of the closes
+    assert float(vectors[0] @ vectors[3]) == pytest.approx(np.corrcoef(closes[0], closes[3])[0, 1], abs=1e-5)
+    # a longer file keeps its earlier windows bit for bit
+    longer = symbol_windows("S", _bars(60), spec)[0]
+    pd.testing.assert_frame_equal(longer.iloc[:5], meta.iloc[:5])
+
+
+def test_charts_draw_bodies_and_wicks_in_the_right_places():
+    from mlprep.kline.chart import DOWN, UP, render
+
+    opens = np.array([[10.0, 12.0]])
+    closes = np.array([[12.0, 11.0]])  # bar 0 rises, bar 1 falls
+    highs, lows = np.array([[13.0, 12.5]]), np.array([[9.0, 10.5]])
+    image = render(opens, highs, lows, closes, size=41)[0]  # 20 px per bar, 10 px per price unit
+    assert image.shape == (41, 41, 3) and image.dtype == np.uint8
+    assert (image[10:31, 2] == UP).all() and (image[:10, 2] == 255).all()  # body: 12 -> 10 is rows 10..30
+    assert (image[0:41, 10] == UP).all()  # the wick, 13 -> 9, is the whole height in the band's middle column
+    assert (image[10:21, 22] == DOWN).all() and (image[21:, 22] == 255).all()  # falling body 12 -> 11
+    assert (image[5:26, 30] == DOWN).all() and (image[26:, 30] == 255).all()  # its wick 12.5 -> 10.5
+    assert (image[:, 40] == 255).all()  # the column after the last band stays blank
+
+
+def test_chart_embeddings_through_the_clip_encoder(tmp_path, tiny_clip):
+    from mlprep.kline.library import build_shard
+    from mlprep.shardlists import ShardLists
+
+    prices = tmp_path / "prices"
+    prices.mkdir()
+    _bars(60, 1).to_csv(prices / "A.csv", index=False)
+    lists = ShardLists(tmp_path / "lists", ["000-of-001"], ["symbol", "path", "size", "mtime_ns"])
+    from mlprep.kline.catalog import sync_lists
+
+    cfg = {"prices_dir": str(prices), "window": 20, "stride": 5, "horizon": 5, "channels": [], "embedding": "chart",
+           "chart": {"size": 40, "batch_size": 4, "model": tiny_clip}}
+    sync_lists(cfg, lists)
+    stats = build_shard("000-of-001", lists.path("000-of-001"), cfg, True, tmp_path / "shard", seed=1)
+    vectors = np.load(tmp_path / "shard" / "embeddings.npy")
+    assert stats["windows"] == 9 and vectors.shape == (9, 32)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5) and np.abs(vectors[0] - vectors[1]).max() > 1e-4
+
+
+# ---------------------------------------------------------------- the factor
+
+
+def _library(frames: dict[str, pd.DataFrame], spec: WindowSpec) -> Library:
+    metas, vectors, closes = [], [], []
+    for symbol, bars in sorted(frames.items()):
+        meta, window_closes = symbol_windows(symbol, bars, spec)
+        metas.append(meta)
+        closes.append(window_closes)
+        vectors.append(price_embedding(bars, meta["end_pos"].to_numpy(), spec))
+    return Library(pd.concat(metas, ignore_index=True), np.concatenate(vectors), np.concatenate(closes))
+
+
+@pytest.mark.parametrize("rerank", ["none", "corr", "dtw"])
+def test_no_look_ahead_truncated_data_give_the_same_factor(rerank):
+    from mlprep.demo import price_series
+
+    spec = WindowSpec(window=12, stride=1, horizon=3)
+    search = SearchSpec(12, 1, 3, search_k=40, top_k=5, rerank=rerank, max_price_checks=12)
+    full = {f"S{k}": price_series(160, 100 + k, plants=3) for k in range(6)}
+    cutoff = full["S0"]["date"].iloc[100]
+    truncated = {s: f[f["date"] <= cutoff].reset_index(drop=True) for s, f in full.items()}
+    factors = {}
+    for name, frames in (("full", full), ("truncated", truncated)):
+        lib = _library(frames, spec)
+        rows = sample_rows(lib, "all", 20, seed=0)
+        factors[name] = factor_for(lib, rows, faiss.IndexFlatIP(lib.vectors.shape[1]), search)
+    full_part = factors["full"][factors["full"]["date"] <= cutoff].reset_index(drop=True)
+    assert len(full_part) == len(factors["truncated"]) > 300
+    assert (full_part["n_matches"] > 0).mean() > 0.9
+    pd.testing.assert_frame_equal(full_part, factors["truncated"], rtol=1e-9, atol=1e-12)
+    # and the later data did change later factors: the test is not vacuous
+    assert (factors["full"]["date"] > cutoff).sum() > 100
+
+
+def test_matches_are_known_at_the_date_and_never_overlap_their_own_window():
+    from mlprep.demo import price_series
+    from mlprep.kline.search import select_matches
+
+    spec = WindowSpec(window=10, stride=1, horizon=2)
+    lib = _library({f"S{k}": price_series(120, 7 + k, plants=2) for k in range(3)}, spec)
+    search = SearchSpec(10, 1, 2, search_k=30, top_k=8)
+    avail, dates = lib.availability()
+    q = np.flatnonzero((lib.meta["symbol"] == "S1").to_numpy() & (lib.end_pos == 80))
+    known = avail[: np.searchsorted(dates, lib.end_date[q[0]], side="right")]
+    index = faiss.IndexFlatIP(lib.vectors.shape[1])
+    index.add(lib.vectors[known])
+    scores, ids = index.search(lib.vectors[q], 30 + search.overlap_room)
+    chosen, rows, _ = select_matches(lib, search, q, scores, known[ids])
+    picked = rows[chosen]
+    assert len(picked) == 8
+    assert (lib.known_date[picked] <= lib.end_date[q[0]]).all()
+    same = lib.symbol_code[picked] == lib.symbol_code[q[0]]
+    assert not (same & (lib.end_pos[picked] > 80 - 10)).any()
+
+
+# ---------------------------------------------------------------- the workflow
+
+
+def _kline_config(work: Path, **factor) -> dict:
+    return {"device": "cpu", **only("kline_factor"),
+            "kline_factor": {"prices_dir": str(work / "prices"), "shards": 3,
+                             "factor": {"samples": 200, "search_k": 100, "warmup_bars": 40, **factor}}}
+
+
+def test_kline_workflow_outputs_failures_and_one_shard_rerun_per_changed_symbol(tmp_path):
+    work = tmp_path / "flow"
+    from mlprep.demo import write_prices_demo
+
+    write_prices_demo(work / "prices", n_symbols=8, n_bars=200)
+    hostile = "株式 ; rm -rf $(x) " + "y" * 150
+    shutil.copy(work / "prices" / "S002.csv", work / "prices" / f"{hostile}.csv")
+    (work / "prices" / "empty.csv").write_text("")
+    bad = pd.read_csv(work / "prices" / "S003.csv")
+    bad.loc[10, "close"] = -5
+    bad.to_csv(work / "prices" / "S003.csv", index=False)
+    config = _kline_config(work)
+    run_snakemake(work, config)
+    out = work / "results" / "kline_factor"
+    factor = pd.read_parquet(out / "factor.parquet")
+    assert list(factor.columns) == ["date", "asset", "win_rate", "mean_fwd_return", "n_matches", "mean_similarity"]
+    assert len(factor) == 200 and factor["n_matches"].max() == 10 and hostile in set(
+        pd.read_parquet(out / "library.parquet")["symbol"])
+    failures = pd.read_parquet(out / "failures.parquet").set_index("item_id")["reason_code"].to_dict()
+    assert failures == {"empty": "empty_file", "S003@row12": "bad_value"}
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert evaluation["factor"]["samples"] > 150 and "quantile_mean_return" in evaluation["baseline"]
+    assert (out / "eval.png").stat().st_size > 10_000
+    assert not [p for p in work.rglob("*") if "株式" in p.name and not p.is_relative_to(work / "prices")]
+    # new bars for one symbol: only its shard's library job runs again
+    grown = pd.read_csv(work / "prices" / "S006.csv")
+    extra = grown.iloc[-5:].copy()
+    extra["date"] = pd.bdate_range(pd.Timestamp(grown["date"].iloc[-1]) + pd.Timedelta(days=1), periods=5)
+    pd.concat([grown, extra]).to_csv(work / "prices" / "S006.csv", index=False)
+    dry = run_snakemake(work, config, "-n")
+    assert dry.stdout.count("rule kline_library_shard:") == 1, dry.stdout[-3000:]
