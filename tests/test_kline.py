@@ -162,6 +162,29 @@ def test_no_look_ahead_truncated_data_give_the_same_factor(rerank):
     assert (factors["full"]["date"] > cutoff).sum() > 100
 
 
+@pytest.mark.parametrize("rerank", ["none", "corr"])
+def test_deep_batched_search_gives_the_walks_factor(rerank):
+    from mlprep.demo import price_series
+
+    spec = WindowSpec(window=12, stride=1, horizon=3)
+    search = SearchSpec(12, 1, 3, search_k=40, top_k=5, rerank=rerank, max_price_checks=12)
+    lib = _library({f"S{k}": price_series(300, 200 + k, plants=4) for k in range(6)}, spec)
+    rows = sample_rows(lib, 150, 20, seed=3)  # thinly spread: ~1 point per date
+    full = faiss.IndexFlatIP(lib.vectors.shape[1])
+    full.add(lib.vectors)
+    walked = factor_for(lib, rows, faiss.IndexFlatIP(lib.vectors.shape[1]), search)
+    batched = factor_for(lib, rows, faiss.IndexFlatIP(lib.vectors.shape[1]), search, full_index=full)
+    assert (walked["n_matches"] == 5).mean() > 0.9
+    pd.testing.assert_frame_equal(batched, walked, rtol=1e-5, atol=1e-6)
+    # both ways of finding a point's known windows agree: from the ranking, or scored directly
+    from mlprep.kline.search import known_hits
+
+    direct = known_hits(lib, full, rows, 49, first_depth=1)  # the ranking never suffices: all scored directly
+    ranked = known_hits(lib, full, rows, 49, first_depth=full.ntotal)  # the whole ranking: none directly
+    np.testing.assert_array_equal(direct[1], ranked[1])
+    np.testing.assert_allclose(direct[0], ranked[0], rtol=1e-5)
+
+
 def test_matches_are_known_at_the_date_and_never_overlap_their_own_window():
     from mlprep.demo import price_series
     from mlprep.kline.search import select_matches

@@ -7,6 +7,12 @@ overlap the query window, which are dropped). A later window can never crowd out
 factor at a date is the same whether the data end there or years later (tested, with the exact index).
 Queries of one date share one FAISS call; the `all` panel is one call per date.
 
+Sample points spread thinly over many dates (the seed's 600 random points) would make that one small search
+per date. For them the full index is searched once for all points, and the windows known at each point's date
+are kept from its ranking (the known windows of a ranking over all windows, in order, are the ranking over the
+known ones); a point whose ranking holds too few known windows is scored directly against exactly the windows
+known at its date. The matches are the walk's (a test holds the two paths to each other).
+
 Rerank (`rerank`): the first `max_price_checks` candidates by FAISS score are re-ordered by the Pearson
 correlation of raw closes (`corr`) or by the DTW distance between z-normalised closes (`dtw`); the rest
 follow in FAISS order; `top_k` are kept.
@@ -27,6 +33,10 @@ log = logging.getLogger(__name__)
 
 FACTOR_COLUMNS = ["date", "asset", "win_rate", "mean_fwd_return", "n_matches", "mean_similarity"]
 ADD_CHUNK = 65536
+SPARSE_DATES = 4  # fewer than this many sample points per date on average: the deep batched search
+BATCH_QUERIES = 4096  # sample points per batched search
+DTW_CELLS = 1 << 22  # dynamic-programming cells per DTW sweep (~32 MB)
+DIRECT_CELLS = 1 << 24  # points x windows per direct scoring product (~64 MB)
 
 
 @dataclass(frozen=True)
@@ -88,16 +98,20 @@ def dtw_distance(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         std = x.std(axis=-1, keepdims=True)
         return (x - x.mean(axis=-1, keepdims=True)) / np.where(std > 0, std, 1.0)
 
-    q, c = z(query)[:, None, :], z(candidates)
-    w = q.shape[-1]
-    cost = np.abs(q[..., :, None] - c[..., None, :])  # [g, m, w, w]
-    acc = np.full(cost.shape[:2] + (w + 1, w + 1), np.inf)
-    acc[..., 0, 0] = 0.0
-    for i in range(1, w + 1):
-        for j in range(1, w + 1):
-            best = np.minimum(np.minimum(acc[..., i - 1, j], acc[..., i, j - 1]), acc[..., i - 1, j - 1])
-            acc[..., i, j] = cost[..., i - 1, j - 1] + best
-    return acc[..., w, w]
+    g, m, w = candidates.shape
+    out = np.empty((g, m))
+    step = max(1, DTW_CELLS // max(1, m * (w + 1) ** 2))  # bounded [chunk, m, w+1, w+1] tables
+    for a in range(0, g, step):
+        q, c = z(query[a : a + step])[:, None, :], z(candidates[a : a + step])
+        cost = np.abs(q[..., :, None] - c[..., None, :])  # [chunk, m, w, w]
+        acc = np.full(cost.shape[:2] + (w + 1, w + 1), np.inf)
+        acc[..., 0, 0] = 0.0
+        for i in range(1, w + 1):
+            for j in range(1, w + 1):
+                best = np.minimum(np.minimum(acc[..., i - 1, j], acc[..., i, j - 1]), acc[..., i - 1, j - 1])
+                acc[..., i, j] = cost[..., i - 1, j - 1] + best
+        out[a : a + step] = acc[..., w, w]
+    return out
 
 
 def select_matches(lib: Library, spec: SearchSpec, q_rows: np.ndarray, scores: np.ndarray, rows: np.ndarray):
@@ -130,12 +144,66 @@ def select_matches(lib: Library, spec: SearchSpec, q_rows: np.ndarray, scores: n
     return chosen, np.take_along_axis(safe, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
+def _aggregate(lib: Library, out: dict, part: slice, chosen, match_rows, match_scores) -> None:
+    n = chosen.sum(axis=1)
+    fwd = np.where(chosen, lib.fwd[match_rows], 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["win_rate"][part] = np.where(n > 0, ((fwd > 0) & chosen).sum(axis=1) / n, np.nan)
+        out["mean_fwd_return"][part] = np.where(n > 0, fwd.sum(axis=1) / n, np.nan)
+        out["mean_similarity"][part] = np.where(n > 0, np.where(chosen, match_scores, 0).sum(axis=1) / n, np.nan)
+    out["n_matches"][part] = n
+
+
+def known_hits(lib: Library, full_index: faiss.Index, q_rows: np.ndarray, fetch: int,
+               first_depth: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, library rows) [len(q_rows), fetch] of the best windows known at each query's date, rows -1
+    where fewer exist. One batched search of `full_index` (every library row, id = row) ranks the whole
+    library; a query whose top `4 x fetch` holds fewer than `fetch` known windows (an early date, when few
+    are known) is scored directly against exactly the windows known at its date instead."""
+    dates = lib.end_date[q_rows]
+    scores = np.full((len(q_rows), fetch), -np.inf, dtype=np.float32)
+    rows = np.full((len(q_rows), fetch), -1, dtype=np.int64)
+    depth = min(full_index.ntotal, first_depth or 4 * fetch)
+    found_scores, found = full_index.search(lib.vectors[q_rows], depth)
+    known = (found >= 0) & (lib.known_date[np.maximum(found, 0)] <= dates[:, None])
+    done = (known.sum(axis=1) >= fetch) | (depth >= full_index.ntotal)
+    keep = np.argsort(~known[done], axis=1, kind="stable")[:, :fetch]  # the known ones, best first
+    width = keep.shape[1]
+    picked = np.take_along_axis(known[done], keep, axis=1)
+    rows[done, :width] = np.where(picked, np.take_along_axis(found[done], keep, axis=1), -1)
+    scores[done, :width] = np.where(picked, np.take_along_axis(found_scores[done], keep, axis=1), -np.inf)
+    late = np.flatnonzero(~done)
+    if len(late):
+        avail, avail_dates = lib.availability()
+        counts = np.searchsorted(avail_dates, dates[late], side="right")  # windows known at each date
+        late, counts = late[np.argsort(counts, kind="stable")], np.sort(counts, kind="stable")
+        pool = np.ascontiguousarray(lib.vectors[avail[: counts[-1]]])  # in the order they become known
+        step = max(1, DIRECT_CELLS // max(1, int(counts[-1])))
+        for a in range(0, len(late), step):
+            part, known_n = late[a : a + step], counts[a : a + step]
+            width_n = int(known_n[-1])
+            if width_n == 0:
+                continue
+            sims = lib.vectors[q_rows[part]] @ pool[:width_n].T  # one product for the chunk
+            sims[np.arange(width_n)[None, :] >= known_n[:, None]] = -np.inf  # not yet known at that date
+            take = min(fetch, width_n)
+            top = np.argpartition(-sims, take - 1, axis=1)[:, :take]
+            top_sims = np.take_along_axis(sims, top, axis=1)
+            order = np.lexsort((top, -top_sims), axis=1)  # best first, ties by the order of becoming known
+            top, top_sims = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_sims, order, axis=1)
+            ok = np.isfinite(top_sims)
+            rows[part, :take] = np.where(ok, avail[top], -1)
+            scores[part, :take] = np.where(ok, top_sims, -np.inf)
+    return scores, rows
+
+
 def factor_for(lib: Library, q_rows: np.ndarray, index: faiss.Index, spec: SearchSpec,
-               progress: TextIO | None = None) -> pd.DataFrame:
-    """FACTOR_COLUMNS for the query windows `q_rows`; `index` is an empty (trained) FAISS index."""
+               progress: TextIO | None = None, full_index: faiss.Index | None = None) -> pd.DataFrame:
+    """FACTOR_COLUMNS for the query windows `q_rows`. `index` is an empty (trained) FAISS index that the
+    walk over the dates fills; with `full_index` (every library row, id = row) and sample points on many
+    dates, the deep batched search (known_hits) is used instead."""
     if index.ntotal:
         raise ValueError("the factor's index must start empty: windows enter it as they become known")
-    avail, avail_dates = lib.availability()
     q_rows = q_rows[np.lexsort((lib.symbol_code[q_rows], lib.end_date[q_rows]))]
     q_dates = lib.end_date[q_rows]
     starts = np.flatnonzero(np.r_[True, q_dates[1:] != q_dates[:-1]])
@@ -143,6 +211,13 @@ def factor_for(lib: Library, q_rows: np.ndarray, index: faiss.Index, spec: Searc
     fetch = spec.search_k + spec.overlap_room
     out = {"win_rate": np.full(len(q_rows), np.nan), "mean_fwd_return": np.full(len(q_rows), np.nan),
            "n_matches": np.zeros(len(q_rows), np.int64), "mean_similarity": np.full(len(q_rows), np.nan)}
+    if full_index is not None and len(starts) * SPARSE_DATES > len(q_rows):
+        for a in range(0, len(q_rows), BATCH_QUERIES):
+            part = slice(a, a + BATCH_QUERIES)
+            scores, rows = known_hits(lib, full_index, q_rows[part], fetch)
+            _aggregate(lib, out, part, *select_matches(lib, spec, q_rows[part], scores, rows))
+        return pd.DataFrame({"date": q_dates, "asset": lib.meta["symbol"].to_numpy()[q_rows], **out})[FACTOR_COLUMNS]
+    avail, avail_dates = lib.availability()
     added = 0
     for a, b in tqdm(list(zip(bounds[:-1], bounds[1:])), desc="factor", unit="date", file=progress, mininterval=2.0):
         upto = int(np.searchsorted(avail_dates, q_dates[a], side="right"))
@@ -154,14 +229,7 @@ def factor_for(lib: Library, q_rows: np.ndarray, index: faiss.Index, spec: Searc
         group = q_rows[a:b]
         scores, ids = index.search(lib.vectors[group], int(min(fetch, index.ntotal)))
         rows = np.where(ids >= 0, avail[np.maximum(ids, 0)], -1)
-        chosen, match_rows, match_scores = select_matches(lib, spec, group, scores, rows)
-        n = chosen.sum(axis=1)
-        fwd = np.where(chosen, lib.fwd[match_rows], 0.0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out["win_rate"][a:b] = np.where(n > 0, ((fwd > 0) & chosen).sum(axis=1) / n, np.nan)
-            out["mean_fwd_return"][a:b] = np.where(n > 0, fwd.sum(axis=1) / n, np.nan)
-            out["mean_similarity"][a:b] = np.where(n > 0, np.where(chosen, match_scores, 0).sum(axis=1) / n, np.nan)
-        out["n_matches"][a:b] = n
+        _aggregate(lib, out, slice(a, b), *select_matches(lib, spec, group, scores, rows))
     return pd.DataFrame({"date": q_dates, "asset": lib.meta["symbol"].to_numpy()[q_rows], **out})[FACTOR_COLUMNS]
 
 

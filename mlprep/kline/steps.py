@@ -115,7 +115,9 @@ def factor(library: dict, index_path, cfg: dict, seed: int, outputs: dict, progr
     rows = sample_rows(lib, fcfg["samples"], max(int(fcfg["warmup_bars"]), spec.window - 1), seed, points)
     index = empty_index_like(index_path)
     apply_search_params(index, cfg["index"].get("search_params"))
-    result = factor_for(lib, rows, index, spec, progress)
+    full = read_index(index_path)  # every window, id = library row: the deep search of thinly spread points
+    apply_search_params(full, cfg["index"].get("search_params"))
+    result = factor_for(lib, rows, index, spec, progress, full_index=full)
     write_parquet(result, outputs["factor"])
     stats = {"samples": int(len(result)), "with_matches": int((result["n_matches"] > 0).sum()),
              "mean_matches": float(result["n_matches"].mean()) if len(result) else None,
