@@ -71,6 +71,26 @@ def test_bad_rows_become_failures_and_bad_files_raise_with_their_code(tmp_path):
         assert err.value.code == code and code in REASON_CODES, name
 
 
+def test_without_continue_on_error_a_bad_file_stops_the_shard_naming_it(tmp_path):
+    from mlprep.failures import ItemFailedError
+    from mlprep.kline.catalog import LIST_COLUMNS, sync_lists
+    from mlprep.kline.library import build_shard
+    from mlprep.shardlists import ShardLists
+
+    prices = tmp_path / "prices"
+    prices.mkdir()
+    _bars(60).to_csv(prices / "GOOD.csv", index=False)
+    (prices / "BAD.csv").write_text("date,open\n2020-01-01,1\n")
+    cfg = {"prices_dir": str(prices), "window": 10, "stride": 1, "horizon": 2, "channels": [], "embedding": "price"}
+    lists = ShardLists(tmp_path / "lists", ["000-of-001"], LIST_COLUMNS)
+    sync_lists(cfg, lists)
+    with pytest.raises(ItemFailedError, match="BAD.csv"):
+        build_shard("000-of-001", lists.path("000-of-001"), cfg, False, tmp_path / "shard")
+    assert not (tmp_path / "shard").exists()  # no partial folder under the final name
+    stats = build_shard("000-of-001", lists.path("000-of-001"), cfg, True, tmp_path / "shard")
+    assert stats["items_ok"] == 1 and stats["items_failed"] == 1
+
+
 # ---------------------------------------------------------------- windows
 
 
@@ -220,15 +240,21 @@ def test_kline_workflow_outputs_failures_and_one_shard_rerun_per_changed_symbol(
     from mlprep.demo import write_prices_demo
 
     write_prices_demo(work / "prices", n_symbols=8, n_bars=200)
-    hostile = "株式 ; rm -rf $(x) " + "y" * 150
+    hostile = "株式 ; rm -rf $(x) @row1 " + "y" * 150  # "@row": how a dropped row is named
     shutil.copy(work / "prices" / "S002.csv", work / "prices" / f"{hostile}.csv")
     (work / "prices" / "empty.csv").write_text("")
     bad = pd.read_csv(work / "prices" / "S003.csv")
     bad.loc[10, "close"] = -5
     bad.to_csv(work / "prices" / "S003.csv", index=False)
     config = _kline_config(work)
+    config["kline_factor"]["index"] = {"factory": "IVF4,Flat", "search_params": "nprobe=4"}  # all lists: exact
+    before = set(tmp_path.rglob("*"))
     run_snakemake(work, config)
+    made = [p for p in set(tmp_path.rglob("*")) - before if not p.is_dir()]
+    assert [p for p in made if not p.is_relative_to(work / "results") and not p.is_relative_to(work / ".snakemake")
+            and p != work / "config.yaml"] == []
     out = work / "results" / "kline_factor"
+    assert json.loads((out / "summary.json").read_text())["recall_at_10"] > 0.99  # ties: the copied file
     factor = pd.read_parquet(out / "factor.parquet")
     assert list(factor.columns) == ["date", "asset", "win_rate", "mean_fwd_return", "n_matches", "mean_similarity"]
     assert len(factor) == 200 and factor["n_matches"].max() == 10 and hostile in set(
@@ -238,7 +264,6 @@ def test_kline_workflow_outputs_failures_and_one_shard_rerun_per_changed_symbol(
     evaluation = json.loads((out / "eval.json").read_text())
     assert evaluation["factor"]["samples"] > 150 and "quantile_mean_return" in evaluation["baseline"]
     assert (out / "eval.png").stat().st_size > 10_000
-    assert not [p for p in work.rglob("*") if "株式" in p.name and not p.is_relative_to(work / "prices")]
     # new bars for one symbol: only its shard's library job runs again
     grown = pd.read_csv(work / "prices" / "S006.csv")
     extra = grown.iloc[-5:].copy()

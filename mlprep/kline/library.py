@@ -28,7 +28,7 @@ from tqdm import tqdm
 from mlprep.failures import FailureLog, ItemError, describe_error, write_failures
 from mlprep.io import atomic_dir, save_npy, write_parquet
 from mlprep.kline.catalog import LIST_COLUMNS
-from mlprep.kline.prices import read_bars
+from mlprep.kline.prices import ROW_STAGE, read_bars
 from mlprep.sharding import ShardId
 from mlprep.shardlists import ShardLists
 from mlprep.stats import ShardStats, scheduler_ids
@@ -148,10 +148,10 @@ def build_shard(shard_text: str, list_path: Path | str, cfg: dict, continue_on_e
     dim = vectors[0].shape[1] if vectors else 0
     matrix = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
     close_matrix = np.concatenate(closes) if closes else np.zeros((0, spec.window), np.float32)
-    stats.ok, stats.failed = len(metas), len({f.item_id for f in failures.records if "@" not in f.item_id})
+    stats.ok, stats.failed = len(metas), sum(f.stage != ROW_STAGE for f in failures.records)
     stats.counts = {"windows": len(meta), "known_windows": int(meta["known_date"].notna().sum())}
     stats.extra = {"embedding": cfg.get("embedding", "price"), "dims": int(dim), "bad_rows": sum(
-        "@" in f.item_id for f in failures.records), **scheduler_ids()}
+        f.stage == ROW_STAGE for f in failures.records), **scheduler_ids()}
     with atomic_dir(out_dir) as folder:
         write_parquet(meta[WINDOW_COLUMNS], folder / SHARD_FILES["windows"])
         save_npy(np.ascontiguousarray(matrix, dtype=np.float32), folder / SHARD_FILES["embeddings"])

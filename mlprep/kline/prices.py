@@ -37,6 +37,7 @@ REQUIRED = ("date", "open", "high", "low", "close")
 PRICE_COLUMNS = ["open", "high", "low", "close"]
 BAR_COLUMNS = ["date", "open", "high", "low", "close", "volume"]
 PRICE_EXTS = (".csv", ".parquet")
+ROW_STAGE = "read_row"  # the stage of a dropped row's failure (item id `<symbol>@row<line>`); a file's is "read"
 
 
 @dataclass
@@ -112,7 +113,7 @@ def read_bars(symbol: str, path: str, min_bars: int, adjusted: bool = True) -> B
         flag(np.isfinite(volume) & (volume < 0), "bad_value", "volume is negative")
     for row in np.flatnonzero(bad):
         code, reason = reasons[row].split(":", 1)
-        failures.append(Failure(f"{symbol}@row{row + 2}", path, "read", code, reason))  # +2: header, 1-based
+        failures.append(Failure(f"{symbol}@row{row + 2}", path, ROW_STAGE, code, reason))  # +2: header, 1-based
     keep = np.flatnonzero(~bad)
     close = values["adjclose"] if adjusted and "adjclose" in values else values["close"]
     factor = close / values["close"]
@@ -127,7 +128,7 @@ def read_bars(symbol: str, path: str, min_bars: int, adjusted: bool = True) -> B
     frame, source_rows = frame.iloc[order].reset_index(drop=True), source_rows[order]
     repeated = frame["date"].duplicated(keep="first").to_numpy()
     for row, date in zip(source_rows[repeated], frame["date"][repeated]):
-        failures.append(Failure(f"{symbol}@row{row}", path, "read", "duplicate_date",
+        failures.append(Failure(f"{symbol}@row{row}", path, ROW_STAGE, "duplicate_date",
                                 f"{date.date()} already has a bar, the first one is kept"))
     frame = frame[~repeated].reset_index(drop=True)
     if len(frame) < min_bars:

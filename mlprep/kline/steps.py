@@ -16,6 +16,7 @@ from mlprep.indexing import EXACT_FACTORIES, apply_search_params, build_index, r
 from mlprep.io import atomic_path, load_npy, read_json, save_npy, write_json, write_parquet
 from mlprep.kline.catalog import list_catalog
 from mlprep.kline.library import SHARD_FILES, WINDOW_COLUMNS
+from mlprep.kline.prices import ROW_STAGE
 from mlprep.kline.search import Library, SearchSpec, factor_for, sample_rows
 from mlprep.rng import rng_for
 
@@ -69,8 +70,8 @@ def gather(shard_dirs: list[str], manifest_failures: str, cfg: dict, seed: int, 
     stats = [read_json(f / SHARD_FILES["stats"]) for f in folders]
     summary = {
         "symbols_ok": int(meta["symbol"].nunique()),
-        "symbols_failed": int((~failures["item_id"].str.contains("@", regex=False)).sum()),
-        "rows_dropped": int(failures["item_id"].str.contains("@", regex=False).sum()),
+        "symbols_failed": int((failures["stage"] != ROW_STAGE).sum()),
+        "rows_dropped": int((failures["stage"] == ROW_STAGE).sum()),
         "windows": int(len(meta)), "known_windows": int(meta["known_date"].notna().sum()), "dims": int(dim),
         "first_date": str(meta["end_date"].min().date()), "last_date": str(meta["end_date"].max().date()),
         "index": index_cfg["factory"], "recall_at_10": recall, "failures_by_code": count_by_code(failures),
@@ -85,7 +86,7 @@ def gather(shard_dirs: list[str], manifest_failures: str, cfg: dict, seed: int, 
 def check(summary_path, failures_path, max_failed_fraction: float, out) -> dict:
     summary = read_json(summary_path)
     failures = pd.read_parquet(failures_path)
-    files = failures[~failures["item_id"].str.contains("@", regex=False)]  # bad rows are not failed symbols
+    files = failures[failures["stage"] != ROW_STAGE]  # a dropped row is not a failed symbol
     result = check_failed_share("kline_factor", summary["symbols_ok"], files, max_failed_fraction, failures_path)
     result["windows"] = summary["windows"]
     write_json(result, out)
