@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/video_frames.py
 	$(BIN)/python bench/speaker.py
 	$(BIN)/python bench/kline.py
+	$(BIN)/python bench/llm_client.py
 	$(BIN)/python bench/end_to_end.py
 
 lint: $(STAMP)

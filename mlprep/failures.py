@@ -47,6 +47,7 @@ REASON_CODES: dict[str, str] = {
     "bad_value": "a price row holds a missing, non-numeric, zero or negative price, or high below low (dropped)",
     "duplicate_date": "a price row repeats an earlier row's date; the first is kept",
     "too_few_bars": "the symbol keeps fewer bars than one window plus the horizon",
+    "bad_row_group": "a parquet row group does not decode (the file's other row groups are read)",
 }
 
 

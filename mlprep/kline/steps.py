@@ -138,9 +138,9 @@ def evaluate(factor_path, library_path, cfg: dict, seed: int, outputs: dict) -> 
     realised = meta.set_index(["symbol", "end_date"])["fwd_return"]
     frame["realised"] = realised.reindex(pd.MultiIndex.from_arrays([frame["asset"], frame["date"]])).to_numpy()
     known = meta[meta["known_date"].notna()].sort_values(["known_date", "symbol", "end_pos"], kind="stable")
-    frame["baseline"] = metrics.random_baseline(known["known_date"].to_numpy("datetime64[ns]"),
-                                                known["fwd_return"].to_numpy(), frame["date"].to_numpy("datetime64[ns]"),
-                                                frame["n_matches"].to_numpy(), seed)
+    frame["baseline"] = metrics.random_baseline(
+        known["known_date"].to_numpy("datetime64[ns]"), known["fwd_return"].to_numpy(),
+        frame["date"].to_numpy("datetime64[ns]"), frame["n_matches"].to_numpy(), seed)
     ecfg = cfg["eval"]
     frame["factor"] = frame["win_rate"]
     factor_result, per_date = metrics.ic_summary(frame, "factor", int(ecfg["min_assets"]), int(ecfg["quantiles"]))

@@ -131,7 +131,8 @@ def aggregate(utterances: pd.DataFrame, vectors: np.ndarray, failed: pd.DataFram
     keys = np.asarray(speaker_keys, dtype=object)
     per_speaker = pd.DataFrame({
         "speaker_key": keys, "dataset": first["dataset"].to_numpy(), "speaker_id": first["speaker_id"].to_numpy(),
-        "num_utterances": kept_counts, "failed_utterances": failed_counts.reindex(keys).fillna(0).astype(int).to_numpy(),
+        "num_utterances": kept_counts,
+        "failed_utterances": failed_counts.reindex(keys).fillna(0).astype(int).to_numpy(),
         "dropped_outliers": counts - kept_counts,
     })
     enough = kept_counts >= max(1, int(min_utterances))

@@ -1,0 +1,117 @@
+"""Reading parquet image datasets one row group at a time (never a whole file in memory).
+
+The unit of work is a row group: `<file>#<row group>` is its stable id, hashed to its probe shard, so a
+hundred parquet files of many row groups spread over the shards evenly and a new file reruns only the
+shards its row groups land in. A row's id is `<file>#<row group>:<row>`.
+
+Images come as the datasets users hold them: raw bytes, a struct with `bytes` and/or `path` (how Hugging
+Face `datasets` stores an Image feature), or a path string (relative to `images_dir`, never outside it).
+A file whose footer cannot be read, a row group that does not decode and an image that does not open
+are failure records with their reason; the rest of the shard goes on.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from mlprep.failures import Failure, ItemError
+from mlprep.ids import UnsafePathError, resolve_inside
+
+ROW_GROUP_COLUMNS = ["item_id", "file", "row_group", "rows"]
+
+
+@dataclass(frozen=True)
+class RowGroups:
+    frame: pd.DataFrame  # ROW_GROUP_COLUMNS, sorted by item_id
+    failures: list[Failure]
+
+
+def row_group_id(file: str, row_group: int) -> str:
+    return f"{file}#{row_group}"
+
+
+def list_row_groups(root: Path | str) -> RowGroups:
+    """Every row group of every `*.parquet` under root (footers only: no data is read)."""
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    rows, failures = [], []
+    for path in sorted(root.rglob("*.parquet")):
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue
+        name = str(path.relative_to(root))
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except Exception as err:  # noqa: BLE001 - any footer error is this file's failure
+            failures.append(Failure(name, str(path), "manifest", "unreadable_table",
+                                    f"not a readable parquet file: {err}"))
+            continue
+        if meta.num_rows == 0:
+            failures.append(Failure(name, str(path), "manifest", "empty_file", "the parquet file holds no rows"))
+        for group in range(meta.num_row_groups):
+            rows.append((row_group_id(name, group), name, group, meta.row_group(group).num_rows))
+    frame = pd.DataFrame(rows, columns=ROW_GROUP_COLUMNS).sort_values("item_id").reset_index(drop=True)
+    return RowGroups(frame, failures)
+
+
+def read_row_group(root: Path | str, file: str, row_group: int, columns: list[str] | None = None) -> pd.DataFrame:
+    """One row group as a DataFrame, or ItemError(bad_row_group)."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(Path(root) / file).read_row_group(row_group, columns=columns)
+    except Exception as err:  # noqa: BLE001
+        raise ItemError("bad_row_group", f"row group {row_group} does not decode: {err}") from err
+    return table.to_pandas()
+
+
+def iter_row_groups(root: Path | str, groups: pd.DataFrame, columns: list[str] | None,
+                    failures) -> Iterator[tuple[str, int, pd.DataFrame]]:
+    """(file, row group, rows) for each readable row group of `groups`; a bad one is recorded in `failures`
+    (a FailureLog) and skipped."""
+    for file, group in zip(groups["file"], groups["row_group"]):
+        try:
+            frame = read_row_group(root, file, int(group), columns)
+        except ItemError as err:
+            failures.record(row_group_id(file, int(group)), str(Path(root) / file), "read", err.code, str(err))
+            continue
+        yield file, int(group), frame
+
+
+def image_bytes(value, images_dir: Path | str | None) -> bytes:
+    """The encoded image a cell holds: bytes, {"bytes": ..., "path": ...}, or a path under images_dir."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return bytes(value["bytes"])
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str) and value:
+        if images_dir is None:
+            raise ItemError("missing", f"image path {value!r} given but no images_dir is set")
+        try:
+            path = resolve_inside(images_dir, value)
+        except UnsafePathError as err:
+            raise ItemError("unsafe_path", str(err)) from err
+        if not path.is_file():
+            raise ItemError("missing", f"image file {value!r} not found under {images_dir}")
+        return path.read_bytes()
+    raise ItemError("not_an_image", f"the image cell holds {type(value).__name__}, not bytes or a path")
+
+
+def decode_image(value, images_dir: Path | str | None = None):
+    """An RGB PIL image from a cell, or ItemError (not_an_image, missing, unsafe_path)."""
+    from PIL import Image
+
+    data = image_bytes(value, images_dir)
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as err:  # noqa: BLE001 - any decoder error is this row's failure
+        raise ItemError("not_an_image", f"the image does not decode: {err}") from err
+    return image.convert("RGB")
