@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/speaker.py
 	$(BIN)/python bench/kline.py
 	$(BIN)/python bench/llm_client.py
+	$(BIN)/python bench/probe_sampler.py
 	$(BIN)/python bench/end_to_end.py
 
 lint: $(STAMP)

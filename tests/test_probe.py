@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -55,3 +56,43 @@ def test_images_in_every_form_and_bad_ones_with_their_code(tmp_path):
         with pytest.raises(ItemError) as err:
             decode_image(value, tmp_path / "imgs")
         assert err.value.code == code, value
+
+
+def _failures(n: int, seed: int = 0):
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    labels = np.array(["cat", "dog", "fox", "owl"])
+    return pd.DataFrame({"file": np.where(np.arange(n) % 3 == 0, "a.parquet", "b.parquet"), "row": np.arange(n),
+                         "label": labels[rng.integers(0, 4, n)], "prediction": labels[rng.integers(0, 4, n)],
+                         "factor": np.array(["blur", "occlusion", None], dtype=object)[rng.integers(0, 3, n)]})
+
+
+def test_sampler_is_stratified_seeded_and_independent_of_chunking_and_order():
+    from mlprep.probe.sampler import KeySampler
+
+    frame = _failures(5000)
+    whole = KeySampler(7, seed=1).feed([frame]).result()
+    chunks = KeySampler(7, seed=1).feed([frame.iloc[i : i + 333] for i in range(0, 5000, 333)]).result()
+    shuffled = frame.sample(frac=1, random_state=3)
+    reordered = KeySampler(7, seed=1).feed([shuffled.iloc[:2500], shuffled.iloc[2500:]]).result()
+    for other in (chunks, reordered):
+        assert whole[["file", "row", "key"]].equals(other[["file", "row", "key"]])
+    counts = whole.groupby("key").size()
+    assert len(counts) == 16 and (counts == 7).all()
+    assert (whole["key_failures"] == whole["key"].map(frame.assign(
+        key=frame["label"] + " -> " + frame["prediction"]).groupby("key").size())).all()
+    assert not KeySampler(7, seed=2).feed([frame]).result()[["file", "row"]].equals(whole[["file", "row"]])
+    # a key with fewer failures than per_key gives all of them; keys by factor name the unverified ones
+    rare = frame.iloc[:3].assign(label="zebra", prediction="horse")
+    small = KeySampler(7, seed=1, key_by="both").feed([frame, rare]).result()
+    assert (small["key"].str.startswith("zebra -> horse")).sum() == 3
+    assert small["key"].str.endswith("| unverified").any()
+    # roughly uniform: over many seeds each failure of a key is picked about per_key / size of the time
+    key = frame["label"].eq("cat") & frame["prediction"].eq("dog")
+    hits = pd.Series(0, index=frame.index[key])
+    for seed in range(200):
+        picked = KeySampler(7, seed).feed([frame[key]]).result()["row"]
+        hits[picked.to_numpy()] += 1
+    expected = 200 * 7 / key.sum()
+    assert abs(hits.mean() - expected) < 1e-9 and hits.std() < 0.5 * expected
