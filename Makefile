@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/kline.py
 	$(BIN)/python bench/llm_client.py
 	$(BIN)/python bench/probe_sampler.py
+	$(BIN)/python bench/probe_zero_shot.py
 	$(BIN)/python bench/end_to_end.py
 
 lint: $(STAMP)

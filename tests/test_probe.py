@@ -96,3 +96,33 @@ def test_sampler_is_stratified_seeded_and_independent_of_chunking_and_order():
         hits[picked.to_numpy()] += 1
     expected = 200 * 7 / key.sum()
     assert abs(hits.mean() - expected) < 1e-9 and hits.std() < 0.5 * expected
+
+
+def test_zero_shot_probe_streams_row_groups_and_records_bad_images(tmp_path, tiny_clip):
+    import torch
+
+    from mlprep.encoders import ClipEncoder, ClipSpec
+    from mlprep.probe.zero_shot import PROBE_COLUMNS, ZeroShot, probe_rows
+
+    data = tmp_path / "data"
+    data.mkdir()
+    images = [_png((255, 0, 0)), _png((0, 255, 0)), b"broken", _png((0, 0, 255)), _png((9, 9, 9))]
+    labels = ["red", "green", "red", "blue", "purple"]  # purple: not in the label set
+    pq.write_table(pa.table({"image": images, "label": labels}), data / "a.parquet", row_group_size=2)
+    spec = ClipSpec(tiny_clip["name"], tiny_clip["pretrained"], tiny_clip["config_file"])
+    encoder = ClipEncoder(spec, torch.device("cpu"), torch.float32, batch_size=4)
+    probe = ZeroShot(encoder, ["red", "green", "blue"], "a {label} square")
+    failures = FailureLog(True)
+    parts = list(probe_rows(data, list_row_groups(data).frame, probe, failures, batch=2))
+    assert len(parts) == 3  # one frame per row group
+    result = pd.concat(parts, ignore_index=True)
+    assert list(result.columns) == PROBE_COLUMNS and result["item_id"].tolist() == [
+        "a.parquet#0:0", "a.parquet#0:1", "a.parquet#1:1"]
+    assert result["prediction"].isin(["red", "green", "blue"]).all() and result["score"].between(1 / 3, 1).all()
+    assert (result["correct"] == (result["label"] == result["prediction"])).all()
+    assert {(f.item_id, f.reason_code) for f in failures.records} == {("a.parquet#1:0", "not_an_image"),
+                                                                      ("a.parquet#2:0", "bad_record")}
+    # the same image gives the same prediction whatever its batch
+    again = pd.concat(probe_rows(data, list_row_groups(data).frame, probe, FailureLog(True), batch=64))
+    assert again["prediction"].tolist() == result["prediction"].tolist()
+    np.testing.assert_allclose(again["score"], result["score"], rtol=1e-5)
