@@ -91,6 +91,25 @@ def run_snakemake(workdir: Path, config: dict, *args: str, check: bool = True, t
     return proc
 
 
+def kill_mid_run(workdir: Path, config: dict, ready, cores: int = 2, timeout: float = 300) -> None:
+    """Start the workflow in `workdir`, SIGKILL its whole process tree (no cleanup) as soon as `ready()` holds,
+    then unlock the folder as a user would before running again."""
+    import signal
+    import time
+
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--configfile",
+           str(workdir / "config.yaml"), "--cores", str(cores)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while not ready() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    run_snakemake(workdir, config, "--unlock")
+
+
 @pytest.fixture()
 def sku_workdir(tmp_path) -> Path:
     make_catalog(tmp_path / "data", 6)

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile
 import torch
-from conftest import REPO, run_snakemake
+from conftest import REPO, kill_mid_run, run_snakemake
 
 from mlprep.config import only
 from mlprep.failures import REASON_CODES
@@ -425,14 +425,6 @@ def _final_outputs(work: Path) -> dict:
 
 
 def test_hostile_ids_stay_inside_results_and_a_killed_run_reruns_to_identical_outputs(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import time
-
-    import yaml
-    from conftest import SNAKEMAKE
-
     runs = {}
     work = tmp_path / "work"  # both runs in one folder: outputs name absolute paths
     shutil.copytree(DEMO, work / "speech")
@@ -444,19 +436,9 @@ def test_hostile_ids_stay_inside_results_and_a_killed_run_reruns_to_identical_ou
         if name == "killed":
             shutil.rmtree(work / "results")
             shutil.rmtree(work / ".snakemake")
-            (work / "config.yaml").write_text(yaml.safe_dump(config))
-            cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(work), "--configfile",
-                   str(work / "config.yaml"), "--cores", "1"]
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             shards = work / "results" / "speaker_embed" / "shards"
-            deadline = time.time() + 300
-            while not list(shards.glob("*/stats.json")) and time.time() < deadline and proc.poll() is None:
-                time.sleep(0.1)
-            assert proc.poll() is None, "the run finished before it could be killed"
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole job tree, mid-run, no cleanup
-            proc.wait(timeout=60)
+            kill_mid_run(work, config, lambda: bool(list(shards.glob("*/stats.json"))), cores=1)
             assert not (work / "results" / "speaker_embed" / "speakers.parquet").exists()
-            run_snakemake(work, config, "--unlock")
         before = set(tmp_path.rglob("*"))
         run_snakemake(work, config)
         made = {p for p in set(tmp_path.rglob("*")) - before if not p.is_dir()}

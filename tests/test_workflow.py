@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, SNAKEMAKE, make_catalog, run_snakemake, workflow_config
+from conftest import REPO, SNAKEMAKE, kill_mid_run, make_catalog, run_snakemake, workflow_config
 from mlprep.ids import shard_of
 
 pytestmark = pytest.mark.slow
@@ -245,19 +242,9 @@ def test_killed_run_resumes_to_the_same_index_whatever_the_shard_count(tmp_path,
     workdir = tmp_path / "killed"
     make_catalog(workdir / "data", 6)
     config = workflow_config(workdir, tiny_clip, shards=3)
-    (workdir / "config.yaml").write_text(__import__("yaml").safe_dump(config))
-    cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), "--cores", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     first_shard = workdir / "results" / "sku_index" / "shards" / "000-of-003" / "stats.json"
-    deadline = time.time() + 300
-    while not first_shard.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole job tree, mid-run, no cleanup
-    proc.wait(timeout=60)
+    kill_mid_run(workdir, config, first_shard.exists)  # the whole job tree, mid-run, no cleanup
     assert not (workdir / "results" / "sku_index" / "index.faiss").exists()
-    run_snakemake(workdir, config, "--unlock")
     run_snakemake(workdir, config)
     runs["killed"] = _index(workdir)
 
