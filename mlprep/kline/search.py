@@ -74,12 +74,16 @@ class Library:
         self.end_date = self.meta["end_date"].to_numpy("datetime64[ns]")
         self.known_date = self.meta["known_date"].to_numpy("datetime64[ns]")
         self.fwd = self.meta["fwd_return"].to_numpy(np.float64)
+        self._availability: tuple[np.ndarray, np.ndarray] | None = None
 
     def availability(self) -> tuple[np.ndarray, np.ndarray]:
-        """(rows of the windows whose outcome is ever known, in the order they become known; their dates)."""
-        known = np.flatnonzero(~np.isnat(self.known_date))
-        order = known[np.lexsort((self.end_pos[known], self.symbol_code[known], self.known_date[known]))]
-        return order, self.known_date[order]
+        """(rows of the windows whose outcome is ever known, in the order they become known; their dates).
+        Sorted once per library: every batch of the deep search asks for it."""
+        if self._availability is None:
+            known = np.flatnonzero(~np.isnat(self.known_date))
+            order = known[np.lexsort((self.end_pos[known], self.symbol_code[known], self.known_date[known]))]
+            self._availability = (order, self.known_date[order])
+        return self._availability
 
 
 def pearson(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
