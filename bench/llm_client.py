@@ -20,10 +20,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+from mlprep.llm import ask_json  # noqa: E402
+
+
+QA_SCHEMA = {"type": "object", "properties": {"question": {"type": "string"}, "answer": {"type": "string"}}}
 
 
 def messages(k: int) -> list[dict]:
-    return [{"role": "user", "content": f"request {k}. Answer with JSON: question, answer"}]
+    return [{"role": "user", "content": ask_json(f"request {k}.", QA_SCHEMA)}]
 
 
 async def mlprep_client(url: str, n: int, concurrency: int, offset: int) -> float:

@@ -15,8 +15,10 @@ aiohttp rather than the openai package: at 32 requests in flight AsyncOpenAI's p
 The API key comes from the environment variable named by `api_key_env`; it is sent in a header and never
 appears in a log line, an output or an error message.
 
-`backend: template` answers offline and deterministically from the request itself (every answer says it is a
-template), so the default demo produces records without a server.
+Steps ask for JSON: the prompt ends with `Answer with JSON matching this schema: {JSON Schema}` and
+`schema_check(schema)` parses and validates the answer (a fenced ```json block is accepted). `backend:
+template` answers offline and deterministically from the request itself with an instance of that schema
+(every string it writes says it is a template), so the default demo produces records without a server.
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("template", "openai")
+SCHEMA_MARKER = "Answer with JSON matching this schema:"
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
@@ -81,7 +84,7 @@ class Reply:
     key: str
     text: str
     model: str
-    attempts: int  # requests sent for it in this run (0: from the cache)
+    attempts: int  # requests it took (as first answered: a cached reply keeps its count; 0 for the template)
     cached: bool
     parsed: object = None  # what the caller's check returned
 
@@ -115,19 +118,24 @@ class ResponseCache:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, model TEXT, text TEXT, "
-                         "created REAL)")
+                         "created REAL, attempts INTEGER DEFAULT 1)")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(responses)")}
+        if "attempts" not in columns:  # a cache written before answers kept their attempt count
+            self._db.execute("ALTER TABLE responses ADD COLUMN attempts INTEGER DEFAULT 1")
         self._keys = {row[0] for row in self._db.execute("SELECT key FROM responses")}
 
-    def get(self, key: str) -> str | None:
+    def get(self, key: str) -> tuple[str, int] | None:
+        """(answer, attempts it took) or None."""
         if key not in self._keys:
             return None
         with self._lock:
-            row = self._db.execute("SELECT text FROM responses WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
+            row = self._db.execute("SELECT text, attempts FROM responses WHERE key = ?", (key,)).fetchone()
+        return (row[0], int(row[1] if row[1] is not None else 1)) if row else None
 
-    def put(self, key: str, model: str, text: str) -> None:
+    def put(self, key: str, model: str, text: str, attempts: int = 1) -> None:
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)", (key, model, text, time.time()))
+            self._db.execute("INSERT OR REPLACE INTO responses (key, model, text, created, attempts) "
+                             "VALUES (?, ?, ?, ?, ?)", (key, model, text, time.time(), attempts))
             self._keys.add(key)
 
     def __len__(self) -> int:
@@ -138,16 +146,76 @@ class ResponseCache:
             self._db.close()
 
 
-def template_answer(messages: list[dict], key: str) -> str:
-    """The offline backend's answer: deterministic, and marked as a template in every field it fills."""
+def prompt_text(messages: list[dict]) -> str:
+    """The text parts of a conversation, joined (images left out)."""
     parts = [part for m in messages for part in (m["content"] if isinstance(m["content"], list) else [m["content"]])]
-    prompt = " ".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in parts)
-    wanted = prompt.split("Answer with JSON:", 1)[-1] if "Answer with JSON:" in prompt else ""
-    names = [part.split(":")[0].strip(" {}\"'\n") for part in wanted.split(",")]
-    names = [name for name in names if name]
-    if names:
-        return json.dumps({name: f"[template {key[:8]}] {name}" for name in names})
-    return f"[template {key[:8]}] no model was asked (backend: template)"
+    return " ".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in parts)
+
+
+def schema_instance(schema: dict, tag: str, name: str = "value") -> object:
+    """A deterministic instance of a (small) JSON Schema: an enum's member picked by the tag's hash, strings
+    that carry the tag, true for booleans, 0 for numbers. What the template backend and the test server say."""
+    if "enum" in schema:
+        options = schema["enum"]
+        return options[int(hashlib.sha256(f"{tag}:{name}".encode()).hexdigest(), 16) % len(options)]
+    kind = schema.get("type")
+    if kind == "object":
+        props = schema.get("properties", {})
+        return {key: schema_instance(sub, tag, key) for key, sub in props.items()}
+    if kind == "array":
+        return [schema_instance(schema.get("items", {}), tag, name)]
+    if kind == "boolean":
+        return True
+    if kind in ("number", "integer"):
+        return max(0, schema.get("minimum", 0))
+    return f"{tag} {name}"
+
+
+def answer_for(prompt: str, tag: str) -> str | None:
+    """A JSON answer to a prompt that asks for one (the schema after SCHEMA_MARKER), else None."""
+    if SCHEMA_MARKER not in prompt:
+        return None
+    try:
+        schema = json.JSONDecoder().raw_decode(prompt.split(SCHEMA_MARKER, 1)[1].strip())[0]
+    except ValueError:
+        return None
+    return json.dumps(schema_instance(schema, tag), ensure_ascii=False)
+
+
+def template_answer(messages: list[dict], key: str) -> str:
+    """The offline backend's answer: deterministic, and marked as a template in every string it writes."""
+    tag = f"[template {key[:8]}]"
+    return answer_for(prompt_text(messages), tag) or f"{tag} no model was asked (backend: template)"
+
+
+def schema_check(schema: dict) -> Callable[[str], dict]:
+    """A check for LLMClient.complete: the answer parsed as JSON (a ```json fence is accepted) and valid
+    against `schema`; otherwise ValueError naming what is wrong (the client then retries)."""
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(schema)
+
+    def check(text: str) -> dict:
+        body = text.strip()
+        if body.startswith("```"):
+            body = body.split("\n", 1)[1] if "\n" in body else ""
+            body = body.rsplit("```", 1)[0]
+        try:
+            data = json.loads(body)
+        except ValueError as err:
+            raise ValueError(f"not JSON ({err.msg} at character {err.pos}): {text[:80]!r}") from None
+        error = next(iter(validator.iter_errors(data)), None)
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "the answer"
+            raise ValueError(f"{where}: {error.message[:200]}")
+        return data
+
+    return check
+
+
+def ask_json(text: str, schema: dict) -> str:
+    """A prompt that asks for an answer valid against `schema` (what schema_check then enforces)."""
+    return f"{text}\n\n{SCHEMA_MARKER} {json.dumps(schema, ensure_ascii=False)}"
 
 
 class LLMClient:
@@ -195,22 +263,26 @@ class LLMClient:
     def params(self) -> dict:
         return {"temperature": self.settings.temperature, "max_tokens": self.settings.max_tokens}
 
-    async def complete(self, messages: list[dict], check: Callable[[str], object] | None = None) -> Reply:
+    async def complete(self, messages: list[dict], check: Callable[[str], object] | None = None,
+                       extra: dict | None = None) -> Reply:
         """The model's answer to `messages`; `check(text)` returns the parsed answer or raises ValueError
-        (the answer is then retried like a failed request, and never cached)."""
+        (the answer is then retried like a failed request, and never cached). `extra`: request parameters
+        of this call (e.g. a `seed`), part of the cache key."""
         s = self.settings
-        key = request_key(s.model, messages, self.params())
+        params = {**self.params(), **(extra or {})}
+        key = request_key(s.model, messages, params)
         cached = self.cache.get(key)
         if cached is not None:
             self.counters.cache_hits += 1
-            return Reply(key, cached, s.model, 0, True, check(cached) if check else None)
+            text, attempts = cached
+            return Reply(key, text, s.model, attempts, True, check(text) if check else None)
         if s.backend == "template":
             text = template_answer(messages, key)
             parsed = check(text) if check else None
-            self.cache.put(key, s.model, text)
+            self.cache.put(key, s.model, text, 0)
             return Reply(key, text, s.model, 0, False, parsed)
         try:  # the first attempt outside tenacity: most requests need no more, and it costs per call
-            text = await self._send(messages)
+            text = await self._send(messages, params)
             try:
                 parsed = check(text) if check else None
             except ValueError as err:
@@ -222,7 +294,7 @@ class LLMClient:
             self._count_retry_code(err.code)
             await asyncio.sleep(self._first_wait(err))
         else:
-            self.cache.put(key, s.model, text)
+            self.cache.put(key, s.model, text, 1)
             return Reply(key, text, s.model, 1, False, parsed)
         from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, stop_after_attempt
 
@@ -231,7 +303,7 @@ class LLMClient:
         try:
             async for attempt in retrying:
                 with attempt:
-                    text = await self._send(messages)
+                    text = await self._send(messages, params)
                     try:
                         parsed = check(text) if check else None
                     except ValueError as err:  # the answer is not what the step asked for
@@ -241,8 +313,9 @@ class LLMClient:
             attempts = err.last_attempt.attempt_number + 1
             self._count_failure(last.code)
             raise LLMError(last.code, f"{last} (after {attempts} attempts)", attempts) from None
-        self.cache.put(key, s.model, text)
-        return Reply(key, text, s.model, attempt.retry_state.attempt_number + 1, False, parsed)
+        attempts = attempt.retry_state.attempt_number + 1
+        self.cache.put(key, s.model, text, attempts)
+        return Reply(key, text, s.model, attempts, False, parsed)
 
     def _count_retry(self, state) -> None:
         self._count_retry_code(state.outcome.exception().code)
@@ -270,11 +343,11 @@ class LLMClient:
             return min(max(retry_after, 0.0), self.settings.backoff_max_s)
         return wait_random_exponential(multiplier=self.settings.backoff_s, max=self.settings.backoff_max_s)(state)
 
-    async def _send(self, messages: list[dict]) -> str:
+    async def _send(self, messages: list[dict], params: dict) -> str:
         import aiohttp
 
         s = self.settings
-        payload = {"model": s.model, "messages": messages, **self.params()}
+        payload = {"model": s.model, "messages": messages, **params}
         if self._rpm is not None:
             await self._rpm.acquire()
         if self._tpm is not None:
@@ -330,19 +403,54 @@ def _retry_after(value: str | None) -> float | None:
             return None
 
 
-async def run_all(client: LLMClient, requests: list[tuple[object, list[dict]]], check=None, on_reply=None,
-                  on_error=None) -> None:
-    """Ask every (tag, messages) at once (the client holds concurrency); callbacks see each reply or final
-    error as it arrives: on_reply(tag, reply), on_error(tag, LLMError)."""
-    async def one(tag, messages):
-        try:
-            reply = await client.complete(messages, check)
-        except LLMError as err:
-            if on_error is not None:
-                on_error(tag, err)
-            return
+async def run_all(client: LLMClient, requests: Iterable[tuple], check=None, on_reply=None, on_error=None) -> None:
+    """Ask every request, (tag, messages) or (tag, messages, extra params), keeping the client's concurrency
+    busy: a pool of workers pulls from `requests` lazily, so a million requests (and the images they carry)
+    are never all in memory. Callbacks see each reply or final error as it arrives: on_reply(tag, reply),
+    on_error(tag, LLMError)."""
+    source = iter(requests)
+
+    async def worker():
+        for request in source:  # one shared iterator: each request is taken by exactly one worker
+            tag, messages = request[0], request[1]
+            extra = request[2] if len(request) > 2 else None
+            try:
+                reply = await client.complete(messages, check, extra)
+            except LLMError as err:
+                if on_error is not None:
+                    on_error(tag, err)
+                continue
+            if on_reply is not None:
+                on_reply(tag, reply)
+
+    workers = max(1, client.settings.concurrency) * 2  # more than in flight: cache hits and callbacks overlap
+    await asyncio.gather(*(worker() for _ in range(workers)))
+
+
+def ask_all(settings: LLMSettings, cache_path: Path | str | None, requests: Iterable[tuple], check=None,
+            on_reply=None, on_error=None, progress=None, total: int | None = None, desc: str = "requests") -> dict:
+    """run_all from synchronous code (a shard job): one client, one event loop; returns the client's counts.
+    `progress` (a stream) gets a tqdm bar over the answers."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="req", file=progress, mininterval=2.0, disable=progress is None)
+
+    def replied(tag, reply):
+        bar.update()
         if on_reply is not None:
             on_reply(tag, reply)
 
-    await asyncio.gather(*(one(tag, messages) for tag, messages in requests))
+    def failed(tag, err):
+        bar.update()
+        if on_error is not None:
+            on_error(tag, err)
 
+    async def go() -> dict:
+        async with LLMClient(settings, cache_path) as client:
+            await run_all(client, requests, check, replied, failed)
+            return client.summary()
+
+    try:
+        return asyncio.run(go())
+    finally:
+        bar.close()

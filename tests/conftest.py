@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,34 @@ def kill_mid_run(workdir: Path, config: dict, ready, cores: int = 2, timeout: fl
 def sku_workdir(tmp_path) -> Path:
     make_catalog(tmp_path / "data", 6)
     return tmp_path
+
+
+class Server:
+    """tests/llm_server.py in its own process (real HTTP on 127.0.0.1); stats() are its request counts."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "llm_server.py"), *args],
+                                     stdout=subprocess.PIPE, text=True)
+        self.port = int(self.proc.stdout.readline())
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats") as response:
+            return json.loads(response.read())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def server_factory():
+    started = []
+
+    def start(*args: str) -> Server:
+        started.append(Server(*args))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()

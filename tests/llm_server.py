@@ -2,9 +2,10 @@
 
 `POST /v1/chat/completions` accepts text and image content parts and answers after `latency` seconds. With
 the seeded rates it misbehaves the ways real endpoints do: 429 with Retry-After, 500, no answer (longer than
-the client waits), a body that is not JSON, and a model answer that is not the JSON the prompt asked for.
+the client waits), a body that is not JSON, a model answer that is not JSON, and JSON that lacks fields.
 `GET /stats` counts the requests, per request key as well (so a test can prove nothing was sent twice).
-The answer is a JSON object with every field the prompt names after "Answer with JSON:".
+The answer is an instance of the JSON Schema the prompt gives after mlprep.llm.SCHEMA_MARKER (enum members
+picked by the request's hash), as a model that follows instructions would write.
 
 Run: `python tests/llm_server.py --latency 0.1 [--rate-429 0.2 ...]`; it prints its port on the first line.
 """
@@ -19,12 +20,17 @@ import random
 import sys
 from collections import Counter
 
+from pathlib import Path
+
 from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mlprep.llm import answer_for  # noqa: E402
 
 
 def make_app(latency: float = 0.0, rate_429: float = 0.0, rate_500: float = 0.0, rate_timeout: float = 0.0,
              rate_malformed: float = 0.0, rate_bad_output: float = 0.0, hang_s: float = 30.0, seed: int = 0,
-             retry_after: float = 0.05) -> web.Application:
+             retry_after: float = 0.05, rate_bad_fields: float = 0.0) -> web.Application:
     rng = random.Random(seed)
     stats = {"requests": 0, "by_outcome": Counter(), "by_key": Counter(), "images": 0}
 
@@ -48,7 +54,8 @@ def make_app(latency: float = 0.0, rate_429: float = 0.0, rate_500: float = 0.0,
         if latency:
             await asyncio.sleep(latency)
         for outcome, rate in (("429", rate_429), ("500", rate_500), ("timeout", rate_timeout),
-                              ("malformed", rate_malformed), ("bad_output", rate_bad_output)):
+                              ("malformed", rate_malformed), ("bad_output", rate_bad_output),
+                              ("bad_fields", rate_bad_fields)):
             if draw < rate:
                 break
             draw -= rate
@@ -63,11 +70,11 @@ def make_app(latency: float = 0.0, rate_429: float = 0.0, rate_500: float = 0.0,
             await asyncio.sleep(hang_s)
         if outcome == "malformed":
             return web.Response(text="<html>upstream error</html>", content_type="text/html")
-        text = " ".join(prompt)
-        wanted = text.split("Answer with JSON:", 1)[-1] if "Answer with JSON:" in text else ""
-        names = [n.split(":")[0].strip(" {}\"'\n") for n in wanted.split(",")]
-        fields = {n: f"{n} for {key[:6]}" for n in names if n}
-        content = "this is not JSON" if outcome == "bad_output" else json.dumps(fields or {"answer": key[:6]})
+        answer = answer_for(" ".join(prompt), f"model-{key[:6]}") or json.dumps({"answer": key[:6]})
+        if outcome == "bad_fields":  # JSON, but not what was asked: every field but the first left out
+            fields = json.loads(answer)
+            answer = json.dumps(dict(list(fields.items())[:1]) if isinstance(fields, dict) else {})
+        content = "this is not JSON" if outcome == "bad_output" else answer
         return web.json_response({"id": key[:12], "object": "chat.completion", "model": body.get("model"),
                                   "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                                                "finish_reason": "stop"}]})
@@ -86,7 +93,7 @@ def make_app(latency: float = 0.0, rate_429: float = 0.0, rate_500: float = 0.0,
 
 async def serve(args) -> None:
     app = make_app(args.latency, args.rate_429, args.rate_500, args.rate_timeout, args.rate_malformed,
-                   args.rate_bad_output, args.hang_s, args.seed)
+                   args.rate_bad_output, args.hang_s, args.seed, rate_bad_fields=args.rate_bad_fields)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", args.port, backlog=4096)
@@ -100,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0)
-    for name in ("429", "500", "timeout", "malformed", "bad-output"):
+    for name in ("429", "500", "timeout", "malformed", "bad-output", "bad-fields"):
         parser.add_argument(f"--rate-{name}", type=float, default=0.0)
     parser.add_argument("--hang-s", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=0)

@@ -10,47 +10,20 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from mlprep.llm import LLMClient, LLMError, LLMSettings, request_key, run_all
+from mlprep.llm import LLMClient, LLMError, LLMSettings, ask_json, request_key, run_all
+
+QA_SCHEMA = {"type": "object", "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
+             "required": ["question", "answer"]}
 
 HERE = Path(__file__).resolve().parent
 
 
-class Server:
-    def __init__(self, *args: str):
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "llm_server.py"), *args], stdout=subprocess.PIPE,
-                                     text=True)
-        self.port = int(self.proc.stdout.readline())
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-
-    def stats(self) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats") as response:
-            return json.loads(response.read())
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-
-
-@pytest.fixture()
-def server_factory():
-    started = []
-
-    def start(*args: str) -> Server:
-        started.append(Server(*args))
-        return started[-1]
-
-    yield start
-    for server in started:
-        server.stop()
-
-
 def _messages(k: int) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "text", "text": f"item {k}. Answer with JSON: question, answer"},
+    return [{"role": "user", "content": [{"type": "text", "text": ask_json(f"item {k}.", QA_SCHEMA)},
                                          {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}]}]
 
 
