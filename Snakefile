@@ -24,6 +24,7 @@ include: "rules/sku_index.smk"
 include: "rules/video_frames.smk"
 include: "rules/speaker_embed.smk"
 include: "rules/kline_factor.smk"
+include: "rules/probe_qa.smk"
 
 
 rule all:

@@ -1,8 +1,10 @@
-"""Benchmark of the failure-key sampler (mlprep.probe.sampler) at scale (`make bench`).
+"""Benchmark of the sampler step (rule probe_sample: mlprep.probe.samples.sample) at scale (`make bench`).
 
-`--rows` synthetic failure rows (label and prediction from `--labels` classes, a factor from 20) are written to
-one parquet file in row groups of 1M (not timed); the sampler streams the file one row group at a time in a
-fresh process, whose wall time and peak resident memory (VmHWM) are reported.
+`--rows` synthetic failure cases in the layout of failure_cases.parquet (label and prediction from `--labels`
+classes, a verified factor from 20) are written to one parquet file in row groups of 1M (not timed); the step
+streams it through the failure-key sampler, reads the sampled rows' details in a second streamed pass and writes
+samples.jsonl and the QA shard lists, in a fresh process whose wall time and peak resident memory (VmHWM) are
+reported.
 """
 
 from __future__ import annotations
@@ -27,30 +29,36 @@ def write_failures(path: Path, rows: int, labels: int, seed: int = 0) -> None:
     writer = None
     for start in range(0, rows, 1_000_000):
         n = min(1_000_000, rows - start)
-        table = pa.table({"file": pa.array(np.full(n, f"part-{start // 2_000_000:05d}.parquet")),
-                          "row": pa.array(np.arange(start, start + n)),
+        file = f"part-{start // 2_000_000:05d}.parquet"
+        in_file = np.arange(start, start + n) % 2_000_000
+        table = pa.table({"item_id": pa.array([f"{file}:{r}" for r in in_file.tolist()]),
+                          "file": pa.array(np.full(n, file)), "row_group": pa.array(in_file // 1000),
+                          "group_row": pa.array(in_file % 1000), "row": pa.array(in_file),
                           "label": pa.array(names[rng.integers(0, labels, n)]),
                           "prediction": pa.array(names[rng.integers(0, labels, n)]),
-                          "factor": pa.array(factors[rng.integers(0, 20, n)])})
+                          "score": pa.array(rng.random(n)),
+                          "factor": pa.array(factors[rng.integers(0, 20, n)]),
+                          "explanation": pa.array(np.full(n, "the shape is hidden")),
+                          "verified": pa.array(np.ones(n, bool)), "factor_status": pa.array(np.full(n, "verified"))})
         writer = writer or pq.ParquetWriter(path, table.schema)
         writer.write_table(table, row_group_size=1_000_000)
     writer.close()
 
 
 def worker(path: str, per_key: int, key_by: str) -> None:
-    from mlprep.probe.sampler import KeySampler
+    from mlprep.probe.samples import sample
 
+    folder = Path(path).parent
+    cfg = {"data_dir": str(folder), "image_column": "image", "images_dir": None, "qa": {"shards": 64},
+           "sampler": {"per_key": per_key, "key_by": key_by, "embed_images": False}}
+    outputs = {"samples": folder / "samples.jsonl", "qa_lists": folder / "qa_lists", "stats": folder / "stats.json",
+               "failures": folder / "sample_failures.parquet"}
     started = time.perf_counter()
-    source = pq.ParquetFile(path)
-    sampler = KeySampler(per_key, seed=7, key_by=key_by)
-    for group in range(source.num_row_groups):
-        sampler.add(source.read_row_group(group).to_pandas())
-    sample = sampler.result()
+    stats = sample(path, cfg, 7, True, outputs)
     seconds = time.perf_counter() - started
     peak = next(int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text().splitlines()
                 if line.startswith("VmHWM:"))
-    print(json.dumps({"seconds": seconds, "peak_rss_mib": peak, "keys": int(sample["key"].nunique()),
-                      "sampled": len(sample)}))
+    print(json.dumps({"seconds": seconds, "peak_rss_mib": peak, "keys": stats["keys"], "sampled": stats["sampled"]}))
 
 
 def main() -> None:
@@ -72,7 +80,7 @@ def main() -> None:
         done = subprocess.run([sys.executable, __file__, "--worker", str(path), str(args.per_key), args.key_by],
                               capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"failure-key sampler on {cpu_summary()}: {args.rows:,} failure rows, {result['keys']:,} keys "
+    print(f"sampler step on {cpu_summary()}: {args.rows:,} failure rows, {result['keys']:,} keys "
           f"({args.key_by}), {args.per_key} per key -> {result['sampled']:,} sampled in {result['seconds']:.1f} s, "
           f"peak RSS {result['peak_rss_mib']:.0f} MiB (targets: 60 s, 2 GiB)")
 

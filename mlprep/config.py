@@ -101,7 +101,7 @@ def validate(config: dict, schema: dict) -> None:
         raise ConfigError("config error:\n  " + "\n  ".join("\n".join(lines).splitlines()) + more)
 
 
-PIPELINES = ("sku_index", "video_frames", "speaker_embed", "kline_factor")
+PIPELINES = ("sku_index", "video_frames", "speaker_embed", "kline_factor", "probe_qa")
 
 
 def only(*pipelines: str) -> dict:

@@ -230,6 +230,59 @@ def write_prices_demo(folder: Path | str, n_symbols: int = 32, n_bars: int = 750
     return folder
 
 
+PROBE_COLOURS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 200), "yellow": (230, 200, 40)}
+PROBE_SHAPES = ["circle", "square", "triangle"]
+
+
+def probe_image(label: str, seed: int, size: int = 96) -> bytes:
+    """A PNG of a '<colour> <shape>' on a noisy background, in a seeded pose."""
+    import io
+
+    rng = rng_for(seed, "probe-image", label)
+    colour, shape = label.split(" ")
+    base = tuple(int(v) for v in rng.integers(90, 200, 3))
+    image = Image.new("RGB", (size, size), base)
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):  # clutter
+        x, y = (int(v) for v in rng.integers(0, size, 2))
+        draw.rectangle([x, y, x + 10, y + 10], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    r = int(rng.integers(size // 5, size // 3))
+    cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
+    fill = tuple(int(min(255, max(0, c + rng.integers(-30, 30)))) for c in PROBE_COLOURS[colour])
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def write_probe_demo(folder: Path | str, rows: int = 32, seed: int = 5) -> Path:
+    """Three parquet files of labelled images in the forms datasets hold them: raw bytes (a.parquet), Hugging
+    Face's {bytes, path} struct (b.parquet), and bytes with a broken image (c.parquet); 16 rows per row group."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = [f"{c} {s}" for c in PROBE_COLOURS for s in PROBE_SHAPES]
+    for k, name in enumerate(["a", "b", "c"]):
+        rng = np.random.default_rng(seed + k)
+        chosen = [labels[i] for i in rng.integers(0, len(labels), rows)]
+        images = [probe_image(label, seed * 1000 + k * rows + i) for i, label in enumerate(chosen)]
+        if name == "c":
+            images[5] = images[5][:40]  # a truncated PNG: a failure record, the rest of the file is probed
+        column = (pa.array([{"bytes": b, "path": f"{name}/{i:04d}.png"} for i, b in enumerate(images)])
+                  if name == "b" else pa.array(images, pa.binary()))
+        table = pa.table({"image": column, "label": chosen, "source": [f"demo-{name}"] * rows})
+        pq.write_table(table, folder / f"{name}.parquet", row_group_size=16)
+    return folder
+
+
 ECAPA_HPARAMS = """\
 # A speechbrain speaker-encoder folder laid out as the hub's spkrec-ecapa-voxceleb (smaller sizes).
 pretrained_path: speechbrain/spkrec-ecapa-voxceleb
@@ -286,5 +339,7 @@ if __name__ == "__main__":
         print(write_speech_demo(sys.argv[2] if len(sys.argv) > 2 else "resources/demo/speech"))
     elif sys.argv[1:2] == ["prices"]:
         print(write_prices_demo(sys.argv[2] if len(sys.argv) > 2 else "resources/demo/prices"))
+    elif sys.argv[1:2] == ["probe"]:
+        print(write_probe_demo(sys.argv[2] if len(sys.argv) > 2 else "resources/demo/probe"))
     elif sys.argv[1:2] == ["ecapa"]:
         print(write_ecapa_model(sys.argv[2] if len(sys.argv) > 2 else "ecapa-random"))

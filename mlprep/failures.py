@@ -48,6 +48,13 @@ REASON_CODES: dict[str, str] = {
     "duplicate_date": "a price row repeats an earlier row's date; the first is kept",
     "too_few_bars": "the symbol keeps fewer bars than one window plus the horizon",
     "bad_row_group": "a parquet row group does not decode (the file's other row groups are read)",
+    "llm_rate_limited": "the LLM endpoint kept answering 429 (rate limited) through every retry",
+    "llm_http_error": "the LLM endpoint answered an HTTP error (5xx through every retry, or a 4xx)",
+    "llm_timeout": "the LLM endpoint did not answer within timeout_s, through every retry",
+    "llm_connection": "the LLM endpoint could not be reached, through every retry",
+    "llm_malformed_response": "the LLM endpoint's body was not a chat completion, through every retry",
+    "llm_bad_output": "the model's answer was not the JSON asked for (not JSON, or missing/invalid fields), "
+                      "through every retry",
 }
 
 

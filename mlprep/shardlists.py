@@ -218,6 +218,7 @@ SYNCS = {  # pipeline -> "module:function(**payload) -> None" that brings its li
     "video_frames": "mlprep.video.pairs:sync_lists_from",
     "speaker_embed": "mlprep.speaker.corpus:sync_lists_from",
     "kline_factor": "mlprep.kline.catalog:sync_lists_from",
+    "probe_qa": "mlprep.probe.catalog:sync_lists_from",
 }
 
 

@@ -117,11 +117,11 @@ def test_zero_shot_probe_streams_row_groups_and_records_bad_images(tmp_path, tin
     assert len(parts) == 3  # one frame per row group
     result = pd.concat(parts, ignore_index=True)
     assert list(result.columns) == PROBE_COLUMNS and result["item_id"].tolist() == [
-        "a.parquet#0:0", "a.parquet#0:1", "a.parquet#1:1"]
+        "a.parquet:0", "a.parquet:1", "a.parquet:3"]
     assert result["prediction"].isin(["red", "green", "blue"]).all() and result["score"].between(1 / 3, 1).all()
     assert (result["correct"] == (result["label"] == result["prediction"])).all()
-    assert {(f.item_id, f.reason_code) for f in failures.records} == {("a.parquet#1:0", "not_an_image"),
-                                                                      ("a.parquet#2:0", "bad_record")}
+    assert {(f.item_id, f.reason_code) for f in failures.records} == {("a.parquet:2", "not_an_image"),
+                                                                      ("a.parquet:4", "bad_record")}
     # the same image gives the same prediction whatever its batch
     again = pd.concat(probe_rows(data, list_row_groups(data).frame, probe, FailureLog(True), batch=64))
     assert again["prediction"].tolist() == result["prediction"].tolist()

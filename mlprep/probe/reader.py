@@ -2,7 +2,7 @@
 
 The unit of work is a row group: `<file>#<row group>` is its stable id, hashed to its probe shard, so a
 hundred parquet files of many row groups spread over the shards evenly and a new file reruns only the
-shards its row groups land in. A row's id is `<file>#<row group>:<row>`.
+shards its row groups land in. A row's id is `<file>:<row>`, its row counted from the file's start.
 
 Images come as the datasets users hold them: raw bytes, a struct with `bytes` and/or `path` (how Hugging
 Face `datasets` stores an Image feature), or a path string (relative to `images_dir`, never outside it).
@@ -22,7 +22,8 @@ import pandas as pd
 from mlprep.failures import Failure, ItemError
 from mlprep.ids import UnsafePathError, resolve_inside
 
-ROW_GROUP_COLUMNS = ["item_id", "file", "row_group", "rows"]
+ROW_GROUP_COLUMNS = ["item_id", "file", "row_group", "first_row", "rows"]
+IMAGE_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
 
 
 @dataclass(frozen=True)
@@ -35,28 +36,53 @@ def row_group_id(file: str, row_group: int) -> str:
     return f"{file}#{row_group}"
 
 
-def list_row_groups(root: Path | str) -> RowGroups:
-    """Every row group of every `*.parquet` under root (footers only: no data is read)."""
+def row_id(file: str, row: int) -> str:
+    return f"{file}:{row}"
+
+
+def parquet_files(root: Path | str) -> list[Path]:
+    """Every `*.parquet` under root, sorted, hidden files and folders skipped."""
+    root = Path(root)
+    return [p for p in sorted(root.rglob("*.parquet"))
+            if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+
+
+def group_rows(path: Path | str) -> list[int]:
+    """Rows per row group, from the footer (raises on an unreadable file)."""
     import pyarrow.parquet as pq
 
+    meta = pq.ParquetFile(path).metadata
+    return [meta.row_group(k).num_rows for k in range(meta.num_row_groups)]
+
+
+def row_group_frame(files: list[str], rows_per_group: list[list[int]]) -> pd.DataFrame:
+    """ROW_GROUP_COLUMNS from each file's row counts per group."""
+    out = []
+    for name, counts in zip(files, rows_per_group):
+        first = 0
+        for group, n in enumerate(counts):
+            out.append((row_group_id(name, group), name, group, first, n))
+            first += n
+    return pd.DataFrame(out, columns=ROW_GROUP_COLUMNS).sort_values("item_id").reset_index(drop=True)
+
+
+def list_row_groups(root: Path | str) -> RowGroups:
+    """Every row group of every `*.parquet` under root (footers only: no data is read)."""
     root = Path(root)
-    rows, failures = [], []
-    for path in sorted(root.rglob("*.parquet")):
-        if any(part.startswith(".") for part in path.relative_to(root).parts):
-            continue
+    names, counts, failures = [], [], []
+    for path in parquet_files(root):
         name = str(path.relative_to(root))
         try:
-            meta = pq.ParquetFile(path).metadata
+            rows = group_rows(path)
         except Exception as err:  # noqa: BLE001 - any footer error is this file's failure
             failures.append(Failure(name, str(path), "manifest", "unreadable_table",
                                     f"not a readable parquet file: {err}"))
             continue
-        if meta.num_rows == 0:
+        if not sum(rows):
             failures.append(Failure(name, str(path), "manifest", "empty_file", "the parquet file holds no rows"))
-        for group in range(meta.num_row_groups):
-            rows.append((row_group_id(name, group), name, group, meta.row_group(group).num_rows))
-    frame = pd.DataFrame(rows, columns=ROW_GROUP_COLUMNS).sort_values("item_id").reset_index(drop=True)
-    return RowGroups(frame, failures)
+        names.append(name)
+        counts.append(rows)
+    return RowGroups(row_group_frame(names, counts), failures)
 
 
 def read_row_group(root: Path | str, file: str, row_group: int, columns: list[str] | None = None) -> pd.DataFrame:
@@ -81,6 +107,52 @@ def iter_row_groups(root: Path | str, groups: pd.DataFrame, columns: list[str] |
             failures.record(row_group_id(file, int(group)), str(Path(root) / file), "read", err.code, str(err))
             continue
         yield file, int(group), frame
+
+
+def group_images(root: Path | str, rows: pd.DataFrame, image_column: str, images_dir,
+                 failures=None) -> Iterator[tuple[int, bytes]]:
+    """(position in `rows`, encoded image) for rows (columns file, row_group, group_row), reading each row
+    group's image column once, in file and group order: only one row group's images are held at a time.
+    A row group or image that cannot be read is recorded in `failures` (stage "image") and skipped."""
+    order = rows.sort_values(["file", "row_group", "group_row"], kind="stable")
+    for (file, group), part in order.groupby(["file", "row_group"], sort=False):
+        try:
+            cells = read_row_group(root, file, int(group), [image_column])[image_column]
+        except ItemError as err:
+            for k in part.index:
+                _record(failures, rows, k, root, err)
+            continue
+        for k, group_row in zip(part.index, part["group_row"]):
+            try:
+                yield k, image_bytes(cells.iloc[int(group_row)], images_dir)
+            except ItemError as err:
+                _record(failures, rows, k, root, err)
+
+
+def _record(failures, rows: pd.DataFrame, k, root, err: ItemError) -> None:
+    if failures is None:
+        raise err
+    failures.record(row_id(rows.at[k, "file"], int(rows.at[k, "row"])), str(Path(root) / rows.at[k, "file"]),
+                    "image", err.code, str(err))
+
+
+def data_uri(data: bytes) -> str:
+    """A data: URI for an image part of a chat request: the original bytes when the format is one chat
+    APIs take (JPEG, PNG, WebP, GIF), else re-encoded as PNG."""
+    import base64
+
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        mime = IMAGE_MIME.get(image.format or "")
+        if mime is None:
+            out = io.BytesIO()
+            image.convert("RGB").save(out, format="PNG")
+            data, mime = out.getvalue(), "image/png"
+    except Exception as err:  # noqa: BLE001
+        raise ItemError("not_an_image", f"the image does not decode: {err}") from err
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def image_bytes(value, images_dir: Path | str | None) -> bytes:

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 
 from mlprep.failures import FailureLog, ItemError
-from mlprep.probe.reader import decode_image, iter_row_groups
+from mlprep.probe.reader import decode_image, iter_row_groups, row_id
 
-PROBE_COLUMNS = ["item_id", "file", "row_group", "row", "label", "prediction", "score", "correct"]
+PROBE_COLUMNS = ["item_id", "file", "row_group", "group_row", "row", "label", "prediction", "score", "correct"]
 
 
 def square_pixels(image, size: int) -> np.ndarray:
@@ -57,6 +57,16 @@ class ZeroShot:
         return best, prob[np.arange(len(best)), best]
 
 
+def probe_frame(file: str, group: int, first_row: int, group_rows: list[int], labels: list[str],
+                predictions: list[str], scores: list[float]) -> pd.DataFrame:
+    """PROBE_COLUMNS for the probed rows of one row group."""
+    rows = [first_row + r for r in group_rows]
+    return pd.DataFrame({"item_id": [row_id(file, r) for r in rows], "file": file, "row_group": group,
+                         "group_row": group_rows, "row": rows, "label": labels, "prediction": predictions,
+                         "score": scores, "correct": [a == b for a, b in zip(labels, predictions)]},
+                        columns=PROBE_COLUMNS)
+
+
 def probe_rows(root: Path | str, groups: pd.DataFrame, probe: ZeroShot, failures: FailureLog,
                image_column: str = "image", label_column: str = "label", images_dir=None,
                batch: int = 64) -> Iterator[pd.DataFrame]:
@@ -64,16 +74,17 @@ def probe_rows(root: Path | str, groups: pd.DataFrame, probe: ZeroShot, failures
     bad row groups and images are recorded in `failures`, a label outside the label set as `bad_record`."""
     size = probe.encoder.image_size
     index = {label: k for k, label in enumerate(probe.labels)}
+    first_rows = dict(zip(zip(groups["file"], groups["row_group"]), groups["first_row"]))
     for file, group, frame in iter_row_groups(root, groups, [image_column, label_column], failures):
+        first = int(first_rows[(file, group)])
         rows, labels, pixels = [], [], []
         for row, (cell, label) in enumerate(zip(frame[image_column], frame[label_column])):
-            item_id = f"{file}#{group}:{row}"
             try:
                 if str(label) not in index:
                     raise ItemError("bad_record", f"label {label!r} is not in the label set")
                 pixels.append(square_pixels(decode_image(cell, images_dir), size))
             except ItemError as err:
-                failures.record(item_id, str(Path(root) / file), "probe", err.code, str(err))
+                failures.record(row_id(file, first + row), str(Path(root) / file), "probe", err.code, str(err))
                 continue
             rows.append(row)
             labels.append(str(label))
@@ -82,6 +93,4 @@ def probe_rows(root: Path | str, groups: pd.DataFrame, probe: ZeroShot, failures
             best, score = probe.predict(np.stack(pixels[start : start + batch]))
             predictions.extend(probe.labels[k] for k in best)
             scores.extend(score.tolist())
-        yield pd.DataFrame({"item_id": [f"{file}#{group}:{r}" for r in rows], "file": file, "row_group": group,
-                            "row": rows, "label": labels, "prediction": predictions, "score": scores,
-                            "correct": [a == b for a, b in zip(labels, predictions)]}, columns=PROBE_COLUMNS)
+        yield probe_frame(file, group, first, rows, labels, predictions, scores)

@@ -1,0 +1,130 @@
+"""Listing a parquet image dataset for the probe shards: row groups from the files' footers, and the label set.
+
+A probe shard's items are row groups (`<file>#<group>`, hashed to a shard): a new file, or a file rewritten,
+changes the lists of the shards its row groups land in, and only those rerun. Footers (and, when the config
+gives no `labels`, each file's label column) are read once per file version: `scan.json` in the lists folder
+keeps them by (size, mtime), so rebuilding the DAG over hundreds of unchanged files reads nothing.
+
+The label set is the config's `labels`, or else every distinct value of the label column, sorted; it is
+written to `labels.json` beside the lists (rewritten only when it changes) and is part of every probe shard's
+fingerprint: a zero-shot probe compares each image with every label, so a new label reruns every shard.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from mlprep.failures import Failure
+from mlprep.files import file_stats
+from mlprep.ids import shards_of
+from mlprep.io import write_json
+from mlprep.probe.reader import group_rows, parquet_files, row_group_frame
+from mlprep.shardlists import ShardLists, encode_lines, file_digest
+
+LIST_COLUMNS = ["item_id", "file", "row_group", "first_row", "rows", "size", "mtime_ns"]
+LABELS_FILE = "labels.json"
+SCAN_FILE = "scan.json"
+
+
+@dataclass(frozen=True)
+class Catalog:
+    frame: pd.DataFrame  # LIST_COLUMNS + shard, sorted by item_id
+    failures: list[Failure]
+    labels: list[str]
+
+
+def _file_labels(path: Path, column: str) -> list[str]:
+    """The distinct values of one file's label column (that column only, row group by row group)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    handle = pq.ParquetFile(path)
+    if column not in handle.schema_arrow.names:
+        raise ValueError(f"no column {column!r} (columns: {', '.join(handle.schema_arrow.names)})")
+    seen: set[str] = set()
+    for group in range(handle.metadata.num_row_groups):
+        values = pc.unique(handle.read_row_group(group, columns=[column]).column(0))
+        seen.update(str(v) for v in values.to_pylist() if v is not None)
+    return sorted(seen)
+
+
+def scan(cfg: dict, folder: Path | str | None = None) -> Catalog:
+    """Row groups and label set of the dataset (footers and label columns cached in `folder`)."""
+    root = Path(cfg["data_dir"])
+    want_labels = not cfg.get("labels")
+    cache_path = Path(folder) / SCAN_FILE if folder else None
+    try:
+        cache = json.loads(cache_path.read_text()) if cache_path else {}
+    except (OSError, ValueError):
+        cache = {}
+    paths = parquet_files(root)
+    sizes, mtimes = file_stats([str(p) for p in paths])
+    names, counts, failures, labels, fresh = [], [], [], set(), {}
+    for path, size, mtime in zip(paths, sizes, mtimes):
+        name = str(path.relative_to(root))
+        entry = cache.get(name)
+        if not entry or entry["stat"] != [int(size), int(mtime)] or (want_labels and entry.get("labels") is None):
+            entry = {"stat": [int(size), int(mtime)], "rows": None, "labels": None, "error": None}
+            try:
+                entry["rows"] = group_rows(path)
+                if want_labels:
+                    entry["labels"] = _file_labels(path, cfg["label_column"])
+            except Exception as err:  # noqa: BLE001 - any footer or column error is this file's failure
+                entry["error"] = f"not a readable parquet file with a {cfg['label_column']!r} column: {err}"
+        fresh[name] = entry
+        if entry["error"]:
+            failures.append(Failure(name, str(path), "manifest", "unreadable_table", entry["error"]))
+            continue
+        if not sum(entry["rows"]):
+            failures.append(Failure(name, str(path), "manifest", "empty_file", "the parquet file holds no rows"))
+        names.append(name)
+        counts.append(entry["rows"])
+        labels.update(entry["labels"] or [])
+    if cache_path and fresh != cache:
+        write_json(fresh, cache_path)
+    frame = row_group_frame(names, counts)
+    stat = dict(zip([str(p.relative_to(root)) for p in paths], zip(sizes, mtimes)))
+    frame["size"] = [int(stat[f][0]) for f in frame["file"]]
+    frame["mtime_ns"] = [int(stat[f][1]) for f in frame["file"]]
+    label_list = [str(v) for v in cfg["labels"]] if cfg.get("labels") else sorted(labels)
+    return Catalog(frame, failures, label_list)
+
+
+def count_row_groups(cfg: dict, folder: Path | str | None = None) -> int:
+    return len(scan(cfg, folder).frame)
+
+
+def sync_lists(cfg: dict, lists: ShardLists) -> dict[str, str]:
+    catalog = scan(cfg, lists.folder)
+    frame = catalog.frame
+    lines = encode_lines({c: ("str" if c in ("item_id", "file") else "int", frame[c]) for c in LIST_COLUMNS})
+    lists.sync(shards_of(frame["item_id"].tolist(), len(lists.names)), lines)
+    labels_path = lists.folder / LABELS_FILE
+    data = {"labels": catalog.labels, "source": "config" if cfg.get("labels") else f"column {cfg['label_column']}"}
+    try:
+        same = json.loads(labels_path.read_text()) == data
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        write_json(data, labels_path)
+    return lists.fingerprints()
+
+
+def sync_lists_from(cfg: dict, folder: str, shards: list[str]) -> None:
+    """sync_lists from plain arguments (what mlprep.shardlists.ListSync passes to its process)."""
+    sync_lists(cfg, ShardLists(folder, shards, LIST_COLUMNS))
+
+
+def read_labels(path: Path | str) -> list[str]:
+    labels = json.loads(Path(path).read_text())["labels"]
+    if not labels:
+        raise ValueError(f"{path}: the label set is empty (no labels in config and none in the data)")
+    return labels
+
+
+def labels_digest(folder: Path | str) -> str:
+    return file_digest(Path(folder) / LABELS_FILE)
