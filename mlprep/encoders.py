@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 RANDOM_WEIGHTS_WARNING = (
     "!!! CLIP model %r runs with RANDOM weights (no `pretrained` set): embeddings carry no semantics. "
-    "Set sku_index.model.pretrained to a local checkpoint path or an open_clip tag to get real ones."
+    "Set `pretrained` of the model's config (sku_index.model, kline_factor.chart.model, probe_qa.probe.model) to a "
+    "local checkpoint path or an open_clip tag to get real ones."
 )
 
 
