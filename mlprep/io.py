@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -14,6 +15,16 @@ import numpy as np
 import pandas as pd
 
 
+def remove_stale(folder: Path, pattern: str) -> None:
+    """Delete what an earlier, killed writer of the same output left (its temporary file or folder): only
+    one job writes an output at a time, so any such leftover is stale."""
+    for path in folder.glob(pattern):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(final: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it to `final` only if the block succeeds.
@@ -23,6 +34,7 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(final.parent, f".{glob.escape(final.stem)}.tmp*{glob.escape(final.suffix)}")
     tmp = final.with_name(f".{final.stem}.tmp{os.getpid()}{final.suffix}")
     try:
         yield tmp
@@ -38,8 +50,8 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
     only if the block succeeds: a shard folder holds all its files or does not exist."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(final.parent, f".{glob.escape(final.name)}.tmp*")
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp

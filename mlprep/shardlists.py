@@ -14,6 +14,7 @@ when some list does.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib
 import json
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mlprep.io import write_json
+from mlprep.io import remove_stale, write_json
 
 SUFFIX = ".jsonl"
 FINGERPRINTS = "fingerprints.json"
@@ -136,6 +137,7 @@ class ShardLists:
             path = self.path(name)
             if old.get(name) != digest or not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
+                remove_stale(path.parent, f".{glob.escape(path.name)}.tmp*")
                 tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
                 tmp.write_bytes(data)
                 os.replace(tmp, path)
