@@ -465,3 +465,12 @@ def test_hostile_ids_stay_inside_results_and_a_killed_run_reruns_to_identical_ou
     pickles = [n for n in clean if n.endswith(".pkl")]
     assert len(pickles) == 3 and all(n.startswith("speakers_pkl/") and ".." not in Path(n).parts for n in pickles)
     assert all(len(part.encode()) <= 255 for n in pickles for part in Path(n).parts)
+
+
+def test_a_gather_with_no_speaker_left_writes_an_empty_table():
+    """Every speaker skipped or failed: the speaker table is empty (the check then fails the run, saying why),
+    not a crash on a zero-length embedding column."""
+    from mlprep.speaker.steps import _speakers_table
+
+    table = _speakers_table(pd.DataFrame({"speaker_key": pd.Series(dtype=str)}), np.zeros((0, 0), np.float32))
+    assert table.num_rows == 0 and table.column_names == ["speaker_key", "embedding"]

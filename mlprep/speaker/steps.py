@@ -40,6 +40,8 @@ def _speakers_table(table: pd.DataFrame, embeddings: np.ndarray) -> pa.Table:
     """The speakers with their embedding as a fixed-size list column (what Arrow readers take as a vector)."""
     arrow = speakers_arrow(table)
     dim = embeddings.shape[1] if embeddings.ndim == 2 else 0
+    if dim == 0:  # no speaker kept (all skipped or failed): an empty table the check then reports on
+        return arrow.append_column("embedding", pa.array([None] * len(table), pa.list_(pa.float32())))
     flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
     return arrow.append_column("embedding", pa.FixedSizeListArray.from_arrays(flat, dim))
 
