@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mlprep-installed
 CORES ?= all
 
-.PHONY: run test bench lint report dry-run clean slurm-packages
+.PHONY: run test bench lint report dry-run clean slurm-packages browser-packages
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --report results/report.html
 
 dry-run: $(STAMP)
 	$(BIN)/snakemake -n
@@ -25,7 +26,14 @@ slurm-packages:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then bash tests/cluster/slurm_cluster.sh install; \
 	else echo "not root or no apt-get: SLURM not installed, the cluster tests will be skipped"; fi
 
-test: $(STAMP) slurm-packages
+# Chromium, in which the chaos suite opens the report (headless), from Debian's packages; only as root with apt.
+browser-packages:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "not root or no apt-get: chromium not installed, the report's browser test will be skipped"; fi
+
+test: $(STAMP) slurm-packages browser-packages
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

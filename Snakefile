@@ -12,6 +12,9 @@ from mlprep.config import ConfigError, check_config
 configfile: "config/config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 # Schema (with defaults) and the input paths it names, before any job: only a short message naming the key.
 try:
     check_config(config, f"{workflow.basedir}/config/schema.yaml")
@@ -25,6 +28,7 @@ include: "rules/video_frames.smk"
 include: "rules/speaker_embed.smk"
 include: "rules/kline_factor.smk"
 include: "rules/probe_qa.smk"
+include: "rules/report.smk"
 
 
 rule all:

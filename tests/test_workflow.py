@@ -213,7 +213,8 @@ def test_adding_two_skus_reruns_only_their_shards(sku_workdir, tiny_clip):
 
     jobs = _dry_run_jobs(sku_workdir, config)
     assert sorted(jobs["sku_encode_shard"]) == touched
-    assert set(jobs) == {"sku_manifest", "sku_encode_shard", "sku_build_index", "sku_check", "sku_evaluate", "all"}
+    assert set(jobs) == {"sku_manifest", "sku_encode_shard", "sku_build_index", "sku_check", "sku_evaluate",
+                         "workflow_overview", "all"}
 
     run_snakemake(sku_workdir, config)
     after = {p: p.stat().st_mtime_ns for p in shards_dir.rglob("*") if p.is_file()}
