@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -146,3 +148,35 @@ def server_factory():
     yield start
     for server in started:
         server.stop()
+
+
+SLURM_SCRIPT = REPO / "tests" / "cluster" / "slurm_cluster.sh"
+
+
+def pytest_collection_modifyitems(items):
+    """The tests on the SLURM cluster first: the cluster then stays up for the session, and every later
+    Snakemake start finds a controller instead of waiting 10 s for one (the SLURM plugin asks at import)."""
+    items.sort(key=lambda item: "slurm_cluster" not in getattr(item, "fixturenames", ()))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Up until the whole session ends, not just this module: with SLURM installed, every Snakemake start
+    imports the SLURM executor plugin, which asks `scontrol show config` for its help text and, when no
+    controller answers, waits 10 s for it. Later tests' Snakemake runs would each pay that."""
+    required = os.environ.get("MLPREP_REQUIRE_SLURM") == "1"
+    missing = [d for d in ("slurmctld", "slurmd", "slurmdbd", "mariadbd", "munged") if not shutil.which(d)]
+    if missing or os.geteuid() != 0:
+        reason = f"needs root and SLURM installed (missing: {missing or 'root'}); `make test` installs it as root"
+        if required:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    # Not under pytest's tmp folders: those are private to root, and munge and mysql run as their own users.
+    base = Path(tempfile.mkdtemp(prefix="mlprep-slurm-"))
+    env = {**os.environ, "SLURM_BASE": str(base)}
+    try:
+        subprocess.run(["bash", str(SLURM_SCRIPT), "start"], env=env, check=True, timeout=300)
+        yield base
+    finally:
+        subprocess.run(["bash", str(SLURM_SCRIPT), "stop"], env=env, timeout=180)
+        shutil.rmtree(base, ignore_errors=True)

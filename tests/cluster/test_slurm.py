@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,32 +25,8 @@ from mlprep.config import only
 
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-SCRIPT = REPO / "tests" / "cluster" / "slurm_cluster.sh"
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """Up until the whole session ends, not just this module: with SLURM installed, every Snakemake start
-    imports the SLURM executor plugin, which asks `scontrol show config` for its help text and, when no
-    controller answers, waits 10 s for it. Later tests' Snakemake runs would each pay that."""
-    required = os.environ.get("MLPREP_REQUIRE_SLURM") == "1"
-    missing = [d for d in ("slurmctld", "slurmd", "slurmdbd", "mariadbd", "munged") if not shutil.which(d)]
-    if missing or os.geteuid() != 0:
-        reason = f"needs root and SLURM installed (missing: {missing or 'root'}); `make test` installs it as root"
-        if required:
-            pytest.fail(reason)
-        pytest.skip(reason)
-    # Not under pytest's tmp folders: those are private to root, and munge and mysql run as their own users.
-    base = Path(tempfile.mkdtemp(prefix="mlprep-slurm-"))
-    env = {**os.environ, "SLURM_BASE": str(base)}
-    try:
-        subprocess.run(["bash", str(SCRIPT), "start"], env=env, check=True, timeout=300)
-        yield base
-    finally:
-        subprocess.run(["bash", str(SCRIPT), "stop"], env=env, timeout=180)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _demo_config(workdir: Path) -> Path:
