@@ -2,6 +2,7 @@
 # Pipeline-specific input functions live in the library (mlprep/<pipeline>/workflow.py), where they are unit-tested.
 RESULTS = "results"
 TARGETS = []
+PIPELINE_OUTPUTS = {}  # pipeline -> its final outputs (each rules file adds its own)
 
 
 wildcard_constraints:

@@ -5,8 +5,7 @@ KLINE = config["kline_factor"]
 KLINE_FLOW = KlineWorkflow(config, RESULTS, main_process=workflow.is_main_process)
 KLINE_DIR = KLINE_FLOW.dir
 
-if pipeline_enabled("kline_factor"):
-    TARGETS.extend([f"{KLINE_DIR}/factor.parquet", f"{KLINE_DIR}/check.json", f"{KLINE_DIR}/eval.json"])
+PIPELINE_OUTPUTS["kline_factor"] = [f"{KLINE_DIR}/factor.parquet", f"{KLINE_DIR}/check.json", f"{KLINE_DIR}/eval.json"]
 
 
 localrules:
@@ -90,7 +89,7 @@ rule kline_check:
         "../scripts/kline_check.py"
 
 
-rule kline_factor:
+rule kline_win_rate:
     input:
         windows=f"{KLINE_DIR}/library.parquet",
         embeddings=f"{KLINE_DIR}/library_embeddings.npy",

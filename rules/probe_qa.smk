@@ -7,8 +7,7 @@ PROBE_DIR = PROBE_FLOW.dir
 # The probe runs a local model only with clip_zero_shot; the openai backend and the LLM steps wait on the network.
 PROBE_GPUS = MODEL_GPUS if PROBE["probe"]["backend"] == "clip_zero_shot" else 0
 
-if pipeline_enabled("probe_qa"):
-    TARGETS.extend([f"{PROBE_DIR}/qa.jsonl", f"{PROBE_DIR}/summary.json", f"{PROBE_DIR}/check.json"])
+PIPELINE_OUTPUTS["probe_qa"] = [f"{PROBE_DIR}/qa.jsonl", f"{PROBE_DIR}/summary.json", f"{PROBE_DIR}/check.json"]
 
 
 localrules:

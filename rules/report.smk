@@ -3,10 +3,22 @@
 from mlprep.config import PIPELINES
 
 REPORT_PIPELINES = [name for name in PIPELINES if pipeline_enabled(name)]
-PIPELINE_TARGETS = list(TARGETS)
+PIPELINE_TARGETS = [path for name in REPORT_PIPELINES for path in PIPELINE_OUTPUTS[name]]
+TARGETS.extend(PIPELINE_TARGETS)
 
 if REPORT_PIPELINES:
     TARGETS.append(f"{RESULTS}/report/overview.html")
+
+
+# One target rule per pipeline, named after it: `snakemake --cores all sku_index` builds that pipeline alone.
+for pipeline_name, pipeline_outputs in PIPELINE_OUTPUTS.items():
+
+    rule:
+        name:
+            pipeline_name
+        input:
+            pipeline_outputs,
+        localrule: True
 
 
 localrules:
@@ -29,8 +41,9 @@ rule workflow_overview:
         ),
     log:
         f"{RESULTS}/logs/report/overview.log",
+    conda:
+        "../envs/report.yaml"
     params:
         pipelines=REPORT_PIPELINES,
-        results=RESULTS,
     script:
         "../scripts/workflow_overview.py"

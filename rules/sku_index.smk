@@ -5,8 +5,7 @@ SKU = config["sku_index"]
 SKU_FLOW = SkuWorkflow(config, RESULTS, main_process=workflow.is_main_process)
 SKU_DIR = SKU_FLOW.dir
 
-if pipeline_enabled("sku_index"):
-    TARGETS.extend([f"{SKU_DIR}/index.faiss", f"{SKU_DIR}/check.json", f"{SKU_DIR}/eval.json"])
+PIPELINE_OUTPUTS["sku_index"] = [f"{SKU_DIR}/index.faiss", f"{SKU_DIR}/check.json", f"{SKU_DIR}/eval.json"]
 
 
 localrules:

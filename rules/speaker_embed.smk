@@ -5,8 +5,11 @@ SPEAKER = config["speaker_embed"]
 SPEAKER_FLOW = SpeakerWorkflow(config, RESULTS, main_process=workflow.is_main_process)
 SPEAKER_DIR = SPEAKER_FLOW.dir
 
-if pipeline_enabled("speaker_embed"):
-    TARGETS.extend([f"{SPEAKER_DIR}/speakers.parquet", f"{SPEAKER_DIR}/check.json", f"{SPEAKER_DIR}/eval.json"])
+PIPELINE_OUTPUTS["speaker_embed"] = [
+    f"{SPEAKER_DIR}/speakers.parquet",
+    f"{SPEAKER_DIR}/check.json",
+    f"{SPEAKER_DIR}/eval.json",
+]
 
 
 localrules:

@@ -5,8 +5,11 @@ VIDEO = config["video_frames"]
 VIDEO_FLOW = VideoWorkflow(config, RESULTS, main_process=workflow.is_main_process)
 VIDEO_DIR = VIDEO_FLOW.dir
 
-if pipeline_enabled("video_frames"):
-    TARGETS.extend([f"{VIDEO_DIR}/summary.json", f"{VIDEO_DIR}/contact_sheet.png", f"{VIDEO_DIR}/check.json"])
+PIPELINE_OUTPUTS["video_frames"] = [
+    f"{VIDEO_DIR}/summary.json",
+    f"{VIDEO_DIR}/contact_sheet.png",
+    f"{VIDEO_DIR}/check.json",
+]
 
 
 localrules:

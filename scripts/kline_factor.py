@@ -1,4 +1,4 @@
-"""Snakemake entry: the win-rate factor of the sample points, with no look-ahead (rule kline_factor)."""
+"""Snakemake entry: the win-rate factor of the sample points, with no look-ahead (rule kline_win_rate)."""
 
 import sys
 from pathlib import Path

@@ -10,4 +10,5 @@ from mlprep.report import write_overview  # noqa: E402
 
 sm = snakemake  # noqa: F821
 log_to_file(sm.log[0])
-write_overview(sm.params.results, list(sm.params.pipelines), sm.output.html, sm.output.throughput)
+results = Path(sm.output.html).parent.parent  # results/report/overview.html
+write_overview(results, list(sm.params.pipelines), sm.output.html, sm.output.throughput)

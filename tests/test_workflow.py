@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import REPO, SNAKEMAKE, kill_mid_run, make_catalog, run_snakemake, workflow_config
 from mlprep.ids import shard_of
@@ -254,3 +255,15 @@ def test_killed_run_resumes_to_the_same_index_whatever_the_shard_count(tmp_path,
         vectors, meta, _ = runs[name]
         np.testing.assert_array_equal(vectors, clean_vectors, err_msg=name)
         pd.testing.assert_frame_equal(meta, clean_meta, obj=name)
+
+
+@pytest.mark.parametrize("pipeline, prefix", [("sku_index", "sku_"), ("video_frames", "video_"),
+                                              ("speaker_embed", "speaker_"), ("kline_factor", "kline_"),
+                                              ("probe_qa", "probe_")])
+def test_each_pipeline_runs_alone_through_the_target_rule_of_its_name(tmp_path, pipeline, prefix):
+    (tmp_path / "resources").symlink_to(REPO / "resources")
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    proc = run_snakemake(tmp_path, config, "-n", pipeline)
+    rules = {line.split()[1].rstrip(":") for line in proc.stdout.splitlines()
+             if line.strip().startswith(("rule ", "localrule "))}
+    assert pipeline in rules and all(r == pipeline or r.startswith(prefix) for r in rules), rules
