@@ -36,15 +36,9 @@ browser-packages:
 test: $(STAMP) slurm-packages browser-packages
 	$(BIN)/python -m pytest
 
+# Every pipeline's benchmark, one table (printed, in results/bench/, and into README's performance section).
 bench: $(STAMP)
-	$(BIN)/python bench/sku_encode.py
-	$(BIN)/python bench/video_frames.py
-	$(BIN)/python bench/speaker.py
-	$(BIN)/python bench/kline.py
-	$(BIN)/python bench/llm_client.py
-	$(BIN)/python bench/probe_sampler.py
-	$(BIN)/python bench/probe_zero_shot.py
-	$(BIN)/python bench/end_to_end.py
+	$(BIN)/python bench/table.py --readme
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint

@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--labels", type=int, default=100)
     parser.add_argument("--per-key", type=int, default=10)
     parser.add_argument("--key-by", default="labels")
+    parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -83,6 +84,8 @@ def main() -> None:
     print(f"sampler step on {cpu_summary()}: {args.rows:,} failure rows, {result['keys']:,} keys "
           f"({args.key_by}), {args.per_key} per key -> {result['sampled']:,} sampled in {result['seconds']:.1f} s, "
           f"peak RSS {result['peak_rss_mib']:.0f} MiB (targets: 60 s, 2 GiB)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**result, "rows": args.rows}))
 
 
 if __name__ == "__main__":

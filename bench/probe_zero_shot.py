@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     import pandas as pd
     import torch
@@ -70,6 +72,9 @@ def main() -> None:
           f"{args.images} JPEG images 320x240")
     print(f"  encoder only {args.images / encoder_s:6.1f} img/s")
     print(f"  probe        {args.images / probe_s:6.1f} img/s  ({encoder_s / probe_s:.2f}x encoder only; target 0.8x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"precision": precision_name(dtype), "encoder_img_per_s":
+                                               args.images / encoder_s, "probe_img_per_s": args.images / probe_s}))
 
 
 if __name__ == "__main__":

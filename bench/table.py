@@ -1,0 +1,225 @@
+"""Every pipeline's benchmark in one run, and one table of the results (`make bench`).
+
+Runs each benchmark script of bench/ in turn (each writes its figures as JSON), then prints one table: pipeline,
+stage, our figure, the reference it is compared with (encoder-only, decode-only, ideal, bare client, seed-style
+baseline or a target) and the ratio, with the machine, its cores, the precision and the device in the header. The
+table is also written to results/bench/table.md and table.json; with --readme it replaces the generated table in
+README.md's performance section (between the bench-table markers).
+
+    .venv/bin/python bench/table.py --readme            # everything (~30 minutes on 2 cores)
+    .venv/bin/python bench/table.py --only llm_client probe_sampler
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+
+
+@dataclass
+class Row:
+    pipeline: str
+    stage: str
+    ours: float
+    unit: str
+    reference: str
+    reference_value: float | None
+    ratio: float | None  # > 1: ours is better (faster, or more per second), unless the stage says "of"
+    target: str = ""
+
+
+def per_s(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def sku_rows(j: dict) -> list[Row]:
+    v = j["views_per_s"]
+    job = max(rate for name, rate in v.items() if name.startswith("shard job"))
+    return [Row("sku_index", "encode shard job", job, "views/s", "encoder only", v["encoder only"],
+                per_s(job, v["encoder only"]), ">= 0.8"),
+            Row("sku_index", "encode shard job", job, "views/s", "seed approach (PIL per view, 1 image per call)",
+                v["seed approach"], per_s(job, v["seed approach"]))]
+
+
+def video_rows(j: dict) -> list[Row]:
+    s = j["s_per_video"]
+    job = 1 / s["extract job"]
+    return [Row("video_frames", "extract job", job, "videos/s", "decode only", 1 / s["decode only"],
+                per_s(s["decode only"], s["extract job"]), ">= 0.8"),
+            Row("video_frames", "extract job", job, "videos/s", "naive (seed: OpenCV reads every frame)",
+                1 / s["naive (seed)"], per_s(s["naive (seed)"], s["extract job"])),
+            Row("video_frames", "2 extract shards vs 1", per_s(j["one_shard_s"], j["two_shards_s"]), "x",
+                "decode only, 2 processes vs 1", per_s(j["decode_only_one_s"], j["decode_only_two_s"]),
+                per_s(j["one_shard_s"], j["two_shards_s"]) / per_s(j["decode_only_one_s"], j["decode_only_two_s"]))]
+
+
+def speaker_rows(j: dict) -> list[Row]:
+    rows = []
+    for backend in ("resemblyzer", "speechbrain"):
+        if backend not in j:
+            continue
+        u = j[backend]["utt_per_s"]
+        rows.append(Row("speaker_embed", f"{backend} shard job", u["shard job (1 worker)"], "utt/s", "model only",
+                        u["model only"], per_s(u["shard job (1 worker)"], u["model only"]), ">= 0.8"))
+        rows.append(Row("speaker_embed", f"{backend}, 2 jobs vs 1", per_s(j[backend]["one_job_s"],
+                        j[backend]["two_jobs_s"]), "x", "1 job", 1.0,
+                        per_s(j[backend]["one_job_s"], j[backend]["two_jobs_s"]), ">= 1.7"))
+    if "speaker_step" in j:
+        ours, seed = j["speaker_step"]["mlprep"]["step_s"], j["speaker_step"]["seed"]["step_s"]
+        rows.append(Row("speaker_embed", "speaker step, 1M x 256", ours, "s", "seed-style loop", seed,
+                        per_s(seed, ours), ">= 20"))
+    return rows
+
+
+def kline_rows(j: dict) -> list[Row]:
+    rows = [Row("kline_factor", "library", j["library_windows_per_s"], "windows/s", "target", 50_000,
+                per_s(j["library_windows_per_s"], 50_000), ">= 1"),
+            Row("kline_factor", "chart rendering", j["chart_windows_per_s"], "windows/s", "target", 2_000,
+                per_s(j["chart_windows_per_s"], 2_000), ">= 1"),
+            Row("kline_factor", f"factor, {j['samples']} samples, price", j["factor_s"], "s",
+                "seed-style loop (chart PNG + CLIP + search per sample)", j["seed_s"], per_s(j["seed_s"], j["factor_s"])),
+            Row("kline_factor", f"factor, {j['samples']} samples, chart", j["chart_factor_s"], "s",
+                "seed-style loop", j["seed_s"], per_s(j["seed_s"], j["chart_factor_s"]))]
+    if "panel" in j:
+        p = j["panel"]
+        rows.append(Row("kline_factor", f"`all` panel, {p['windows']:,} windows", p["total_s"], "s", "target 600 s",
+                        600, per_s(600, p["total_s"]), ">= 1"))
+    return rows
+
+
+def llm_rows(j: dict) -> list[Row]:
+    c = j["concurrency"]
+    c32, c256 = c.get("32") or c.get(32), c.get("256") or c.get(256)
+    return [Row("probe_qa", "LLM client, 32 in flight", c32["mlprep_rps"], "req/s", "ideal (32 / 100 ms)",
+                c32["ideal_rps"], per_s(c32["mlprep_rps"], c32["ideal_rps"]), ">= 0.9"),
+            Row("probe_qa", "LLM client, 256 in flight", c256["mlprep_rps"], "req/s", "bare aiohttp client",
+                c256["bare_rps"], per_s(c256["mlprep_rps"], c256["bare_rps"]), ">= 0.9"),
+            Row("probe_qa", "LLM client, 32 in flight", c32["mlprep_rps"], "req/s", "sequential client",
+                j["sequential_rps"], per_s(c32["mlprep_rps"], j["sequential_rps"]), ">= 20")]
+
+
+def sampler_rows(j: dict) -> list[Row]:
+    return [Row("probe_qa", f"sampler step, {j['rows']:,} failures", j["seconds"], "s", "target 60 s", 60,
+                per_s(60, j["seconds"]), ">= 1"),
+            Row("probe_qa", "sampler step peak RSS", j["peak_rss_mib"], "MiB", "target 2 GiB", 2048,
+                per_s(2048, j["peak_rss_mib"]), ">= 1")]
+
+
+def zero_shot_rows(j: dict) -> list[Row]:
+    return [Row("probe_qa", "clip_zero_shot probe", j["probe_img_per_s"], "img/s", "encoder only",
+                j["encoder_img_per_s"], per_s(j["probe_img_per_s"], j["encoder_img_per_s"]), ">= 0.8")]
+
+
+def e2e_rows(j: dict) -> list[Row]:
+    rows = []
+    for pipeline, unit in (("sku_index", "images"), ("video_frames", "clips")):
+        f = j[pipeline]
+        n, flow, script = f["sizes"][-1], f["workflow_s"][-1], f["script_s"][-1]
+        rows.append(Row(pipeline, f"whole workflow, {n} {unit}", flow, "s", "seed-style script", script,
+                        per_s(script, flow)))
+    return rows
+
+
+BENCHES = {  # name -> (script, extra arguments, rows from its JSON)
+    "sku_encode": ("sku_encode.py", [], sku_rows),
+    "video_frames": ("video_frames.py", [], video_rows),
+    "speaker": ("speaker.py", ["--copies", "40"], speaker_rows),
+    "kline": ("kline.py", [], kline_rows),
+    "llm_client": ("llm_client.py", [], llm_rows),
+    "probe_sampler": ("probe_sampler.py", [], sampler_rows),
+    "probe_zero_shot": ("probe_zero_shot.py", [], zero_shot_rows),
+    "end_to_end": ("end_to_end.py", [], e2e_rows),
+}
+
+
+def machine() -> dict:
+    import torch
+
+    from mlprep.devices import cpu_summary, precision_name, select_device, select_precision
+
+    device = select_device("auto")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU only (no GPU)"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    return {"cpu": cpu_summary(), "cores": os.cpu_count(), "device": f"{device.type}: {name}",
+            "precision": precision_name(select_precision("auto", device)),
+            "date": datetime.date.today().isoformat(), "commit": commit or "unknown"}
+
+
+def fmt(value: float | None) -> str:
+    if value is None or value != value:
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def markdown(rows: list[Row], info: dict, failed: list[str]) -> str:
+    lines = [f"Measured {info['date']} at commit {info['commit']} on {info['cpu']}, "
+             f"{info['device']}, precision auto = {info['precision']}, one run of `make bench` "
+             "(each ratio from figures measured side by side in that run).", "",
+             "| pipeline | stage | ours | compared with | reference | ratio | target |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.pipeline} | {r.stage} | {fmt(r.ours)} {r.unit} | {r.reference} | {fmt(r.reference_value)} | "
+                     f"**{fmt(r.ratio)}** | {r.target} |")
+    if failed:
+        lines += ["", f"Not measured in this run (the benchmark failed): {', '.join(failed)}."]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(table: str, readme: Path) -> None:
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{readme}: no {START} ... {END} markers to put the table between")
+    head, rest = text.split(START, 1)
+    readme.write_text(f"{head}{START}\n{table}{END}{rest.split(END, 1)[1]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHES), help="run these benchmarks only")
+    parser.add_argument("--readme", action="store_true", help="write the table into README.md")
+    parser.add_argument("--out", default=str(REPO / "results" / "bench"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []
+    failed = []
+    for name in args.only or BENCHES:
+        script, extra, extract = BENCHES[name]
+        with tempfile.TemporaryDirectory() as tmp:
+            figures = Path(tmp) / "figures.json"
+            print(f"\n=== bench/{script} {' '.join(extra)}", flush=True)
+            done = subprocess.run([sys.executable, str(REPO / "bench" / script), *extra, "--json", str(figures)],
+                                  cwd=REPO)
+            if done.returncode != 0 or not figures.exists():
+                failed.append(f"{script} (exit {done.returncode})")
+                continue
+            data = json.loads(figures.read_text())
+        (out / f"{name}.json").write_text(json.dumps(data, indent=2))
+        rows.extend(extract(data))
+    info = machine()
+    table = markdown(rows, info, failed)
+    print("\n" + table)
+    (out / "table.md").write_text(table)
+    (out / "table.json").write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows],
+                                                "failed": failed}, indent=2))
+    if args.readme:
+        update_readme(table, REPO / "README.md")
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
