@@ -26,6 +26,7 @@ rule probe_manifest:
     params:
         shards=PROBE_FLOW.shard_count_param,
         catalog=PROBE_FLOW.catalog_fingerprint,
+        lists=PROBE_FLOW.lists_dir,
     script:
         "../scripts/probe_manifest.py"
 

@@ -15,4 +15,5 @@ steps.manifest(
     n_shards=sm.params.shards,
     continue_on_error=sm.config["continue_on_error"],
     outputs=dict(sm.output.items()),
+    lists_dir=sm.params.lists,
 )

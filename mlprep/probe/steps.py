@@ -20,9 +20,10 @@ from mlprep.probe.zero_shot import PROBE_COLUMNS
 log = logging.getLogger(__name__)
 
 
-def manifest(cfg: dict, n_shards: int, continue_on_error: bool, outputs: dict) -> None:
-    """Every row group with its rows; unreadable and empty files as failures."""
-    catalog = scan(cfg)
+def manifest(cfg: dict, n_shards: int, continue_on_error: bool, outputs: dict, lists_dir=None) -> None:
+    """Every row group with its rows; unreadable and empty files as failures. `lists_dir`: where the shard
+    lists' refresh cached the footers and label sets, so that nothing is read from the files a second time."""
+    catalog = scan(cfg, lists_dir)
     failures = FailureLog(continue_on_error)
     failures.extend(catalog.failures)
     write_parquet(catalog.frame, outputs["manifest"])
