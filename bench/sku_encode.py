@@ -28,7 +28,7 @@ from mlprep.encoders import ClipEncoder, ClipSpec
 from mlprep.failures import FailureLog
 from mlprep.sku.augment import AugmentSettings
 from mlprep.sku.catalog import read_catalog
-from mlprep.sku.encode import ItemViews, ViewPlan, encode_items
+from mlprep.sku.encode import ViewPlan, encode_items, render_items
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def main() -> None:
     plan = ViewPlan(7, args.augment_per_image, 0, AugmentSettings(), encoder.image_size)
     views_per_image = 1 + args.augment_per_image
 
-    rendered = torch.cat([ItemViews(items, plan)[i].views for i in range(len(items))])
+    rendered = render_items(items, plan, device)
     encoder.encode_images(rendered[: args.batch_size])  # warm-up
     rows = {}
     started = time.perf_counter()

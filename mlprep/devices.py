@@ -60,6 +60,28 @@ def select_device(spec: str = "auto") -> torch.device:
     return device
 
 
+# Batch size `auto`, per device type. On a GPU a batch of 32 ViT-B-32 views is launch-bound (8,547 views/s
+# measured on an H200, under 5% of its bf16 rate); bench/device_check.sh measures 32 / 128 / 512.
+AUTO_BATCH = {"cpu": 32, "cuda": 512}
+
+
+def resolve_batch_size(value: int | str, device: torch.device, auto: dict[str, int] | None = None) -> int:
+    """A configured batch size, with `auto` resolved for the device (`auto`, by default AUTO_BATCH)."""
+    table = auto or AUTO_BATCH
+    return table.get(device.type, table["cpu"]) if value == "auto" else int(value)
+
+
+def job_device(spec: str, threads: int) -> torch.device:
+    """A model job's device: its thread budget set, a GPU of its own claimed when it may run on one (before
+    CUDA starts: a local job gets a free GPU through mlprep.gpuslots; under SLURM, the one it was given)."""
+    from mlprep.gpuslots import claim_gpu
+
+    torch.set_num_threads(max(1, threads))
+    if spec != "cpu":
+        claim_gpu()
+    return select_device(spec)
+
+
 def select_precision(spec: str, device: torch.device) -> torch.dtype:
     """`auto` picks bf16 on CUDA (where supported) and on CPUs that multiply bf16 natively, fp32 elsewhere."""
     if spec == "auto":

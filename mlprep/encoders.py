@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mlprep.config import looks_like_path
-from mlprep.devices import precision_name, select_device, select_precision
+from mlprep.devices import job_device, precision_name, select_precision
 from mlprep.rng import derive_seed
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,25 @@ class ClipSpec:
         return cls(cfg.get("name", "ViT-B-32"), cfg.get("pretrained") or None, cfg.get("config_file") or None, init_seed)
 
 
+def _register_config(spec: ClipSpec) -> None:
+    if spec.config_file:
+        config_path = Path(spec.config_file)
+        if not config_path.is_file():
+            raise FileNotFoundError(f"open_clip model config {config_path} does not exist")
+        open_clip.add_model_config(config_path)
+
+
+def clip_image_size(spec: ClipSpec) -> int | None:
+    """The model's input size from its architecture config, without building it (None where only the built
+    model knows: hub models). Lets a shard job start its readers before the model is built."""
+    _register_config(spec)
+    cfg = open_clip.get_model_config(spec.name) or {}
+    size = cfg.get("vision_cfg", {}).get("image_size")
+    if size is None:
+        return None
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
 class ClipEncoder:
     """Encodes uint8 images and texts with one open_clip model on one device at one precision.
 
@@ -48,11 +67,7 @@ class ClipEncoder:
     """
 
     def __init__(self, spec: ClipSpec, device: torch.device, dtype: torch.dtype, batch_size: int = 32):
-        if spec.config_file:
-            config_path = Path(spec.config_file)
-            if not config_path.is_file():
-                raise FileNotFoundError(f"open_clip model config {config_path} does not exist")
-            open_clip.add_model_config(config_path)
+        _register_config(spec)
         if spec.name not in open_clip.list_models() and not spec.name.startswith(("hf-hub:", "local-dir:")):
             raise ValueError(f"unknown open_clip model {spec.name!r} (give config_file for a custom architecture)")
         if spec.pretrained and looks_like_path(spec.pretrained) and not Path(spec.pretrained).is_file():
@@ -101,18 +116,23 @@ class ClipEncoder:
             yield chunk, n
 
     @torch.inference_mode()
-    def encode_images(self, images: torch.Tensor) -> np.ndarray:
-        """uint8 [N, 3, S, S] RGB -> float32 [N, D], L2-normalised."""
+    def encode_device(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, S, S] RGB (on any device) -> float32 [N, D], L2-normalised, left on the model's device:
+        nothing here waits for the device, so the caller's next work overlaps with these forward passes."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 [N, 3, H, W] images, got {images.dtype} {tuple(images.shape)}")
         out = []
         for chunk, n in self._padded_batches(images):
             pixels = chunk.to(self.device, non_blocking=True).float() * self._scale - self._shift
             features = self.model.encode_image(pixels.to(self.dtype))[:n]
-            out.append(F.normalize(features.float(), dim=-1).cpu())
+            out.append(F.normalize(features.float(), dim=-1))
         if not out:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return torch.cat(out).numpy().astype(np.float32, copy=False)
+            return torch.zeros((0, self.dim), dtype=torch.float32, device=self.device)
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+    def encode_images(self, images: torch.Tensor) -> np.ndarray:
+        """uint8 [N, 3, S, S] RGB -> float32 [N, D] on the host, L2-normalised."""
+        return self.encode_device(images).cpu().numpy().astype(np.float32, copy=False)
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> np.ndarray:
@@ -129,13 +149,7 @@ class ClipEncoder:
 
 def load_clip_encoder(model_cfg: dict, batch_size: int, device_spec: str, precision_spec: str, threads: int,
                       seed: int) -> ClipEncoder:
-    """A shard job's encoder: its thread budget, a GPU of its own when it runs one (mlprep.gpuslots), the
-    device and precision the config asks for."""
-    from mlprep.gpuslots import claim_gpu
-
-    torch.set_num_threads(max(1, threads))
-    if device_spec != "cpu":
-        claim_gpu()  # before CUDA starts: a local job gets a GPU of its own; under SLURM, the one given
-    device = select_device(device_spec)
+    """A shard job's encoder on the job's device (mlprep.devices.job_device) at the precision the config asks for."""
+    device = job_device(device_spec, threads)
     return ClipEncoder(ClipSpec.from_config(model_cfg, seed), device, select_precision(precision_spec, device),
                        batch_size)

@@ -40,7 +40,13 @@ class ShardStats:
     extra: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     startup_s: float | None = None  # process start -> first item done: interpreter, imports, model build
+    startup_steps: dict[str, float | None] = field(default_factory=dict)  # step -> seconds since process start
     _first_seen: bool = field(default=False, repr=False)
+
+    def mark(self, step: str) -> None:
+        """Record when a start-up step ended (seconds since the process started): where start-up goes."""
+        age = process_age()
+        self.startup_steps[step] = None if age is None else round(age, 3)
 
     def first_item_done(self) -> None:
         """Call after each item; the first call records the job's fixed start-up cost."""
@@ -60,6 +66,7 @@ class ShardStats:
             "seconds": round(seconds, 3),
             "items_per_s": round(done / seconds, 3) if seconds > 0 else None,
             "startup_s": self.startup_s,
+            **({"startup_steps": self.startup_steps} if self.startup_steps else {}),
             **self.counts,
             **{f"{name}_per_s": round(n / seconds, 3) if seconds > 0 else None for name, n in self.counts.items()},
             **self.extra,

@@ -22,5 +22,6 @@ probe_shard(
     seed=sm.config["seed"],
     device_spec=sm.config["device"],
     precision_spec=sm.config["precision"],
+    jpeg_decoder=sm.config["jpeg_decoder"],
     threads=sm.threads,
 )

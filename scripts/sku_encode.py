@@ -17,6 +17,7 @@ encode_shard(
     seed=sm.config["seed"],
     device_spec=sm.config["device"],
     precision_spec=sm.config["precision"],
+    jpeg_decoder=sm.config["jpeg_decoder"],
     continue_on_error=sm.config["continue_on_error"],
     threads=sm.threads,
     out_dir=sm.output[0],

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from mlprep.failures import FailureLog, ItemError
-from mlprep.probe.reader import decode_image, iter_row_groups, list_row_groups
+from mlprep.probe.reader import image_bytes, iter_row_groups, list_row_groups
+from mlprep.views import decode_image
 
 
 def _png(colour) -> bytes:
@@ -46,15 +47,18 @@ def test_row_groups_are_listed_from_footers_and_bad_ones_are_recorded(tmp_path):
 def test_images_in_every_form_and_bad_ones_with_their_code(tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "x.png").write_bytes(_png((0, 255, 0)))
-    assert np.asarray(decode_image(_png((255, 0, 0))))[0, 0].tolist() == [255, 0, 0]
-    assert decode_image({"bytes": _png((0, 0, 255)), "path": None}).size == (8, 8)
-    assert np.asarray(decode_image({"bytes": None, "path": "x.png"}, tmp_path / "imgs"))[0, 0].tolist() == [0, 255, 0]
-    assert decode_image("x.png", tmp_path / "imgs").mode == "RGB"
+    def decode(value, images_dir=None):
+        return decode_image(image_bytes(value, images_dir), 8)
+
+    assert decode(_png((255, 0, 0)))[:, 0, 0].tolist() == [255, 0, 0]
+    assert decode({"bytes": _png((0, 0, 255)), "path": None}).shape == (3, 8, 8)
+    assert decode({"bytes": None, "path": "x.png"}, tmp_path / "imgs")[:, 0, 0].tolist() == [0, 255, 0]
+    assert decode("x.png", tmp_path / "imgs").shape[0] == 3
     for value, code in [(b"not an image", "not_an_image"), ("../secret.png", "unsafe_path"),
                         ("/etc/passwd", "unsafe_path"), ("gone.png", "missing"), (None, "not_an_image"),
                         (3, "not_an_image")]:
         with pytest.raises(ItemError) as err:
-            decode_image(value, tmp_path / "imgs")
+            decode(value, tmp_path / "imgs")
         assert err.value.code == code, value
 
 
@@ -110,19 +114,19 @@ def test_zero_shot_probe_streams_row_groups_and_records_bad_images(tmp_path, tin
     labels = ["red", "green", "red", "blue", "purple"]  # purple: not in the label set
     pq.write_table(pa.table({"image": images, "label": labels}), data / "a.parquet", row_group_size=2)
     spec = ClipSpec(tiny_clip["name"], tiny_clip["pretrained"], tiny_clip["config_file"])
-    encoder = ClipEncoder(spec, torch.device("cpu"), torch.float32, batch_size=4)
+    encoder = ClipEncoder(spec, torch.device("cpu"), torch.float32, batch_size=2)
     probe = ZeroShot(encoder, ["red", "green", "blue"], "a {label} square")
     failures = FailureLog(True)
-    parts = list(probe_rows(data, list_row_groups(data).frame, probe, failures, batch=2))
-    assert len(parts) == 3  # one frame per row group
-    result = pd.concat(parts, ignore_index=True)
+    result = pd.concat(probe_rows(data, list_row_groups(data).frame, probe, failures), ignore_index=True)
     assert list(result.columns) == PROBE_COLUMNS and result["item_id"].tolist() == [
         "a.parquet:0", "a.parquet:1", "a.parquet:3"]
     assert result["prediction"].isin(["red", "green", "blue"]).all() and result["score"].between(1 / 3, 1).all()
     assert (result["correct"] == (result["label"] == result["prediction"])).all()
     assert {(f.item_id, f.reason_code) for f in failures.records} == {("a.parquet:2", "not_an_image"),
                                                                       ("a.parquet:4", "bad_record")}
-    # the same image gives the same prediction whatever its batch
-    again = pd.concat(probe_rows(data, list_row_groups(data).frame, probe, FailureLog(True), batch=64))
+    # the same image gives the same prediction whatever its batch, and with the images read by two workers
+    wide = ZeroShot(ClipEncoder(spec, torch.device("cpu"), torch.float32, batch_size=64), probe.labels, probe.template)
+    again = pd.concat(probe_rows(data, list_row_groups(data).frame, wide, FailureLog(True), workers=2))
+    again = again.sort_values("row").reset_index(drop=True)
     assert again["prediction"].tolist() == result["prediction"].tolist()
     np.testing.assert_allclose(again["score"], result["score"], rtol=1e-5)

@@ -13,12 +13,13 @@ from PIL import Image
 from mlprep.devices import select_precision
 from mlprep.encoders import ClipEncoder, ClipSpec
 from mlprep.failures import FailureLog, ItemError, ItemFailedError
-from mlprep.sku.augment import AugmentSettings, load_image, original_view, render_views, sample_view
+from mlprep.sku.augment import AugmentSettings, original_view, read_image_file, render_views, sample_view
 from mlprep.sku.catalog import read_catalog
 from mlprep.sku.encode import ViewPlan, encode_items
 from mlprep.indexing import build_index, recall_at_k
 from mlprep.sku.index import merge_shards, rank_skus
 from mlprep.io import save_npy, write_parquet
+from mlprep.views import decode_image
 
 from conftest import make_catalog
 
@@ -99,7 +100,7 @@ def test_catalog_shards_do_not_move_when_skus_are_added(tmp_path):
 
 def test_load_image_reduces_large_jpegs_and_keeps_rgb(tmp_path):
     _img(tmp_path / "big.jpg", (255, 0, 0), (1600, 1200))
-    image = load_image(tmp_path / "big.jpg", 224)
+    image = decode_image(read_image_file(tmp_path / "big.jpg"), 224)
     assert image.dtype == torch.uint8 and image.shape[0] == 3
     assert 224 <= min(image.shape[1:]) < 448
     assert image[0].float().mean() > 240 and image[1].float().mean() < 15  # red stays red
@@ -112,7 +113,7 @@ def test_load_image_rejects_truncated_and_garbage(tmp_path):
     (tmp_path / "junk.jpg").write_bytes(b"this is not an image")
     for name, code in [("trunc.jpg", "truncated"), ("junk.jpg", "not_an_image"), ("gone.jpg", "missing")]:
         with pytest.raises(ItemError) as caught:
-            load_image(tmp_path / name, 64)
+            decode_image(read_image_file(tmp_path / name), 64)
         assert caught.value.code == code, name
 
 

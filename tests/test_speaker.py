@@ -264,16 +264,24 @@ def test_silence_trimming_equals_resemblyzers():
         assert len(ours) < len(wav) and np.array_equal(ours, reference)
 
 
-def test_mel_spectrogram_equals_librosas():
+def test_mel_windows_made_on_the_device_equal_librosas_spectrogram():
     from resemblyzer import audio
 
-    from mlprep.speaker.backends import mel_power
+    from mlprep.speaker.backends import ResemblyzerBackend, WindowedWave
 
+    backend = ResemblyzerBackend(torch.device("cpu"))
     rng = np.random.default_rng(3)
-    for n in (16000, 35123, 200):
-        wav = (0.1 * rng.standard_normal(n)).astype(np.float32)
-        reference = audio.wav_to_mel_spectrogram(wav)
-        np.testing.assert_allclose(mel_power(wav, 16000, 400, 160, 40), reference, rtol=0, atol=1e-6 * reference.max())
+    items = [WindowedWave((0.1 * rng.standard_normal(n)).astype(np.float32), np.array(starts))
+             for n, starts in [(35123, [0, 60, 59]), (16000, [0]), (200 + 160 * 159, [0])]]
+    windows = backend.mel_windows(items).numpy()
+    assert windows.shape == (5, 160, 40)
+    k = 0
+    for item in items:  # many utterances in one pass, each window equal to its own utterance's frames
+        reference = audio.wav_to_mel_spectrogram(item.wav)
+        for start in item.starts:
+            expected = reference[start : start + 160]
+            np.testing.assert_allclose(windows[k][: len(expected)], expected, rtol=0, atol=1e-5 * reference.max())
+            k += 1
 
 
 def _write_bad_audio(folder: Path) -> dict[str, str]:

@@ -22,7 +22,7 @@ from mlprep.llm import LLMSettings, ask_all, schema_check
 from mlprep.probe import prompts
 from mlprep.probe.catalog import LIST_COLUMNS, read_labels
 from mlprep.probe.reader import data_uri, image_bytes, iter_row_groups, row_id
-from mlprep.probe.zero_shot import PROBE_COLUMNS, ZeroShot, probe_frame, probe_rows
+from mlprep.probe.zero_shot import PROBE_COLUMNS, ZeroShot, probe_chunks, probe_rows, probe_table
 from mlprep.sharding import ShardId
 from mlprep.shardlists import ShardLists
 from mlprep.stats import ShardStats, scheduler_ids
@@ -81,25 +81,48 @@ def llm_probe(root: Path, groups: pd.DataFrame, cfg: dict, labels: list[str], fa
     for (file, group, first, row), err in sorted(errors, key=lambda e: e[0]):
         failures.record(row_id(file, first + row), str(root / file), "probe", prompts.llm_failure_code(err),
                         str(err))
+    tags = sorted(answers)
+    table = probe_table(tags, [pending[t] for t in tags], [answers[t]["label"] for t in tags],
+                        [float(answers[t]["confidence"]) for t in tags])
+    return (table if len(table) else empty_probe()), summary
+
+
+def zero_shot_probe(root: Path, groups: pd.DataFrame, labels: list[str], cfg: dict, failures: FailureLog,
+                    stats: ShardStats, progress: TextIO | None, seed: int, device_spec: str, precision_spec: str,
+                    threads: int, jpeg_decoder: str) -> pd.DataFrame:
+    """PROBE_COLUMNS of the shard's images by the CLIP zero-shot probe. The readers start before the model is
+    built (its input size is known from its config), so the two overlap."""
+    from tqdm import tqdm
+
+    from mlprep.devices import job_device, resolve_batch_size, select_precision
+    from mlprep.encoders import ClipEncoder, ClipSpec, clip_image_size
+    from mlprep.workers import resolve_workers
+
+    pcfg = cfg["probe"]
+    stats.mark("imports")
+    device = job_device(device_spec, threads)
+    spec = ClipSpec.from_config(pcfg["model"], seed)
+    batch = resolve_batch_size(pcfg["batch_size"], device)
+    reader = dict(image_column=cfg["image_column"], label_column=cfg["label_column"], images_dir=cfg.get("images_dir"))
+    size = clip_image_size(spec)
+    workers = resolve_workers(pcfg["decode_workers"], device, threads)
+    chunks = None
+    if size is not None:
+        chunks = probe_chunks(root, groups, labels, size, batch, workers, device, jpeg_decoder, **reader)
+        stats.mark("readers_started")
+    encoder = ClipEncoder(spec, device, select_precision(precision_spec, device), batch)
+    stats.mark("model_built")
+    probe = ZeroShot(encoder, labels, pcfg["prompt_template"])
     parts = []
-    for (file, group, first), tags in _by_group(sorted(answers)):
-        rows = [t[3] for t in tags]
-        parts.append(probe_frame(file, group, first, rows, [pending[t] for t in tags],
-                                 [answers[t]["label"] for t in tags],
-                                 [float(answers[t]["confidence"]) for t in tags]))
-    return (pd.concat(parts, ignore_index=True) if parts else empty_probe()), summary
-
-
-def _by_group(tags: list[tuple]) -> Iterator[tuple[tuple, list[tuple]]]:
-    current, members = None, []
-    for tag in tags:
-        if tag[:3] != current:
-            if members:
-                yield current, members
-            current, members = tag[:3], []
-        members.append(tag)
-    if members:
-        yield current, members
+    with tqdm(total=int(groups["rows"].sum()), desc="probe", unit="img", file=progress, mininterval=2.0) as bar:
+        for part in probe_rows(root, groups, probe, failures, workers=workers,
+                               jpeg_decoder=jpeg_decoder, chunks=chunks, on_encoded=stats.first_item_done,
+                               **reader):
+            parts.append(part)
+            bar.update(len(part))
+    stats.extra.update(encoding_batch_size=batch, decode_workers=workers)
+    stats.extra["device"] = str(device)
+    return pd.concat(parts, ignore_index=True) if parts else empty_probe()
 
 
 def empty_probe() -> pd.DataFrame:
@@ -109,7 +132,8 @@ def empty_probe() -> pd.DataFrame:
 
 def probe_shard(shard_text: str, list_path: Path | str, labels_path: Path | str, cfg: dict, continue_on_error: bool,
                 out_dir: Path | str, cache_path: Path | str, progress: TextIO | None = None, seed: int = 0,
-                device_spec: str = "cpu", precision_spec: str = "fp32", threads: int = 1) -> dict:
+                device_spec: str = "cpu", precision_spec: str = "fp32", threads: int = 1,
+                jpeg_decoder: str = "auto") -> dict:
     """Probe one shard's row groups; the folder is written whole or not at all."""
     shard = ShardId.parse(shard_text)
     stats = ShardStats(str(shard))
@@ -120,21 +144,8 @@ def probe_shard(shard_text: str, list_path: Path | str, labels_path: Path | str,
     backend = cfg["probe"]["backend"]
     llm_summary = None
     if backend == "clip_zero_shot":
-        from mlprep.encoders import load_clip_encoder
-
-        encoder = load_clip_encoder(cfg["probe"]["model"], int(cfg["probe"]["batch_size"]), device_spec,
-                                    precision_spec, threads, seed)
-        probe = ZeroShot(encoder, labels, cfg["probe"]["prompt_template"])
-        parts = []
-        from tqdm import tqdm
-
-        with tqdm(total=int(groups["rows"].sum()), desc="probe", unit="img", file=progress, mininterval=2.0) as bar:
-            for part in probe_rows(root, groups, probe, failures, cfg["image_column"], cfg["label_column"],
-                                   cfg.get("images_dir"), int(cfg["probe"]["batch_size"])):
-                parts.append(part)
-                bar.update(len(part))
-                stats.first_item_done()
-        table = pd.concat(parts, ignore_index=True) if parts else empty_probe()
+        table = zero_shot_probe(root, groups, labels, cfg, failures, stats, progress, seed, device_spec,
+                                precision_spec, threads, jpeg_decoder)
     elif backend == "openai":
         prompts.check_template("probe.prompt", cfg["probe"]["prompt"])
         table, llm_summary = llm_probe(root, groups, cfg, labels, failures, cache_path, progress)
@@ -143,7 +154,7 @@ def probe_shard(shard_text: str, list_path: Path | str, labels_path: Path | str,
     table = table.sort_values(["file", "row"], kind="stable").reset_index(drop=True)
     stats.ok, stats.failed = len(table), len(failures)
     stats.counts = {"correct": int(table["correct"].sum()), "row_groups": len(groups)}
-    stats.extra = {"backend": backend, "labels": len(labels), "llm": llm_summary, **scheduler_ids()}
+    stats.extra = {**stats.extra, "backend": backend, "labels": len(labels), "llm": llm_summary, **scheduler_ids()}
     with atomic_dir(out_dir) as folder:
         write_parquet(table[PROBE_COLUMNS], folder / SHARD_FILES["probe"])
         write_failures(failures.records, folder / SHARD_FILES["failures"])

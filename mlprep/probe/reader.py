@@ -13,7 +13,6 @@ are failure records with their reason; the rest of the shard goes on.
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import pandas as pd
 
 from mlprep.failures import Failure, ItemError
 from mlprep.ids import UnsafePathError, resolve_inside
+from mlprep.views import decoder_message
 
 ROW_GROUP_COLUMNS = ["item_id", "file", "row_group", "first_row", "rows"]
 IMAGE_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
@@ -175,22 +175,3 @@ def image_bytes(value, images_dir: Path | str | None) -> bytes:
             raise ItemError("missing", f"image file {value!r} not found under {images_dir}")
         return path.read_bytes()
     raise ItemError("not_an_image", f"the image cell holds {type(value).__name__}, not bytes or a path")
-
-
-def decode_image(value, images_dir: Path | str | None = None):
-    """An RGB PIL image from a cell, or ItemError (not_an_image, missing, unsafe_path)."""
-    from PIL import Image
-
-    data = image_bytes(value, images_dir)
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except Exception as err:  # noqa: BLE001 - any decoder error is this row's failure
-        raise ItemError("not_an_image", f"the image does not decode: {decoder_message(err)}") from err
-    return image.convert("RGB")
-
-
-def decoder_message(err: Exception) -> str:
-    """The decoder's message without the in-memory buffer's address PIL puts in it (`<_io.BytesIO object at
-    0x...>`): a failure's reason must be the same in every run."""
-    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", " (in-memory image)", str(err))

@@ -41,6 +41,8 @@ class ProbeWorkflow(ShardedPipeline):
 
     def probe_settings(self) -> dict:
         settings = {k: self.cfg.get(k) for k in PROBE_KEYS}
+        if self.cfg["probe"]["backend"] == "clip_zero_shot":
+            settings["jpeg_decoder"] = self.config["jpeg_decoder"]
         if self.cfg["probe"]["backend"] == "openai":
             settings["llm"] = self.answer_settings()
         return settings

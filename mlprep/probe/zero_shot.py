@@ -2,8 +2,10 @@
 
 Each label becomes a prompt from `prompt_template` ("a photo of a {label}."); the prompts are encoded once,
 each image's embedding is compared with all of them, and the best label is the prediction, with its
-softmax probability (CLIP's logit scale) as the score. Images are decoded row group by row group
-(mlprep.probe.reader), resized (shorter side to the model's size, centre crop) and encoded in batches.
+softmax probability (CLIP's logit scale) as the score. Images take sku_index's path (mlprep.views): CPU
+workers read the shard's row groups (each worker its own, one row group in memory at a time) and decode
+or pass JPEGs on; on the model's device each image becomes one view, the centre square crop (the same
+view sku_index indexes as view 0 and searches with), and views are encoded in batches.
 """
 
 from __future__ import annotations
@@ -14,22 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from mlprep.failures import FailureLog, ItemError
-from mlprep.probe.reader import decode_image, iter_row_groups, row_id
+from mlprep.probe.reader import image_bytes, read_row_group, row_group_id, row_id
+from mlprep.sku.augment import original_view, view_transforms
+from mlprep.views import PreparedChunk, PreparedImage, ViewStage, iter_chunks, pack, prepare_image
 
 PROBE_COLUMNS = ["item_id", "file", "row_group", "group_row", "row", "label", "prediction", "score", "correct"]
-
-
-def square_pixels(image, size: int) -> np.ndarray:
-    """uint8 [3, size, size]: shorter side scaled to `size` (bicubic), centre crop."""
-    from PIL import Image
-
-    width, height = image.size
-    scale = size / min(width, height)
-    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
-    left, top = (resized.width - size) // 2, (resized.height - size) // 2
-    return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8).transpose(2, 0, 1)
 
 
 @dataclass
@@ -43,13 +37,11 @@ class ZeroShot:
         logit_scale = getattr(self.encoder.model, "logit_scale", None)  # CLIP's learned temperature
         self.scale = float(logit_scale.detach().exp()) if logit_scale is not None else 100.0
 
-    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [n, 3, S, S] -> (label index, probability of it) per image."""
-        import torch
-
-        if not len(pixels):
+    def classify(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image embeddings [n, D] -> (label index, probability of it) per image."""
+        if not len(vectors):
             return np.zeros(0, np.int64), np.zeros(0)
-        logits = self.scale * (self.encoder.encode_images(torch.from_numpy(pixels)) @ self.text.T)
+        logits = self.scale * (vectors @ self.text.T)
         logits -= logits.max(axis=1, keepdims=True)
         prob = np.exp(logits)
         prob /= prob.sum(axis=1, keepdims=True)
@@ -57,40 +49,88 @@ class ZeroShot:
         return best, prob[np.arange(len(best)), best]
 
 
-def probe_frame(file: str, group: int, first_row: int, group_rows: list[int], labels: list[str],
-                predictions: list[str], scores: list[float]) -> pd.DataFrame:
-    """PROBE_COLUMNS for the probed rows of one row group."""
-    rows = [first_row + r for r in group_rows]
-    return pd.DataFrame({"item_id": [row_id(file, r) for r in rows], "file": file, "row_group": group,
-                         "group_row": group_rows, "row": rows, "label": labels, "prediction": predictions,
-                         "score": scores, "correct": [a == b for a, b in zip(labels, predictions)]},
-                        columns=PROBE_COLUMNS)
+def probe_table(tags: list[tuple], labels: list[str], predictions: list[str], scores: list[float]) -> pd.DataFrame:
+    """PROBE_COLUMNS for probed rows tagged (file, row group, the group's first row, row in the group)."""
+    files = [t[0] for t in tags]
+    rows = [t[2] + t[3] for t in tags]
+    return pd.DataFrame({"item_id": [row_id(f, r) for f, r in zip(files, rows)], "file": files,
+                         "row_group": [t[1] for t in tags], "group_row": [t[3] for t in tags], "row": rows,
+                         "label": labels, "prediction": predictions, "score": scores,
+                         "correct": [a == b for a, b in zip(labels, predictions)]},
+                        columns=PROBE_COLUMNS).astype({"row_group": "int64", "group_row": "int64", "row": "int64"})
+
+
+class ProbeImages(torch.utils.data.IterableDataset):
+    """The shard's row groups read and prepared by CPU workers (worker i takes every n-th group), in chunks of
+    `chunk` images; a row group that does not read is a chunk carrying its error. Tags are (file, row group,
+    the group's first row, row in the group); each item's `extra` is its label."""
+
+    def __init__(self, root: Path | str, groups: pd.DataFrame, labels: list[str], size: int, chunk: int,
+                 device_decode: bool, image_column: str = "image", label_column: str = "label", images_dir=None):
+        self.root, self.size, self.chunk, self.device_decode = Path(root), size, chunk, device_decode
+        self.groups = list(zip(groups["file"], groups["row_group"].astype(int), groups["first_row"].astype(int)))
+        self.labels = set(labels)
+        self.columns, self.images_dir = [image_column, label_column], images_dir
+
+    def _views(self, width: int, height: int):
+        return view_transforms([original_view(width, height)], width, height, self.size)
+
+    def _prepare(self, tag: tuple, cell, label) -> tuple[PreparedImage, bytes]:
+        try:
+            if str(label) not in self.labels:
+                raise ItemError("bad_record", f"label {label!r} is not in the label set")
+            data = image_bytes(cell, self.images_dir)
+        except ItemError as err:
+            return PreparedImage(tag, error=(err.code, str(err)), extra=str(label)), b""
+        return prepare_image(tag, data, self.size, self.device_decode, self._views, extra=str(label))
+
+    def __iter__(self) -> Iterator[PreparedChunk]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for file, group, first in self.groups[worker::workers]:
+            try:
+                frame = read_row_group(self.root, file, group, self.columns)
+            except ItemError as err:
+                chunk = pack([])
+                chunk.items, chunk.error = [PreparedImage((file, group, first, None))], (err.code, str(err))
+                yield chunk
+                continue
+            images, labels = frame[self.columns[0]], frame[self.columns[1]]
+            for start in range(0, len(frame), self.chunk):
+                stop = min(len(frame), start + self.chunk)
+                yield pack(self._prepare((file, group, first, row), images.iat[row], labels.iat[row])
+                           for row in range(start, stop))
 
 
 def probe_rows(root: Path | str, groups: pd.DataFrame, probe: ZeroShot, failures: FailureLog,
-               image_column: str = "image", label_column: str = "label", images_dir=None,
-               batch: int = 64) -> Iterator[pd.DataFrame]:
-    """PROBE_COLUMNS per readable row group of `groups` (streamed: one row group in memory at a time);
-    bad row groups and images are recorded in `failures`, a label outside the label set as `bad_record`."""
-    size = probe.encoder.image_size
-    index = {label: k for k, label in enumerate(probe.labels)}
-    first_rows = dict(zip(zip(groups["file"], groups["row_group"]), groups["first_row"]))
-    for file, group, frame in iter_row_groups(root, groups, [image_column, label_column], failures):
-        first = int(first_rows[(file, group)])
-        rows, labels, pixels = [], [], []
-        for row, (cell, label) in enumerate(zip(frame[image_column], frame[label_column])):
-            try:
-                if str(label) not in index:
-                    raise ItemError("bad_record", f"label {label!r} is not in the label set")
-                pixels.append(square_pixels(decode_image(cell, images_dir), size))
-            except ItemError as err:
-                failures.record(row_id(file, first + row), str(Path(root) / file), "probe", err.code, str(err))
-                continue
-            rows.append(row)
-            labels.append(str(label))
-        predictions, scores = [], []
-        for start in range(0, len(pixels), batch):
-            best, score = probe.predict(np.stack(pixels[start : start + batch]))
-            predictions.extend(probe.labels[k] for k in best)
-            scores.extend(score.tolist())
-        yield probe_frame(file, group, first, rows, labels, predictions, scores)
+               image_column: str = "image", label_column: str = "label", images_dir=None, workers: int = 0,
+               jpeg_decoder: str = "auto", chunks: Iterator[PreparedChunk] | None = None,
+               on_encoded=None) -> Iterator[pd.DataFrame]:
+    """PROBE_COLUMNS of the probed rows of `groups`, part by part (streamed: memory stays bounded); bad row
+    groups and images are recorded in `failures`, a label outside the label set as `bad_record`."""
+    encoder = probe.encoder
+    if chunks is None:
+        chunks = probe_chunks(root, groups, probe.labels, encoder.image_size, encoder.batch_size, workers,
+                              encoder.device, jpeg_decoder, image_column, label_column, images_dir)
+    stage = ViewStage(encoder, 1, encoder.batch_size)
+    for part in stage.stream(chunks, on_encoded=on_encoded):
+        for item in part.failed:
+            file, group, first, row = item.tag
+            if row is None:
+                failures.record(row_group_id(file, group), str(Path(root) / file), "read", *item.error)
+            else:
+                failures.record(row_id(file, first + row), str(Path(root) / file), "probe", *item.error)
+        best, score = probe.classify(part.vectors)
+        yield probe_table([i.tag for i in part.items], [i.extra for i in part.items],
+                          [probe.labels[k] for k in best], score.tolist())
+
+
+def probe_chunks(root: Path | str, groups: pd.DataFrame, labels: list[str], size: int, batch_size: int,
+                 workers: int, device: torch.device, jpeg_decoder: str = "auto", image_column: str = "image",
+                 label_column: str = "label", images_dir=None) -> Iterator[PreparedChunk]:
+    """The shard's images as prepared chunks of one encoder batch each; the workers start at once."""
+    from mlprep.views import choose_device_decode
+
+    dataset = ProbeImages(root, groups, labels, size, batch_size, choose_device_decode(jpeg_decoder, device),
+                          image_column, label_column, images_dir)
+    return iter_chunks(dataset, workers, pin=device.type == "cuda")

@@ -1,27 +1,25 @@
-"""Shop-floor augmentations, all views of one image rendered as one tensor batch.
+"""Shop-floor augmentations as numbers: seeded view parameters and the transforms that render them.
 
-An image is decoded once at reduced size (JPEG draft), then every view is one projective warp
-(random resized crop + rotation + perspective + flip folded into a single 3x3 matrix, applied by
-one grid_sample over the batch of views) followed by per-view colour arithmetic and an optional
-separable Gaussian blur. View 0 is the plain original (short side resized, centre crop), the
-same preprocessing a query image gets at search time.
+Every view is one projective warp (random resized crop + rotation + perspective + flip folded into a
+single 3x3 matrix) followed by brightness, contrast, saturation and hue (one 3x3 colour matrix) and an
+optional Gaussian blur. The parameters are a pure function of (seed, item id, k) and the image's displayed
+size, so a view is the same whichever decoder made the pixels; mlprep.views renders them on the model's
+device. View 0 is the plain original (centre square crop), the same view a query image gets at search time.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mlprep.failures import ItemError
 from mlprep.rng import rng_for
+from mlprep.views import ViewRenderer, ViewTransforms, colour_transform
 
 
 @dataclass(frozen=True)
@@ -123,36 +121,6 @@ def read_image_file(path) -> bytes:
         raise ItemError("decode_error", f"cannot read the file: {err}") from err
 
 
-def decode_image(data: bytes, min_side: int) -> torch.Tensor:
-    """Decode image bytes to uint8 [3, H, W] RGB with its short side in [min_side, 2 * min_side).
-
-    JPEGs are decoded at reduced scale (draft), which costs a fraction of a full decode; EXIF
-    orientation is applied, since phone photos of products often carry it. Errors are ItemErrors
-    with a reason code (not_an_image, truncated, decode_error).
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB", (min_side, min_side))
-            img = ImageOps.exif_transpose(img)
-            img = img.convert("RGB")
-            factor = min(img.size) // min_side
-            if factor >= 2:
-                img = img.reduce(factor)
-            array = np.asarray(img)
-    except UnidentifiedImageError as err:
-        raise ItemError("not_an_image", f"not an image any decoder recognises ({len(data)} bytes)") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        if "truncat" in str(err).lower():
-            raise ItemError("truncated", f"image data ends early: {err}") from err
-        raise ItemError("decode_error", f"{type(err).__name__}: {err}") from err
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
-def load_image(path, min_side: int) -> torch.Tensor:
-    """decode_image of a file; a missing or unreadable file is an ItemError too."""
-    return decode_image(read_image_file(path), min_side)
-
-
 def _perspective_matrix(corners: tuple[float, ...], size: int) -> np.ndarray:
     """Homography that maps the output square onto the square with its corners moved by `corners`."""
     src = np.array([[0, 0], [size, 0], [size, size], [0, size]], dtype=np.float64)
@@ -167,7 +135,7 @@ def _perspective_matrix(corners: tuple[float, ...], size: int) -> np.ndarray:
 
 
 def view_matrix(p: ViewParams, width: int, height: int, size: int) -> np.ndarray:
-    """3x3 map from output pixel coordinates to input pixel coordinates for one view."""
+    """3x3 map from output pixel coordinates to the coordinates of the image displayed at width x height."""
     cx = (p.crop[0] + p.crop[2] / 2) * width
     cy = (p.crop[1] + p.crop[3] / 2) * height
     to_centre = np.array([[1, 0, -size / 2], [0, 1, -size / 2], [0, 0, 1]], dtype=np.float64)
@@ -180,66 +148,29 @@ def view_matrix(p: ViewParams, width: int, height: int, size: int) -> np.ndarray
     return to_input @ rotate @ scale @ flip @ to_centre @ warp
 
 
-def _sampling_grid(matrices: np.ndarray, width: int, height: int, size: int) -> torch.Tensor:
-    centres = np.arange(size, dtype=np.float64) + 0.5
-    gx, gy = np.meshgrid(centres, centres)
-    points = np.stack([gx.ravel(), gy.ravel(), np.ones(size * size)])  # [3, S*S]
-    mapped = matrices @ points  # [V, 3, S*S]
-    x = mapped[:, 0] / mapped[:, 2]
-    y = mapped[:, 1] / mapped[:, 2]
-    grid = np.stack([2 * x / width - 1, 2 * y / height - 1], axis=-1)
-    return torch.from_numpy(grid.reshape(len(matrices), size, size, 2).astype(np.float32))
+def blur_radius(settings: AugmentSettings) -> int:
+    """Half-width of every view's blur kernel: three of the largest sigma the settings allow."""
+    return max(1, math.ceil(3 * max(settings.blur_sigma)))
 
 
-def _colour_matrices(params: list[ViewParams]) -> torch.Tensor:
-    """Per-view 3x3 matrices doing saturation and hue rotation (in YIQ) in one multiply."""
-    to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-    from_yiq = np.linalg.inv(to_yiq)
-    mats = []
-    for p in params:
-        t = p.hue * 2 * math.pi
-        c, s = math.cos(t) * p.saturation, math.sin(t) * p.saturation
-        mats.append(from_yiq @ np.array([[1, 0, 0], [0, c, -s], [0, s, c]]) @ to_yiq)
-    return torch.from_numpy(np.stack(mats).astype(np.float32))
+def view_transforms(params: list[ViewParams], width: int, height: int, size: int) -> ViewTransforms:
+    """The numbers mlprep.views renders `params` from, for an image displayed at width x height."""
+    colour = [colour_transform(p.brightness, p.contrast, p.saturation, p.hue) for p in params]
+    return ViewTransforms(
+        sampling=np.stack([view_matrix(p, width, height, size) for p in params]),
+        colour=np.stack([m for m, _ in colour]).astype(np.float32),
+        shift=np.stack([t for _, t in colour]).astype(np.float32),
+        blur=np.array([p.blur_sigma for p in params], dtype=np.float32),
+    )
 
 
-def _blur(views: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
-    """Separable Gaussian blur with a sigma per view (sigma 0 leaves a view unchanged)."""
-    radius = max(1, math.ceil(3 * max(sigmas)))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernels = []
-    for sigma in sigmas:
-        if sigma <= 0:
-            k = (offsets == 0).float()
-        else:
-            k = torch.exp(-(offsets**2) / (2 * sigma**2))
-        kernels.append(k / k.sum())
-    n, c, h, w = views.shape
-    kernel = torch.stack(kernels).repeat_interleave(c, dim=0)  # [V*C, K]
-    flat = views.reshape(1, n * c, h, w)
-    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), kernel.view(n * c, 1, 1, -1), groups=n * c)
-    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"), kernel.view(n * c, 1, -1, 1), groups=n * c)
-    return flat.view(n, c, h, w)
-
-
-def render_views(
-    image: torch.Tensor, params: list[ViewParams], size: int, padding_mode: str = "border"
-) -> torch.Tensor:
-    """uint8 [3, H, W] + V view params -> uint8 [V, 3, size, size]."""
+def render_views(image: torch.Tensor, params: list[ViewParams], size: int, padding_mode: str = "border",
+                 radius: int | None = None) -> torch.Tensor:
+    """uint8 [3, H, W] (one decoded image, on any device) + V view params -> uint8 [V, 3, size, size], through
+    the same renderer the encode path uses."""
     _, height, width = image.shape
-    matrices = np.stack([view_matrix(p, width, height, size) for p in params])
-    grid = _sampling_grid(matrices, width, height, size)
-    source = image.float().unsqueeze(0).expand(len(params), -1, -1, -1)
-    views = F.grid_sample(source, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
-    if any(p.brightness != 1 or p.contrast != 1 for p in params):
-        brightness = torch.tensor([p.brightness for p in params]).view(-1, 1, 1, 1)
-        contrast = torch.tensor([p.contrast for p in params]).view(-1, 1, 1, 1)
-        views = views * brightness
-        mean = views.mean(dim=(1, 2, 3), keepdim=True)
-        views = (views - mean) * contrast + mean
-    if any(p.saturation != 1 or p.hue != 0 for p in params):
-        views = torch.einsum("vij,vjhw->vihw", _colour_matrices(params), views)
-    sigmas = [p.blur_sigma for p in params]
-    if any(s > 0 for s in sigmas):
-        views = _blur(views, sigmas)
-    return views.clamp_(0, 255).round_().to(torch.uint8)
+    if radius is None:
+        radius = max(1, math.ceil(3 * max([p.blur_sigma for p in params] + [0.0])))
+    renderer = ViewRenderer(size, len(params), image.device, padding_mode, radius)
+    views, _ = renderer([image.float()], [view_transforms(params, width, height, size)], [(width, height)])
+    return views

@@ -1,7 +1,8 @@
-"""Encode shard: reader (items of a shard) -> mapper (decode + augment in workers, encode in batches) -> writer.
+"""Encode shard: reader (items of a shard) -> CPU workers (read, decode or pass JPEGs on, view numbers) ->
+the model's device (decode JPEGs, render every view, encode in batches) -> writer.
 
-Decoding and augmenting run in DataLoader worker processes, a few images ahead of the model, so
-they overlap with the forward passes; the main process only batches views and runs the model.
+The workers prepare chunks of images a few chunks ahead of the device, in other processes, so reading and
+decoding overlap with rendering and the forward passes (mlprep.views: the same path for every device).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,25 +20,38 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from mlprep.devices import precision_name
-from mlprep.encoders import ClipEncoder, load_clip_encoder
+from mlprep.devices import job_device, precision_name, resolve_batch_size, select_precision
+from mlprep.encoders import ClipEncoder, ClipSpec, clip_image_size
 from mlprep.failures import FailureLog, describe_error, write_failures
 from mlprep.io import atomic_dir, save_npy, write_parquet
 from mlprep.sharding import ShardId
 from mlprep.sku.augment import (
     AugmentSettings,
     ViewParams,
+    blur_radius,
     content_hash,
-    decode_image,
     original_view,
     read_image_file,
-    render_views,
     sample_view,
+    view_transforms,
 )
 from mlprep.shardlists import ShardLists
 from mlprep.sku.catalog import LIST_COLUMNS, ImageItem, items_from_list
 from mlprep.stats import ShardStats, scheduler_ids
-from mlprep.workers import in_order
+from mlprep.workers import resolve_workers
+from mlprep.views import (
+    DeviceImages,
+    PreparedChunk,
+    PreparedImage,
+    ViewRenderer,
+    ViewStage,
+    choose_device_decode,
+    chunk_ranges,
+    items_per_chunk,
+    iter_chunks,
+    pack,
+    prepare_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +80,12 @@ class ViewPlan:
     settings: AugmentSettings
     image_size: int
 
+    @property
+    def views_per_item(self) -> int:
+        return 1 + self.augment_per_image + self.queries_per_image
+
     def views(self, item_id: str, width: int, height: int) -> tuple[list[ViewParams], list[ViewParams]]:
+        """Index views (the original first) and query views, from the image's displayed size."""
         index = [original_view(width, height)]
         index += [
             sample_view(self.settings, self.seed, INDEX_STREAM, item_id, k, width, height)
@@ -80,42 +98,67 @@ class ViewPlan:
         return index, queries
 
 
-@dataclass
-class RenderedItem:
-    position: int
-    views: torch.Tensor | None  # uint8 [V, 3, S, S]: index views first, then query views
-    index_params: list[ViewParams]
-    query_params: list[ViewParams]
-    content_hash: str = ""
-    error: tuple[str, str] | None = None  # (reason code, reason)
+class ShardImages(torch.utils.data.Dataset):
+    """Chunk k of the image files: each read, decoded or passed on as JPEG bytes, with its views' numbers.
+    Errors are returned as the item's error, never raised, so the shard goes on."""
 
-
-class ItemViews(torch.utils.data.Dataset):
-    """Decodes and augments one item per __getitem__; errors are returned, not raised, so the shard goes on."""
-
-    def __init__(self, items: list[ImageItem], plan: ViewPlan):
-        self.items = items
-        self.plan = plan
+    def __init__(self, paths: list[str], ids: list[str], plan: ViewPlan, chunk: int, device_decode: bool):
+        self.paths, self.ids, self.plan, self.device_decode = paths, ids, plan, device_decode
+        self.ranges = chunk_ranges(len(paths), chunk)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.ranges)
 
-    def __getitem__(self, position: int) -> RenderedItem:
-        item = self.items[position]
+    def _prepare(self, position: int):
+        plan = self.plan
+        params: dict = {}
+
+        def views(width: int, height: int):
+            params["index"], params["query"] = plan.views(self.ids[position], width, height)
+            return view_transforms(params["index"] + params["query"], width, height, plan.image_size)
+
         try:
-            data = read_image_file(item.path)
-            image = decode_image(data, self.plan.image_size)
-            _, height, width = image.shape
-            index, queries = self.plan.views(item.item_id, width, height)
-            views = render_views(image, index + queries, self.plan.image_size, self.plan.settings.padding_mode)
-            return RenderedItem(position, views, index, queries, content_hash(data))
-        except Exception as err:  # noqa: BLE001 - any decoder error is this item's failure
-            return RenderedItem(position, None, [], [], error=describe_error(err))
+            data = read_image_file(self.paths[position])
+        except Exception as err:  # noqa: BLE001
+            return PreparedImage(position, error=describe_error(err)), b""
+        item, payload = prepare_image(position, data, plan.image_size, self.device_decode, views, content_hash)
+        item.extra = (params.get("index", []), params.get("query", []))
+        return item, payload
+
+    def __getitem__(self, k: int) -> PreparedChunk:
+        start, stop = self.ranges[k]
+        return pack(self._prepare(position) for position in range(start, stop))
 
 
-def iter_rendered(items: list[ImageItem], plan: ViewPlan, workers: int) -> Iterator[RenderedItem]:
-    """Rendered items in shard order; with workers > 0 they are prepared ahead in other processes."""
-    return in_order(ItemViews(items, plan), workers)
+def image_chunks(paths: list[str], ids: list[str], plan: ViewPlan, batch_size: int, workers: int,
+                 device: torch.device, jpeg_decoder: str = "auto") -> Iterator[PreparedChunk]:
+    """The shard's images as prepared chunks, in order; the workers start at once."""
+    dataset = ShardImages(paths, ids, plan, items_per_chunk(batch_size, plan.views_per_item),
+                          choose_device_decode(jpeg_decoder, device))
+    return iter_chunks(dataset, workers, pin=device.type == "cuda")
+
+
+def view_stage(encoder: ClipEncoder, plan: ViewPlan) -> ViewStage:
+    return ViewStage(encoder, plan.views_per_item, items_per_chunk(encoder.batch_size, plan.views_per_item),
+                     plan.settings.padding_mode, blur_radius(plan.settings))
+
+
+def render_items(items: list[ImageItem], plan: ViewPlan, device: torch.device, jpeg_decoder: str = "cpu",
+                 chunk: int = 8) -> torch.Tensor:
+    """Every view of every item that decodes, rendered as the encode path renders them: uint8 [n, 3, S, S]
+    (for benchmarks of the encoder alone and for equivalence checks)."""
+    dataset = ShardImages([i.path for i in items], [i.item_id for i in items], plan, chunk,
+                          choose_device_decode(jpeg_decoder, device))
+    images = DeviceImages(device, plan.image_size)
+    renderer = ViewRenderer(plan.image_size, chunk * plan.views_per_item, device, plan.settings.padding_mode,
+                            blur_radius(plan.settings))
+    out = []
+    for k in range(len(dataset)):
+        prepared = dataset[k]
+        views, counts = renderer(images(prepared), [i.transforms for i in prepared.items],
+                                 [(i.width, i.height) for i in prepared.items])
+        out.append(views[: sum(counts)])
+    return torch.cat(out)
 
 
 @dataclass
@@ -155,72 +198,43 @@ def encode_items(
     workers: int = 1,
     progress: TextIO | None = None,
     on_encoded: Callable[[], None] | None = None,
+    chunks: Iterator[PreparedChunk] | None = None,
+    jpeg_decoder: str = "auto",
 ) -> EncodedShard:
     """Encode the index and query views of every item; bad items go to `failures`.
 
-    `on_encoded` is called after each forward pass (the job's stats time its first one)."""
-    # Views wait for a full batch in one staging buffer that is reused for the whole shard: a fresh
-    # torch.cat per batch cost ~37 ms on a 16-core GPU host (new pages, many threads), capping a GPU
-    # shard at ~550 views/s while the encoder alone ran ~8,500; copying into reused pages took 6 ms
-    # per batch against torch.cat's 136 ms on a loaded 2-core VM.
-    staging: np.ndarray | None = None
-    n_pending = 0
-    chunks: list[np.ndarray] = []
-    is_query: list[bool] = []
+    `chunks` are the items prepared by image_chunks (made here when not given); `on_encoded` is called
+    after each forward pass is queued (the job's stats time its first one)."""
+    if chunks is None:
+        chunks = image_chunks([i.path for i in items], [i.item_id for i in items], plan, encoder.batch_size,
+                              workers, encoder.device, jpeg_decoder)
+    bar = tqdm(total=len(items), desc="encode images", unit="img", file=progress, mininterval=2.0)
+
+    def seen(prepared: PreparedImage) -> None:
+        bar.update(1)
+        if prepared.error is not None:
+            item = items[prepared.tag]
+            failures.record(item.item_id, item.path, "decode", *prepared.error)
+
+    out = view_stage(encoder, plan).run(chunks, on_item=seen, on_encoded=on_encoded)
+    bar.close()
     index_rows: list[dict] = []
     query_rows: list[dict] = []
-    ok = 0
-    encode_seconds = 0.0
-
-    def flush(final: bool) -> None:
-        nonlocal n_pending, encode_seconds
-        take = n_pending if final else (n_pending // encoder.batch_size) * encoder.batch_size
-        if take == 0:
-            return
-        started = time.perf_counter()
-        chunks.append(encoder.encode_images(torch.from_numpy(staging[:take])))
-        encode_seconds += time.perf_counter() - started
-        if on_encoded is not None:
-            on_encoded()
-        rest = n_pending - take
-        staging[:rest] = staging[take:n_pending]
-        n_pending = rest
-
-    bar = tqdm(total=len(items), desc="encode images", unit="img", file=progress, mininterval=2.0)
-    for rendered in iter_rendered(items, plan, workers):
-        item = items[rendered.position]
-        bar.update(1)
-        if rendered.error is not None:
-            failures.record(item.item_id, item.path, "decode", *rendered.error)
-            continue
-        ok += 1
-        views = rendered.views.numpy()
-        if staging is None or n_pending + len(views) > len(staging):
-            grown = np.empty((max(n_pending + len(views), encoder.batch_size + len(views)), *views.shape[1:]),
-                             dtype=np.uint8)
-            if staging is not None:
-                grown[:n_pending] = staging[:n_pending]
-            staging = grown
-        staging[n_pending : n_pending + len(views)] = views
-        n_pending += len(views)
-        is_query += [False] * len(rendered.index_params) + [True] * len(rendered.query_params)
-        index_rows += _meta_rows(item, rendered.index_params, rendered.content_hash)
-        query_rows += _meta_rows(item, rendered.query_params, rendered.content_hash)
-        if n_pending >= encoder.batch_size:
-            flush(final=False)
-    flush(final=True)
-    bar.close()
-
-    dim = encoder.dim
-    vectors = np.concatenate(chunks) if chunks else np.zeros((0, dim), dtype=np.float32)
+    is_query: list[bool] = []
+    for prepared in out.items:
+        index_params, query_params = prepared.extra
+        is_query += [False] * len(index_params) + [True] * len(query_params)
+        index_rows += _meta_rows(items[prepared.tag], index_params, prepared.digest)
+        query_rows += _meta_rows(items[prepared.tag], query_params, prepared.digest)
     mask = np.asarray(is_query, dtype=bool)
+    vectors = out.vectors
     return EncodedShard(
         index_vectors=np.ascontiguousarray(vectors[~mask]) if len(mask) else vectors,
         index_meta=_meta_frame(index_rows),
         query_vectors=np.ascontiguousarray(vectors[mask]) if len(mask) else vectors,
         query_meta=_meta_frame(query_rows),
-        items_ok=ok,
-        seconds_encoding=encode_seconds,
+        items_ok=len(out.items),
+        seconds_encoding=out.encode_seconds,
     )
 
 
@@ -232,7 +246,9 @@ def write_encoded_shard(shard: EncodedShard, folder: Path) -> None:
 
 
 def load_encoder(cfg: dict, device_spec: str, precision_spec: str, threads: int, seed: int) -> ClipEncoder:
-    return load_clip_encoder(cfg["model"], cfg["encoding_batch_size"], device_spec, precision_spec, threads, seed)
+    device = job_device(device_spec, threads)
+    return ClipEncoder(ClipSpec.from_config(cfg["model"], seed), device, select_precision(precision_spec, device),
+                       resolve_batch_size(cfg["encoding_batch_size"], device))
 
 
 def view_plan(cfg: dict, seed: int, image_size: int) -> ViewPlan:
@@ -256,16 +272,39 @@ def encode_shard(
     threads: int,
     out_dir: Path | str,
     progress: TextIO | None = None,
+    jpeg_decoder: str = "auto",
 ) -> dict:
-    """Encode the images of one shard list into the shard's folder (written whole or not at all)."""
+    """Encode the images of one shard list into the shard's folder (written whole or not at all).
+
+    Start-up overlaps: the readers start (and read ahead) before the model is built, where the model's input
+    size is known from its config; `stats.json` says where the start-up time went (`startup_steps`)."""
     shard = ShardId.parse(shard_text)
     stats = ShardStats(str(shard))
+    stats.mark("imports")
     items = items_from_list(ShardLists.read(list_path, LIST_COLUMNS), shard.index)
-    encoder = load_encoder(cfg, device_spec, precision_spec, threads, seed)
-    plan = view_plan(cfg, seed, encoder.image_size)
+    device = job_device(device_spec, threads)
+    spec = ClipSpec.from_config(cfg["model"], seed)
+    batch = resolve_batch_size(cfg["encoding_batch_size"], device)
+    size = clip_image_size(spec)
+    paths, ids = [i.path for i in items], [i.item_id for i in items]
+    workers = resolve_workers(cfg["decode_workers"], device, threads)
+    chunks = None
+    if size is not None:
+        plan = view_plan(cfg, seed, size)
+        chunks = image_chunks(paths, ids, plan, batch, workers, device, jpeg_decoder)
+        stats.mark("readers_started")
+    if device.type == "cuda":
+        torch.cuda.init()
+        torch.empty(1, device=device)
+        stats.mark("cuda_context")
+    encoder = ClipEncoder(spec, device, select_precision(precision_spec, device), batch)
+    stats.mark("model_built")
+    if chunks is None:
+        plan = view_plan(cfg, seed, encoder.image_size)
+        chunks = image_chunks(paths, ids, plan, batch, workers, device, jpeg_decoder)
     failures = FailureLog(continue_on_error)
-    encoded = encode_items(items, plan, encoder, failures, workers=cfg["decode_workers"], progress=progress,
-                           on_encoded=stats.first_item_done)
+    encoded = encode_items(items, plan, encoder, failures, progress=progress, on_encoded=stats.first_item_done,
+                           chunks=chunks)
     stats.ok, stats.failed = encoded.items_ok, len(failures)
     stats.counts = {"index_views": len(encoded.index_vectors), "query_views": len(encoded.query_vectors)}
     stats.counts["views"] = stats.counts["index_views"] + stats.counts["query_views"]
@@ -273,8 +312,10 @@ def encode_shard(
         "encode_seconds": round(encoded.seconds_encoding, 3),
         "device": str(encoder.device),
         "precision": precision_name(encoder.dtype),
+        "encoding_batch_size": batch,
+        "jpeg_decoder": "device" if choose_device_decode(jpeg_decoder, device) else "cpu",
         "threads": threads,
-        "decode_workers": cfg["decode_workers"],
+        "decode_workers": workers,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         **scheduler_ids(),
     }

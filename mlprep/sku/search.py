@@ -7,14 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from mlprep.failures import ItemError
 from mlprep.io import read_json
-from mlprep.sku.augment import load_image, original_view, render_views
+from mlprep.sku.augment import AugmentSettings
 from mlprep.indexing import apply_search_params, read_index
 from mlprep.sku.index import rank_skus
-from mlprep.sku.encode import load_encoder
+from mlprep.sku.encode import ViewPlan, image_chunks, load_encoder, view_stage
 
 
 class EmptyIndexError(ValueError):
@@ -57,23 +55,19 @@ class SkuSearcher:
             raise ValueError(f"{folder / 'metadata.parquet'} has {len(self.meta)} rows, index has {self.index.ntotal}")
         self.skus = self.meta["sku_id"].to_numpy(dtype=object)
         self.sku_info = self.meta.drop_duplicates("sku_id").set_index("sku_id")[["name", "category"]]
-        cfg = {"model": self.info["model"], "encoding_batch_size": 1}
+        cfg = {"model": self.info["model"], "encoding_batch_size": "auto"}
         self.encoder = load_encoder(cfg, device or self.info["device"], self.info["precision"], threads, self.info["seed"])
 
     def embed(self, paths: list[Path | str]) -> tuple[np.ndarray, list[int], list[QueryFailure]]:
-        """Embeddings of the images that decode, their positions in `paths`, and a failure for each other."""
-        views, ok, failed = [], [], []
-        for position, path in enumerate(paths):
-            try:
-                image = load_image(path, self.encoder.image_size)
-            except ItemError as err:
-                failed.append(QueryFailure(str(path), err.code, f"{path}: {err}"))
-                continue
-            _, height, width = image.shape
-            views.append(render_views(image, [original_view(width, height)], self.encoder.image_size))
-            ok.append(position)
-        vectors = self.encoder.encode_images(torch.cat(views)) if views else np.zeros((0, self.index.d), np.float32)
-        return vectors, ok, failed
+        """Embeddings of the images that decode, their positions in `paths`, and a failure for each other.
+        A query is view 0 of the index's own path (decode, centre square crop, encode): what the index holds."""
+        plan = ViewPlan(0, 0, 0, AugmentSettings(), self.encoder.image_size)
+        names = [str(p) for p in paths]
+        chunks = image_chunks(names, names, plan, self.encoder.batch_size, 0, self.encoder.device)
+        out = view_stage(self.encoder, plan).run(chunks)
+        failed = [QueryFailure(names[i.tag], i.error[0], f"{names[i.tag]}: {i.error[1]}") for i in out.failed]
+        vectors = out.vectors if len(out.items) else np.zeros((0, self.index.d), np.float32)
+        return vectors, [i.tag for i in out.items], failed
 
     def search(self, paths: list[Path | str], k: int = 5) -> tuple[list[Hit], list[QueryFailure]]:
         """The top-k SKUs of every query image that decodes, and a failure for each that does not."""

@@ -23,6 +23,7 @@ class SkuWorkflow(ShardedPipeline):
         return {
             "seed": self.config["seed"],
             "precision": self.config["precision"],
+            "jpeg_decoder": self.config["jpeg_decoder"],
             "model": self.cfg["model"],
             "augment": self.cfg["augment"],
             "augment_per_image": self.cfg["augment_per_image"],

@@ -5,8 +5,9 @@ cosine distance against one-at-a-time encoding).
 resemblyzer (default): the GE2E speaker encoder whose pretrained weights ship inside the package, so it
 runs offline. An utterance is cut into 1.6 s partial windows (160 mel frames), each window embedded,
 the utterance's embedding the normalised mean of its windows', as resemblyzer's embed_utterance does.
-Every window has the same length, so windows of many utterances share one forward pass with no padding:
-batching is exact by construction.
+Readers trim silences and place the windows (CPU work); the mel frames and windows are made on the
+model's device, for many utterances at once. Every window has the same length, so windows of many
+utterances share one forward pass with no padding: batching is exact by construction.
 
 speechbrain: ECAPA-TDNN (or any speechbrain EncoderClassifier) loaded with `from_hparams` from a local
 model folder (hyperparams.yaml + checkpoints) or a hub id. Padding changes its embeddings (the
@@ -17,6 +18,7 @@ lost is shorter than that) and only utterances of one length share a forward pas
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -50,18 +52,6 @@ def mel_filters(rate: int, n_fft: int, n_mels: int) -> np.ndarray:
     return (weights * (2.0 / (edges[2:] - edges[:-2]))[:, None]).astype(np.float32)
 
 
-def mel_power(wav: np.ndarray, rate: int, n_fft: int, hop: int, n_mels: int) -> np.ndarray:
-    """Mel power spectrogram [frames, n_mels]: centred frames (zero padding), periodic Hann window, |STFT|^2.
-    Equal to librosa.feature.melspectrogram's defaults (to ~1e-7), without its ~5 s of JIT compilation
-    at the first call of every job."""
-    padded = np.pad(np.asarray(wav, dtype=np.float32), n_fft // 2)
-    count = 1 + (len(padded) - n_fft) // hop
-    frames = np.lib.stride_tricks.as_strided(padded, (count, n_fft), (padded.strides[0] * hop, padded.strides[0]))
-    window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)).astype(np.float32)
-    power = (np.abs(np.fft.rfft(frames * window, axis=1)) ** 2).astype(np.float32)
-    return power @ mel_filters(rate, n_fft, n_mels).T
-
-
 def trim_long_silences(wav: np.ndarray, rate: int, window_ms: int, average_width: int, max_silence: int) -> np.ndarray:
     """resemblyzer's silence trimming (webrtcvad at its strictest mode on 30 ms windows, smoothed, voiced
     regions dilated), with the PCM conversion done by numpy instead of a per-sample struct.pack: the same
@@ -84,6 +74,26 @@ def trim_long_silences(wav: np.ndarray, rate: int, window_ms: int, average_width
     return wav[np.repeat(mask, window)]
 
 
+@dataclass
+class WindowedWave:
+    """One utterance as a reader prepares it for resemblyzer: its trimmed, padded waveform and where each
+    partial window starts (in mel frames). The mel frames and windows are made on the model's device."""
+
+    wav: np.ndarray  # float32 samples
+    starts: np.ndarray  # int64 first mel frame of each window
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device: through page-locked memory and without waiting, on a GPU."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
 class ResemblyzerBackend:
     name = "resemblyzer"
     sample_rate = 16000
@@ -92,17 +102,24 @@ class ResemblyzerBackend:
     pending_factor = 16  # windows of this many batches are gathered before encoding (small mel windows)
 
     def __init__(self, device: torch.device, batch_size: int = 64, weights: str | None = None):
-        from resemblyzer import VoiceEncoder
+        from resemblyzer import VoiceEncoder, hparams
 
         self.device = device
         self.batch_size = batch_size
         self.encoder = VoiceEncoder(device=device, verbose=False, weights_fpath=weights)
         self.encoder.eval()
         self.dim = int(self.encoder.linear.out_features)
+        self.n_fft = int(hparams.sampling_rate * hparams.mel_window_length / 1000)
+        self.hop = int(hparams.sampling_rate * hparams.mel_window_step / 1000)
+        self.frames = hparams.partials_n_frames
+        self._filters = torch.from_numpy(mel_filters(hparams.sampling_rate, self.n_fft, hparams.mel_n_channels))
+        self._filters = self._filters.to(device)
+        self._window = (0.5 - 0.5 * torch.cos(2 * np.pi * torch.arange(self.n_fft, dtype=torch.float64) / self.n_fft))
+        self._window = self._window.float().to(device)
 
-    def prepare(self, wav: np.ndarray) -> np.ndarray:
-        """resemblyzer's own preprocessing (volume normalisation, long silences trimmed), then the mel
-        windows [n_windows, 160, 40]: what encode() batches."""
+    def prepare(self, wav: np.ndarray) -> WindowedWave:
+        """resemblyzer's own preprocessing (volume normalisation, long silences trimmed) and its partial
+        windows, as numbers: what encode() turns into mel windows on the device."""
         from resemblyzer import audio, hparams
 
         wav = audio.normalize_volume(wav, hparams.audio_norm_target_dBFS, increase_only=True)  # as preprocess_wav
@@ -115,26 +132,42 @@ class ResemblyzerBackend:
         wav_slices, mel_slices = self.encoder.compute_partial_slices(len(wav), self.rate, self.min_coverage)
         if wav_slices[-1].stop >= len(wav):
             wav = np.pad(wav, (0, wav_slices[-1].stop - len(wav)), "constant")
-        mel = mel_power(wav, hparams.sampling_rate, int(hparams.sampling_rate * hparams.mel_window_length / 1000),
-                        int(hparams.sampling_rate * hparams.mel_window_step / 1000), hparams.mel_n_channels)
-        return np.stack([mel[s] for s in mel_slices])
+        return WindowedWave(np.ascontiguousarray(wav, dtype=np.float32),
+                            np.array([s.start for s in mel_slices], dtype=np.int64))
+
+    def mel_windows(self, items: list[WindowedWave]) -> torch.Tensor:
+        """The partial mel windows [n_windows, 160, 40] of many utterances, made on the device in one pass:
+        each utterance's centred frames (librosa's STFT: periodic Hann, zero padding, |X|^2, Slaney mels) laid out
+        on one hop-aligned signal."""
+        hop, n_fft = self.hop, self.n_fft
+        lengths = [len(i.wav) + n_fft for i in items]  # centre padding: n_fft // 2 on each side
+        spans = [-(-n // hop) * hop for n in lengths]
+        offsets = np.concatenate([[0], np.cumsum(spans)[:-1]]).astype(np.int64)
+        flat = np.zeros(int(sum(spans)) + n_fft, dtype=np.float32)
+        for item, at in zip(items, offsets):
+            flat[at + n_fft // 2 : at + n_fft // 2 + len(item.wav)] = item.wav
+        frames = to_device(flat, self.device).unfold(0, n_fft, hop)  # [G, n_fft], frame g starts at g * hop
+        power = torch.fft.rfft(frames * self._window).abs() ** 2
+        mel = power @ self._filters.T  # [G, n_mels]
+        first = np.concatenate([at // hop + item.starts for item, at in zip(items, offsets)])
+        rows = to_device(first[:, None] + np.arange(self.frames)[None, :], self.device)
+        return mel[rows]
 
     @torch.inference_mode()
-    def encode(self, windows: list[np.ndarray]) -> np.ndarray:
-        """Mel windows of many utterances -> one embedding each: all windows go through the LSTM in
-        batches of `batch_size`, then each utterance averages its own."""
+    def encode(self, windows: list[WindowedWave]) -> np.ndarray:
+        """Many utterances -> one embedding each: their mel windows made on the device, all windows through the
+        LSTM in batches of `batch_size`, each utterance the normalised mean of its own windows' embeddings;
+        one copy back to the host at the end."""
         if not windows:
             return np.zeros((0, self.dim), dtype=np.float32)
         counts = np.array([len(w) for w in windows])
-        stacked = np.concatenate(windows)
-        out = []
-        for start in range(0, len(stacked), self.batch_size):
-            chunk = torch.from_numpy(stacked[start : start + self.batch_size]).to(self.device)
-            out.append(self.encoder(chunk).float().cpu().numpy())
-        partial = np.concatenate(out)
-        sums = np.add.reduceat(partial, np.concatenate([[0], np.cumsum(counts)[:-1]]), axis=0)
-        means = sums / counts[:, None]
-        return (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32)
+        mels = self.mel_windows(windows)
+        partial = torch.cat([self.encoder(mels[start : start + self.batch_size]).float()
+                             for start in range(0, len(mels), self.batch_size)])
+        owner = to_device(np.repeat(np.arange(len(windows)), counts), self.device)
+        sums = torch.zeros((len(windows), self.dim), dtype=torch.float32, device=self.device).index_add_(0, owner, partial)
+        means = sums / torch.from_numpy(counts).to(self.device).view(-1, 1)
+        return torch.nn.functional.normalize(means, dim=1).cpu().numpy().astype(np.float32)
 
 
 class SpeechbrainBackend:
@@ -163,22 +196,27 @@ class SpeechbrainBackend:
         return np.ascontiguousarray(wav[:keep], dtype=np.float32)[None, :]
 
     @torch.inference_mode()
-    def _forward(self, batch: np.ndarray) -> np.ndarray:
-        out = self.encoder.encode_batch(torch.from_numpy(batch).to(self.device))
-        return out.reshape(len(batch), -1).float().cpu().numpy()
+    def _forward(self, batch: np.ndarray) -> torch.Tensor:
+        """[n, samples] -> embeddings [n, dim], left on the device."""
+        out = self.encoder.encode_batch(to_device(batch, self.device))
+        return out.reshape(len(batch), -1).float()
 
     def encode(self, windows: list[np.ndarray]) -> np.ndarray:
-        """Waveforms [1, samples] -> embeddings, in batches of equal length (sorted by length): no padding."""
+        """Waveforms [1, samples] -> embeddings, in batches of equal length (sorted by length): no padding.
+        The batches are queued on the device; one copy back to the host at the end."""
         if not windows:
             return np.zeros((0, self.dim), dtype=np.float32)
         lengths = np.array([w.shape[1] for w in windows])
         order = np.argsort(lengths, kind="stable")
-        out = np.empty((len(windows), self.dim), dtype=np.float32)
         bounds = np.flatnonzero(np.diff(lengths[order])) + 1
+        members, parts = [], []
         for group in np.split(order, bounds):
             for start in range(0, len(group), self.batch_size):
-                members = group[start : start + self.batch_size]
-                out[members] = self._forward(np.concatenate([windows[i] for i in members]))
+                batch = group[start : start + self.batch_size]
+                members.append(batch)
+                parts.append(self._forward(np.concatenate([windows[i] for i in batch])))
+        out = np.empty((len(windows), self.dim), dtype=np.float32)
+        out[np.concatenate(members)] = torch.cat(parts).cpu().numpy()
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from mlprep.devices import select_device
+from mlprep.devices import job_device, resolve_batch_size
 from mlprep.failures import FailureLog, ItemError, describe_error, write_failures
 from mlprep.io import atomic_dir, save_npy, write_parquet
 from mlprep.sharding import ShardId
@@ -32,7 +32,10 @@ from mlprep.speaker.backends import load_backend
 from mlprep.speaker.corpus import LIST_COLUMNS, rows_from_list, speaker_keys
 from mlprep.speaker.speakers import aggregate, speakers_arrow
 from mlprep.stats import ShardStats, scheduler_ids
-from mlprep.workers import in_order
+from mlprep.workers import in_order, resolve_workers
+
+# batch_size `auto`: model windows (resemblyzer) or utterances (speechbrain) per forward pass, per device type
+SPEAKER_BATCH = {"cpu": 64, "cuda": 512}
 
 log = logging.getLogger(__name__)
 
@@ -170,19 +173,25 @@ def _embed_shard(shard_text: str, list_path: Path | str, cfg: dict, device_spec:
                  threads: int, out_dir: Path | str, progress: TextIO | None) -> dict:
     shard = ShardId.parse(shard_text)
     stats = ShardStats(str(shard))
-    torch.set_num_threads(max(1, threads))
+    stats.mark("imports")
     frame = rows_from_list(ShardLists.read(list_path, LIST_COLUMNS))
     frame["speaker_key"] = speaker_keys(frame["dataset"], frame["speaker_id"])
     failures = FailureLog(continue_on_error)
     extra: dict = {}
+    workers = cfg["decode_workers"]
     if cfg["input"] == "audio":
-        device = select_device(device_spec)
-        backend = load_backend(cfg["backend"], device, cfg["batch_size"], cfg.get("weights"), cfg.get("source"),
+        device = job_device(device_spec, threads)
+        workers = resolve_workers(workers, device, threads)
+        batch = resolve_batch_size(cfg["batch_size"], device, SPEAKER_BATCH)
+        backend = load_backend(cfg["backend"], device, batch, cfg.get("weights"), cfg.get("source"),
                                cfg.get("length_quantum_s", 0.1))
-        vectors, positions, seconds = embed_audio(frame, backend, failures, cfg["decode_workers"],
-                                                  cfg["min_seconds"], progress, stats.first_item_done)
-        extra = {"backend": backend.name, "device": str(device), "audio_seconds": round(float(seconds.sum()), 3)}
+        stats.mark("model_built")
+        vectors, positions, seconds = embed_audio(frame, backend, failures, workers, cfg["min_seconds"], progress,
+                                                  stats.first_item_done)
+        extra = {"backend": backend.name, "device": str(device), "batch_size": batch,
+                 "audio_seconds": round(float(seconds.sum()), 3)}
     else:
+        torch.set_num_threads(max(1, threads))
         vectors, positions = read_embeddings(frame, failures, cfg.get("embedding_dim"), cfg["trust_pickles"], progress)
         seconds = np.full(len(positions), np.nan)
         stats.first_item_done()
@@ -193,7 +202,7 @@ def _embed_shard(shard_text: str, list_path: Path | str, cfg: dict, device_spec:
                          outlier_std=cfg.get("outlier_std"))
     stats.ok, stats.failed = len(ok), len(failures)
     stats.counts = {"utterances": len(ok), "speakers": len(speakers.table)}
-    stats.extra = {**extra, "threads": threads, "decode_workers": cfg["decode_workers"],
+    stats.extra = {**extra, "threads": threads, "decode_workers": workers,
                    "speakers_skipped": len(speakers.skipped), **scheduler_ids(),
                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     utterance_columns = ["item_id", "dataset", "speaker_id", "utterance_id", "speaker_key", "path", "duration_s"]

@@ -1,0 +1,218 @@
+"""The one image path (mlprep.views), held to stated bounds on the CPU:
+
+- the renderer against a per-item reference (the renderer before the device path): max 1 level, mean < 0.01;
+- the device's decoder path (full decode + box reduction, run here by torchvision on the CPU) against the CPU
+  workers' draft decode: mean difference < 0.5 levels, max < 24 (different downscaling filters);
+- a view's pixels and its embedding never depend on the rest of its chunk or on the shard split (bit-identical);
+- bf16 embeddings of the same views against fp32: min cosine >= 0.999 (ViT-B-32);
+- every EXIF orientation alike in both decoders; what the device decoder cannot take (PNG, greyscale, CMYK,
+  progressive, a JPEG without its end marker) decoded by the CPU; a broken JPEG and a decompression bomb
+  recorded as failures.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mlprep.encoders import ClipEncoder, ClipSpec
+from mlprep.failures import FailureLog
+from mlprep.sku.augment import AugmentSettings, blur_radius, original_view, render_views, sample_view, view_matrix
+from mlprep.sku.catalog import read_catalog
+from mlprep.sku.encode import ViewPlan, encode_items, render_items
+from mlprep.views import DeviceImages, ViewRenderer, decode_image, pack, prepare_image, read_header
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_IMAGES = sorted((REPO / "resources/demo/sku/images").glob("*.jpg"))
+CPU = torch.device("cpu")
+
+
+def reference_render(image: torch.Tensor, params, size: int) -> torch.Tensor:
+    """The views as the encode path rendered them before mlprep.views: one item at a time, step by step."""
+    _, height, width = image.shape
+    matrices = np.stack([view_matrix(p, width, height, size) for p in params])
+    centres = np.arange(size, dtype=np.float64) + 0.5
+    gx, gy = np.meshgrid(centres, centres)
+    mapped = matrices @ np.stack([gx.ravel(), gy.ravel(), np.ones(size * size)])
+    grid = np.stack([2 * mapped[:, 0] / mapped[:, 2] / width - 1, 2 * mapped[:, 1] / mapped[:, 2] / height - 1], -1)
+    grid = torch.from_numpy(grid.reshape(len(params), size, size, 2).astype(np.float32))
+    views = F.grid_sample(image.float()[None].expand(len(params), -1, -1, -1), grid, mode="bilinear",
+                          padding_mode="border", align_corners=False)
+    views = views * torch.tensor([p.brightness for p in params]).view(-1, 1, 1, 1)
+    mean = views.mean(dim=(1, 2, 3), keepdim=True)
+    views = (views - mean) * torch.tensor([p.contrast for p in params]).view(-1, 1, 1, 1) + mean
+    to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    mats = []
+    for p in params:
+        t = p.hue * 2 * math.pi
+        c, s = math.cos(t) * p.saturation, math.sin(t) * p.saturation
+        mats.append(np.linalg.inv(to_yiq) @ np.array([[1, 0, 0], [0, c, -s], [0, s, c]]) @ to_yiq)
+    views = torch.einsum("vij,vjhw->vihw", torch.from_numpy(np.stack(mats).astype(np.float32)), views)
+    sigmas = [p.blur_sigma for p in params]
+    radius = max(1, math.ceil(3 * max(sigmas)))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernels = [(offsets == 0).float() if s <= 0 else torch.exp(-(offsets**2) / (2 * s**2)) for s in sigmas]
+    kernel = torch.stack([k / k.sum() for k in kernels]).repeat_interleave(3, dim=0)
+    n = len(params)
+    flat = views.reshape(1, n * 3, size, size)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), kernel.view(n * 3, 1, 1, -1), groups=n * 3)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"), kernel.view(n * 3, 1, -1, 1), groups=n * 3)
+    return flat.view(n, 3, size, size).clamp_(0, 255).round_().to(torch.uint8)
+
+
+def _params(width: int, height: int, item: str, n: int = 7):
+    settings = AugmentSettings()
+    return [original_view(width, height)] + [sample_view(settings, 7, "s", item, k, width, height) for k in range(1, n)]
+
+
+def _jpeg(image: Image.Image, **kwargs) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=92, **kwargs)
+    return out.getvalue()
+
+
+def _photo(size=(1280, 960)) -> Image.Image:
+    return Image.open(DEMO_IMAGES[3]).convert("RGB").resize(size, Image.BICUBIC)
+
+
+def _render_one(data: bytes, device_decode: bool, item: str = "x"):
+    def views(width, height):
+        from mlprep.sku.augment import view_transforms
+
+        return view_transforms(_params(width, height, item, 6), width, height, 224)
+
+    prepared, payload = prepare_image(0, data, 224, device_decode, views)
+    chunk = pack([(prepared, payload)])
+    images = DeviceImages(CPU, 224)(chunk)
+    renderer = ViewRenderer(224, 6, CPU, "border", blur_radius(AugmentSettings()))
+    out, counts = renderer(images, [prepared.transforms], [(prepared.width, prepared.height)])
+    return prepared, out[: sum(counts)]
+
+
+def test_renderer_equals_the_per_item_reference_within_one_level():
+    diffs = []
+    for path in DEMO_IMAGES[:12]:
+        image = decode_image(path.read_bytes(), 224)
+        _, height, width = image.shape
+        params = _params(width, height, path.name, 8)
+        ours = render_views(image, params, 224, radius=max(1, math.ceil(3 * max(p.blur_sigma for p in params))))
+        diffs.append((ours.int() - reference_render(image, params, 224).int()).abs())
+    diff = torch.cat(diffs)
+    assert diff.max() <= 1 and diff.float().mean() < 0.01, (diff.max(), diff.float().mean())
+
+
+def test_a_view_does_not_depend_on_its_chunk_or_its_slot():
+    images = [decode_image(p.read_bytes(), 224).float() for p in DEMO_IMAGES[:4]]
+    images.append(torch.rand(3, 300, 401) * 255)  # a size of its own: another grid_sample group
+    from mlprep.sku.augment import view_transforms
+
+    transforms = [view_transforms(_params(i.shape[2], i.shape[1], f"item{k}", 6), i.shape[2], i.shape[1], 224)
+                  for k, i in enumerate(images)]
+    sizes = [(i.shape[2], i.shape[1]) for i in images]
+    renderer = ViewRenderer(224, 6 * 5, CPU, "border", blur_radius(AugmentSettings()))
+    alone, _ = renderer([images[0]], [transforms[0]], [sizes[0]])
+    together, _ = renderer(images, transforms, sizes)
+    assert torch.equal(alone[:6], together[:6])
+    order = [4, 2, 0, 1, 3]  # item 0 now third, after an odd-sized image
+    shuffled, _ = renderer([images[k] for k in order], [transforms[k] for k in order], [sizes[k] for k in order])
+    assert torch.equal(shuffled[12:18], alone[:6])
+    assert torch.equal(shuffled[:6], together[24:30])
+    # an item without an image leaves no slot behind
+    gap, counts = renderer([images[1], None, images[0]], [transforms[1], None, transforms[0]], [sizes[1], (0, 0), sizes[0]])
+    assert counts == [6, 0, 6] and torch.equal(gap[6:12], alone[:6])
+
+
+def test_embeddings_are_bit_identical_whatever_the_split(tiny_clip):
+    items = read_catalog(REPO / "resources/demo/sku/sku_data.json", REPO / "resources/demo/sku/images", 1).items[:10]
+    encoder = ClipEncoder(ClipSpec.from_config(tiny_clip), CPU, torch.float32, 8)
+    plan = ViewPlan(seed=3, augment_per_image=3, queries_per_image=1, settings=AugmentSettings(), image_size=64)
+    whole = encode_items(items, plan, encoder, FailureLog(False), workers=0)
+    parts = [encode_items(items[a:b], plan, encoder, FailureLog(False), workers=w) for (a, b), w in
+             [((0, 3), 0), ((3, 4), 1), ((4, 10), 2)]]
+    np.testing.assert_array_equal(np.concatenate([p.index_vectors for p in parts]), whole.index_vectors)
+    np.testing.assert_array_equal(np.concatenate([p.query_vectors for p in parts]), whole.query_vectors)
+    assert whole.index_meta["item_id"].tolist() == sum((p.index_meta["item_id"].tolist() for p in parts), [])
+
+
+def test_bf16_embeddings_of_the_same_views_agree_with_fp32():
+    items = read_catalog(REPO / "resources/demo/sku/sku_data.json", REPO / "resources/demo/sku/images", 1).items[:6]
+    plan = ViewPlan(seed=3, augment_per_image=5, queries_per_image=0, settings=AugmentSettings(), image_size=224)
+    views = render_items(items, plan, CPU)
+    spec = ClipSpec("ViT-B-32", init_seed=11)
+    fp32 = ClipEncoder(spec, CPU, torch.float32, 36).encode_images(views)
+    bf16 = ClipEncoder(spec, CPU, torch.bfloat16, 36).encode_images(views)
+    assert len(views) == 36 and (fp32 * bf16).sum(axis=1).min() >= 0.999
+
+
+@pytest.mark.parametrize("size", [(1280, 960), (300, 233)])
+def test_the_device_decoder_path_equals_the_cpu_decode_within_its_bound(size):
+    data = _jpeg(_photo(size))
+    cpu_item, cpu_views = _render_one(data, False)
+    dev_item, dev_views = _render_one(data, True)
+    assert not cpu_item.jpeg and dev_item.jpeg and dev_item.reduce == (4 if size[0] > 1000 else 1)
+    diff = (cpu_views.int() - dev_views.int()).abs()
+    assert diff.float().mean() < 0.5 and diff.max() < 24, (diff.float().mean(), diff.max())
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_applied_alike_by_both_decoders(orientation):
+    image = _photo((480, 320))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _jpeg(image, exif=exif)
+    header = read_header(data)
+    assert (header.width, header.height) == ((320, 480) if orientation >= 5 else (480, 320))
+    cpu = decode_image(data, 224)  # PIL's exif_transpose
+    assert cpu.shape[1:] == ((320, 480)[::-1] if orientation >= 5 else (320, 480))
+    chunk = pack([prepare_image(0, data, 224, True, lambda w, h: None)])
+    assert chunk.items[0].jpeg
+    [device] = DeviceImages(CPU, 224)(chunk)
+    assert device.shape == cpu.shape
+    assert (device - cpu.float()).abs().mean() < 2.0
+
+
+def _cmyk_jpeg() -> bytes:
+    return _jpeg(_photo((320, 240)).convert("CMYK"))
+
+
+@pytest.mark.parametrize("name, make", [
+    ("png", lambda: (lambda out: (_photo((320, 240)).save(out, format="PNG"), out.getvalue())[1])(io.BytesIO())),
+    ("greyscale", lambda: _jpeg(_photo((320, 240)).convert("L"))),
+    ("cmyk", _cmyk_jpeg),
+    ("progressive", lambda: _jpeg(_photo((320, 240)), progressive=True)),
+    ("data after the end marker", lambda: _jpeg(_photo((320, 240))) + b"trailer" * 100),
+])
+def test_what_the_device_decoder_cannot_take_is_decoded_by_the_cpu(name, make):
+    data = make()
+    prepared, views = _render_one(data, True)
+    assert prepared.error is None and not prepared.jpeg, name
+    assert views.shape == (6, 3, 224, 224) and views.float().std() > 5
+
+
+def test_a_broken_jpeg_and_a_decompression_bomb_are_failures(tmp_path):
+    good = _jpeg(_photo((320, 240)))
+    for device_decode in (False, True):  # cut short: no end marker, so both decode on the CPU and say why
+        prepared, _ = prepare_image(0, good[:-2], 224, device_decode, lambda w, h: None)
+        assert prepared.error[0] == "truncated"
+    broken = good[:600] + bytes(range(256)) * 8 + b"\xff\xd9"  # a valid header, garbage, an end marker
+    prepared, _ = prepare_image(0, broken, 224, True, lambda w, h: None)
+    assert prepared.jpeg  # it looks like one the device decoder takes ...
+    chunk = pack([(prepared, broken)])
+    [image] = DeviceImages(CPU, 224)(chunk)
+    assert image is None and chunk.items[0].error[0] in ("decode_error", "truncated")  # ... and fails in both
+    png = io.BytesIO()
+    Image.new("1", (8, 8)).save(png, format="PNG")
+    data = bytearray(png.getvalue())
+    data[16:24] = (40000).to_bytes(4, "big") * 2  # the header claims 40,000 x 40,000 pixels
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    for device_decode in (False, True):
+        prepared, _ = prepare_image(0, bytes(data), 224, device_decode, lambda w, h: None)
+        assert prepared.error[0] == "decode_error" and "decompression bomb" in prepared.error[1]
