@@ -7,6 +7,11 @@ cached under results/bench/). Rows, seconds per video over the same clips:
   naive (seed)       OpenCV reading every frame sequentially, then keeping 16
 and the throughput of two extract shards on two cores against one shard doing all the clips,
 beside the same scaling of the bare decode-only loop (the machine's own limit for this work).
+
+`--nvdec` instead compares, on a GPU host, CPU decoding on all its cores (one extract shard process per
+core, decord and ffmpeg) with NVDEC (ffmpeg `-hwaccel cuda`, `--nvdec-processes` shards at once) for two
+kinds of clip: short 640x360 clips (keyframe every second) and 1080p clips with a keyframe every 10 s; clips
+per second over all processes, and the largest pixel difference between NVDEC's frames and the CPU's.
 """
 
 from __future__ import annotations
@@ -31,15 +36,88 @@ from mlprep.video.extract import ExtractSettings, extract_items, write_pkl  # no
 from mlprep.video.pairs import ClipItem  # noqa: E402
 
 
-def make_clips(folder: Path, n_distinct: int, copies: int, seconds: int) -> list[Path]:
+def make_clips(folder: Path, n_distinct: int, copies: int, seconds: int, size=(640, 360), gop: int = 30) -> list[Path]:
     sources = ["testsrc", "testsrc2", "smptebars", "rgbtestsrc"]
     paths = []
     for i in range(n_distinct):
-        path = folder / f"clip{i}_{seconds}s.mp4"
+        path = folder / f"clip{i}_{seconds}s_{size[1]}p_g{gop}.mp4"
         if not path.exists():
-            write_clip(path, seconds, 30, (640, 360), gop=30, source=sources[i % len(sources)])
+            if has_ffmpeg():
+                write_clip(path, seconds, 30, size, gop=gop, source=sources[i % len(sources)])
+            else:
+                pyav_clip(path, seconds, 30, size, gop)
         paths.append(path)
     return [p for _ in range(copies) for p in paths]
+
+
+def pyav_clip(path: Path, seconds: int, fps: int, size: tuple[int, int], gop: int) -> Path:
+    """A synthetic H.264 clip encoded by PyAV's own FFmpeg (libx264): for hosts without an ffmpeg binary.
+    One second of moving pattern is drawn and looped (drawing 1080p frames costs more than encoding them)."""
+    import av
+    import numpy as np
+
+    width, height = size
+    x = np.linspace(0, 4 * np.pi, width, dtype=np.float32)[None, :]
+    y = np.linspace(0, 4 * np.pi, height, dtype=np.float32)[:, None]
+    loop = []
+    for k in range(fps):
+        t = 2 * np.pi * k / fps
+        rgb = np.stack(np.broadcast_arrays(np.sin(x + t) * np.cos(y), np.sin(x * 0.5 - t + 0 * y),
+                                           np.cos(y + 2 * t) + 0 * x), axis=-1)
+        loop.append(av.VideoFrame.from_ndarray(((rgb + 1) * 127).astype(np.uint8), format="rgb24"))
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "g": str(gop),
+                                                              "keyint_min": str(gop)})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for k in range(int(seconds * fps)):
+            out.mux(stream.encode(loop[k % fps]))
+        out.mux(stream.encode(None))
+    return path
+
+
+def has_ffmpeg() -> bool:
+    from mlprep.video.decode import ffmpeg_exe
+
+    try:
+        return bool(ffmpeg_exe())
+    except ImportError:  # no ffmpeg on PATH and no imageio-ffmpeg
+        return False
+
+
+def decoder_settings(name: str) -> ExtractSettings:
+    """`decord`, `pyav`, `ffmpeg`, or `pyav+cuda` / `ffmpeg+cuda` (NVDEC through PyAV or ffmpeg)."""
+    backend, _, hwaccel = name.partition("+")
+    return ExtractSettings(16, 256, 160, backend, hwaccel or None, 300.0, 1)
+
+
+def nvdec_comparison(folder: Path, processes: int, nvdec_processes: int, copies: int, small: bool = False) -> dict:
+    """Clips per second of CPU decoding on `processes` cores against NVDEC, for short and for 1080p long-GOP
+    clips, and how far NVDEC's frames are from ffmpeg's CPU frames."""
+    import numpy as np
+
+    from mlprep.video.decode import extract_clip
+
+    kinds = {"640x360, 10 s, keyframe every 1 s": dict(n_distinct=4, seconds=10, size=(640, 360), gop=30),
+             "1920x1080, 12 s, keyframe every 10 s": dict(n_distinct=2, seconds=12, size=(1920, 1080), gop=300)}
+    if small:  # a dry run: the same steps on clips that take no time
+        kinds = {"320x180, 2 s, keyframe every 1 s": dict(n_distinct=2, seconds=2, size=(320, 180), gop=30),
+                 "640x360, 3 s, keyframe every 3 s": dict(n_distinct=1, seconds=3, size=(640, 360), gop=90)}
+    backends = ["pyav", "ffmpeg"] if has_ffmpeg() else ["pyav"]
+    decoders = [(b, processes) for b in ["decord", *backends]] + [(f"{b}+cuda", nvdec_processes) for b in backends]
+    out = {}
+    for kind, spec in kinds.items():
+        paths = make_clips(folder, copies=copies, **spec)
+        row = {"clips": len(paths)}
+        for backend in backends:  # NVDEC's frames against the same backend's CPU frames
+            cpu = extract_clip(paths[0], 16, 256, 160, backend)
+            gpu = extract_clip(paths[0], 16, 256, 160, backend, hwaccel="cuda")
+            row[f"{backend} nvdec note"] = gpu.note
+            row[f"{backend} nvdec max abs diff"] = int(np.abs(gpu.frames.astype(int) - cpu.frames).max())
+        for decoder, n in decoders:
+            row[f"{decoder} x{n} clips/s"] = len(paths) / shards_in_parallel(paths, n, decoder)
+        out[kind] = row
+        print(kind, json.dumps(row))
+    return out
 
 
 def decode_only(paths: list[Path], num_frames: int) -> float:
@@ -94,8 +172,8 @@ def shards_in_parallel(paths: list[Path], n_shards: int, backend: str) -> float:
     figure is the shards' work, not interpreter start-up (which a real shard of hundreds of clips
     amortises).
     """
-    chunks = [paths[i::n_shards] for i in range(n_shards)]
-    start_at = time.time() + 3.0
+    chunks = [paths[i::n_shards] for i in range(min(n_shards, len(paths)))]
+    start_at = time.time() + 3.0 + 0.25 * n_shards  # the processes import their libraries first
     procs = [
         subprocess.Popen([sys.executable, __file__, "--start-at", str(start_at), "--worker", backend, *map(str, chunk)],
                          stdout=subprocess.PIPE, text=True)
@@ -117,10 +195,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--backend", default="decord")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--nvdec", action="store_true", help="CPU decoders on all cores against NVDEC (a GPU host)")
+    parser.add_argument("--processes", type=int, default=os.cpu_count(), help="--nvdec: CPU shard processes")
+    parser.add_argument("--nvdec-processes", type=int, default=4, help="--nvdec: NVDEC shard processes at once")
+    parser.add_argument("--small", action="store_true", help="--nvdec: small short clips (a dry run)")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    settings = ExtractSettings(16, 256, 160, args.backend if not args.worker else args.worker[0], None, 300.0, 1)
+    settings = decoder_settings(args.backend if not args.worker else args.worker[0])
     if args.worker:
         time.sleep(max(0.0, args.start_at - time.time()))
         if args.worker[0] == "decode-only":
@@ -133,6 +215,11 @@ def main() -> None:
 
     folder = REPO / "results" / "bench" / "video"
     folder.mkdir(parents=True, exist_ok=True)
+    if args.nvdec:
+        figures = nvdec_comparison(folder, args.processes, args.nvdec_processes, args.copies, args.small)
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=2))
+        return
     paths = make_clips(folder, args.clips, args.copies, args.seconds)
     info = probe(paths[0])
     decode_only(paths[:1], 16)  # warm the page cache and the libraries

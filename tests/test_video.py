@@ -95,6 +95,32 @@ def test_backends_agree(clips, name):
         assert diff.mean() < 1.0 and diff.max() <= 16, (backend, diff.mean(), diff.max())
 
 
+@pytest.mark.parametrize("backend", ["pyav", "ffmpeg"])
+@pytest.mark.parametrize("name", ["plain", "long_gop", "corrupt_tail"])
+def test_hwaccel_cuda_gives_the_cpu_frames_or_says_why_not(clips, name, backend, monkeypatch):
+    """NVDEC frames equal ffmpeg's CPU frames exactly (checked on a GPU by bench/device_check.sh); without a
+    usable GPU, as here, every clip is decoded on the CPU with the same note, whatever came before it."""
+    import mlprep.video.decode as decode
+
+    monkeypatch.setattr(decode, "_nvdec_missing", None)
+    cpu = extract_clip(clips[name], 16, 256, 160, backend)
+    for _ in range(2):  # the first clip finds NVDEC missing, the next ones skip it: the same note either way
+        gpu = extract_clip(clips[name], 16, 256, 160, backend, hwaccel="cuda")
+        assert gpu.indices == cpu.indices and np.array_equal(gpu.frames, cpu.frames)
+        if decode._nvdec_missing is not None and name != "corrupt_tail":  # (its note is about its broken tail)
+            assert gpu.note.startswith("NVDEC unavailable (") and "0x" not in gpu.note, gpu.note
+
+
+def test_hwaccel_cuda_needs_a_backend_that_has_it(tmp_path):
+    from mlprep.config import ConfigError, load_schema, validate
+
+    schema = load_schema(Path(__file__).resolve().parents[1] / "config" / "schema.yaml")
+    with pytest.raises(ConfigError, match="video_frames.backend"):
+        validate({"video_frames": {"hwaccel": "cuda", "backend": "decord"}}, schema)
+    for backend in ("pyav", "ffmpeg"):
+        validate({"video_frames": {"hwaccel": "cuda", "backend": backend}}, schema)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_window_samples_inside_start_end(clips, backend):
     clip = extract_clip(clips["long_gop"], 8, 128, 80, backend, start=1.0, end=3.0)

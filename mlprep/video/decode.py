@@ -10,6 +10,7 @@ over them, so a clip still yields exactly `num_frames` frames, and its record sa
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 
@@ -163,10 +164,26 @@ def read_decord(path, indices: np.ndarray, info: StreamInfo, threads: int = 1, h
     return reader.get_batch([int(i) for i in indices]).asnumpy()
 
 
+class NoGpuDecoder(RuntimeError):
+    """The GPU decoder could not start at all here (no GPU, no driver): not a fault of the clip."""
+
+
+def _open_pyav(path, hwaccel: str | None):
+    if not hwaccel:
+        return av.open(str(path))
+    from av.codec.hwaccel import HWAccel
+
+    try:  # no software fallback: a stream NVDEC refuses must say so, not decode on the CPU unannounced
+        return av.open(str(path), hwaccel=HWAccel(device_type=hwaccel, allow_software_fallback=False))
+    except av.FFmpegError as err:
+        raise NoGpuDecoder(f"PyAV cannot open a {hwaccel} device: {err}") from err
+
+
 def read_pyav(path, indices: np.ndarray, info: StreamInfo, threads: int = 1, hwaccel=None, reader=None):
-    """Seek to the keyframe before each wanted frame only when that is ahead of the decoder: exact and minimal."""
+    """Seek to the keyframe before each wanted frame only when that is ahead of the decoder: exact and minimal.
+    `hwaccel='cuda'`: decoded on NVDEC, frames copied back to the host."""
     out = []
-    with av.open(str(path)) as container:
+    with _open_pyav(path, hwaccel) as container:
         stream = container.streams.video[0]
         stream.codec_context.thread_count = threads
         decoder, position = None, None
@@ -190,23 +207,70 @@ def read_pyav(path, indices: np.ndarray, info: StreamInfo, threads: int = 1, hwa
 
 
 def read_ffmpeg(path, indices: np.ndarray, info: StreamInfo, threads: int = 1, hwaccel=None, reader=None):
-    """ffmpeg's select filter over an ffmpeg binary; `hwaccel='cuda'` decodes on NVDEC."""
+    """ffmpeg's select filter over an ffmpeg binary (`hwaccel='cuda'`: decoded on NVDEC, see read_nvdec)."""
+    return _ffmpeg_frames(path, indices, info, threads, hwaccel)[0]
+
+
+def _ffmpeg_frames(path, indices: np.ndarray, info: StreamInfo, threads: int, hwaccel: str | None):
+    """(frames, ffmpeg's warnings) for the frames `indices`, decoded by an ffmpeg binary."""
     import ffmpeg
 
     select = "+".join(f"eq(n,{int(i)})" for i in indices)
     source = ffmpeg.input(str(path), threads=threads, **({"hwaccel": hwaccel} if hwaccel else {}))
     stream = source.video.filter("select", select).output(
         "pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough", threads=threads
-    )
+    ).global_args("-loglevel", "warning")
     try:
-        raw, _ = stream.run(cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True, quiet=True)
+        raw, err = stream.run(cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True, quiet=True)
     except ffmpeg.Error as err:
-        raise ShortStreamError(f"ffmpeg failed: {err.stderr.decode(errors='replace')[-300:]}") from err
+        stderr = err.stderr.decode(errors="replace")
+        failure = ShortStreamError(f"ffmpeg failed: {stderr[-300:]}")
+        failure.stderr = stderr
+        raise failure from err
     frames = np.frombuffer(raw, np.uint8)
     count = len(frames) // (info.width * info.height * 3)
     if count != len(indices):
         raise ShortStreamError(f"ffmpeg gave {count} of {len(indices)} frames")
-    return frames.reshape(count, info.height, info.width, 3)
+    return frames.reshape(count, info.height, info.width, 3), err.decode(errors="replace")
+
+
+# ffmpeg's words when it cannot use the GPU at all (no driver, no device) or falls back to its CPU decoder
+_NO_DEVICE = ("Cannot load libcuda", "Could not dynamically load CUDA", "Device creation failed",
+              "No device available", "Hardware device setup failed")
+_SOFTWARE_FALLBACK = ("Failed setup for format cuda", "hwaccel initialisation returned error",
+                      "Hardware is lacking required capabilities", "Your platform doesn't support hardware")
+_nvdec_missing: str | None = None  # set once NVDEC proved unavailable in this process: later clips skip it
+
+
+def _first_line(text: str, words) -> str:
+    """The first line of ffmpeg's log holding one of `words`, without its `[CUDA @ 0x...]` address prefix."""
+    line = next((line for line in text.splitlines() if any(w in line for w in words)), "")
+    return re.sub(r"\[[^\]]* @ 0x[0-9a-fA-F]+\]\s*", "", line).strip()
+
+
+def read_nvdec(path, indices: np.ndarray, info: StreamInfo, backend: str, threads: int = 1) -> tuple[np.ndarray, str]:
+    """(frames, note): the frames decoded on NVDEC (PyAV's CUDA hwaccel, or ffmpeg's `-hwaccel cuda`), the same
+    frames as the CPU decoders give (H.264/HEVC decoding is exact; the conversion to RGB is FFmpeg's, as on the
+    CPU). Where the GPU decoder refuses the stream, or there is no GPU, the clip is decoded on the CPU by the
+    same backend and the note says so; a clip the CPU cannot decode either raises the CPU's error."""
+    global _nvdec_missing
+    read = READERS[backend]
+    if _nvdec_missing is not None:
+        return read(path, indices, info, threads=threads), f"NVDEC unavailable ({_nvdec_missing}); decoded on the CPU"
+    try:
+        if backend == "ffmpeg":
+            frames, warnings = _ffmpeg_frames(path, indices, info, threads, "cuda")
+            fallback = _first_line(warnings, _SOFTWARE_FALLBACK)
+            return frames, f"NVDEC refused the stream ({fallback}); ffmpeg decoded it on the CPU" if fallback else ""
+        return read(path, indices, info, threads=threads, hwaccel="cuda"), ""
+    except Exception as err:  # noqa: BLE001 - which it was, the CPU decode below tells
+        text = getattr(err, "stderr", None) or str(err)
+        reason = _first_line(text, _NO_DEVICE + _SOFTWARE_FALLBACK) or _first_line(text, [""]) or type(err).__name__
+        frames = read(path, indices, info, threads=threads)  # raises when the stream itself is broken
+        if isinstance(err, NoGpuDecoder) or any(w in reason for w in _NO_DEVICE):
+            _nvdec_missing = reason
+            return frames, f"NVDEC unavailable ({reason}); decoded on the CPU"
+        return frames, f"NVDEC refused the stream ({reason}); decoded on the CPU"
 
 
 READERS = {"decord": read_decord, "pyav": read_pyav, "ffmpeg": read_ffmpeg}
@@ -259,7 +323,10 @@ def extract_clip(
     if backend == "decord" and reader is None:  # PyAV probed it: read it with PyAV (same frames)
         read, note = read_pyav, "decord cannot open the clip; frames read with PyAV"
     try:
-        frames = read(path, wanted, info, threads=threads, hwaccel=hwaccel, reader=reader)
+        if hwaccel == "cuda":
+            frames, note = read_nvdec(path, wanted, info, backend, threads)
+        else:
+            frames = read(path, wanted, info, threads=threads, hwaccel=hwaccel, reader=reader)
         source = last - first + 1
     except Exception as err:  # noqa: BLE001 - any decoder error: see whether the tail is broken
         decodable = count_decodable(path)

@@ -118,6 +118,7 @@ def extract_shard(
 ) -> dict:
     """Extract the clips of one shard list into its pkl and its index (with the failures and stats)."""
     stats = ShardStats(shard)
+    stats.mark("imports")
     split, name = shard.split("/")
     clip_items = items_from_list(ShardLists.read(list_path, LIST_COLUMNS), split, ShardId.parse(name).index)
     settings = ExtractSettings.from_config(cfg, threads)
