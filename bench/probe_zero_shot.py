@@ -94,8 +94,8 @@ def main() -> None:
           f"batch {args.batch}, {args.workers} decode workers, jpeg_decoder {args.jpeg_decoder}, "
           f"{args.images} JPEG images 320x240")
     print(f"  encoder only {args.images / encoder_s:8.1f} img/s")
-    print(f"  probe        {args.images / probe_s:8.1f} img/s  ({encoder_s / probe_s:.2f}x encoder only; target 0.8x on "
-          f"a CPU, 0.6x on a GPU)")
+    print(f"  probe        {args.images / probe_s:8.1f} img/s  ({encoder_s / probe_s:.2f}x encoder only; "
+          f"target 0.8x on a CPU, 0.6x on a GPU)")
     if args.json:
         Path(args.json).write_text(json.dumps({"precision": precision_name(dtype), "device": str(device),
                                                "gpu": torch.cuda.get_device_name(device) if where else None,

@@ -7,9 +7,11 @@ Rows (views per second over the same demo images, same model, batch size and thr
   seed approach     the seed script's original loop: PIL decode, torchvision transforms per view,
                     one image per model call, fp32, on the same device
 Ratios are what to read; absolute numbers move with the machine's load.
-On a GPU, `--repeat 32 --decode-workers 1 4 8` gives the encoder enough work to time and shows how many
-decode workers keep it fed; the run also compares its embeddings with the same views encoded on the CPU
-at fp32 (a shard encoded on a GPU must land in the same index as one encoded on a CPU).
+On a GPU, `--repeat 64 --encoder-batches 32 128 512 --decode-workers 1 4 8 16 --jpeg-decoders device cpu`
+gives the encoder enough work to time, finds its best batch and shows how many decode workers keep it fed,
+with the GPU's JPEG decoder and without. Every run also checks the device path against the CPU on 16
+images: views rendered on the device, views of images the device decoded, and the device's embeddings
+against CPU fp32 ones (a shard encoded on a GPU must land in the same index as one encoded on a CPU).
 """
 
 from __future__ import annotations
@@ -79,12 +81,6 @@ def repeated_catalog(sku_data: str, repeat: int, folder: str) -> str:
     return str(out)
 
 
-def cpu_agreement(spec: ClipSpec, batch_size: int, views: torch.Tensor, on_device) -> float:
-    """Smallest cosine between the device's embeddings and the CPU fp32 embeddings of the same views."""
-    reference = ClipEncoder(spec, torch.device("cpu"), torch.float32, batch_size).encode_images(views)
-    return float((reference * on_device).sum(axis=1).min())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sku-data", default=str(REPO / "resources/demo/sku/sku_data.json"))
@@ -92,12 +88,15 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--pretrained", default=None)
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="the shard job's batch (default: the best of --encoder-batches)")
+    parser.add_argument("--encoder-batches", type=int, nargs="+", default=[32], help="encoder-only rows to run")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--augment-per-image", type=int, default=5)
     parser.add_argument("--seed-images", type=int, default=8, help="images for the (slow) seed baseline")
     parser.add_argument("--repeat", type=int, default=1, help="list the catalog this many times (more views)")
     parser.add_argument("--decode-workers", type=int, nargs="+", default=[1], help="shard job rows to run")
+    parser.add_argument("--jpeg-decoders", nargs="+", default=["auto"], choices=["auto", "cpu", "device"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
@@ -109,24 +108,36 @@ def main() -> None:
     device = select_device(args.device)
     dtype = select_precision(args.precision, device)
     spec = ClipSpec(args.model, args.pretrained)
-    encoder = ClipEncoder(spec, device, dtype, args.batch_size)
-    plan = ViewPlan(7, args.augment_per_image, 0, AugmentSettings(), encoder.image_size)
-    views_per_image = 1 + args.augment_per_image
 
-    rendered = render_items(items, plan, device)
-    encoder.encode_images(rendered[: args.batch_size])  # warm-up
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    encoders = {b: ClipEncoder(spec, device, dtype, b) for b in args.encoder_batches}
+    size = next(iter(encoders.values())).image_size
+    plan = ViewPlan(7, args.augment_per_image, 0, AugmentSettings(), size)
+    views_per_image = 1 + args.augment_per_image
+    rendered = render_items(items, plan, device).to(device)
     rows = {}
-    started = time.perf_counter()
-    on_device = encoder.encode_images(rendered)
-    rows["encoder only"] = len(rendered) / (time.perf_counter() - started)
-    agreement = None
-    if device.type != "cpu" or dtype != torch.float32:
-        agreement = cpu_agreement(spec, args.batch_size, rendered[:256], on_device[:256])
-    shard_rows = [(f"shard job, {w} decode worker{'s' * (w > 1)}", w) for w in args.decode_workers]
-    for name, workers in [*shard_rows, ("shard job inline", 0)]:
+    for batch, encoder in encoders.items():  # the encoder alone on views already on its device
+        encoder.encode_device(rendered[:batch])  # warm-up
+        sync()
+        started = time.perf_counter()
+        encoder.encode_device(rendered)
+        sync()
+        rows[f"encoder only, batch {batch}"] = len(rendered) / (time.perf_counter() - started)
+    best = max(encoders, key=lambda b: rows[f"encoder only, batch {b}"])
+    rows["encoder only"] = rows[f"encoder only, batch {best}"]
+    batch = args.batch_size or best
+    encoder = encoders.get(batch) or ClipEncoder(spec, device, dtype, batch)
+    checks = equivalence(items[:16], plan, spec, encoder, device)
+    shard_rows = [(f"shard job, {w} decode worker{'s' * (w > 1)}" + (f", jpeg_decoder {d}" if d != "auto" else ""),
+                   w, d) for d in args.jpeg_decoders for w in args.decode_workers]
+    for name, workers, decoder in [*shard_rows, ("shard job inline", 0, "auto")]:
         started = time.perf_counter()
         with open(os.devnull, "w") as quiet:
-            out = encode_items(items, plan, encoder, FailureLog(False), workers=workers, progress=quiet)
+            out = encode_items(items, plan, encoder, FailureLog(False), workers=workers, progress=quiet,
+                               jpeg_decoder=decoder)
         rows[name] = len(out.index_vectors) / (time.perf_counter() - started)
     seed_paths = [i.path for i in items[: args.seed_images]]
     rows["seed approach"] = seed_approach(seed_paths, views_per_image, spec, device)
@@ -134,18 +145,38 @@ def main() -> None:
     where = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     header = (
         f"sku_index encode, {len(items)} images x {views_per_image} views, {args.model} at "
-        f"{precision_name(dtype)} on {device}{where}, batch {args.batch_size}, {args.threads} threads; "
-        f"CPU: {cpu_summary()}"
+        f"{precision_name(dtype)} on {device}{where}, shard job batch {batch} (encoder alone: best of "
+        f"{args.encoder_batches}), {args.threads} threads; CPU: {cpu_summary()}"
     )
     print(header)
-    print(f"{'setup':<30} {'views/s':>8} {'vs encoder only':>16} {'vs seed approach':>17}")
+    print(f"{'setup':<48} {'views/s':>9} {'vs encoder only':>16} {'vs seed approach':>17}")
     for name, rate in rows.items():
-        print(f"{name:<30} {rate:8.1f} {rate / rows['encoder only']:16.2f} {rate / rows['seed approach']:17.2f}")
-    if agreement is not None:
-        print(f"smallest cosine to the CPU fp32 embedding of the same view (256 views): {agreement:.5f}")
+        print(f"{name:<48} {rate:9.1f} {rate / rows['encoder only']:16.2f} {rate / rows['seed approach']:17.2f}")
+    for name, value in checks.items():
+        print(f"{name}: {value}")
     if args.json:
-        figures = {"setup": header, "views_per_s": rows, "min_cosine_to_cpu_fp32": agreement}
+        figures = {"setup": header, "views_per_s": rows, "best_encoder_batch": best, "shard_batch": batch,
+                   "device": str(device), "gpu": where.strip(" ()") or None, "precision": precision_name(dtype),
+                   **checks}
         Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+def equivalence(items, plan: ViewPlan, spec: ClipSpec, encoder: ClipEncoder, device: torch.device) -> dict:
+    """The device path against the CPU: views rendered on the device from CPU-decoded images, and views of
+    images the device decoded (jpeg_decoder device), each against the CPU's views (largest and mean pixel
+    difference); the device's embeddings of its views against CPU fp32 embeddings of the same views."""
+    cpu = torch.device("cpu")
+    reference = render_items(items, plan, cpu, "cpu").int()
+    rendered = render_items(items, plan, device, "cpu").cpu()
+    decoded = render_items(items, plan, device, "device").cpu()
+    render_diff = (rendered.int() - reference).abs()
+    decode_diff = (decoded.int() - reference).abs()
+    on_device = encoder.encode_images(rendered)
+    fp32 = ClipEncoder(spec, cpu, torch.float32, encoder.batch_size).encode_images(rendered)
+    return {"render_max_abs_diff": int(render_diff.max()), "render_mean_abs_diff": float(render_diff.float().mean()),
+            "device_decode_max_abs_diff": int(decode_diff.max()),
+            "device_decode_mean_abs_diff": float(decode_diff.float().mean()),
+            "min_cosine_to_cpu_fp32": float((on_device * fp32).sum(axis=1).min()), "equivalence_views": len(reference)}
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def corpus(copies: int) -> pd.DataFrame:
                          "path": paths * copies})
 
 
-def make_backend(name: str, batch_size: int):
+def make_backend(name: str, batch_size: int, device: str = "cpu"):
     source = None
     if name == "speechbrain":
         from mlprep.demo import write_ecapa_model
@@ -56,7 +56,7 @@ def make_backend(name: str, batch_size: int):
         source = OUT / "ecapa-1024"
         if not (source / "embedding_model.ckpt").exists():
             write_ecapa_model(source, channels=1024, dim=192, n_mels=80)
-    return load_backend(name, torch.device("cpu"), batch_size, source=str(source) if source else None)
+    return load_backend(name, torch.device(device), batch_size, source=str(source) if source else None)
 
 
 def model_only(backend, frame: pd.DataFrame) -> float:
@@ -72,7 +72,7 @@ def model_only(backend, frame: pd.DataFrame) -> float:
     groups.append(current)
     started = time.perf_counter()
     for group in groups:
-        backend.encode(group)
+        backend.encode(group)  # each group's embeddings come back to the host: the job waits for them too
     return time.perf_counter() - started
 
 
@@ -233,6 +233,8 @@ def main() -> None:
     parser.add_argument("--speakers", type=int, default=20_000)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--parts", nargs="+", choices=["utterances", "step"], default=["utterances", "step"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: a GPU host runs the model rows only")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1], help="reader workers of the shard job rows")
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--job", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--repeat", type=int, default=3, help="speaker step timings, best of")
@@ -248,20 +250,26 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     frame = corpus(args.copies)
     threads = min(2, os.cpu_count() or 1)
-    print(f"speaker_embed benchmark on {cpu_summary()}, fp32, {threads} torch threads, batch {args.batch_size}")
-    figures: dict = {"utterances": len(frame)}
+    gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None
+    print(f"speaker_embed benchmark on {cpu_summary()}{f', {gpu}' if gpu else ''}, device {args.device}, fp32, "
+          f"{threads} torch threads, batch {args.batch_size}")
+    figures: dict = {"utterances": len(frame), "device": args.device, "gpu": gpu}
     if "utterances" in args.parts:
         print(f"utterance embedding: {len(frame)} utterances ({len(frame) // args.copies} demo files x {args.copies})")
         print(f"{'backend':<12} {'setup':<22} {'utt/s':>8} {'vs model only':>14}")
     for name in args.backends if "utterances" in args.parts else []:
         torch.set_num_threads(threads)
-        backend = make_backend(name, args.batch_size)
+        backend = make_backend(name, args.batch_size, args.device)
         model_only(backend, frame.iloc[:20])  # warm-up
-        rows = {"model only": len(frame) / model_only(backend, frame),
-                "shard job (1 worker)": len(frame) / shard_job(backend, frame, 1),
-                "shard job inline": len(frame) / shard_job(backend, frame, 0)}
+        rows = {"model only": len(frame) / model_only(backend, frame)}
+        for w in args.workers:
+            rows[f"shard job ({w} worker{'s' * (w > 1)})"] = len(frame) / shard_job(backend, frame, w)
+        rows["shard job inline"] = len(frame) / shard_job(backend, frame, 0)
         for setup, rate in rows.items():
             print(f"{name:<12} {setup:<22} {rate:8.1f} {rate / rows['model only']:14.2f}")
+        if gpu:
+            figures[name] = {"utt_per_s": rows}
+            continue
         if threads > 1:  # the model on one core, the reader on the other: no core shared
             torch.set_num_threads(1)
             single = {"model only, 1 thread": len(frame) / model_only(backend, frame),

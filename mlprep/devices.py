@@ -71,6 +71,18 @@ def resolve_batch_size(value: int | str, device: torch.device, auto: dict[str, i
     return table.get(device.type, table["cpu"]) if value == "auto" else int(value)
 
 
+def start_context(device: torch.device):
+    """On CUDA, create the device's context in a thread and return the thread (join it when the context must
+    be there), so the 1-3 s it takes overlap with the model's build on the CPU; None on a CPU."""
+    if device.type != "cuda":
+        return None
+    import threading
+
+    thread = threading.Thread(target=lambda: torch.empty(1, device=device), name="cuda-context", daemon=True)
+    thread.start()
+    return thread
+
+
 def job_device(spec: str, threads: int) -> torch.device:
     """A model job's device: its thread budget set, a GPU of its own claimed when it may run on one (before
     CUDA starts: a local job gets a free GPU through mlprep.gpuslots; under SLURM, the one it was given)."""

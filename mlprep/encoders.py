@@ -1,4 +1,7 @@
-"""CLIP encoder wrapper over open_clip: batched, fixed-shape, L2-normalised float32 output."""
+"""CLIP encoder wrapper over open_clip: batched, fixed-shape, L2-normalised float32 output.
+
+open_clip is imported where a model is built, not with this module (it costs ~2 s, most of it torchvision
+and torch._dynamo): a shard job starts its readers first and imports it while they read."""
 
 from __future__ import annotations
 
@@ -6,8 +9,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import json
+from importlib.util import find_spec
+
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 
@@ -39,20 +44,29 @@ class ClipSpec:
         return cls(cfg.get("name", "ViT-B-32"), cfg.get("pretrained") or None, cfg.get("config_file") or None, init_seed)
 
 
-def _register_config(spec: ClipSpec) -> None:
+def _config_path(spec: ClipSpec) -> Path:
     if spec.config_file:
         config_path = Path(spec.config_file)
         if not config_path.is_file():
             raise FileNotFoundError(f"open_clip model config {config_path} does not exist")
-        open_clip.add_model_config(config_path)
+        return config_path
+    return Path(find_spec("open_clip").origin).parent / "model_configs" / f"{spec.name}.json"
+
+
+def _register_config(spec: ClipSpec) -> None:
+    import open_clip
+
+    if spec.config_file:
+        open_clip.add_model_config(_config_path(spec))
 
 
 def clip_image_size(spec: ClipSpec) -> int | None:
-    """The model's input size from its architecture config, without building it (None where only the built
-    model knows: hub models). Lets a shard job start its readers before the model is built."""
-    _register_config(spec)
-    cfg = open_clip.get_model_config(spec.name) or {}
-    size = cfg.get("vision_cfg", {}).get("image_size")
+    """The model's input size from its architecture config file, without importing open_clip or building the
+    model (None where only the built model knows: hub models). Lets a shard job start its readers first."""
+    path = _config_path(spec)
+    if not path.is_file():
+        return None
+    size = json.loads(path.read_text()).get("vision_cfg", {}).get("image_size")
     if size is None:
         return None
     return int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -67,6 +81,8 @@ class ClipEncoder:
     """
 
     def __init__(self, spec: ClipSpec, device: torch.device, dtype: torch.dtype, batch_size: int = 32):
+        import open_clip
+
         _register_config(spec)
         if spec.name not in open_clip.list_models() and not spec.name.startswith(("hf-hub:", "local-dir:")):
             raise ValueError(f"unknown open_clip model {spec.name!r} (give config_file for a custom architecture)")
@@ -138,6 +154,8 @@ class ClipEncoder:
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Texts -> float32 [N, D], L2-normalised."""
         if self._tokenizer is None:
+            import open_clip
+
             self._tokenizer = open_clip.get_tokenizer(self.spec.name)
         tokens = self._tokenizer(texts)
         out = []

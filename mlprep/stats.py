@@ -58,6 +58,7 @@ class ShardStats:
     def as_dict(self) -> dict[str, Any]:
         seconds = time.perf_counter() - self.started
         done = self.ok + self.failed + self.skipped
+        age = process_age()
         return {
             "shard": self.shard,
             "items_ok": self.ok,
@@ -67,6 +68,7 @@ class ShardStats:
             "items_per_s": round(done / seconds, 3) if seconds > 0 else None,
             "startup_s": self.startup_s,
             **({"startup_steps": self.startup_steps} if self.startup_steps else {}),
+            "process_seconds": None if age is None else round(age, 3),  # process start -> these stats
             **self.counts,
             **{f"{name}_per_s": round(n / seconds, 3) if seconds > 0 else None for name, n in self.counts.items()},
             **self.extra,

@@ -33,6 +33,10 @@ from mlprep.failures import ItemError, describe_error
 
 DECODERS = ("auto", "cpu", "device")
 BLUR_GROUP = 8  # blurred views are filtered in groups of this many (a fixed shape)
+# The device decodes a JPEG at full size: larger ones take the CPU's reduced-size draft instead, and one
+# decoder call takes JPEGs of at most this many pixels together (GPU memory stays bounded).
+DEVICE_DECODE_MAX_PIXELS = 50_000_000
+DEVICE_DECODE_BATCH_PIXELS = 400_000_000
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -142,7 +146,8 @@ _TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.5
 _FROM_YIQ = np.linalg.inv(_TO_YIQ)
 
 
-def colour_transform(brightness: float, contrast: float, saturation: float, hue: float) -> tuple[np.ndarray, np.ndarray]:
+def colour_transform(brightness: float, contrast: float, saturation: float,
+                     hue: float) -> tuple[np.ndarray, np.ndarray]:
     """(matrix, shift) for one view: brightness scales, contrast pulls towards the view's mean, then saturation
     and hue rotate in YIQ; all linear, so out = matrix @ pixel + shift * mean."""
     t = hue * 2 * math.pi
@@ -200,7 +205,8 @@ def prepare_image(tag: Any, data: bytes, min_side: int, device_decode: bool,
             header = _header(img, data)
             item = PreparedImage(tag, header.width, header.height, views(header.width, header.height),
                                  orientation=header.orientation, digest=digest(data) if digest else "", extra=extra)
-            if device_decode and header.device_decodable:
+            small_enough = header.stored[0] * header.stored[1] <= DEVICE_DECODE_MAX_PIXELS
+            if device_decode and header.device_decodable and small_enough:
                 item.jpeg = True
                 item.reduce = device_reduction(header.stored, header.orientation, min_side)
                 return item, data
@@ -251,13 +257,23 @@ class DeviceImages:
         self.min_side = min_side
 
     def __call__(self, chunk: PreparedChunk) -> list[torch.Tensor | None]:
-        data = chunk.data.to(self.device, non_blocking=True)
         out: list[torch.Tensor | None] = [None] * len(chunk.items)
         jpegs = [k for k, item in enumerate(chunk.items) if item.error is None and item.jpeg]
-        for k, item in enumerate(chunk.items):
-            if item.error is None and not item.jpeg:
-                out[k] = data[chunk.offsets[k] : chunk.offsets[k + 1]].view(item.shape).float()
-        for k, image in zip(jpegs, self._decode([chunk.payload(k) for k in jpegs])):
+        decoded = [k for k, item in enumerate(chunk.items) if item.error is None and not item.jpeg]
+        if decoded:  # one copy for the chunk (JPEG bytes go to the decoder from host memory)
+            data = chunk.data.to(self.device, non_blocking=True)
+            for k in decoded:
+                out[k] = data[chunk.offsets[k] : chunk.offsets[k + 1]].view(chunk.items[k].shape).float()
+        groups, pixels = [[]], 0
+        for k in jpegs:  # decoder calls of bounded size
+            item = chunk.items[k]
+            if groups[-1] and pixels + item.width * item.height > DEVICE_DECODE_BATCH_PIXELS:
+                groups.append([])
+                pixels = 0
+            groups[-1].append(k)
+            pixels += item.width * item.height
+        images = [image for group in groups for image in self._decode([chunk.payload(k) for k in group])]
+        for k, image in zip(jpegs, images):
             item = chunk.items[k]
             if image is None:  # the device's decoder refused it: the CPU decodes it, or says why it cannot
                 try:

@@ -32,11 +32,11 @@ def _as_is(item):
 
 
 def in_order(dataset: torch.utils.data.Dataset, workers: int, ahead: int = 4, pin_memory: bool = False) -> Iterator:
-    """dataset[0], dataset[1], ... (or what an iterable dataset yields, interleaved over the workers): in this process when workers <= 0, else prepared up to `ahead` items
-    per worker in advance by `workers` single-threaded processes (the dataset returns errors as values,
-    so none stops the loop). The workers start at once, before the first item is asked for: a job can
-    build its model while they read. `pin_memory` page-locks each item (its `pin_memory()`) in a thread,
-    for copies to a GPU that do not stall."""
+    """dataset[0], dataset[1], ... (or what an iterable dataset yields, interleaved over the workers): in this
+    process when workers <= 0, else prepared up to `ahead` items per worker in advance by `workers`
+    single-threaded processes (the dataset returns errors as values, so none stops the loop). The workers start
+    at once, before the first item is asked for: a job can build its model while they read. `pin_memory`
+    page-locks each item (its `pin_memory()`) in a thread, for copies to a GPU that do not stall."""
     if isinstance(dataset, torch.utils.data.IterableDataset):  # it splits its own work among the workers
         if workers <= 0:
             return iter(dataset)

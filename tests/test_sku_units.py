@@ -98,7 +98,7 @@ def test_catalog_shards_do_not_move_when_skus_are_added(tmp_path):
 # ---------------------------------------------------------------- augmentation
 
 
-def test_load_image_reduces_large_jpegs_and_keeps_rgb(tmp_path):
+def test_decode_image_reduces_large_jpegs_and_keeps_rgb(tmp_path):
     _img(tmp_path / "big.jpg", (255, 0, 0), (1600, 1200))
     image = decode_image(read_image_file(tmp_path / "big.jpg"), 224)
     assert image.dtype == torch.uint8 and image.shape[0] == 3
@@ -106,7 +106,7 @@ def test_load_image_reduces_large_jpegs_and_keeps_rgb(tmp_path):
     assert image[0].float().mean() > 240 and image[1].float().mean() < 15  # red stays red
 
 
-def test_load_image_rejects_truncated_and_garbage(tmp_path):
+def test_decode_image_rejects_truncated_and_garbage(tmp_path):
     _img(tmp_path / "ok.jpg", size=(400, 300))
     data = (tmp_path / "ok.jpg").read_bytes()
     (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 2])

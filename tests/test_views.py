@@ -126,7 +126,8 @@ def test_a_view_does_not_depend_on_its_chunk_or_its_slot():
     assert torch.equal(shuffled[12:18], alone[:6])
     assert torch.equal(shuffled[:6], together[24:30])
     # an item without an image leaves no slot behind
-    gap, counts = renderer([images[1], None, images[0]], [transforms[1], None, transforms[0]], [sizes[1], (0, 0), sizes[0]])
+    gap, counts = renderer([images[1], None, images[0]], [transforms[1], None, transforms[0]],
+                           [sizes[1], (0, 0), sizes[0]])
     assert counts == [6, 0, 6] and torch.equal(gap[6:12], alone[:6])
 
 

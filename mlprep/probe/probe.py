@@ -94,7 +94,7 @@ def zero_shot_probe(root: Path, groups: pd.DataFrame, labels: list[str], cfg: di
     built (its input size is known from its config), so the two overlap."""
     from tqdm import tqdm
 
-    from mlprep.devices import job_device, resolve_batch_size, select_precision
+    from mlprep.devices import job_device, resolve_batch_size, select_precision, start_context
     from mlprep.encoders import ClipEncoder, ClipSpec, clip_image_size
     from mlprep.workers import resolve_workers
 
@@ -110,7 +110,10 @@ def zero_shot_probe(root: Path, groups: pd.DataFrame, labels: list[str], cfg: di
     if size is not None:
         chunks = probe_chunks(root, groups, labels, size, batch, workers, device, jpeg_decoder, **reader)
         stats.mark("readers_started")
+    context = start_context(device)
     encoder = ClipEncoder(spec, device, select_precision(precision_spec, device), batch)
+    if context is not None:
+        context.join()
     stats.mark("model_built")
     probe = ZeroShot(encoder, labels, pcfg["prompt_template"])
     parts = []

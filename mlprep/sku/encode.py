@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from mlprep.devices import job_device, precision_name, resolve_batch_size, select_precision
+from mlprep.devices import job_device, precision_name, resolve_batch_size, select_precision, start_context
 from mlprep.encoders import ClipEncoder, ClipSpec, clip_image_size
 from mlprep.failures import FailureLog, describe_error, write_failures
 from mlprep.io import atomic_dir, save_npy, write_parquet
@@ -293,11 +293,10 @@ def encode_shard(
         plan = view_plan(cfg, seed, size)
         chunks = image_chunks(paths, ids, plan, batch, workers, device, jpeg_decoder)
         stats.mark("readers_started")
-    if device.type == "cuda":
-        torch.cuda.init()
-        torch.empty(1, device=device)
-        stats.mark("cuda_context")
+    context = start_context(device)
     encoder = ClipEncoder(spec, device, select_precision(precision_spec, device), batch)
+    if context is not None:
+        context.join()
     stats.mark("model_built")
     if chunks is None:
         plan = view_plan(cfg, seed, encoder.image_size)

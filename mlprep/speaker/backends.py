@@ -165,7 +165,8 @@ class ResemblyzerBackend:
         partial = torch.cat([self.encoder(mels[start : start + self.batch_size]).float()
                              for start in range(0, len(mels), self.batch_size)])
         owner = to_device(np.repeat(np.arange(len(windows)), counts), self.device)
-        sums = torch.zeros((len(windows), self.dim), dtype=torch.float32, device=self.device).index_add_(0, owner, partial)
+        sums = torch.zeros((len(windows), self.dim), dtype=torch.float32, device=self.device)
+        sums.index_add_(0, owner, partial)
         means = sums / torch.from_numpy(counts).to(self.device).view(-1, 1)
         return torch.nn.functional.normalize(means, dim=1).cpu().numpy().astype(np.float32)
 

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from mlprep.devices import job_device, resolve_batch_size
+from mlprep.devices import job_device, resolve_batch_size, start_context
 from mlprep.failures import FailureLog, ItemError, describe_error, write_failures
 from mlprep.io import atomic_dir, save_npy, write_parquet
 from mlprep.sharding import ShardId
@@ -183,8 +183,11 @@ def _embed_shard(shard_text: str, list_path: Path | str, cfg: dict, device_spec:
         device = job_device(device_spec, threads)
         workers = resolve_workers(workers, device, threads)
         batch = resolve_batch_size(cfg["batch_size"], device, SPEAKER_BATCH)
+        context = start_context(device)
         backend = load_backend(cfg["backend"], device, batch, cfg.get("weights"), cfg.get("source"),
                                cfg.get("length_quantum_s", 0.1))
+        if context is not None:
+            context.join()
         stats.mark("model_built")
         vectors, positions, seconds = embed_audio(frame, backend, failures, workers, cfg["min_seconds"], progress,
                                                   stats.first_item_done)

@@ -1,0 +1,320 @@
+"""The GPU device check: every GPU benchmark and one real GPU run, figures in one JSON and the GPU table rows.
+
+Run by bench/device_check.sh (which installs the wheels carried with the working tree first) on a machine
+with one NVIDIA GPU, or with --dry-run on a CPU (tiny sizes, `device: cpu`: the same steps and code, so that
+the script is known to work before any device time is spent; tests/test_device_check.py runs it so).
+
+Parts (`--parts`, default all that the installed packages allow):
+  sku      bench/sku_encode.py: encoder alone at batch 32 / 128 / 512, the shard job with 1 / 4 / 8 / 16
+           decode workers with the GPU's JPEG decoder and the CPU's, GPU views and embeddings against the CPU's
+  probe    bench/probe_zero_shot.py: the zero-shot probe against the encoder alone
+  speaker  bench/speaker.py: both backends, model only against the shard job
+  video    bench/video_frames.py --nvdec: CPU decoders on all cores against NVDEC, short and 1080p clips
+  run      a real `snakemake --cores all --resources gpu=1 sku_index` over a generated catalog of
+           --images product photos (start-up per shard job, encode stage views/s wall), then the demo's
+           probe_qa and speaker_embed on the GPU (their start-up)
+Each step has a time limit; a step that fails or runs out of time is recorded as such and the rest go on.
+Output: <out>/device_check.json, <out>/gpu_table.md (rows for README's GPU table), <out>/log/<step>.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+# part -> the modules it needs (a part whose modules are missing is skipped, saying which)
+NEEDS = {"sku": ["open_clip", "faiss"], "probe": ["open_clip", "pyarrow"],
+         "speaker": ["resemblyzer", "speechbrain", "soundfile"], "video": ["av"],
+         "run": ["snakemake", "open_clip", "faiss", "jsonschema"]}
+
+
+def missing(part: str) -> list[str]:
+    return [m for m in NEEDS[part] if importlib.util.find_spec(m) is None]
+
+
+class Steps:
+    """Runs benchmark commands with time limits and keeps what each gave."""
+
+    def __init__(self, out: Path, deadline: float):
+        self.out, self.deadline = out, deadline
+        (out / "log").mkdir(parents=True, exist_ok=True)
+        self.results: dict = {}
+
+    def run(self, name: str, cmd: list[str], limit: float, env: dict | None = None) -> dict | None:
+        """Run `cmd` (its --json written to <out>/<name>.json); None when it failed or ran out of time."""
+        figures = self.out / f"{name}.json"
+        limit = min(limit, self.deadline - time.time())
+        if limit < 10:
+            self.results[name] = {"status": "skipped: no time left"}
+            return None
+        started = time.time()
+        print(f"=== {name}: {' '.join(cmd)} (limit {limit:.0f} s)", flush=True)
+        with open(self.out / "log" / f"{name}.log", "w") as log:
+            try:
+                done = subprocess.run([*cmd, "--json", str(figures)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                      timeout=limit, env={**os.environ, **(env or {})})
+                status = "ok" if done.returncode == 0 and figures.exists() else f"failed (exit {done.returncode})"
+            except subprocess.TimeoutExpired:
+                status = f"timed out after {limit:.0f} s"
+        seconds = round(time.time() - started, 1)
+        data = json.loads(figures.read_text()) if status == "ok" else None
+        self.results[name] = {"status": status, "seconds": seconds, "figures": data}
+        print(f"    {status} in {seconds} s", flush=True)
+        if status != "ok":
+            print((self.out / "log" / f"{name}.log").read_text()[-3000:], flush=True)
+        return data
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    from mlprep.devices import cpu_summary
+
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cpu": cpu_summary(), "cores": os.cpu_count(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "device": device}
+    try:
+        import torchvision
+
+        info["torchvision"] = torchvision.__version__
+    except ImportError:
+        info["torchvision"] = None
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            info["nvidia_smi"] = subprocess.run([smi, "-L"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    info["commit"] = commit.stdout.strip() or "unknown"
+    return info
+
+
+def write_catalog(folder: Path, n_images: int, size: tuple[int, int], processes: int) -> Path:
+    """n_images distinct product photos (mlprep.demo's generator, two per SKU), written by `processes` at once."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mlprep.demo import write_catalog as demo_catalog
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "sku_data.json").exists() and len(json.loads((folder / "sku_data.json").read_text())) * 2 >= n_images:
+        return folder / "sku_data.json"
+    n_skus = max(1, n_images // 2)
+    parts = max(1, min(processes, n_skus // 8 or 1))
+    bounds = [n_skus * k // parts for k in range(parts + 1)]
+    with ProcessPoolExecutor(parts) as pool:
+        done = [pool.submit(demo_catalog, folder / f"part{k}", bounds[k + 1] - bounds[k], 2, size, k)
+                for k in range(parts)]
+        catalogs = [f.result() for f in done]
+    entries = []
+    for k, path in enumerate(catalogs):
+        for entry in json.loads(Path(path).read_text()):
+            images = [f"part{k}/images/{name}" for name in entry["images"]]
+            entries.append({**entry, "sku_id": f"p{k}-{entry['sku_id']}", "images": images})
+    (folder / "images").mkdir(exist_ok=True)
+    out = folder / "sku_data.json"
+    out.write_text(json.dumps(entries))
+    return out
+
+
+def real_run(steps: Steps, work: Path, images: int, device: str, dry: bool) -> dict:
+    """The sku_index workflow over `images` photos on the GPU, then the demo's probe_qa and speaker_embed."""
+    import yaml
+
+    from mlprep.config import only
+
+    cores = os.cpu_count() or 2
+    started = time.time()
+    sku_data = write_catalog(work / "catalog", images, (640, 480), cores)
+    catalog_s = round(time.time() - started, 1)
+    shards = 2 if dry else 4
+    config = {"device": device, "precision": "auto", "seed": 7,
+              "sku_index": {"sku_data": str(sku_data), "images_dir": str(sku_data.parent), "shards": shards,
+                            "confusable_sample": 2000, "eval": {"queries_per_image": 1, "top_k": [1, 5]}},
+              **only("sku_index")}
+    (work / "sku.yaml").write_text(yaml.safe_dump(config))
+    gpu = [] if device == "cpu" else ["--resources", "gpu=1"]
+    threads = ["--set-threads", f"sku_encode_shard={cores}", f"probe_shard={cores}", f"speaker_embed_shard={cores}"]
+    snakemake = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
+                 "--cores", "all", *gpu, *threads, "--scheduler", "greedy", "--rerun-incomplete", "--nolock"]
+    result = {"images": images, "catalog_seconds": catalog_s}
+    step = steps.run("run_sku", [sys.executable, str(REPO / "bench" / "device_check.py"), "--snakemake",
+                                 json.dumps([*snakemake, "sku_index", "--configfile", str(work / "sku.yaml")])],
+                     limit=240)
+    result["sku_index"] = shard_summary(work / "results" / "sku_index" / "shards") if step else None
+    demo = {"device": device, "seed": 7, **only("probe_qa", "speaker_embed"),
+            "probe_qa": {"data_dir": str(REPO / "resources/demo/probe")},
+            "speaker_embed": {"corpus_dir": str(REPO / "resources/demo/speech")}}
+    (work / "demo.yaml").write_text(yaml.safe_dump(demo))
+    step = steps.run("run_demo", [sys.executable, str(REPO / "bench" / "device_check.py"), "--snakemake",
+                                  json.dumps([*snakemake, "probe_qa", "speaker_embed", "--configfile",
+                                              str(work / "demo.yaml")])], limit=150)
+    if step:
+        result["probe_qa"] = shard_summary(work / "results" / "probe_qa" / "shards")
+        result["speaker_embed"] = shard_summary(work / "results" / "speaker_embed" / "shards")
+    return result
+
+
+def shard_summary(folder: Path) -> dict:
+    """Per shard job: start-up, items, views and rate; for the stage: views per second of wall time."""
+    shards = [json.loads(p.read_text()) for p in sorted(folder.glob("*/stats.json"))]
+    out = {"shards": len(shards), "startup_s": [s.get("startup_s") for s in shards],
+           "startup_steps": [s.get("startup_steps") for s in shards],
+           "items": sum(s["items_ok"] + s["items_failed"] for s in shards)}
+    if shards and "views" in shards[0]:
+        views = sum(s["views"] for s in shards)
+        # the shard jobs ran one after another on the one GPU: the stage's wall time is the sum of their lives
+        wall = sum(s["process_seconds"] or s["seconds"] for s in shards)
+        out.update(views=views, views_per_s_per_shard=[s["views_per_s"] for s in shards],
+                   encode_wall_s=round(wall, 2), encode_views_per_s_wall=round(views / wall, 1) if wall else None)
+    return out
+
+
+def gpu_rows(results: dict) -> list:
+    """The GPU rows of the `make bench` table (bench/table.py's Row), with their targets."""
+    from table import Row, per_s
+
+    rows = []
+    sku = (results.get("sku") or {}).get("figures")
+    if sku:
+        v = sku["views_per_s"]
+        for name, rate in v.items():
+            if name.startswith("encoder only, batch"):
+                rows.append(Row("sku_index", name, rate, "views/s", "encoder only, best batch", v["encoder only"],
+                                per_s(rate, v["encoder only"]), "best of 32/128/512"))
+        jobs = {k: r for k, r in v.items() if k.startswith("shard job")}
+        best = max(jobs, key=jobs.get)
+        rows.append(Row("sku_index", f"{best} (batch {sku['shard_batch']})", jobs[best], "views/s", "encoder only",
+                        v["encoder only"], per_s(jobs[best], v["encoder only"]), ">= 0.6 and >= 10,000 views/s"))
+        rows.append(Row("sku_index", "GPU embeddings vs CPU fp32, min cosine", sku["min_cosine_to_cpu_fp32"], "",
+                        "bound", 0.999, sku["min_cosine_to_cpu_fp32"] / 0.999, ">= 0.999"))
+    probe = (results.get("probe") or {}).get("figures")
+    if probe:
+        rows.append(Row("probe_qa", "zero-shot probe", probe["probe_img_per_s"], "img/s", "encoder only",
+                        probe["encoder_img_per_s"], per_s(probe["probe_img_per_s"], probe["encoder_img_per_s"]),
+                        ">= 0.6"))
+    speaker = (results.get("speaker") or {}).get("figures") or {}
+    for backend in ("resemblyzer", "speechbrain"):
+        if backend in speaker:
+            u = speaker[backend]["utt_per_s"]
+            jobs = {k: r for k, r in u.items() if k.startswith("shard job")}
+            best = max(jobs, key=jobs.get)
+            rows.append(Row("speaker_embed", f"{backend} {best}", jobs[best], "utt/s", "model only", u["model only"],
+                            per_s(jobs[best], u["model only"]), ">= 0.8"))
+    video = (results.get("video") or {}).get("figures") or {}
+    for kind, row in video.items():
+        cpu = {k: r for k, r in row.items() if k.endswith("clips/s") and "+cuda" not in k}
+        gpu = {k: r for k, r in row.items() if k.endswith("clips/s") and "+cuda" in k}
+        for key, diff in row.items():
+            if key.endswith("nvdec max abs diff"):
+                rows.append(Row("video_frames", f"{kind}: NVDEC frames vs {key.split()[0]}'s CPU frames, max abs diff",
+                                diff, "levels", "bound", 2, None, "<= 2 (colour conversion)"))
+        if cpu and gpu:
+            c, g = max(cpu, key=cpu.get), max(gpu, key=gpu.get)
+            rows.append(Row("video_frames", f"{kind}: NVDEC ({g.removesuffix(' clips/s')})", gpu[g], "clips/s",
+                            f"CPU ({c.removesuffix(' clips/s')})", cpu[c], per_s(gpu[g], cpu[c]), "the faster wins"))
+    run = results.get("run") or {}
+    sku_run = run.get("sku_index") or {}
+    if sku_run.get("encode_views_per_s_wall"):
+        rows.append(Row("sku_index", f"real gpu=1 run, {run['images']:,} images: encode stage wall",
+                        sku_run["encode_views_per_s_wall"], "views/s", "target", 4000,
+                        per_s(sku_run["encode_views_per_s_wall"], 4000), ">= 4,000 views/s"))
+    for pipeline in ("sku_index", "probe_qa", "speaker_embed"):
+        startups = [s for s in ((run.get(pipeline) or {}).get("startup_s") or []) if s is not None]
+        if startups:
+            rows.append(Row(pipeline, "shard job start-up (worst shard)", max(startups), "s", "target", 8.0,
+                            per_s(8.0, max(startups)), "<= 8 s"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: the script's own test")
+    parser.add_argument("--parts", nargs="+", choices=list(NEEDS), default=list(NEEDS))
+    parser.add_argument("--out", default=str(REPO / "results" / "device_check"))
+    parser.add_argument("--images", type=int, default=20_000, help="catalog of the real run")
+    parser.add_argument("--budget", type=float, default=470, help="seconds for all steps together")
+    parser.add_argument("--snakemake", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.snakemake:  # a step of its own, so that it has a time limit and a log like the others
+        done = subprocess.run(json.loads(args.snakemake))
+        Path(args.json).write_text(json.dumps({"exit": done.returncode}))
+        sys.exit(done.returncode)
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = Steps(out, time.time() + args.budget)
+    py, bench = sys.executable, REPO / "bench"
+    cores = os.cpu_count() or 2
+    dry = args.dry_run
+    info = environment(device)
+    print(json.dumps(info), flush=True)
+    results: dict = {"machine": info, "dry_run": dry}
+    for part in args.parts:
+        lacking = missing(part)
+        if lacking:
+            results[part] = {"status": f"skipped: missing {', '.join(lacking)}"}
+            print(f"=== {part}: skipped, missing {', '.join(lacking)}", flush=True)
+            continue
+        if part == "sku":
+            cmd = [py, str(bench / "sku_encode.py"), "--device", device, "--threads", str(min(cores, 8)),
+                   "--encoder-batches", *(["8", "16"] if dry else ["32", "128", "512"]),
+                   "--decode-workers", *(["1"] if dry else ["1", "4", "8", "16"]),
+                   "--jpeg-decoders", "device", "cpu", "--repeat", "1" if dry else "64",
+                   "--seed-images", "1" if dry else "8", "--augment-per-image", "1" if dry else "5"]
+            steps.run(part, cmd, limit=150)
+            results[part] = steps.results[part]
+        elif part == "probe":
+            cmd = [py, str(bench / "probe_zero_shot.py"), "--device", device, "--images", "32" if dry else "4096",
+                   "--batch", "16" if dry else "512", "--workers", "1" if dry else str(min(cores, 8)),
+                   "--repeat", "1" if dry else "3"]
+            steps.run(part, cmd, limit=90)
+            results[part] = steps.results[part]
+        elif part == "speaker":
+            cmd = [py, str(bench / "speaker.py"), "--device", device, "--parts", "utterances",
+                   "--copies", "1" if dry else "40", "--batch-size", "64" if dry else "512",
+                   "--workers", *(["1"] if dry else ["4", "8", str(cores)])]
+            if dry:
+                cmd += ["--backends", "resemblyzer"]
+            steps.run(part, cmd, limit=120)
+            results[part] = steps.results[part]
+        elif part == "video":
+            cmd = [py, str(bench / "video_frames.py"), "--nvdec", "--processes", "2" if dry else str(cores),
+                   "--nvdec-processes", "1" if dry else "4", "--copies", "1" if dry else "2"]
+            if dry:
+                cmd += ["--small"]
+            steps.run(part, cmd, limit=150)
+            results[part] = steps.results[part]
+        elif part == "run":
+            results[part] = real_run(steps, out / "run", 64 if dry else args.images, device, dry)
+    results["steps"] = {k: {"status": v["status"], "seconds": v.get("seconds")} for k, v in steps.results.items()}
+    from table import markdown
+
+    rows = gpu_rows(results)
+    table = markdown(rows, {**info, "device": f"{device}: {info.get('gpu', 'CPU only (dry run)')}",
+                            "precision": "bf16" if device == "cuda" else "auto", "date": info["date"][:10]},
+                     [k for k, v in results["steps"].items() if v["status"] != "ok"])
+    (out / "gpu_table.md").write_text(table)
+    (out / "device_check.json").write_text(json.dumps({**results, "table_rows": [r.__dict__ for r in rows]},
+                                                      indent=2, default=str))
+    print("\n" + table, flush=True)
+    print(json.dumps(results["steps"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
