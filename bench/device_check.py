@@ -275,19 +275,19 @@ def main() -> None:
             cmd = [py, str(bench / "sku_encode.py"), "--device", device, "--threads", str(min(cores, 8)),
                    "--encoder-batches", *(["8", "16"] if dry else ["32", "128", "512"]),
                    "--decode-workers", *(["1"] if dry else ["1", "4", "8", "16"]),
-                   "--jpeg-decoders", "device", "cpu", "--repeat", "1" if dry else "64",
+                   "--jpeg-decoders", "device", "cpu", "--repeat", "1" if dry else "32",
                    "--seed-images", "1" if dry else "8", "--augment-per-image", "1" if dry else "5"]
             steps.run(part, cmd, limit=150)
             results[part] = steps.results[part]
         elif part == "probe":
-            cmd = [py, str(bench / "probe_zero_shot.py"), "--device", device, "--images", "32" if dry else "4096",
+            cmd = [py, str(bench / "probe_zero_shot.py"), "--device", device, "--images", "32" if dry else "2048",
                    "--batch", "16" if dry else "512", "--workers", "1" if dry else str(min(cores, 8)),
                    "--repeat", "1" if dry else "3"]
             steps.run(part, cmd, limit=90)
             results[part] = steps.results[part]
         elif part == "speaker":
             cmd = [py, str(bench / "speaker.py"), "--device", device, "--parts", "utterances",
-                   "--copies", "1" if dry else "40", "--batch-size", "64" if dry else "512",
+                   "--copies", "1" if dry else "20", "--batch-size", "64" if dry else "512",
                    "--workers", *(["1"] if dry else ["4", "8", str(cores)])]
             if dry:
                 cmd += ["--backends", "resemblyzer"]

@@ -317,7 +317,7 @@ class ViewRenderer:
         self.size, self.slots, self.device = size, slots, device
         self.padding_mode = padding_mode
         self.radius = max(1, blur_radius)
-        centres = torch.arange(size, dtype=torch.float64, device=device) + 0.5
+        centres = torch.arange(size, dtype=torch.float32, device=device) + 0.5
         self._px = centres.view(1, 1, size)
         self._py = centres.view(1, size, 1)
         self._offsets = torch.arange(-self.radius, self.radius + 1, dtype=torch.float64)
@@ -331,7 +331,7 @@ class ViewRenderer:
         m[:, 0] *= (2 / sizes[:, 0]).view(-1, 1)
         m[:, 1] *= (2 / sizes[:, 1]).view(-1, 1)
         m = m.float()
-        px, py = self._px.float(), self._py.float()
+        px, py = self._px, self._py
         n, s = len(m), self.size
         grid = torch.empty((n, s, s, 2), dtype=torch.float32, device=self.device)
         w = (m[:, 2, 0, None, None] * px + m[:, 2, 2, None, None]) + m[:, 2, 1, None, None] * py
