@@ -100,6 +100,7 @@ rule kline_win_rate:
     output:
         factor=f"{KLINE_DIR}/factor.parquet",
         stats=f"{KLINE_DIR}/factor_stats.json",
+        failures=f"{KLINE_DIR}/factor_failures.parquet",
     log:
         f"{RESULTS}/logs/kline_factor/factor.log",
     benchmark:

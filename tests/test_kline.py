@@ -271,3 +271,62 @@ def test_kline_workflow_outputs_failures_and_one_shard_rerun_per_changed_symbol(
     pd.concat([grown, extra]).to_csv(work / "prices" / "S006.csv", index=False)
     dry = run_snakemake(work, config, "-n")
     assert dry.stdout.count("rule kline_library_shard:") == 1, dry.stdout[-3000:]
+
+
+def test_timezone_aware_daily_bars_keep_their_date_and_unmatched_samples_are_failures(tmp_path):
+    """Found on real data: yfinance's dates (`2018-06-01 00:00:00-04:00`) became UTC clock times, so a sample
+    file of calendar dates matched nothing and the run ended 0 with an empty factor."""
+    from mlprep.demo import write_prices_demo
+
+    work = tmp_path / "flow"
+    write_prices_demo(work / "prices", n_symbols=6, n_bars=200)
+    for path in (work / "prices").glob("*"):
+        frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+        column = next(c for c in frame.columns if c.lower() in ("date", "timestamp"))
+        local = pd.to_datetime(frame[column]).dt.tz_localize("America/New_York")
+        frame = frame.drop(columns=[column]).assign(Date=local.dt.strftime("%Y-%m-%d %H:%M:%S%z").str.replace(
+            r"(\d\d)(\d\d)$", r"\1:\2", regex=True))
+        path.unlink()
+        frame.to_csv(path.with_suffix(".csv"), index=False)
+    assert "-04:00" in (work / "prices" / "S000.csv").read_text() and "-05:00" in (work / "prices" / "S000.csv").read_text()
+    dates = pd.to_datetime(pd.read_csv(work / "prices" / "S001.csv")["Date"].str[:10])
+    points = pd.DataFrame({"date": [d.strftime("%Y-%m-%d") for d in dates[60:90]] + ["1990-01-02", "2018-06-01"],
+                           "asset": ["S001"] * 30 + ["S001", "NOPE"]})
+    points.to_csv(work / "points.csv", index=False)
+    config = _kline_config(work, sample_file=str(work / "points.csv"))
+    run_snakemake(work, config)
+    out = work / "results" / "kline_factor"
+    factor = pd.read_parquet(out / "factor.parquet")
+    assert len(factor) == 30 and set(factor["date"]) == set(dates[60:90])  # calendar days, not UTC clock times
+    failures = pd.read_parquet(out / "factor_failures.parquet")
+    assert failures["item_id"].tolist() == ["points.csv@row32", "points.csv@row33"]
+    assert set(failures["reason_code"]) == {"unknown_point"} and "NOPE" in failures["reason"].iloc[1]
+    # no sample row names a window: the factor is empty, and the run fails saying why
+    points.iloc[30:].to_csv(work / "points.csv", index=False)
+    done = run_snakemake(work, config, check=False)
+    assert done.returncode != 0
+    assert "none of the 2 rows of" in done.stdout + done.stderr and "line 2" in done.stdout + done.stderr
+
+
+def test_the_batched_search_gives_the_same_factor_on_truncated_data_bit_for_bit():
+    """The deep batched search (thinly spread sample points) found the same matches on full and truncated data,
+    but their mean similarity differed by ~1e-7 (float32 scores of differently shaped searches)."""
+    from mlprep.demo import price_series
+
+    spec = WindowSpec(window=12, stride=1, horizon=3)
+    search = SearchSpec(12, 1, 3, search_k=40, top_k=5)
+    full = {f"S{k}": price_series(400, 300 + k, plants=3) for k in range(8)}
+    cutoff = full["S0"]["date"].iloc[300]
+    truncated = {s: f[f["date"] <= cutoff].reset_index(drop=True) for s, f in full.items()}
+    factors = {}
+    for name, frames in (("full", full), ("truncated", truncated)):
+        lib = _library(frames, spec)
+        keep = lib.end_date <= np.datetime64(cutoff)
+        rows = sample_rows(lib, "all", 20, seed=0)
+        rows = rows[keep[rows]][::7]  # thinly spread: the batched path
+        index = faiss.IndexFlatIP(lib.vectors.shape[1])
+        full_index = faiss.IndexIDMap(faiss.IndexFlatIP(lib.vectors.shape[1]))
+        full_index.add_with_ids(lib.vectors, np.arange(len(lib.vectors)))
+        factors[name] = factor_for(lib, rows, index, search, full_index=full_index)
+    assert len(factors["full"]) == len(factors["truncated"]) > 100
+    pd.testing.assert_frame_equal(factors["full"], factors["truncated"], check_exact=True)

@@ -482,3 +482,30 @@ def test_a_gather_with_no_speaker_left_writes_an_empty_table():
 
     table = _speakers_table(pd.DataFrame({"speaker_key": pd.Series(dtype=str)}), np.zeros((0, 0), np.float32))
     assert table.num_rows == 0 and table.column_names == ["speaker_key", "embedding"]
+
+
+def test_the_speaker_table_has_one_schema_whatever_the_shard_count(tmp_path):
+    """Found on real data: a shard with no speaker wrote its statistics as float64 and its ids as `string`, so
+    the gathered table's types depended on the shard count."""
+    rng = np.random.default_rng(4)
+    corpus = tmp_path / "corpus"
+    for speaker in ("ann", "bob", "cy"):
+        (corpus / "set" / speaker).mkdir(parents=True)
+        for k in range(3):
+            np.save(corpus / "set" / speaker / f"u{k}.npy", rng.standard_normal(16).astype(np.float32))
+    schemas = {}
+    for shards in (1, 8):
+        work = tmp_path / f"shards{shards}"
+        work.mkdir()
+        config = {"device": "cpu", **only("speaker_embed"),
+                  "speaker_embed": {"corpus_dir": str(corpus), "input": "embeddings", "shards": shards,
+                                    "min_utterances": 1}}
+        run_snakemake(work, config)
+        out = work / "results" / "speaker_embed"
+        shard_schemas = {pq.read_schema(p / "speakers.parquet") for p in (out / "shards").iterdir()}
+        assert len(shard_schemas) == 1  # an empty shard's table has the others' schema
+        schemas[shards] = (pq.read_schema(out / "speakers.parquet"), shard_schemas.pop())
+        assert pq.read_table(out / "speakers.parquet").num_rows == 3
+    assert schemas[1][0].equals(schemas[8][0]) and schemas[1][1].equals(schemas[8][1])
+    assert str(schemas[8][0].field("embedding_mean").type) == "float"
+    assert str(schemas[8][0].field("speaker_key").type) == "large_string"

@@ -104,11 +104,11 @@ def symbol_windows(symbol: str, bars: pd.DataFrame, spec: WindowSpec) -> tuple[p
 
 def chart_encoder(cfg: dict, seed: int, device_spec: str, precision_spec: str, threads: int):
     """The CLIP encoder behind `embedding: chart` (the foundation's, loaded as sku_index loads it)."""
-    from mlprep.encoders import load_clip_encoder
+    from mlprep.encoders import load_image_encoder
     from mlprep.kline.chart import ChartEncoder
 
     chart = cfg["chart"]
-    encoder = load_clip_encoder(chart["model"], int(chart["batch_size"]), device_spec, precision_spec, threads, seed)
+    encoder = load_image_encoder(chart["model"], int(chart["batch_size"]), device_spec, precision_spec, threads, seed)
     return ChartEncoder(encoder, int(chart["size"]))
 
 

@@ -7,6 +7,8 @@ Accepted column spellings (case, spaces and underscores ignored; config/README.m
 With `adjusted: true` (default) and an adjusted close present, the close is the adjusted one and open/high/
 low are scaled by the same factor per bar (what split- and dividend-adjusted charts show).
 
+Dates keep their own wall time: a timezone-aware date keeps its calendar day and clock time (its offset
+dropped), so a sample file of calendar dates matches the bars of any exchange.
 A bad row (unparsable date, a non-numeric, missing, zero or negative price, high below low) is dropped with
 one failure record naming the row; a repeated date keeps its first row and records the others; rows out
 of date order are sorted. A file that cannot be read, lacks a column or keeps fewer bars than one window
@@ -84,12 +86,26 @@ def read_table(path: str) -> pd.DataFrame:
     return frame
 
 
+_OFFSET = re.compile(r"^(.*\d{1,2}:\d{2}(?::\d{2}(?:\.\d+)?)?)\s*(?:Z|UTC|GMT|[+-]\d{2}:?\d{2})$")
+
+
+def parse_dates(values: pd.Series) -> pd.Series:
+    """Dates at their own wall time, naive: a value with a time zone ("2018-06-01 00:00:00-04:00", what
+    yfinance writes; a tz-aware parquet column) keeps its calendar date and clock time and drops the offset,
+    so daily bars stay on their trading day whatever the exchange's zone. Unparsable values become NaT."""
+    if isinstance(values.dtype, pd.DatetimeTZDtype):
+        return values.dt.tz_localize(None).astype("datetime64[ns]")
+    if pd.api.types.is_datetime64_any_dtype(values):
+        return values.astype("datetime64[ns]")
+    text = values.astype(str).str.strip().str.replace(_OFFSET, r"\1", regex=True)
+    return pd.to_datetime(text, errors="coerce", format="mixed")
+
+
 def read_bars(symbol: str, path: str, min_bars: int, adjusted: bool = True) -> Bars:
     """The symbol's clean bars, or ItemError for the whole file."""
     raw = read_table(path)
     columns = find_columns(raw.columns)
-    dates = pd.to_datetime(raw[columns["date"]], errors="coerce", utc=True, format="mixed")
-    dates = dates.dt.tz_localize(None) if dates.dt.tz is not None else dates
+    dates = parse_dates(raw[columns["date"]])
     values = {c: pd.to_numeric(raw[columns[c]], errors="coerce").to_numpy(dtype=np.float64)
               for c in ("open", "high", "low", "close", "adjclose", "volume") if c in columns}
     failures: list[Failure] = []

@@ -148,13 +148,25 @@ def select_matches(lib: Library, spec: SearchSpec, q_rows: np.ndarray, scores: n
     return chosen, np.take_along_axis(safe, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
-def _aggregate(lib: Library, out: dict, part: slice, chosen, match_rows, match_scores) -> None:
+def similarities(lib: Library, q_rows: np.ndarray, match_rows: np.ndarray) -> np.ndarray:
+    """Inner products [g, k] of each query window with its matches, in float64, pair by pair: the same value
+    whichever search found the match (FAISS's float32 scores round differently with the search's shape)."""
+    out = np.empty(match_rows.shape)
+    step = max(1, (1 << 22) // max(1, match_rows.shape[1] * lib.vectors.shape[1]))
+    for a in range(0, len(q_rows), step):
+        q = lib.vectors[q_rows[a : a + step]].astype(np.float64)[:, None, :]
+        out[a : a + step] = (q * lib.vectors[match_rows[a : a + step]].astype(np.float64)).sum(axis=-1)
+    return out
+
+
+def _aggregate(lib: Library, out: dict, part: slice, q_rows: np.ndarray, chosen, match_rows) -> None:
     n = chosen.sum(axis=1)
     fwd = np.where(chosen, lib.fwd[match_rows], 0.0)
+    sims = similarities(lib, q_rows, match_rows)
     with np.errstate(invalid="ignore", divide="ignore"):
         out["win_rate"][part] = np.where(n > 0, ((fwd > 0) & chosen).sum(axis=1) / n, np.nan)
         out["mean_fwd_return"][part] = np.where(n > 0, fwd.sum(axis=1) / n, np.nan)
-        out["mean_similarity"][part] = np.where(n > 0, np.where(chosen, match_scores, 0).sum(axis=1) / n, np.nan)
+        out["mean_similarity"][part] = np.where(n > 0, np.where(chosen, sims, 0).sum(axis=1) / n, np.nan)
     out["n_matches"][part] = n
 
 
@@ -219,7 +231,7 @@ def factor_for(lib: Library, q_rows: np.ndarray, index: faiss.Index, spec: Searc
         for a in range(0, len(q_rows), BATCH_QUERIES):
             part = slice(a, a + BATCH_QUERIES)
             scores, rows = known_hits(lib, full_index, q_rows[part], fetch)
-            _aggregate(lib, out, part, *select_matches(lib, spec, q_rows[part], scores, rows))
+            _aggregate(lib, out, part, q_rows[part], *select_matches(lib, spec, q_rows[part], scores, rows)[:2])
         return pd.DataFrame({"date": q_dates, "asset": lib.meta["symbol"].to_numpy()[q_rows], **out})[FACTOR_COLUMNS]
     avail, avail_dates = lib.availability()
     added = 0
@@ -233,8 +245,18 @@ def factor_for(lib: Library, q_rows: np.ndarray, index: faiss.Index, spec: Searc
         group = q_rows[a:b]
         scores, ids = index.search(lib.vectors[group], int(min(fetch, index.ntotal)))
         rows = np.where(ids >= 0, avail[np.maximum(ids, 0)], -1)
-        _aggregate(lib, out, slice(a, b), *select_matches(lib, spec, group, scores, rows))
+        _aggregate(lib, out, slice(a, b), group, *select_matches(lib, spec, group, scores, rows)[:2])
     return pd.DataFrame({"date": q_dates, "asset": lib.meta["symbol"].to_numpy()[q_rows], **out})[FACTOR_COLUMNS]
+
+
+def point_rows(lib: Library, points: pd.DataFrame) -> np.ndarray:
+    """The library row of each (date, asset) point, -1 where no window of that asset ends that day (dates read
+    as the bars' dates are: calendar day and clock time, any time zone offset dropped)."""
+    from mlprep.kline.prices import parse_dates
+
+    key = pd.MultiIndex.from_arrays([lib.meta["symbol"], lib.meta["end_date"]])
+    wanted = pd.MultiIndex.from_arrays([points["asset"].astype(str), parse_dates(points["date"])])
+    return key.get_indexer(wanted)
 
 
 def sample_rows(lib: Library, samples, warmup_bars: int, seed: int, points: pd.DataFrame | None = None) -> np.ndarray:
@@ -244,9 +266,7 @@ def sample_rows(lib: Library, samples, warmup_bars: int, seed: int, points: pd.D
 
     eligible = np.flatnonzero(lib.end_pos >= warmup_bars)
     if points is not None:
-        key = pd.MultiIndex.from_arrays([lib.meta["symbol"], lib.meta["end_date"]])
-        wanted = pd.MultiIndex.from_arrays([points["asset"].astype(str), pd.to_datetime(points["date"])])
-        rows = key.get_indexer(wanted)
+        rows = point_rows(lib, points)
         return np.unique(rows[rows >= 0])
     if samples == "all":
         return eligible

@@ -11,7 +11,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from mlprep.failures import FailureLog, check_failed_share, count_by_code, read_failures, write_failures
+from mlprep.failures import Failure, FailureLog, check_failed_share, count_by_code, read_failures, write_failures
 from mlprep.indexing import EXACT_FACTORIES, apply_search_params, build_index, read_index, recall_at_k, write_index
 from mlprep.io import atomic_path, load_npy, read_json, save_npy, write_json, write_parquet
 from mlprep.kline.catalog import list_catalog
@@ -102,6 +102,36 @@ def empty_index_like(path) -> faiss.Index:
     return index
 
 
+class EmptyFactorError(ValueError):
+    """No sample point names a window: the factor would be empty; the message says why."""
+
+
+def point_failures(lib: Library, points: pd.DataFrame, sample_file) -> list[Failure]:
+    """A failure per sample-file row that names no window, with its line (the header is line 1)."""
+    from mlprep.kline.search import point_rows
+
+    name = Path(str(sample_file)).name
+    rows = point_rows(lib, points)
+    out = []
+    for k in np.flatnonzero(rows < 0):
+        asset, date = points["asset"].iat[k], points["date"].iat[k]
+        out.append(Failure(f"{name}@row{k + 2}", str(sample_file), "sample", "unknown_point",
+                           f"no window of {asset!s} ends on {date!s} (no such symbol or bar, or too early for a "
+                           f"whole window)"))
+    return out
+
+
+def empty_factor_cause(lib: Library, fcfg: dict, warmup: int, points, failures: list[Failure]) -> str:
+    if points is not None:
+        shown = "; ".join(f"line {f.item_id.rsplit('@row', 1)[1]}: {f.reason}" for f in failures[:3])
+        return (f"kline_factor: none of the {len(points)} rows of {fcfg['sample_file']} names a window, so the factor "
+                f"is empty ({shown}{' ...' if len(failures) > 3 else ''}); the library's dates run from "
+                f"{pd.Timestamp(lib.end_date.min()).date() if len(lib.end_date) else '-'} to "
+                f"{pd.Timestamp(lib.end_date.max()).date() if len(lib.end_date) else '-'}")
+    return (f"kline_factor: no window is past the warm-up of {warmup} bars (the library holds {len(lib.meta)} "
+            f"windows), so the factor is empty: give the symbols more bars or lower factor.warmup_bars")
+
+
 def factor(library: dict, index_path, cfg: dict, seed: int, outputs: dict, progress: TextIO | None = None) -> dict:
     lib = load_library(library["windows"], library["embeddings"], library["closes"])
     spec = SearchSpec.from_config(cfg)
@@ -113,18 +143,23 @@ def factor(library: dict, index_path, cfg: dict, seed: int, outputs: dict, progr
         missing = [c for c in ("date", "asset") if c not in points.columns]
         if missing:
             raise ValueError(f"{fcfg['sample_file']}: sample file lacks column(s) {', '.join(missing)}")
-    rows = sample_rows(lib, fcfg["samples"], max(int(fcfg["warmup_bars"]), spec.window - 1), seed, points)
+    warmup = max(int(fcfg["warmup_bars"]), spec.window - 1)
+    rows = sample_rows(lib, fcfg["samples"], warmup, seed, points)
+    failures = point_failures(lib, points, fcfg["sample_file"]) if points is not None else []
+    if not len(rows):
+        raise EmptyFactorError(empty_factor_cause(lib, fcfg, warmup, points, failures))
     index = empty_index_like(index_path)
     apply_search_params(index, cfg["index"].get("search_params"))
     full = read_index(index_path)  # every window, id = library row: the deep search of thinly spread points
     apply_search_params(full, cfg["index"].get("search_params"))
     result = factor_for(lib, rows, index, spec, progress, full_index=full)
     write_parquet(result, outputs["factor"])
+    write_failures(failures, outputs["failures"])
     stats = {"samples": int(len(result)), "with_matches": int((result["n_matches"] > 0).sum()),
              "mean_matches": float(result["n_matches"].mean()) if len(result) else None,
              "rerank": spec.rerank, "search_k": spec.search_k, "top_k": spec.top_k}
     if points is not None:
-        stats["sample_points_not_found"] = int(len(points) - len(rows))
+        stats["sample_points_not_found"] = len(failures)
     write_json(stats, outputs["stats"])
     log.info("factor: %s", stats)
     return stats

@@ -82,12 +82,26 @@ def _list_column(values: pd.Series, rows: np.ndarray, offsets: np.ndarray, chose
     return pd.Series(pd.arrays.ArrowExtensionArray(lists))
 
 
-def speakers_arrow(table: pd.DataFrame):
-    """The speaker table as an Arrow table without pandas' schema note: pandas cannot read back the dtype
-    name it writes for Arrow list columns, and without the note every reader gets plain list columns."""
+def speaker_schema():
+    """The speaker table's one schema, whatever a shard holds (an empty shard's columns would otherwise come out
+    as nulls and float64, and the gathered table's types would depend on the shard count)."""
     import pyarrow as pa
 
-    return pa.Table.from_pandas(table, preserve_index=False).replace_schema_metadata(None)
+    text = pa.large_string()
+    return pa.schema([("speaker_key", text), ("dataset", text), ("speaker_id", text), ("num_utterances", pa.int64()),
+                      ("failed_utterances", pa.int64()), ("dropped_outliers", pa.int64()),
+                      ("utterance_list", pa.list_(pa.string())), ("original_paths", pa.list_(pa.string())),
+                      ("embedding_dim", pa.int64()), ("spread", pa.float64()), ("embedding_mean", pa.float32()),
+                      ("embedding_std", pa.float32()), ("embedding_min", pa.float32()), ("embedding_max", pa.float32())])
+
+
+def speakers_arrow(table: pd.DataFrame):
+    """The speaker table as an Arrow table of speaker_schema(), without pandas' schema note: pandas cannot read
+    back the dtype name it writes for Arrow list columns, and without the note every reader gets plain lists."""
+    import pyarrow as pa
+
+    arrow = pa.Table.from_pandas(table[SPEAKER_COLUMNS], preserve_index=False).replace_schema_metadata(None)
+    return arrow.cast(speaker_schema())
 
 
 def aggregate(utterances: pd.DataFrame, vectors: np.ndarray, failed: pd.DataFrame | None = None, *,
