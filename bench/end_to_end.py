@@ -129,7 +129,8 @@ def bench_sku(sizes: list[int], work: Path) -> dict:
         sku_data = write_catalog(data / "data", n // 2, 2)
         config = {"device": "cpu", **only("sku_index"),
                   "sku_index": {"sku_data": str(sku_data), "images_dir": str(data / "data" / "images"), "shards": 1,
-                                "eval": {"queries_per_image": 0}, "confusable_pairs": 0}}
+                                "eval": {"queries_per_image": 0}, "confusable_pairs": 0,
+                                "model": {"family": "open_clip", "name": "ViT-B-32"}}}  # the script's model
         wall, jobs = run_workflow(data / "flow", config)
         flow.append(wall)
         startups.append(jobs)

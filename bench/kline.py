@@ -96,7 +96,7 @@ def main() -> None:
 
     import torch
 
-    from mlprep.encoders import ClipEncoder, ClipSpec
+    from mlprep.encoders import ClipEncoder, ModelSpec
 
     dtype = select_precision(args.precision, torch.device("cpu"))
     print(f"kline_factor benchmark on {cpu_summary()}, {torch.get_num_threads()} threads, CLIP at "
@@ -135,7 +135,7 @@ def main() -> None:
         chart_factor_s = time.perf_counter() - started
         print(f"factor (512-d chart embeddings, exact): {chart_factor_s:.2f} s")
 
-        encoder = ClipEncoder(ClipSpec("ViT-B-32"), torch.device("cpu"), dtype, batch_size=1)
+        encoder = ClipEncoder(ModelSpec("ViT-B-32"), torch.device("cpu"), dtype, batch_size=1)
         seed_index = faiss.IndexFlatIP(encoder.dim)
         seed_index.add(chart_lib.vectors)
         picked = rows[np.sort(rng_for(0, "bench-seed").choice(len(rows), min(args.seed_samples, len(rows)),

@@ -49,7 +49,7 @@ def main() -> None:
     import torch
 
     from mlprep.devices import cpu_summary, precision_name, select_device, select_precision
-    from mlprep.encoders import ClipEncoder, ClipSpec
+    from mlprep.encoders import ClipEncoder, ModelSpec
     from mlprep.failures import FailureLog
     from mlprep.probe.reader import list_row_groups
     from mlprep.probe.zero_shot import ZeroShot, probe_chunks, probe_rows
@@ -57,7 +57,7 @@ def main() -> None:
 
     device = select_device(args.device)
     dtype = select_precision(args.precision, device)
-    encoder = ClipEncoder(ClipSpec("ViT-B-32"), device, dtype, batch_size=args.batch)
+    encoder = ClipEncoder(ModelSpec("ViT-B-32"), device, dtype, batch_size=args.batch)
     probe = ZeroShot(encoder, [f"class {k}" for k in range(10)])
 
     def sync():

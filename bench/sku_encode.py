@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from mlprep.devices import cpu_summary, precision_name, select_device, select_precision
-from mlprep.encoders import ClipEncoder, ClipSpec
+from mlprep.encoders import ClipEncoder, ModelSpec
 from mlprep.failures import FailureLog
 from mlprep.sku.augment import AugmentSettings
 from mlprep.sku.catalog import read_catalog
@@ -50,7 +50,7 @@ def seed_augment():
     )
 
 
-def seed_approach(paths: list[str], views_per_image: int, spec: ClipSpec, device: torch.device) -> float:
+def seed_approach(paths: list[str], views_per_image: int, spec: ModelSpec, device: torch.device) -> float:
     """The seed's sequential baseline: per view, PIL transforms and one fp32 model call."""
     import open_clip
     from PIL import Image
@@ -107,7 +107,7 @@ def main() -> None:
     items = read_catalog(sku_data, args.images_dir, 1).items
     device = select_device(args.device)
     dtype = select_precision(args.precision, device)
-    spec = ClipSpec(args.model, args.pretrained)
+    spec = ModelSpec(args.model, args.pretrained)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -161,7 +161,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(figures, indent=2))
 
 
-def equivalence(items, plan: ViewPlan, spec: ClipSpec, encoder: ClipEncoder, device: torch.device) -> dict:
+def equivalence(items, plan: ViewPlan, spec: ModelSpec, encoder: ClipEncoder, device: torch.device) -> dict:
     """The device path against the CPU: views rendered on the device from CPU-decoded images, and views of
     images the device decoded (jpeg_decoder device), each against the CPU's views (largest and mean pixel
     difference); the device's embeddings of its views against CPU fp32 embeddings of the same views."""

@@ -127,6 +127,14 @@ def _path_problem(key: str, value, kind: str) -> str | None:
     if value is None or value == "":
         return None
     path = Path(str(value))
+    if kind == "file-or-tag" and str(value).startswith("packaged:"):
+        from mlprep.weights import PackagedWeightsError, packaged_file
+
+        try:
+            packaged_file(str(value))
+        except PackagedWeightsError as err:
+            return f"{key}: {err}"
+        return None
     if kind == "file-or-tag":
         if not looks_like_path(str(value)):
             return None  # a hub tag such as laion2b_s34b_b79k

@@ -1,7 +1,10 @@
-"""Synthetic product photos for the bundled demo and the tests (no data set can be downloaded here).
+"""The bundled demo's inputs and the tests' synthetic data (no data set can be downloaded here).
 
-Each SKU is a product drawn from its own seeded recipe (shape, colours, label text, pattern);
-each photo of it is another seeded take: position, scale, tilt, lighting, background.
+Real photos (resources/demo/photos, CC0 and public domain, SOURCES.md there) make the demo's SKUs and its probe
+dataset, so that a real pretrained model has something to recognise: each SKU photo is a seeded take of one
+photo (crop, tilt, lighting), each probe image a seeded, sometimes hard, view of one (small crops, greyscale,
+blur, low resolution). Synthetic SKUs are drawn from their own seeded recipe (shape, colours, label text,
+pattern); each photo of one is another seeded take: position, scale, tilt, lighting, background.
 """
 
 from __future__ import annotations
@@ -14,6 +17,17 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 from mlprep.rng import rng_for
 
 CATEGORIES = ["snacks", "drinks", "dairy", "household", "personal care"]
+PHOTOS = Path(__file__).resolve().parents[1] / "resources" / "demo" / "photos"
+# The demo's real-object SKUs: (photo, name, category)
+REAL_SKUS = [("chelsea", "Cat poster", "decor"), ("coffee", "Espresso cup", "kitchen"),
+             ("rocket", "Rocket launch print", "decor"), ("astronaut", "Astronaut poster", "decor"),
+             ("camera", "Tripod photo print", "decor"), ("brick", "Brick tile", "building"),
+             ("gravel", "Gravel, 25 kg", "garden"), ("grass", "Turf roll", "garden"), ("coins", "Coin set", "collectibles"),
+             ("clock_motion", "Wall clock", "decor"), ("horse", "Horse decal", "decor"),
+             ("grace_hopper", "Portrait print", "decor")]
+# The probe demo's labels: an ImageNet-1k class each (probe_qa.probe.classes maps the ambiguous one)
+PROBE_PHOTOS = {"chelsea": "tabby", "coffee": "espresso", "rocket": "missile", "camera": "tripod",
+                "grace_hopper": "military uniform", "clock_motion": "wall clock", "horse": "sorrel"}
 SHAPES = ["box", "bottle", "can", "pouch"]
 
 
@@ -59,6 +73,50 @@ def product_photo(sku_id: str, take: int, size: tuple[int, int] = (640, 480), se
     if shot.uniform() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(shot.uniform(0.5, 1.5)))
     return img
+
+
+def photo_take(photo: str, take: int, size: tuple[int, int] = (320, 240), seed: int = 0) -> Image.Image:
+    """Another shot of a real photo: a seeded crop of 65-95% of it at the output's aspect, a small tilt, lighting."""
+    rng = rng_for(seed, "demo-photo-take", photo, take)
+    with Image.open(PHOTOS / f"{photo}.jpg") as source:
+        img = source.convert("RGB")
+    aspect = size[0] / size[1]
+    width, height = img.size
+    crop_w = min(width, height * aspect) * rng.uniform(0.65, 0.95)
+    crop_h = crop_w / aspect
+    x0, y0 = rng.uniform(0, width - crop_w), rng.uniform(0, height - crop_h)
+    img = img.rotate(rng.uniform(-6, 6), resample=Image.BICUBIC, center=(x0 + crop_w / 2, y0 + crop_h / 2))
+    img = img.resize(size, Image.LANCZOS, box=(x0, y0, x0 + crop_w, y0 + crop_h))
+    img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.85, 1.15))
+    return ImageEnhance.Contrast(img).enhance(rng.uniform(0.85, 1.15))
+
+
+def write_sku_demo(folder: Path | str, synthetic: int = 4, size=(320, 240), seed: int = 0) -> Path:
+    """The bundled SKU demo: the real-object SKUs of REAL_SKUS and `synthetic` drawn ones, two photos each."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    skus = []
+    for n, (photo, name, category) in enumerate(REAL_SKUS):
+        sku_id = f"sku{n:04d}"
+        images = []
+        for take in range(2):
+            images.append(f"{sku_id}_{take}.jpg")
+            photo_take(photo, take, size, seed).save(folder / "images" / images[-1], quality=88)
+        skus.append({"sku_id": sku_id, "name": name, "category": category, "images": images})
+    drawn = json.loads(write_catalog(folder / "drawn", synthetic, 2, size, seed).read_text())
+    for k, entry in enumerate(drawn):
+        sku_id = f"sku{len(REAL_SKUS) + k:04d}"
+        images = []
+        for take, old in enumerate(entry["images"]):
+            images.append(f"{sku_id}_{take}.jpg")
+            (folder / "drawn" / "images" / old).rename(folder / "images" / images[-1])
+        skus.append({**entry, "sku_id": sku_id, "images": images})
+    import shutil
+
+    shutil.rmtree(folder / "drawn")
+    path = folder / "sku_data.json"
+    path.write_text(json.dumps(skus, indent=1) + "\n")
+    return path
 
 
 def write_catalog(folder: Path | str, n_skus: int, photos_per_sku: int = 2, size=(640, 480), seed: int = 0) -> Path:
@@ -231,11 +289,11 @@ def write_prices_demo(folder: Path | str, n_symbols: int = 32, n_bars: int = 750
 
 
 PROBE_COLOURS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 200), "yellow": (230, 200, 40)}
-PROBE_SHAPES = ["circle", "square", "triangle"]
 
 
 def probe_image(label: str, seed: int, size: int = 96) -> bytes:
-    """A PNG of a '<colour> <shape>' on a noisy background, in a seeded pose."""
+    """A PNG of a '<colour> <shape>' (circle, square, triangle) on a noisy background in a seeded pose: tests'
+    labelled images."""
     import io
 
     rng = rng_for(seed, "probe-image", label)
@@ -260,25 +318,56 @@ def probe_image(label: str, seed: int, size: int = 96) -> bytes:
     return out.getvalue()
 
 
+def probe_photo(photo: str, seed: int) -> bytes:
+    """A JPEG view of a real photo as a probe dataset holds it: a crop of 15-100% of it, sometimes greyscale,
+    blurred, tilted or small (48-224 px): views a real model gets right, and some it gets wrong."""
+    import io
+
+    from PIL import ImageOps
+
+    rng = rng_for(seed, "probe-photo", photo)
+    with Image.open(PHOTOS / f"{photo}.jpg") as source:
+        img = source.convert("RGB")
+    width, height = img.size
+    area = rng.uniform(0.15, 1.0)
+    w = min(width, width * area ** 0.5 * rng.uniform(0.8, 1.25))
+    h = min(height, width * height * area / w)
+    x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+    img = img.crop((int(x0), int(y0), int(x0 + w), int(y0 + h)))
+    if rng.uniform() < 0.25:
+        img = img.rotate(rng.uniform(-30, 30), resample=Image.BICUBIC, expand=False)
+    if rng.uniform() < 0.2:
+        img = ImageOps.grayscale(img).convert("RGB")
+    if rng.uniform() < 0.25:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.8, 2.5)))
+    side = int(rng.uniform(48, 224))
+    img.thumbnail((side, side), Image.LANCZOS)
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=int(rng.uniform(60, 92)))
+    return out.getvalue()
+
+
 def write_probe_demo(folder: Path | str, rows: int = 32, seed: int = 5) -> Path:
-    """Three parquet files of labelled images in the forms datasets hold them: raw bytes (a.parquet), Hugging
-    Face's {bytes, path} struct (b.parquet), and bytes with a broken image (c.parquet); 16 rows per row group."""
+    """Three parquet files of labelled images (labels: ImageNet classes, PROBE_PHOTOS) in the forms datasets hold
+    them: raw bytes (a.parquet), Hugging Face's {bytes, path} struct (b.parquet), and bytes with a broken image
+    (c.parquet); 16 rows per row group, and an `id` column of the dataset's own ids."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    labels = [f"{c} {s}" for c in PROBE_COLOURS for s in PROBE_SHAPES]
+    photos = sorted(PROBE_PHOTOS)
     for k, name in enumerate(["a", "b", "c"]):
         rng = np.random.default_rng(seed + k)
-        chosen = [labels[i] for i in rng.integers(0, len(labels), rows)]
-        images = [probe_image(label, seed * 1000 + k * rows + i) for i, label in enumerate(chosen)]
+        chosen = [photos[i] for i in rng.integers(0, len(photos), rows)]
+        images = [probe_photo(photo, seed * 1000 + k * rows + i) for i, photo in enumerate(chosen)]
         if name == "c":
-            images[5] = images[5][:40]  # a truncated PNG: a failure record, the rest of the file is probed
-        column = (pa.array([{"bytes": b, "path": f"{name}/{i:04d}.png"} for i, b in enumerate(images)])
+            images[5] = images[5][:40]  # a truncated JPEG: a failure record, the rest of the file is probed
+        column = (pa.array([{"bytes": b, "path": f"{name}/{i:04d}.jpg"} for i, b in enumerate(images)])
                   if name == "b" else pa.array(images, pa.binary()))
-        table = pa.table({"image": column, "label": chosen, "source": [f"demo-{name}"] * rows})
+        table = pa.table({"id": [f"{name}-{i:04d}" for i in range(rows)], "image": column,
+                          "label": [PROBE_PHOTOS[p] for p in chosen], "source": [f"demo-{name}"] * rows})
         pq.write_table(table, folder / f"{name}.parquet", row_group_size=16)
     return folder
 
@@ -339,6 +428,8 @@ if __name__ == "__main__":
         print(write_speech_demo(sys.argv[2] if len(sys.argv) > 2 else "resources/demo/speech"))
     elif sys.argv[1:2] == ["prices"]:
         print(write_prices_demo(sys.argv[2] if len(sys.argv) > 2 else "resources/demo/prices"))
+    elif sys.argv[1:2] == ["sku"]:
+        print(write_sku_demo(sys.argv[2] if len(sys.argv) > 2 else "resources/demo/sku"))
     elif sys.argv[1:2] == ["probe"]:
         print(write_probe_demo(sys.argv[2] if len(sys.argv) > 2 else "resources/demo/probe"))
     elif sys.argv[1:2] == ["ecapa"]:

@@ -1,16 +1,24 @@
-"""CLIP encoder wrapper over open_clip: batched, fixed-shape, L2-normalised float32 output.
+"""Image encoders: open_clip models (image and text towers) and any timm image model, batched, fixed-shape,
+L2-normalised float32 output.
 
-open_clip is imported where a model is built, not with this module (it costs ~2 s, most of it torchvision
-and torch._dynamo): a shard job starts its readers first and imports it while they read."""
+`model` in the config names the family (`open_clip`, the default, or `timm`), the architecture and its
+weights: an open_clip tag, a local checkpoint file, or weights a Python package ships (`packaged:<name>`, see
+mlprep.weights), so that a real pretrained model runs offline. A timm model brings its own input size and
+normalisation (timm's pretrained config of the architecture); its embedding is the pooled feature vector before
+the classifier, L2-normalised, and its classifier's logits serve probe_qa's `classifier` probe.
+
+The model libraries are imported where a model is built, not with this module (open_clip costs ~2 s, most of
+it torchvision and torch._dynamo): a shard job starts its readers first and imports them while they read.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-
-import json
 from importlib.util import find_spec
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,32 +27,91 @@ import torch.nn.functional as F
 from mlprep.config import looks_like_path
 from mlprep.devices import job_device, precision_name, select_precision
 from mlprep.rng import derive_seed
+from mlprep.weights import PackagedWeightsError, is_packaged, packaged, packaged_file
 
 log = logging.getLogger(__name__)
 
+FAMILIES = ("open_clip", "timm")
 RANDOM_WEIGHTS_WARNING = (
-    "!!! CLIP model %r runs with RANDOM weights (no `pretrained` set): embeddings carry no semantics. "
+    "!!! %s model %r runs with RANDOM weights (no `pretrained` set): embeddings carry no semantics. "
     "Set `pretrained` of the model's config (sku_index.model, kline_factor.chart.model, probe_qa.probe.model) to a "
-    "local checkpoint path or an open_clip tag to get real ones."
+    "local checkpoint, an open_clip tag or packaged weights (packaged:efficientnet-lite0) to get real ones."
 )
 
 
+class ModelError(ValueError):
+    """A model config that cannot be built; the message names the key or file."""
+
+
 @dataclass(frozen=True)
-class ClipSpec:
-    """Which model to build: an open_clip name, optional weights (tag or local file), optional config JSON."""
+class ModelSpec:
+    """Which model to build: family, architecture, optional weights, optional architecture config (open_clip)."""
 
     name: str = "ViT-B-32"
     pretrained: str | None = None
     config_file: str | None = None
     init_seed: int = 0  # seeds random weights, so that every shard job builds the same random model
+    family: str = "open_clip"
 
     @classmethod
-    def from_config(cls, cfg: dict, seed: int = 0) -> ClipSpec:
+    def from_config(cls, cfg: dict, seed: int = 0) -> ModelSpec:
+        family = cfg.get("family") or "open_clip"
+        if family not in FAMILIES:
+            raise ModelError(f"model.family: {family!r} is not one of {', '.join(FAMILIES)}")
+        pretrained = cfg.get("pretrained") or None
+        name = cfg.get("name")
+        if is_packaged(pretrained):
+            entry = packaged(pretrained)
+            if family != entry.family:
+                raise ModelError(f"model.pretrained: {pretrained} holds {entry.family} weights, model.family is "
+                                 f"{family}")
+            if name and name != entry.arch:
+                raise ModelError(f"model.pretrained: {pretrained} holds {entry.arch} weights, not {name!r} "
+                                 f"(set model.name: {entry.arch}, or leave it out)")
+            name = entry.arch
+        if not name:
+            if family != "open_clip":
+                raise ModelError("model.name: a timm model needs its architecture name (e.g. tf_efficientnet_lite0)")
+            name = "ViT-B-32"
         init_seed = derive_seed(seed, "clip-random-init") % 2**63
-        return cls(cfg.get("name", "ViT-B-32"), cfg.get("pretrained") or None, cfg.get("config_file") or None, init_seed)
+        return cls(name, pretrained, cfg.get("config_file") or None, init_seed, family)
 
 
-def _config_path(spec: ClipSpec) -> Path:
+def checkpoint_path(spec: ModelSpec) -> Path | None:
+    """The local file the weights come from (a path, or packaged weights' file), None for a tag or none."""
+    if not spec.pretrained:
+        return None
+    if is_packaged(spec.pretrained):
+        try:
+            return packaged_file(spec.pretrained)
+        except PackagedWeightsError as err:
+            raise ModelError(f"model.pretrained: {err}") from err
+    if looks_like_path(spec.pretrained):
+        path = Path(spec.pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(f"model checkpoint {path} does not exist")
+        return path
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_identity(spec: ModelSpec) -> dict:
+    """What made a shard's vectors: family, architecture, weights and the checkpoint file's SHA-256 (random
+    weights: the seed that drew them). Shards of one index must all have the same identity."""
+    path = checkpoint_path(spec)
+    return {"family": spec.family, "name": spec.name, "pretrained": spec.pretrained,
+            "config_file": spec.config_file, "checkpoint_sha256": file_sha256(path) if path else None,
+            "random_init_seed": None if spec.pretrained else spec.init_seed}
+
+
+def _clip_config_path(spec: ModelSpec) -> Path:
     if spec.config_file:
         config_path = Path(spec.config_file)
         if not config_path.is_file():
@@ -53,17 +120,12 @@ def _config_path(spec: ClipSpec) -> Path:
     return Path(find_spec("open_clip").origin).parent / "model_configs" / f"{spec.name}.json"
 
 
-def _register_config(spec: ClipSpec) -> None:
-    import open_clip
-
-    if spec.config_file:
-        open_clip.add_model_config(_config_path(spec))
-
-
-def clip_image_size(spec: ClipSpec) -> int | None:
-    """The model's input size from its architecture config file, without importing open_clip or building the
-    model (None where only the built model knows: hub models). Lets a shard job start its readers first."""
-    path = _config_path(spec)
+def image_size_of(spec: ModelSpec) -> int | None:
+    """The model's input size without building it or importing its library, where a file or table says it
+    (None otherwise: the size is then known once the model is built). Lets a shard job start its readers first."""
+    if spec.family == "timm":
+        return 224 if is_packaged(spec.pretrained) else None
+    path = _clip_config_path(spec)
     if not path.is_file():
         return None
     size = json.loads(path.read_text()).get("vision_cfg", {}).get("image_size")
@@ -72,55 +134,28 @@ def clip_image_size(spec: ClipSpec) -> int | None:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-class ClipEncoder:
-    """Encodes uint8 images and texts with one open_clip model on one device at one precision.
+class ImageEncoder:
+    """Encodes uint8 images with one model on one device at one precision.
 
-    Every forward pass has exactly `batch_size` rows (the last batch is padded): a row's embedding
-    then never depends on which other rows shared its batch, so results are identical whatever the
-    shard count.
+    Every forward pass has exactly `batch_size` rows (the last batch is padded): a row's embedding then never
+    depends on which other rows shared its batch, so results are identical whatever the shard count.
     """
 
-    def __init__(self, spec: ClipSpec, device: torch.device, dtype: torch.dtype, batch_size: int = 32):
-        import open_clip
+    family = ""
 
-        _register_config(spec)
-        if spec.name not in open_clip.list_models() and not spec.name.startswith(("hf-hub:", "local-dir:")):
-            raise ValueError(f"unknown open_clip model {spec.name!r} (give config_file for a custom architecture)")
-        if spec.pretrained and looks_like_path(spec.pretrained) and not Path(spec.pretrained).is_file():
-            raise FileNotFoundError(f"CLIP checkpoint {spec.pretrained} does not exist")
-        self.spec = spec
-        self.device = device
-        self.dtype = dtype
-        self.batch_size = batch_size
-        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
-            torch.manual_seed(spec.init_seed)
-            model = open_clip.create_model(spec.name, pretrained=spec.pretrained, device=device)
+    def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype, batch_size: int,
+                 image_size: int, mean, std, dim: int):
+        self.spec, self.device, self.dtype, self.batch_size = spec, device, dtype, batch_size
+        self.image_size, self.dim = image_size, dim
+        self._scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(1, 3, 1, 1).to(device)
+        self._shift = (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std)).view(1, 3, 1, 1).to(device)
         if not spec.pretrained and not spec.name.startswith(("hf-hub:", "local-dir:")):
-            log.warning(RANDOM_WEIGHTS_WARNING, spec.name)
-        self.model = model.eval().to(dtype=dtype)
-        size = model.visual.image_size
-        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-        std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-        self._scale = (1.0 / (255.0 * torch.tensor(std))).view(1, 3, 1, 1).to(device)
-        self._shift = (torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1).to(device)
-        self._tokenizer = None
-        log.info(
-            "CLIP %s on %s at %s, batch %d, image %d px",
-            spec.name,
-            device,
-            precision_name(dtype),
-            batch_size,
-            self.image_size,
-        )
+            log.warning(RANDOM_WEIGHTS_WARNING, self.family, spec.name)
+        log.info("%s %s on %s at %s, batch %d, image %d px, %d-dim", self.family, spec.name, device,
+                 precision_name(dtype), batch_size, image_size, dim)
 
-    @property
-    def dim(self) -> int:
-        out_dim = getattr(self.model.visual, "output_dim", None)
-        if out_dim:
-            return int(out_dim)
-        blank = torch.zeros(1, 3, self.image_size, self.image_size, dtype=torch.uint8)
-        return int(self.encode_images(blank).shape[1])
+    def identity(self) -> dict:
+        return model_identity(self.spec)
 
     def _padded_batches(self, rows: torch.Tensor):
         for start in range(0, len(rows), self.batch_size):
@@ -131,24 +166,65 @@ class ClipEncoder:
                 chunk = torch.cat([chunk, pad])
             yield chunk, n
 
+    def _pixels(self, chunk: torch.Tensor) -> torch.Tensor:
+        return (chunk.to(self.device, non_blocking=True).float() * self._scale - self._shift).to(self.dtype)
+
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     @torch.inference_mode()
-    def encode_device(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, 3, S, S] RGB (on any device) -> float32 [N, D], L2-normalised, left on the model's device:
-        nothing here waits for the device, so the caller's next work overlaps with these forward passes."""
+    def _run(self, images: torch.Tensor, forward, normalize: bool, width: int) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 [N, 3, H, W] images, got {images.dtype} {tuple(images.shape)}")
         out = []
         for chunk, n in self._padded_batches(images):
-            pixels = chunk.to(self.device, non_blocking=True).float() * self._scale - self._shift
-            features = self.model.encode_image(pixels.to(self.dtype))[:n]
-            out.append(F.normalize(features.float(), dim=-1))
+            rows = forward(self._pixels(chunk))[:n].float()
+            out.append(F.normalize(rows, dim=-1) if normalize else rows)
         if not out:
-            return torch.zeros((0, self.dim), dtype=torch.float32, device=self.device)
+            return torch.zeros((0, width), dtype=torch.float32, device=self.device)
         return torch.cat(out) if len(out) > 1 else out[0]
+
+    def encode_device(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, S, S] RGB (on any device) -> float32 [N, D], L2-normalised, left on the model's device:
+        nothing here waits for the device, so the caller's next work overlaps with these forward passes."""
+        return self._run(images, self._features, True, self.dim)
 
     def encode_images(self, images: torch.Tensor) -> np.ndarray:
         """uint8 [N, 3, S, S] RGB -> float32 [N, D] on the host, L2-normalised."""
         return self.encode_device(images).cpu().numpy().astype(np.float32, copy=False)
+
+
+class ClipEncoder(ImageEncoder):
+    """An open_clip model: images (and texts, for zero-shot) into its joint embedding space."""
+
+    family = "open_clip"
+
+    def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype, batch_size: int = 32):
+        import open_clip
+
+        if spec.config_file:
+            open_clip.add_model_config(_clip_config_path(spec))
+        if spec.name not in open_clip.list_models() and not spec.name.startswith(("hf-hub:", "local-dir:")):
+            raise ModelError(f"unknown open_clip model {spec.name!r} (give config_file for a custom architecture)")
+        path = checkpoint_path(spec)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
+            torch.manual_seed(spec.init_seed)
+            model = open_clip.create_model(spec.name, pretrained=str(path) if path else spec.pretrained,
+                                           device=device)
+        self.model = model.eval().to(dtype=dtype)
+        size = model.visual.image_size
+        mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+        std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+        dim = getattr(model.visual, "output_dim", None)
+        image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        if not dim:
+            with torch.inference_mode():
+                dim = model.encode_image(torch.zeros(1, 3, image_size, image_size, device=device, dtype=dtype)).shape[1]
+        super().__init__(spec, device, dtype, batch_size, image_size, mean, std, int(dim))
+        self._tokenizer = None
+
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> np.ndarray:
@@ -165,9 +241,97 @@ class ClipEncoder:
         return torch.cat(out).numpy().astype(np.float32, copy=False)
 
 
-def load_clip_encoder(model_cfg: dict, batch_size: int, device_spec: str, precision_spec: str, threads: int,
-                      seed: int) -> ClipEncoder:
+def _state_dict(path: Path) -> dict:
+    """A checkpoint's tensors: a plain state dict, or one under state_dict/model/state_dict_ema, `module.` dropped."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict_ema", "state_dict", "model"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ModelError(f"{path}: not a checkpoint of tensors (a state dict)")
+    return {k.removeprefix("module."): v for k, v in data.items()}
+
+
+def _by_order(model: torch.nn.Module, tensors: dict, source: str) -> dict:
+    """Packaged weights keyed in another package's names: matched to the model's parameters and buffers by
+    order, every shape checked."""
+    mine = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    theirs = [(k, v) for k, v in tensors.items() if not k.endswith("num_batches_tracked")]
+    if len(mine) != len(theirs):
+        raise ModelError(f"{source}: {len(theirs)} tensors, the model has {len(mine)}")
+    out = {}
+    for name, (key, value) in zip(mine, theirs):
+        if model.state_dict()[name].shape != value.shape:
+            raise ModelError(f"{source}: {key} {tuple(value.shape)} does not fit {name} "
+                             f"{tuple(model.state_dict()[name].shape)}")
+        out[name] = value
+    return out
+
+
+class TimmEncoder(ImageEncoder):
+    """A timm image model: embeddings are its pooled features (before the classifier), L2-normalised; `logits`
+    gives its classifier's output. Input size and normalisation come from timm's pretrained config of the
+    architecture."""
+
+    family = "timm"
+
+    def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype, batch_size: int = 32):
+        import timm
+
+        if not timm.is_model(spec.name):
+            raise ModelError(f"model.name: {spec.name!r} is not a timm model (timm.list_models() has them)")
+        path = checkpoint_path(spec)
+        if spec.pretrained and path is None:
+            raise ModelError(f"model.pretrained: {spec.pretrained!r} is no local file and no packaged weights "
+                             f"(timm hub tags cannot be fetched here)")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.init_seed)
+            model = timm.create_model(spec.name, pretrained=False)
+        if path is not None:
+            tensors = _state_dict(path)
+            if is_packaged(spec.pretrained):
+                tensors = _by_order(model, tensors, spec.pretrained)
+            try:
+                model.load_state_dict(tensors, strict=True)
+            except RuntimeError as err:
+                raise ModelError(f"{path}: does not fit timm's {spec.name}: {str(err)[:400]}") from err
+        cfg = model.pretrained_cfg
+        size = int(cfg.get("input_size", (3, 224, 224))[-1])
+        self.model = model.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        self.num_classes = int(getattr(model, "num_classes", 0) or 0)
+        super().__init__(spec, device, dtype, batch_size, size, cfg.get("mean", (0.485, 0.456, 0.406)),
+                         cfg.get("std", (0.229, 0.224, 0.225)), int(model.num_features))
+
+    def _pixels(self, chunk: torch.Tensor) -> torch.Tensor:
+        return super()._pixels(chunk).contiguous(memory_format=torch.channels_last)
+
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(pixels), pre_logits=True)
+
+    def logits_device(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, S, S] -> the classifier's logits float32 [N, classes], on the model's device."""
+        if not self.num_classes:
+            raise ModelError(f"timm model {self.spec.name} has no classifier head")
+        return self._run(images, self.model, False, self.num_classes)
+
+    def class_names(self) -> list[str]:
+        """The classifier's class names: ImageNet-1k's (timm's own list) for a 1000-class head."""
+        if self.num_classes != 1000:
+            raise ModelError(f"{self.spec.name} has {self.num_classes} classes: give probe.classes as indices")
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(k) for k in range(1000)]
+
+
+def build_encoder(spec: ModelSpec, device: torch.device, dtype: torch.dtype, batch_size: int) -> ImageEncoder:
+    return (TimmEncoder if spec.family == "timm" else ClipEncoder)(spec, device, dtype, batch_size)
+
+
+def load_image_encoder(model_cfg: dict, batch_size: int, device_spec: str, precision_spec: str, threads: int,
+                       seed: int) -> ImageEncoder:
     """A shard job's encoder on the job's device (mlprep.devices.job_device) at the precision the config asks for."""
     device = job_device(device_spec, threads)
-    return ClipEncoder(ClipSpec.from_config(model_cfg, seed), device, select_precision(precision_spec, device),
-                       batch_size)
+    return build_encoder(ModelSpec.from_config(model_cfg, seed), device, select_precision(precision_spec, device),
+                         batch_size)

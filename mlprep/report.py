@@ -1,7 +1,8 @@
 """The whole-workflow overview: one self-contained HTML page (and a throughput chart) that `snakemake --report`
 embeds beside every pipeline's own plots.
 
-Per enabled pipeline: its headline metrics (the eval or summary JSON, flattened), its eval plot, a table of items
+Per enabled pipeline: its few headline figures in words, against their reference and naming the model and weights
+that made them (the full eval or summary JSON, flattened, folded below them), its eval plot, a table of items
 ok / failed / skipped per rule (from the manifests, the shard stats and the checks), its failures by stage and
 reason with the first rows, and the throughput of each rule from the `benchmark:` files (wall seconds per job,
 items per second where the shard stats count the items). Every value from the data is HTML-escaped: item ids and
@@ -35,7 +36,7 @@ class PipelineView:
 
 
 VIEWS = {
-    "sku_index": PipelineView("product images -> augmented CLIP embeddings -> FAISS index", "eval.json", "eval.png",
+    "sku_index": PipelineView("product images -> augmented image embeddings -> FAISS index", "eval.json", "eval.png",
                               {"shards": ("sku_encode_shard", "encode")}),
     "video_frames": PipelineView("video-text pairs -> CLIP4MC frame shards", "summary.json", "contact_sheet.png"),
     "speaker_embed": PipelineView("speech -> utterance and speaker embeddings", "eval.json", "eval.png",
@@ -61,6 +62,62 @@ def flatten(value, prefix: str = "", depth: int = 3) -> dict[str, object]:
     else:
         out[prefix.rstrip(".")] = value
     return out
+
+
+def _num(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _weights(identity: dict | None) -> str:
+    if not identity:
+        return "model not recorded"
+    name = f"{identity.get('family')} {identity.get('name')}"
+    if not identity.get("pretrained"):
+        return f"{name} with RANDOM weights (no semantics: set the model's pretrained)"
+    digest = identity.get("checkpoint_sha256")
+    return f"{name}, weights {identity['pretrained']}" + (f" (sha256 {digest[:12]})" if digest else "")
+
+
+def headlines(name: str, folder: Path) -> list[str]:
+    """The pipeline's few figures a reader needs, in words, each against its reference."""
+    data = _read_json(folder / VIEWS[name].metrics)
+    if not data:
+        return ["not evaluated yet"]
+    if name == "sku_index":
+        info = _read_json(folder / "index_info.json")
+        aug, orig = data.get("augmented_index") or {}, data.get("originals_only_exact") or {}
+        return [f"top-1 {_num(aug.get('top1'))} (top-5 {_num(aug.get('top5'))}) on {data.get('n_queries')} held-out "
+                f"augmented views of {data.get('n_skus')} SKUs; an index of the original photos only: top-1 "
+                f"{_num(orig.get('top1'))}; chance is {_num(1 / data['n_skus']) if data.get('n_skus') else '-'}",
+                f"made by {_weights(info.get('model_identity'))}"]
+    if name == "speaker_embed":
+        return [f"held-out identification top-1 {_num(data.get('top1'))}, EER {_num(data.get('eer'), 3)}, minDCF "
+                f"{_num(data.get('min_dcf'), 3)} on {data.get('held_out')} held-out utterances of {data.get('speakers')} "
+                f"speakers (chance top-1 {_num(1 / data['speakers']) if data.get('speakers') else '-'}, chance EER 0.5)"]
+    if name == "kline_factor":
+        factor, base = data.get("factor") or {}, data.get("baseline") or {}
+        return [f"IC {_num(factor.get('ic'), 3)}, t {_num(factor.get('ic_t_stat'), 1)} over {factor.get('samples')} "
+                f"sample points, against {_num(base.get('ic'), 3)} (t {_num(base.get('ic_t_stat'), 1)}) for as many "
+                f"random matches known at each date; mean daily IC {_num(factor.get('mean_daily_ic'), 3)} "
+                f"({_num(base.get('mean_daily_ic'), 3)} random)"]
+    if name == "video_frames":
+        splits = data.get("splits") or {}
+        ok = sum(s.get("clips_ok", 0) for s in splits.values())
+        failed = sum(s.get("clips_failed", 0) for s in splits.values())
+        per_split = ", ".join(f"{split}: {counts.get('clips_ok', 0)}" for split, counts in splits.items())
+        frames = sum(s.get("frames", 0) for s in splits.values())
+        return [f"{ok} clips made into {frames} frames ({per_split}); {failed} clips failed"]
+    if name == "probe_qa":
+        probe, qa = (data.get("steps") or {}).get("probe") or {}, (data.get("steps") or {}).get("qa") or {}
+        labels = len(data.get("failure_rate_per_label") or {})
+        stats = [_read_json(p) for p in sorted((folder / "shards").glob("*/stats.json"))]
+        model = next((s.get("model") for s in stats if s.get("model")), None)
+        backend = stats[0].get("backend") if stats else None
+        by = _weights(model) if model else f"the {backend} backend"
+        return [f"probe accuracy {_num(probe.get('accuracy'))} on {probe.get('images')} images of {labels} labels "
+                f"(chance {_num(1 / labels) if labels else '-'}): {probe.get('misclassified')} failures, "
+                f"{qa.get('records')} QA pairs made from the sampled ones", f"probed by {by}"]
+    return []
 
 
 def _fmt(value) -> str:
@@ -196,6 +253,7 @@ body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#22
 h1{border-bottom:2px solid #4c72b0}h2{margin-top:2em;border-bottom:1px solid #ccc}
 table{border-collapse:collapse;margin:.6em 0;font-size:13px}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
 th{background:#f0f3f8}img{max-width:100%;border:1px solid #eee}.missing{color:#a33}nav a{margin-right:1em}
+.headline{font-size:1.15em;line-height:1.5}.headline li{margin:.2em 0}details{margin:.5em 0}summary{cursor:pointer}
 """
 
 
@@ -212,9 +270,12 @@ def write_overview(results: Path | str, pipelines: list[str], out_html: Path | s
         shown = list(metrics.items())[:MAX_METRICS]
         failures_html, n_failures = failure_tables(folder, view.extra_failures)
         totals[name] = n_failures
+        lines = "".join(f"<li>{html.escape(line)}</li>" for line in headlines(name, folder))
         parts.append(
             f"<section id='{name}'><h2>{name}</h2><p>{html.escape(view.title)}</p>"
-            f"<h3>metrics ({html.escape(view.metrics)})</h3>{_table(['metric', 'value'], [list(m) for m in shown])}"
+            f"<ul class='headline'>{lines}</ul>"
+            f"<details><summary>all metrics ({html.escape(view.metrics)}, {len(metrics)} values)</summary>"
+            f"{_table(['metric', 'value'], [list(m) for m in shown])}</details>"
             f"<h3>plot</h3>{_image(folder / view.plot, name)}"
             f"<h3>items per rule</h3>{_table(['rule', 'jobs', 'ok', 'failed', 'skipped'], rule_counts(name, folder))}"
             f"<h3>failures ({n_failures})</h3>{failures_html}</section>")

@@ -445,8 +445,9 @@ class ViewStage:
     with the CPU's work on the next chunk."""
 
     def __init__(self, encoder, views_per_item: int, items_per_chunk: int, padding_mode: str = "border",
-                 blur_radius: int = 1, sync_every: int = 64):
+                 blur_radius: int = 1, sync_every: int = 64, forward: Callable | None = None):
         self.encoder = encoder
+        self.forward = forward or encoder.encode_device  # uint8 views -> rows on the device (embeddings, logits)
         self.device = encoder.device
         size = encoder.image_size
         self.images = DeviceImages(self.device, size)
@@ -471,7 +472,7 @@ class ViewStage:
         def encode(n: int) -> None:
             nonlocal pending
             started = time.perf_counter()
-            on_device.append(self.encoder.encode_device(self.staging[:n]))
+            on_device.append(self.forward(self.staging[:n]))
             self.encode_seconds += time.perf_counter() - started
             rest = pending - n
             if rest:

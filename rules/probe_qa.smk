@@ -4,8 +4,9 @@ from mlprep.probe.workflow import ProbeWorkflow
 PROBE = config["probe_qa"]
 PROBE_FLOW = ProbeWorkflow(config, RESULTS, main_process=workflow.is_main_process)
 PROBE_DIR = PROBE_FLOW.dir
-# The probe runs a local model only with clip_zero_shot; the openai backend and the LLM steps wait on the network.
-PROBE_GPUS = MODEL_GPUS if PROBE["probe"]["backend"] == "clip_zero_shot" else 0
+# The probe runs a local model with classifier and clip_zero_shot; the openai backend and the LLM steps wait on the
+# network.
+PROBE_GPUS = MODEL_GPUS if PROBE["probe"]["backend"] in ("classifier", "clip_zero_shot") else 0
 
 PIPELINE_OUTPUTS["probe_qa"] = [f"{PROBE_DIR}/qa.jsonl", f"{PROBE_DIR}/summary.json", f"{PROBE_DIR}/check.json"]
 

@@ -105,7 +105,7 @@ def test_sampler_is_stratified_seeded_and_independent_of_chunking_and_order():
 def test_zero_shot_probe_streams_row_groups_and_records_bad_images(tmp_path, tiny_clip):
     import torch
 
-    from mlprep.encoders import ClipEncoder, ClipSpec
+    from mlprep.encoders import ClipEncoder, ModelSpec
     from mlprep.probe.zero_shot import PROBE_COLUMNS, ZeroShot, probe_rows
 
     data = tmp_path / "data"
@@ -113,7 +113,7 @@ def test_zero_shot_probe_streams_row_groups_and_records_bad_images(tmp_path, tin
     images = [_png((255, 0, 0)), _png((0, 255, 0)), b"broken", _png((0, 0, 255)), _png((9, 9, 9))]
     labels = ["red", "green", "red", "blue", "purple"]  # purple: not in the label set
     pq.write_table(pa.table({"image": images, "label": labels}), data / "a.parquet", row_group_size=2)
-    spec = ClipSpec(tiny_clip["name"], tiny_clip["pretrained"], tiny_clip["config_file"])
+    spec = ModelSpec(tiny_clip["name"], tiny_clip["pretrained"], tiny_clip["config_file"])
     encoder = ClipEncoder(spec, torch.device("cpu"), torch.float32, batch_size=2)
     probe = ZeroShot(encoder, ["red", "green", "blue"], "a {label} square")
     failures = FailureLog(True)

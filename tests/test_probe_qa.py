@@ -229,3 +229,46 @@ def test_prompt_templates_and_answer_schemas_name_what_is_wrong():
             check(text)
     answer = template_answer(prompts.messages(ask_json("q", prompts.QA_SCHEMA), prompts.QA_SCHEMA, None), "ab" * 32)
     assert schema_check(prompts.QA_SCHEMA)(answer)["question"].startswith("[template abababab]")
+
+
+def test_datasets_as_users_hold_them_empty_files_missing_columns_own_ids_null_cells(tmp_path, tiny_clip):
+    """Found on real data: a file of no rows and a file whose only row group holds no decodable image, both sorting
+    first in their shard, crashed the factor step; a file without the image column failed with a bare KeyError;
+    the dataset's own ids were dropped; a null image cell was said to hold a float."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "images").mkdir()
+    cells, labels = _images(6, 0)
+    ids = [f"user-{k}" for k in range(6)]
+    pq.write_table(pa.table({"id": ids, "image": cells, "label": labels}), data / "b_ok.parquet", row_group_size=3)
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "image": pa.array([], pa.binary()),
+                             "label": pa.array([], pa.string())}), data / "a0_empty.parquet")
+    pq.write_table(pa.table({"id": ["x0", "x1"], "image": [b"not an image", b"nor this"], "label": labels[:2]}),
+                   data / "a1_no_usable_image.parquet")
+    pq.write_table(pa.table({"id": ["n0"], "picture": [cells[0]], "label": labels[:1]}), data / "c_no_image.parquet")
+    pq.write_table(pa.table({"id": ["z0", None], "image": pa.array([cells[1], None], pa.binary()),
+                             "label": labels[:2]}), data / "d_null_cell.parquet")
+    config = probe_config(tmp_path, tiny_clip, shards=1)
+    run_snakemake(tmp_path, config)
+    out = tmp_path / "results" / "probe_qa"
+    failures = {r.item_id: (r.reason_code, r.reason) for r in pd.read_parquet(out / "failures.parquet").itertuples()}
+    assert failures.pop("c_no_image.parquet")[0] == "missing_column"
+    assert failures.pop("d_null_cell.parquet:1") == ("not_an_image", "the image cell is null")
+    assert {k: v[0] for k, v in failures.items()} == {"a1_no_usable_image.parquet:0": "not_an_image",
+                                                      "a1_no_usable_image.parquet:1": "not_an_image"}
+    probe = pd.read_parquet(out / "probe.parquet")
+    assert sorted(probe["id"]) == sorted([*ids, "z0"])  # the dataset's own ids, beside mlprep's item ids
+    assert dict(zip(probe["item_id"], probe["id"]))["b_ok.parquet:4"] == "user-4"
+    cases = pd.read_parquet(out / "failure_cases.parquet")
+    assert cases["id"].tolist() == probe.loc[~probe["correct"], "id"].tolist()
+    own = dict(zip(probe["item_id"], probe["id"]))
+    assert all(s["id"] == own[s["item_id"]] for s in read_jsonl(out / "samples.jsonl"))
+    qa = read_jsonl(out / "qa.jsonl")
+    assert qa and all(r["id"] == own[r["item_id"]] for r in qa)
+    # the missing column, without continue_on_error: the run stops naming the file and the column
+    config["continue_on_error"] = False
+    (data / "a1_no_usable_image.parquet").unlink()
+    (data / "d_null_cell.parquet").unlink()
+    done = run_snakemake(tmp_path, config, "--forceall", check=False)
+    assert done.returncode != 0
+    assert "c_no_image.parquet" in done.stdout + done.stderr and "'image'" in done.stdout + done.stderr

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mlprep.devices import select_precision
-from mlprep.encoders import ClipEncoder, ClipSpec
+from mlprep.encoders import ClipEncoder, ModelSpec
 from mlprep.failures import FailureLog, ItemError, ItemFailedError
 from mlprep.sku.augment import AugmentSettings, original_view, read_image_file, render_views, sample_view
 from mlprep.sku.catalog import read_catalog
@@ -162,7 +162,7 @@ def test_augment_settings_reject_unknown_keys():
 
 
 def test_encoder_loads_a_local_checkpoint_and_normalises(tiny_clip):
-    spec = ClipSpec.from_config(tiny_clip)
+    spec = ModelSpec.from_config(tiny_clip)
     enc = ClipEncoder(spec, torch.device("cpu"), torch.float32, batch_size=4)
     images = torch.randint(0, 255, (6, 3, 64, 64), dtype=torch.uint8)
     out = enc.encode_images(images)
@@ -178,7 +178,7 @@ def test_encoder_loads_a_local_checkpoint_and_normalises(tiny_clip):
 
 
 def test_encoder_bf16_is_close_to_fp32(tiny_clip):
-    spec = ClipSpec.from_config(tiny_clip)
+    spec = ModelSpec.from_config(tiny_clip)
     images = torch.randint(0, 255, (4, 3, 64, 64), dtype=torch.uint8)
     fp32 = ClipEncoder(spec, torch.device("cpu"), torch.float32, 4).encode_images(images)
     bf16 = ClipEncoder(spec, torch.device("cpu"), select_precision("bf16", torch.device("cpu")), 4).encode_images(images)
@@ -187,22 +187,22 @@ def test_encoder_bf16_is_close_to_fp32(tiny_clip):
 
 def test_encoder_errors_name_the_missing_file(tiny_clip, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        ClipEncoder(ClipSpec(tiny_clip["name"], str(tmp_path / "nope.pt"), tiny_clip["config_file"]), torch.device("cpu"), torch.float32)
+        ClipEncoder(ModelSpec(tiny_clip["name"], str(tmp_path / "nope.pt"), tiny_clip["config_file"]), torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="unknown open_clip model"):
-        ClipEncoder(ClipSpec("no-such-model"), torch.device("cpu"), torch.float32)
+        ClipEncoder(ModelSpec("no-such-model"), torch.device("cpu"), torch.float32)
 
 
 def test_random_weights_are_announced_and_the_same_in_every_process(caplog, tiny_clip):
     import logging
 
     caplog.set_level(logging.WARNING)
-    spec = ClipSpec.from_config({"name": tiny_clip["name"], "config_file": tiny_clip["config_file"]}, seed=5)
+    spec = ModelSpec.from_config({"name": tiny_clip["name"], "config_file": tiny_clip["config_file"]}, seed=5)
     images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
     first = ClipEncoder(spec, torch.device("cpu"), torch.float32, 2).encode_images(images)
     assert "RANDOM weights" in caplog.text
     torch.manual_seed(123)  # whatever the global RNG holds, the same seed builds the same random model
     np.testing.assert_array_equal(ClipEncoder(spec, torch.device("cpu"), torch.float32, 2).encode_images(images), first)
-    other = ClipSpec.from_config({"name": tiny_clip["name"], "config_file": tiny_clip["config_file"]}, seed=6)
+    other = ModelSpec.from_config({"name": tiny_clip["name"], "config_file": tiny_clip["config_file"]}, seed=6)
     assert not np.allclose(ClipEncoder(other, torch.device("cpu"), torch.float32, 2).encode_images(images), first)
 
 
@@ -217,7 +217,7 @@ def test_encode_items_counts_views_and_records_bad_files(tiny_clip, tmp_path, wo
         json.dumps(json.loads((tmp_path / "sku_data.json").read_text()) + [{"sku_id": "bad", "images": ["bad.jpg"]}])
     )
     catalog = read_catalog(tmp_path / "sku_data.json", tmp_path / "images", 1)
-    enc = ClipEncoder(ClipSpec.from_config(tiny_clip), torch.device("cpu"), torch.float32, 4)
+    enc = ClipEncoder(ModelSpec.from_config(tiny_clip), torch.device("cpu"), torch.float32, 4)
     plan = ViewPlan(seed=3, augment_per_image=2, queries_per_image=1, settings=AugmentSettings(), image_size=64)
     failures = FailureLog(True)
     out = encode_items(catalog.items, plan, enc, failures, workers=workers)

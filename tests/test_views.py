@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mlprep.encoders import ClipEncoder, ClipSpec
+from mlprep.encoders import ClipEncoder, ModelSpec
 from mlprep.failures import FailureLog
 from mlprep.sku.augment import AugmentSettings, blur_radius, original_view, render_views, sample_view, view_matrix
 from mlprep.sku.catalog import read_catalog
@@ -133,7 +133,7 @@ def test_a_view_does_not_depend_on_its_chunk_or_its_slot():
 
 def test_embeddings_are_bit_identical_whatever_the_split(tiny_clip):
     items = read_catalog(REPO / "resources/demo/sku/sku_data.json", REPO / "resources/demo/sku/images", 1).items[:10]
-    encoder = ClipEncoder(ClipSpec.from_config(tiny_clip), CPU, torch.float32, 8)
+    encoder = ClipEncoder(ModelSpec.from_config(tiny_clip), CPU, torch.float32, 8)
     plan = ViewPlan(seed=3, augment_per_image=3, queries_per_image=1, settings=AugmentSettings(), image_size=64)
     whole = encode_items(items, plan, encoder, FailureLog(False), workers=0)
     parts = [encode_items(items[a:b], plan, encoder, FailureLog(False), workers=w) for (a, b), w in
@@ -147,7 +147,7 @@ def test_bf16_embeddings_of_the_same_views_agree_with_fp32():
     items = read_catalog(REPO / "resources/demo/sku/sku_data.json", REPO / "resources/demo/sku/images", 1).items[:6]
     plan = ViewPlan(seed=3, augment_per_image=5, queries_per_image=0, settings=AugmentSettings(), image_size=224)
     views = render_items(items, plan, CPU)
-    spec = ClipSpec("ViT-B-32", init_seed=11)
+    spec = ModelSpec("ViT-B-32", init_seed=11)
     fp32 = ClipEncoder(spec, CPU, torch.float32, 36).encode_images(views)
     bf16 = ClipEncoder(spec, CPU, torch.bfloat16, 36).encode_images(views)
     assert len(views) == 36 and (fp32 * bf16).sum(axis=1).min() >= 0.999

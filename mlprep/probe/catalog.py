@@ -13,6 +13,7 @@ fingerprint: a zero-shot probe compares each image with every label, so a new la
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from mlprep.io import write_json
 from mlprep.probe.reader import group_rows, parquet_files, row_group_frame
 from mlprep.shardlists import ShardLists, encode_lines, file_digest
 
+log = logging.getLogger(__name__)
+
 LIST_COLUMNS = ["item_id", "file", "row_group", "first_row", "rows", "size", "mtime_ns"]
 LABELS_FILE = "labels.json"
 SCAN_FILE = "scan.json"
@@ -35,6 +38,23 @@ class Catalog:
     frame: pd.DataFrame  # LIST_COLUMNS + shard, sorted by item_id
     failures: list[Failure]
     labels: list[str]
+    empty_files: list[str]  # files of no rows: no item, a warning
+
+
+def file_columns(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return list(pq.ParquetFile(path).schema_arrow.names)
+
+
+def required_columns(cfg: dict) -> list[str]:
+    """The columns every file of the dataset must have: the image and label columns, and `id_column` if set."""
+    return [cfg["image_column"], cfg["label_column"], *([cfg["id_column"]] if cfg.get("id_column") else [])]
+
+
+def id_column(cfg: dict) -> str:
+    """The dataset's own id column: `id_column`, or else a column named `id` where a file has one."""
+    return cfg.get("id_column") or "id"
 
 
 def _file_labels(path: Path, column: str) -> list[str]:
@@ -63,24 +83,33 @@ def scan(cfg: dict, folder: Path | str | None = None) -> Catalog:
         cache = {}
     paths = parquet_files(root)
     sizes, mtimes = file_stats([str(p) for p in paths])
-    names, counts, failures, labels, fresh = [], [], [], set(), {}
+    names, counts, failures, labels, fresh, empty = [], [], [], set(), {}, []
     for path, size, mtime in zip(paths, sizes, mtimes):
         name = str(path.relative_to(root))
         entry = cache.get(name)
-        if not entry or entry["stat"] != [int(size), int(mtime)] or (want_labels and entry.get("labels") is None):
+        if (not entry or entry["stat"] != [int(size), int(mtime)] or "columns" not in entry
+                or (want_labels and entry.get("labels") is None and not entry.get("error"))):
             entry = {"stat": [int(size), int(mtime)], "rows": None, "labels": None, "error": None}
             try:
-                entry["rows"] = group_rows(path)
-                if want_labels:
+                entry["rows"], entry["columns"] = group_rows(path), file_columns(path)
+                if want_labels and cfg["label_column"] in entry["columns"]:
                     entry["labels"] = _file_labels(path, cfg["label_column"])
             except Exception as err:  # noqa: BLE001 - any footer or column error is this file's failure
-                entry["error"] = f"not a readable parquet file with a {cfg['label_column']!r} column: {err}"
+                entry["error"] = f"not a readable parquet file: {err}"
         fresh[name] = entry
         if entry["error"]:
             failures.append(Failure(name, str(path), "manifest", "unreadable_table", entry["error"]))
             continue
+        lacking = [c for c in required_columns(cfg) if c not in entry["columns"]]
+        if lacking:
+            failures.append(Failure(name, str(path), "manifest", "missing_column",
+                                    f"no column {', '.join(map(repr, lacking))} (columns: "
+                                    f"{', '.join(entry['columns'])})"))
+            continue
         if not sum(entry["rows"]):
-            failures.append(Failure(name, str(path), "manifest", "empty_file", "the parquet file holds no rows"))
+            log.warning("%s: the parquet file holds no rows (no item of it to probe)", path)
+            empty.append(name)
+            continue
         names.append(name)
         counts.append(entry["rows"])
         labels.update(entry["labels"] or [])
@@ -91,7 +120,7 @@ def scan(cfg: dict, folder: Path | str | None = None) -> Catalog:
     frame["size"] = [int(stat[f][0]) for f in frame["file"]]
     frame["mtime_ns"] = [int(stat[f][1]) for f in frame["file"]]
     label_list = [str(v) for v in cfg["labels"]] if cfg.get("labels") else sorted(labels)
-    return Catalog(frame, failures, label_list)
+    return Catalog(frame, failures, label_list, empty)
 
 
 def count_row_groups(cfg: dict, folder: Path | str | None = None) -> int:

@@ -46,7 +46,7 @@ def factor_shard(shard_text: str, probe_dir: Path | str, cfg: dict, continue_on_
                  cache_path: Path | str, progress: TextIO | None = None) -> dict:
     stats = ShardStats(shard_text)
     table = pd.read_parquet(Path(probe_dir) / PROBE_FILES["probe"])
-    cases = table[~table["correct"]].reset_index(drop=True)
+    cases = table[~table["correct"].astype(bool)].reset_index(drop=True)
     fcfg = cfg["factors"]
     settings = llm_settings(cfg)
     out = cases.assign(factor=None, explanation=None, verified=None, verify_reason=None, factor_status="skipped",

@@ -1,6 +1,7 @@
 """A probe shard: every image of the shard's row groups through the probe model -> prediction, score, correct.
 
-`clip_zero_shot` (the default, offline) encodes the images in batches against the label prompts
+`classifier` (the default, offline: an image classifier's own classes stand for the labels) and
+`clip_zero_shot` (CLIP against the label prompts) run a local model over the images in batches
 (mlprep.probe.zero_shot); `openai` asks an OpenAI-compatible vision endpoint to pick one label per image,
 all requests of the shard in flight together through mlprep.llm (its cache makes a rerun after a kill
 resend nothing already answered). Either way the shard reads one row group at a time and writes
@@ -20,9 +21,10 @@ from mlprep.failures import FailureLog, ItemError, write_failures
 from mlprep.io import atomic_dir, write_parquet
 from mlprep.llm import LLMSettings, ask_all, schema_check
 from mlprep.probe import prompts
-from mlprep.probe.catalog import LIST_COLUMNS, read_labels
+from mlprep.probe.catalog import LIST_COLUMNS, id_column, read_labels
 from mlprep.probe.reader import data_uri, image_bytes, iter_row_groups, row_id
-from mlprep.probe.zero_shot import PROBE_COLUMNS, ZeroShot, probe_chunks, probe_rows, probe_table
+from mlprep.probe.zero_shot import (PROBE_COLUMNS, PROBE_DTYPES, Classifier, ZeroShot, dataset_id, probe_chunks,
+                                    probe_rows, probe_table)
 from mlprep.sharding import ShardId
 from mlprep.shardlists import ShardLists
 from mlprep.stats import ShardStats, scheduler_ids
@@ -49,11 +51,12 @@ def _llm_probe_requests(root: Path, groups: pd.DataFrame, cfg: dict, labels: lis
     index = set(labels)
     text = cfg["probe"]["prompt"].format(labels=", ".join(labels))
     schema = prompts.probe_schema(labels)
-    image_column, label_column = cfg["image_column"], cfg["label_column"]
+    image_column, label_column, own = cfg["image_column"], cfg["label_column"], id_column(cfg)
     first_rows = dict(zip(zip(groups["file"], groups["row_group"]), groups["first_row"]))
-    for file, group, frame in iter_row_groups(root, groups, [image_column, label_column], failures):
+    for file, group, frame in iter_row_groups(root, groups, [image_column, label_column], failures, optional=(own,)):
         first = int(first_rows[(file, group)])
-        for row, (cell, label) in enumerate(zip(frame[image_column], frame[label_column])):
+        ids = frame[own] if own in frame else [None] * len(frame)
+        for row, (cell, label, own_id) in enumerate(zip(frame[image_column], frame[label_column], ids)):
             try:
                 if str(label) not in index:
                     raise ItemError("bad_record", f"label {label!r} is not in the label set")
@@ -62,7 +65,7 @@ def _llm_probe_requests(root: Path, groups: pd.DataFrame, cfg: dict, labels: lis
                 failures.record(row_id(file, first + row), str(root / file), "probe", err.code, str(err))
                 continue
             tag = (file, group, first, row)
-            pending[tag] = str(label)
+            pending[tag] = (str(label), dataset_id(own_id))
             yield tag, prompts.messages(text, schema, uri)
 
 
@@ -82,40 +85,44 @@ def llm_probe(root: Path, groups: pd.DataFrame, cfg: dict, labels: list[str], fa
         failures.record(row_id(file, first + row), str(root / file), "probe", prompts.llm_failure_code(err),
                         str(err))
     tags = sorted(answers)
-    table = probe_table(tags, [pending[t] for t in tags], [answers[t]["label"] for t in tags],
-                        [float(answers[t]["confidence"]) for t in tags])
+    table = probe_table(tags, [pending[t][0] for t in tags], [pending[t][1] for t in tags],
+                        [answers[t]["label"] for t in tags], [float(answers[t]["confidence"]) for t in tags])
     return (table if len(table) else empty_probe()), summary
 
 
-def zero_shot_probe(root: Path, groups: pd.DataFrame, labels: list[str], cfg: dict, failures: FailureLog,
-                    stats: ShardStats, progress: TextIO | None, seed: int, device_spec: str, precision_spec: str,
-                    threads: int, jpeg_decoder: str) -> pd.DataFrame:
-    """PROBE_COLUMNS of the shard's images by the CLIP zero-shot probe. The readers start before the model is
-    built (its input size is known from its config), so the two overlap."""
+def image_probe(root: Path, groups: pd.DataFrame, labels: list[str], cfg: dict, failures: FailureLog,
+                stats: ShardStats, progress: TextIO | None, seed: int, device_spec: str, precision_spec: str,
+                threads: int, jpeg_decoder: str) -> pd.DataFrame:
+    """PROBE_COLUMNS of the shard's images by a local model: `clip_zero_shot` or `classifier`. The readers start
+    before the model is built where its input size is known from its config, so the two overlap."""
     from tqdm import tqdm
 
     from mlprep.devices import job_device, resolve_batch_size, select_precision, start_context
-    from mlprep.encoders import ClipEncoder, ClipSpec, clip_image_size
+    from mlprep.encoders import ModelSpec, build_encoder, image_size_of
     from mlprep.workers import resolve_workers
 
     pcfg = cfg["probe"]
     stats.mark("imports")
     device = job_device(device_spec, threads)
-    spec = ClipSpec.from_config(pcfg["model"], seed)
+    spec = ModelSpec.from_config(pcfg["model"], seed)
     batch = resolve_batch_size(pcfg["batch_size"], device)
-    reader = dict(image_column=cfg["image_column"], label_column=cfg["label_column"], images_dir=cfg.get("images_dir"))
-    size = clip_image_size(spec)
+    reader = dict(image_column=cfg["image_column"], label_column=cfg["label_column"], images_dir=cfg.get("images_dir"),
+                  id_column=id_column(cfg))
+    size = image_size_of(spec)
     workers = resolve_workers(pcfg["decode_workers"], device, threads)
     chunks = None
     if size is not None:
         chunks = probe_chunks(root, groups, labels, size, batch, workers, device, jpeg_decoder, **reader)
         stats.mark("readers_started")
     context = start_context(device)
-    encoder = ClipEncoder(spec, device, select_precision(precision_spec, device), batch)
+    encoder = build_encoder(spec, device, select_precision(precision_spec, device), batch)
     if context is not None:
         context.join()
     stats.mark("model_built")
-    probe = ZeroShot(encoder, labels, pcfg["prompt_template"])
+    if pcfg["backend"] == "classifier":
+        probe = Classifier(encoder, labels, pcfg.get("classes"))
+    else:
+        probe = ZeroShot(encoder, labels, pcfg["prompt_template"])
     parts = []
     with tqdm(total=int(groups["rows"].sum()), desc="probe", unit="img", file=progress, mininterval=2.0) as bar:
         for part in probe_rows(root, groups, probe, failures, workers=workers,
@@ -123,14 +130,13 @@ def zero_shot_probe(root: Path, groups: pd.DataFrame, labels: list[str], cfg: di
                                **reader):
             parts.append(part)
             bar.update(len(part))
-    stats.extra.update(encoding_batch_size=batch, decode_workers=workers)
+    stats.extra.update(encoding_batch_size=batch, decode_workers=workers, model=encoder.identity())
     stats.extra["device"] = str(device)
     return pd.concat(parts, ignore_index=True) if parts else empty_probe()
 
 
 def empty_probe() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(
-        PROBE_COLUMNS, ["str", "str", "int64", "int64", "int64", "str", "str", "float64", "bool"])})
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in PROBE_DTYPES.items()})[PROBE_COLUMNS]
 
 
 def probe_shard(shard_text: str, list_path: Path | str, labels_path: Path | str, cfg: dict, continue_on_error: bool,
@@ -146,15 +152,15 @@ def probe_shard(shard_text: str, list_path: Path | str, labels_path: Path | str,
     failures = FailureLog(continue_on_error)
     backend = cfg["probe"]["backend"]
     llm_summary = None
-    if backend == "clip_zero_shot":
-        table = zero_shot_probe(root, groups, labels, cfg, failures, stats, progress, seed, device_spec,
+    if backend in ("clip_zero_shot", "classifier"):
+        table = image_probe(root, groups, labels, cfg, failures, stats, progress, seed, device_spec,
                                 precision_spec, threads, jpeg_decoder)
     elif backend == "openai":
         prompts.check_template("probe.prompt", cfg["probe"]["prompt"])
         table, llm_summary = llm_probe(root, groups, cfg, labels, failures, cache_path, progress)
     else:
         raise ValueError(f"probe_qa.probe.backend: unknown backend {backend!r}")
-    table = table.sort_values(["file", "row"], kind="stable").reset_index(drop=True)
+    table = table.astype(PROBE_DTYPES).sort_values(["file", "row"], kind="stable").reset_index(drop=True)
     stats.ok, stats.failed = len(table), len(failures)
     stats.counts = {"correct": int(table["correct"].sum()), "row_groups": len(groups)}
     stats.extra = {**stats.extra, "backend": backend, "labels": len(labels), "llm": llm_summary, **scheduler_ids()}

@@ -89,7 +89,7 @@ def qa_shard(shard_text: str, list_path: Path | str, cfg: dict, seed: int, conti
 
     def base(k: int, j: int, request_seed: int) -> dict:
         sample = samples[k]
-        return {"qa_id": f"{sample['item_id']}#{j}", "item_id": sample["item_id"], "k": j,
+        return {"qa_id": f"{sample['item_id']}#{j}", "item_id": sample["item_id"], "id": sample.get("id"), "k": j,
                 "source": sample["source"], "failure_key": sample["key"], "label": sample["label"],
                 "prediction": sample["prediction"], "factor": sample.get("factor"), **lineage,
                 "request_seed": request_seed}

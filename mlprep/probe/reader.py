@@ -13,6 +13,7 @@ are failure records with their reason; the rest of the shard goes on.
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ import pandas as pd
 from mlprep.failures import Failure, ItemError
 from mlprep.ids import UnsafePathError, resolve_inside
 from mlprep.views import decoder_message
+
+log = logging.getLogger(__name__)
 
 ROW_GROUP_COLUMNS = ["item_id", "file", "row_group", "first_row", "rows"]
 IMAGE_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
@@ -80,30 +83,35 @@ def list_row_groups(root: Path | str) -> RowGroups:
                                     f"not a readable parquet file: {err}"))
             continue
         if not sum(rows):
-            failures.append(Failure(name, str(path), "manifest", "empty_file", "the parquet file holds no rows"))
+            log.warning("%s: the parquet file holds no rows (no item of it to probe)", path)
+            continue
         names.append(name)
         counts.append(rows)
     return RowGroups(row_group_frame(names, counts), failures)
 
 
-def read_row_group(root: Path | str, file: str, row_group: int, columns: list[str] | None = None) -> pd.DataFrame:
-    """One row group as a DataFrame, or ItemError(bad_row_group)."""
+def read_row_group(root: Path | str, file: str, row_group: int, columns: list[str] | None = None,
+                   optional: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row group as a DataFrame (`columns`, and those of `optional` the file has), or ItemError(bad_row_group)."""
     import pyarrow.parquet as pq
 
     try:
-        table = pq.ParquetFile(Path(root) / file).read_row_group(row_group, columns=columns)
+        handle = pq.ParquetFile(Path(root) / file)
+        if optional:
+            columns = [*columns, *(c for c in optional if c in handle.schema_arrow.names and c not in columns)]
+        table = handle.read_row_group(row_group, columns=columns)
     except Exception as err:  # noqa: BLE001
         raise ItemError("bad_row_group", f"row group {row_group} does not decode: {err}") from err
     return table.to_pandas()
 
 
 def iter_row_groups(root: Path | str, groups: pd.DataFrame, columns: list[str] | None,
-                    failures) -> Iterator[tuple[str, int, pd.DataFrame]]:
+                    failures, optional: tuple[str, ...] = ()) -> Iterator[tuple[str, int, pd.DataFrame]]:
     """(file, row group, rows) for each readable row group of `groups`; a bad one is recorded in `failures`
     (a FailureLog) and skipped."""
     for file, group in zip(groups["file"], groups["row_group"]):
         try:
-            frame = read_row_group(root, file, int(group), columns)
+            frame = read_row_group(root, file, int(group), columns, optional)
         except ItemError as err:
             failures.record(row_group_id(file, int(group)), str(Path(root) / file), "read", err.code, str(err))
             continue
@@ -158,7 +166,11 @@ def data_uri(data: bytes) -> str:
 
 def image_bytes(value, images_dir: Path | str | None) -> bytes:
     """The encoded image a cell holds: bytes, {"bytes": ..., "path": ...}, or a path under images_dir."""
+    if value is None or (isinstance(value, float) and value != value):
+        raise ItemError("not_an_image", "the image cell is null")
     if isinstance(value, dict):
+        if not value.get("bytes") and not value.get("path"):
+            raise ItemError("not_an_image", "the image cell is null (neither bytes nor a path)")
         if value.get("bytes"):
             return bytes(value["bytes"])
         value = value.get("path")

@@ -27,7 +27,7 @@ from mlprep.sharding import shard_names
 log = logging.getLogger(__name__)
 
 KEY_COLUMNS = ["file", "row", "label", "prediction", "factor", "factor_status"]
-RECORD_FIELDS = ["item_id", "label", "prediction", "score", "factor", "explanation", "verified", "factor_status"]
+RECORD_FIELDS = ["item_id", "id", "label", "prediction", "score", "factor", "explanation", "verified", "factor_status"]
 
 
 def _key_chunks(cases_path: Path | str):

@@ -10,7 +10,7 @@ from mlprep.shardlists import file_digest, list_path
 from mlprep.shardwork import ShardedPipeline
 
 # Keys whose change alters what a probe shard writes (a change reruns every probe shard).
-PROBE_KEYS = ("image_column", "label_column", "images_dir", "probe")
+PROBE_KEYS = ("image_column", "label_column", "id_column", "images_dir", "probe")
 # LLM settings that change an answer (concurrency, limits and retries do not).
 ANSWER_KEYS = ("backend", "base_url", "model", "temperature", "max_tokens")
 
@@ -41,7 +41,7 @@ class ProbeWorkflow(ShardedPipeline):
 
     def probe_settings(self) -> dict:
         settings = {k: self.cfg.get(k) for k in PROBE_KEYS}
-        if self.cfg["probe"]["backend"] == "clip_zero_shot":
+        if self.cfg["probe"]["backend"] in ("classifier", "clip_zero_shot"):
             settings["jpeg_decoder"] = self.config["jpeg_decoder"]
         if self.cfg["probe"]["backend"] == "openai":
             settings["llm"] = self.answer_settings()

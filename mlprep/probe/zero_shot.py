@@ -1,11 +1,17 @@
-"""The offline probe: CLIP zero-shot classification of each image against the dataset's label set.
+"""The offline image probes, each image against the dataset's label set:
 
-Each label becomes a prompt from `prompt_template` ("a photo of a {label}."); the prompts are encoded once,
-each image's embedding is compared with all of them, and the best label is the prediction, with its
-softmax probability (CLIP's logit scale) as the score. Images take sku_index's path (mlprep.views): CPU
-workers read the shard's row groups (each worker its own, one row group in memory at a time) and decode
-or pass JPEGs on; on the model's device each image becomes one view, the centre square crop (the same
-view sku_index indexes as view 0 and searches with), and views are encoded in batches.
+- `clip_zero_shot`: each label becomes a prompt from `prompt_template` ("a photo of a {label}."); the prompts are
+  encoded once, each image's embedding is compared with all of them, and the best label is the prediction, with
+  its softmax probability (CLIP's logit scale) as the score.
+- `classifier`: an image classifier (a timm model; the demo's is ImageNet EfficientNet-Lite0) whose own classes
+  stand for the labels: a label is the class of its name, or the classes `probe.classes` maps it to; a label's
+  probability is the softmax mass of its classes, and the prediction the most probable label of the set (score:
+  its share of the set's mass). Its failures are a real model's real mistakes.
+
+Images take sku_index's path (mlprep.views): CPU workers read the shard's row groups (each worker its own, one
+row group in memory at a time) and decode or pass JPEGs on; on the model's device each image becomes one view,
+the centre square crop (the same view sku_index indexes as view 0 and searches with), and views are encoded or
+classified in batches.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from mlprep.probe.reader import image_bytes, read_row_group, row_group_id, row_i
 from mlprep.sku.augment import original_view, view_transforms
 from mlprep.views import PreparedChunk, PreparedImage, ViewStage, iter_chunks, pack, prepare_image
 
-PROBE_COLUMNS = ["item_id", "file", "row_group", "group_row", "row", "label", "prediction", "score", "correct"]
+PROBE_COLUMNS = ["item_id", "id", "file", "row_group", "group_row", "row", "label", "prediction", "score", "correct"]
+PROBE_DTYPES = {"item_id": "str", "id": "object", "file": "str", "row_group": "int64", "group_row": "int64",
+                "row": "int64", "label": "str", "prediction": "str", "score": "float64", "correct": "bool"}
 
 
 @dataclass
@@ -33,9 +41,13 @@ class ZeroShot:
     template: str = "a photo of a {label}."
 
     def __post_init__(self) -> None:
+        if not hasattr(self.encoder, "encode_texts"):
+            raise ValueError(f"probe_qa.probe.backend clip_zero_shot needs a model with a text tower (open_clip); "
+                             f"{self.encoder.spec.name} has none: use backend classifier")
         self.text = self.encoder.encode_texts([self.template.format(label=label) for label in self.labels])
         logit_scale = getattr(self.encoder.model, "logit_scale", None)  # CLIP's learned temperature
         self.scale = float(logit_scale.detach().exp()) if logit_scale is not None else 100.0
+        self.forward = self.encoder.encode_device
 
     def classify(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Image embeddings [n, D] -> (label index, probability of it) per image."""
@@ -49,15 +61,77 @@ class ZeroShot:
         return best, prob[np.arange(len(best)), best]
 
 
-def probe_table(tags: list[tuple], labels: list[str], predictions: list[str], scores: list[float]) -> pd.DataFrame:
-    """PROBE_COLUMNS for probed rows tagged (file, row group, the group's first row, row in the group)."""
+def label_classes(labels: list[str], class_names: list[str], mapping: dict | None = None) -> list[list[int]]:
+    """The classifier's classes of each label: `mapping[label]` (class indices) where given, else the one class
+    one of whose comma-separated names is the label (case aside). ValueError names every label that maps to no
+    class or to several, with the candidates."""
+    mapping = mapping or {}
+    by_name: dict[str, list[int]] = {}
+    for k, name in enumerate(class_names):
+        for synonym in name.split(","):
+            by_name.setdefault(synonym.strip().lower(), []).append(k)
+    out, problems = [], []
+    for label in labels:
+        if label in mapping:
+            classes = [int(c) for c in mapping[label]]
+            bad = [c for c in classes if not 0 <= c < len(class_names)]
+            if bad or not classes:
+                problems.append(f"{label!r} maps to {bad or 'no class'} (the model has {len(class_names)} classes)")
+        else:
+            classes = by_name.get(label.strip().lower(), [])
+            if len(classes) != 1:
+                found = ", ".join(f"{c} {class_names[c]!r}" for c in classes) or "none"
+                problems.append(f"{label!r} names {'no class' if not classes else 'several classes'} ({found})")
+        out.append(classes)
+    if problems:
+        raise ValueError("probe_qa.probe.classes: give these labels their class indices: " + "; ".join(problems))
+    return out
+
+
+@dataclass
+class Classifier:
+    encoder: object  # mlprep.encoders.TimmEncoder
+    labels: list[str]
+    mapping: dict | None = None
+
+    def __post_init__(self) -> None:
+        if not hasattr(self.encoder, "logits_device"):
+            raise ValueError(f"probe_qa.probe.backend classifier needs an image classifier (a timm model); "
+                             f"{self.encoder.spec.name} is {self.encoder.family}: use backend clip_zero_shot")
+        self.members = label_classes(self.labels, self.encoder.class_names(), self.mapping)
+        self.forward = self.encoder.logits_device
+
+    def classify(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Classifier logits [n, classes] -> (label index, its share of the label set's probability) per image."""
+        if not len(logits):
+            return np.zeros(0, np.int64), np.zeros(0)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        prob = np.exp(logits)
+        prob /= prob.sum(axis=1, keepdims=True)
+        mass = np.stack([prob[:, members].sum(axis=1) for members in self.members], axis=1)
+        mass /= np.maximum(mass.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
+        best = mass.argmax(axis=1)
+        return best, mass[np.arange(len(best)), best]
+
+
+def probe_table(tags: list[tuple], labels: list[str], ids: list, predictions: list[str],
+                scores: list[float]) -> pd.DataFrame:
+    """PROBE_COLUMNS for probed rows tagged (file, row group, the group's first row, row in the group), with the
+    dataset's own ids (None where it has none); the same column types when there is no row at all."""
     files = [t[0] for t in tags]
     rows = [t[2] + t[3] for t in tags]
-    return pd.DataFrame({"item_id": [row_id(f, r) for f, r in zip(files, rows)], "file": files,
+    return pd.DataFrame({"item_id": [row_id(f, r) for f, r in zip(files, rows)], "id": list(ids), "file": files,
                          "row_group": [t[1] for t in tags], "group_row": [t[3] for t in tags], "row": rows,
-                         "label": labels, "prediction": predictions, "score": scores,
+                         "label": labels, "prediction": predictions, "score": [float(s) for s in scores],
                          "correct": [a == b for a, b in zip(labels, predictions)]},
-                        columns=PROBE_COLUMNS).astype({"row_group": "int64", "group_row": "int64", "row": "int64"})
+                        columns=PROBE_COLUMNS).astype(PROBE_DTYPES)
+
+
+def dataset_id(value) -> str | None:
+    """A row's own id as text (None for a null cell, or a file without the id column)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    return str(value)
 
 
 class ProbeImages(torch.utils.data.IterableDataset):
@@ -66,53 +140,56 @@ class ProbeImages(torch.utils.data.IterableDataset):
     the group's first row, row in the group); each item's `extra` is its label."""
 
     def __init__(self, root: Path | str, groups: pd.DataFrame, labels: list[str], size: int, chunk: int,
-                 device_decode: bool, image_column: str = "image", label_column: str = "label", images_dir=None):
+                 device_decode: bool, image_column: str = "image", label_column: str = "label", images_dir=None,
+                 id_column: str = "id"):
         self.root, self.size, self.chunk, self.device_decode = Path(root), size, chunk, device_decode
         self.groups = list(zip(groups["file"], groups["row_group"].astype(int), groups["first_row"].astype(int)))
         self.labels = set(labels)
-        self.columns, self.images_dir = [image_column, label_column], images_dir
+        self.columns, self.images_dir, self.id_column = [image_column, label_column], images_dir, id_column
 
     def _views(self, width: int, height: int):
         return view_transforms([original_view(width, height)], width, height, self.size)
 
-    def _prepare(self, tag: tuple, cell, label) -> tuple[PreparedImage, bytes]:
+    def _prepare(self, tag: tuple, cell, label, own_id) -> tuple[PreparedImage, bytes]:
+        extra = (str(label), dataset_id(own_id))
         try:
             if str(label) not in self.labels:
                 raise ItemError("bad_record", f"label {label!r} is not in the label set")
             data = image_bytes(cell, self.images_dir)
         except ItemError as err:
-            return PreparedImage(tag, error=(err.code, str(err)), extra=str(label)), b""
-        return prepare_image(tag, data, self.size, self.device_decode, self._views, extra=str(label))
+            return PreparedImage(tag, error=(err.code, str(err)), extra=extra), b""
+        return prepare_image(tag, data, self.size, self.device_decode, self._views, extra=extra)
 
     def __iter__(self) -> Iterator[PreparedChunk]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for file, group, first in self.groups[worker::workers]:
             try:
-                frame = read_row_group(self.root, file, group, self.columns)
+                frame = read_row_group(self.root, file, group, self.columns, optional=(self.id_column,))
             except ItemError as err:
                 chunk = pack([])
                 chunk.items, chunk.error = [PreparedImage((file, group, first, None))], (err.code, str(err))
                 yield chunk
                 continue
             images, labels = frame[self.columns[0]], frame[self.columns[1]]
+            ids = frame[self.id_column] if self.id_column in frame else pd.Series([None] * len(frame))
             for start in range(0, len(frame), self.chunk):
                 stop = min(len(frame), start + self.chunk)
-                yield pack(self._prepare((file, group, first, row), images.iat[row], labels.iat[row])
+                yield pack(self._prepare((file, group, first, row), images.iat[row], labels.iat[row], ids.iat[row])
                            for row in range(start, stop))
 
 
-def probe_rows(root: Path | str, groups: pd.DataFrame, probe: ZeroShot, failures: FailureLog,
+def probe_rows(root: Path | str, groups: pd.DataFrame, probe: ZeroShot | Classifier, failures: FailureLog,
                image_column: str = "image", label_column: str = "label", images_dir=None, workers: int = 0,
                jpeg_decoder: str = "auto", chunks: Iterator[PreparedChunk] | None = None,
-               on_encoded=None) -> Iterator[pd.DataFrame]:
+               on_encoded=None, id_column: str = "id") -> Iterator[pd.DataFrame]:
     """PROBE_COLUMNS of the probed rows of `groups`, part by part (streamed: memory stays bounded); bad row
     groups and images are recorded in `failures`, a label outside the label set as `bad_record`."""
     encoder = probe.encoder
     if chunks is None:
         chunks = probe_chunks(root, groups, probe.labels, encoder.image_size, encoder.batch_size, workers,
-                              encoder.device, jpeg_decoder, image_column, label_column, images_dir)
-    stage = ViewStage(encoder, 1, encoder.batch_size)
+                              encoder.device, jpeg_decoder, image_column, label_column, images_dir, id_column)
+    stage = ViewStage(encoder, 1, encoder.batch_size, forward=probe.forward)
     for part in stage.stream(chunks, on_encoded=on_encoded):
         for item in part.failed:
             file, group, first, row = item.tag
@@ -121,16 +198,16 @@ def probe_rows(root: Path | str, groups: pd.DataFrame, probe: ZeroShot, failures
             else:
                 failures.record(row_id(file, first + row), str(Path(root) / file), "probe", *item.error)
         best, score = probe.classify(part.vectors)
-        yield probe_table([i.tag for i in part.items], [i.extra for i in part.items],
-                          [probe.labels[k] for k in best], score.tolist())
+        yield probe_table([i.tag for i in part.items], [i.extra[0] for i in part.items],
+                          [i.extra[1] for i in part.items], [probe.labels[k] for k in best], score.tolist())
 
 
 def probe_chunks(root: Path | str, groups: pd.DataFrame, labels: list[str], size: int, batch_size: int,
                  workers: int, device: torch.device, jpeg_decoder: str = "auto", image_column: str = "image",
-                 label_column: str = "label", images_dir=None) -> Iterator[PreparedChunk]:
+                 label_column: str = "label", images_dir=None, id_column: str = "id") -> Iterator[PreparedChunk]:
     """The shard's images as prepared chunks of one encoder batch each; the workers start at once."""
     from mlprep.views import choose_device_decode
 
     dataset = ProbeImages(root, groups, labels, size, batch_size, choose_device_decode(jpeg_decoder, device),
-                          image_column, label_column, images_dir)
+                          image_column, label_column, images_dir, id_column)
     return iter_chunks(dataset, workers, pin=device.type == "cuda")

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from mlprep.devices import job_device, precision_name, resolve_batch_size, select_precision, start_context
-from mlprep.encoders import ClipEncoder, ClipSpec, clip_image_size
+from mlprep.encoders import ImageEncoder, ModelSpec, build_encoder, image_size_of
 from mlprep.failures import FailureLog, describe_error, write_failures
 from mlprep.io import atomic_dir, save_npy, write_parquet
 from mlprep.sharding import ShardId
@@ -138,7 +138,7 @@ def image_chunks(paths: list[str], ids: list[str], plan: ViewPlan, batch_size: i
     return iter_chunks(dataset, workers, pin=device.type == "cuda")
 
 
-def view_stage(encoder: ClipEncoder, plan: ViewPlan) -> ViewStage:
+def view_stage(encoder: ImageEncoder, plan: ViewPlan) -> ViewStage:
     return ViewStage(encoder, plan.views_per_item, items_per_chunk(encoder.batch_size, plan.views_per_item),
                      plan.settings.padding_mode, blur_radius(plan.settings))
 
@@ -193,7 +193,7 @@ def _meta_frame(rows: list[dict]) -> pd.DataFrame:
 def encode_items(
     items: list[ImageItem],
     plan: ViewPlan,
-    encoder: ClipEncoder,
+    encoder: ImageEncoder,
     failures: FailureLog,
     workers: int = 1,
     progress: TextIO | None = None,
@@ -245,9 +245,9 @@ def write_encoded_shard(shard: EncodedShard, folder: Path) -> None:
     write_parquet(shard.query_meta, folder / SHARD_FILES["query_metadata"])
 
 
-def load_encoder(cfg: dict, device_spec: str, precision_spec: str, threads: int, seed: int) -> ClipEncoder:
+def load_encoder(cfg: dict, device_spec: str, precision_spec: str, threads: int, seed: int) -> ImageEncoder:
     device = job_device(device_spec, threads)
-    return ClipEncoder(ClipSpec.from_config(cfg["model"], seed), device, select_precision(precision_spec, device),
+    return build_encoder(ModelSpec.from_config(cfg["model"], seed), device, select_precision(precision_spec, device),
                        resolve_batch_size(cfg["encoding_batch_size"], device))
 
 
@@ -283,9 +283,9 @@ def encode_shard(
     stats.mark("imports")
     items = items_from_list(ShardLists.read(list_path, LIST_COLUMNS), shard.index)
     device = job_device(device_spec, threads)
-    spec = ClipSpec.from_config(cfg["model"], seed)
+    spec = ModelSpec.from_config(cfg["model"], seed)
     batch = resolve_batch_size(cfg["encoding_batch_size"], device)
-    size = clip_image_size(spec)
+    size = image_size_of(spec)
     paths, ids = [i.path for i in items], [i.item_id for i in items]
     workers = resolve_workers(cfg["decode_workers"], device, threads)
     chunks = None
@@ -294,7 +294,7 @@ def encode_shard(
         chunks = image_chunks(paths, ids, plan, batch, workers, device, jpeg_decoder)
         stats.mark("readers_started")
     context = start_context(device)
-    encoder = ClipEncoder(spec, device, select_precision(precision_spec, device), batch)
+    encoder = build_encoder(spec, device, select_precision(precision_spec, device), batch)
     if context is not None:
         context.join()
     stats.mark("model_built")
@@ -309,6 +309,7 @@ def encode_shard(
     stats.counts["views"] = stats.counts["index_views"] + stats.counts["query_views"]
     stats.extra = {
         "encode_seconds": round(encoded.seconds_encoding, 3),
+        "model": encoder.identity(),
         "device": str(encoder.device),
         "precision": precision_name(encoder.dtype),
         "encoding_batch_size": batch,

@@ -57,6 +57,10 @@ class SkuSearcher:
         self.sku_info = self.meta.drop_duplicates("sku_id").set_index("sku_id")[["name", "category"]]
         cfg = {"model": self.info["model"], "encoding_batch_size": "auto"}
         self.encoder = load_encoder(cfg, device or self.info["device"], self.info["precision"], threads, self.info["seed"])
+        built = self.info.get("model_identity")
+        if built and self.encoder.identity() != built:
+            raise ValueError(f"{folder / 'index_info.json'}: the index was built with {built}, but its model config "
+                             f"now loads {self.encoder.identity()} (a changed checkpoint?): rebuild the index")
 
     def embed(self, paths: list[Path | str]) -> tuple[np.ndarray, list[int], list[QueryFailure]]:
         """Embeddings of the images that decode, their positions in `paths`, and a failure for each other.

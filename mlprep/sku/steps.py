@@ -78,6 +78,7 @@ def build(shard_dirs: list, manifest_path, manifest_failures_path, cfg: dict, se
 
     faiss.omp_set_num_threads(max(1, threads))
     shard_dirs = [Path(d) for d in shard_dirs]
+    identity = shard_model(shard_dirs)
     vectors, meta = merge_shards([d / SHARD_FILES["embeddings"] for d in shard_dirs],
                                  [d / SHARD_FILES["metadata"] for d in shard_dirs])
     queries, query_meta = merge_shards([d / SHARD_FILES["query_embeddings"] for d in shard_dirs],
@@ -104,6 +105,7 @@ def build(shard_dirs: list, manifest_path, manifest_failures_path, cfg: dict, se
         "n_dropped_duplicates": n_before - n_items,
         "augment_per_image": cfg["augment_per_image"],
         "model": cfg["model"],
+        "model_identity": identity,
         "seed": seed,  # also seeds random model weights: the search command rebuilds the same model
         "device": device_spec,
         "precision": precision_spec,
@@ -132,6 +134,28 @@ def build(shard_dirs: list, manifest_path, manifest_failures_path, cfg: dict, se
 
 
 METADATA_COLUMNS = ["item_id", "sku_id", "name", "category", "image", "view", "augmentation", "content_hash"]
+
+
+class MixedModelsError(ValueError):
+    """Shards made by different models (or weights) cannot share one index."""
+
+
+def shard_model(shard_dirs: list[Path]) -> dict | None:
+    """The one model identity (family, name, weights, checkpoint SHA-256) every shard's stats record; shards made
+    by different models are refused, naming them."""
+    from mlprep.sku.encode import SHARD_FILES
+
+    identities: dict[str, list[str]] = {}
+    found = None
+    for folder in shard_dirs:
+        model = read_json(folder / SHARD_FILES["stats"]).get("model")
+        identities.setdefault(json.dumps(model, sort_keys=True), []).append(folder.name)
+        found = model
+    if len(identities) > 1:
+        described = "; ".join(f"{', '.join(names)}: {key}" for key, names in identities.items())
+        raise MixedModelsError(f"sku_index: the shards were made by different models and cannot share one index "
+                               f"({described}); rerun the shards with one model")
+    return found
 
 
 def _with_names(meta: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
@@ -183,7 +207,7 @@ def evaluate_index(index_path, embeddings_path, metadata_path, info_path, query_
     result["factory"] = info["factory"]
     result["recall_at_10"] = info.get("recall_at_10")
     if not info["model"].get("pretrained"):
-        result["note"] = "random CLIP weights: accuracies measure augmentation robustness of an untrained network only"
+        result["note"] = "random weights: accuracies measure augmentation robustness of an untrained network only"
     write_json(result, outputs["json"])
     with atomic_path(outputs["plot"]) as tmp:
         plot_accuracy(result, tmp)

