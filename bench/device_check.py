@@ -153,9 +153,12 @@ def real_run(steps: Steps, work: Path, images: int, device: str, dry: bool) -> d
                                  json.dumps([*snakemake, "sku_index", "--configfile", str(work / "sku.yaml")])],
                      limit=240)
     result["sku_index"] = shard_summary(work / "results" / "sku_index" / "shards") if step else None
+    # the demo's own probe_qa and speaker_embed settings (its probe's class mapping among them), its data by
+    # absolute path: the run's working directory is elsewhere
+    shipped = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     demo = {"device": device, "seed": 7, **only("probe_qa", "speaker_embed"),
-            "probe_qa": {"data_dir": str(REPO / "resources/demo/probe")},
-            "speaker_embed": {"corpus_dir": str(REPO / "resources/demo/speech")}}
+            "probe_qa": {**shipped["probe_qa"], "data_dir": str(REPO / "resources/demo/probe")},
+            "speaker_embed": {**shipped["speaker_embed"], "corpus_dir": str(REPO / "resources/demo/speech")}}
     (work / "demo.yaml").write_text(yaml.safe_dump(demo))
     step = steps.run("run_demo", [sys.executable, str(REPO / "bench" / "device_check.py"), "--snakemake",
                                   json.dumps([*snakemake, "probe_qa", "speaker_embed", "--configfile",

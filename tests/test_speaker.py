@@ -478,10 +478,12 @@ def test_hostile_ids_stay_inside_results_and_a_killed_run_reruns_to_identical_ou
 def test_a_gather_with_no_speaker_left_writes_an_empty_table():
     """Every speaker skipped or failed: the speaker table is empty (the check then fails the run, saying why),
     not a crash on a zero-length embedding column."""
+    from mlprep.speaker.speakers import SPEAKER_COLUMNS, speaker_schema
     from mlprep.speaker.steps import _speakers_table
 
     table = _speakers_table(pd.DataFrame({"speaker_key": pd.Series(dtype=str)}), np.zeros((0, 0), np.float32))
-    assert table.num_rows == 0 and table.column_names == ["speaker_key", "embedding"]
+    assert table.num_rows == 0 and table.column_names == [*SPEAKER_COLUMNS, "embedding"]
+    assert table.schema.remove(len(SPEAKER_COLUMNS)) == speaker_schema()  # the one schema, empty or not
 
 
 def test_the_speaker_table_has_one_schema_whatever_the_shard_count(tmp_path):

@@ -100,6 +100,8 @@ def speakers_arrow(table: pd.DataFrame):
     back the dtype name it writes for Arrow list columns, and without the note every reader gets plain lists."""
     import pyarrow as pa
 
+    if table.empty:  # no speaker left (its columns may not even be there): the schema with no rows
+        return speaker_schema().empty_table()
     arrow = pa.Table.from_pandas(table[SPEAKER_COLUMNS], preserve_index=False).replace_schema_metadata(None)
     return arrow.cast(speaker_schema())
 
