@@ -34,6 +34,42 @@ def _search_sku(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import ipaddress
+    import os
+
+    import uvicorn
+
+    from mlprep.serve.app import ServeSettings, create_app
+
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            print(f"mlprep: error: --token-env {args.token_env}: that environment variable is not set", file=sys.stderr)
+            return 2
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and not token:
+        print(f"mlprep: warning: serving on {args.host} without a token: anyone who reaches this port can query the "
+              f"artefacts (set --token-env NAME to require a bearer token)", file=sys.stderr)
+    settings = ServeSettings(results=args.results, token=token, device=args.device, threads=args.threads,
+                             max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                             max_image_pixels=args.max_image_pixels, max_audio_seconds=args.max_audio_seconds,
+                             max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, reload_s=args.reload_s,
+                             cors_origins=args.cors_origin or [])
+    logging.getLogger("mlprep").setLevel(logging.INFO)
+    access = logging.getLogger("mlprep.serve.access")  # one JSON object per line, nothing around it
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.propagate = False
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, access_log=False, log_level="warning")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -58,6 +94,30 @@ def build_parser() -> argparse.ArgumentParser:
                              "unreadable image")
     search.add_argument("images", nargs="+", help="query image files")
     search.set_defaults(func=_search_sku)
+
+    serve = sub.add_parser("serve", help="the results folder as an HTTP API and a web page",
+                           description="Serve every pipeline's artefacts under --results: SKU search, speaker "
+                                       "identification and verification, K-line matches, probe failures and QA, "
+                                       "clips; OpenAPI docs at /docs. Artefacts the workflow rewrites are reloaded.")
+    serve.add_argument("--results", default="results", help="the workflow's results folder (default results)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token-env", help="an environment variable holding a token every API call must send as "
+                                           "`Authorization: Bearer <token>`")
+    serve.add_argument("--device", default="cpu", help="where the models run: cpu (default), cuda[:i] or auto")
+    serve.add_argument("--threads", type=int, default=2, help="CPU threads for the models (default 2)")
+    serve.add_argument("--max-upload-mb", type=float, default=20, help="largest request body (default 20 MB)")
+    serve.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                       help="larger query images are refused before decoding (default 40 MP)")
+    serve.add_argument("--max-audio-seconds", type=float, default=120, help="longest recording accepted (120 s)")
+    serve.add_argument("--max-batch", type=int, default=64, help="most queries per model batch (default 64)")
+    serve.add_argument("--batch-wait-ms", type=float, default=2.0,
+                       help="how long a batch that is not full waits for more queries (default 2 ms)")
+    serve.add_argument("--reload-s", type=float, default=2.0, help="how often to look for rewritten artefacts "
+                                                                   "(default 2 s; 0: never)")
+    serve.add_argument("--cors-origin", action="append", help="an origin allowed to call the API from a browser "
+                                                              "(repeatable; default none)")
+    serve.set_defaults(func=_serve)
     return parser
 
 

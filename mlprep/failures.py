@@ -3,6 +3,7 @@ reason code and a human reason, or stops the job; and the gate that fails a run 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ REASON_CODES: dict[str, str] = {
     "empty_audio": "the audio file holds no samples",
     "bad_audio": "the audio samples hold NaN or infinity",
     "too_short": "the utterance is shorter than min_seconds",
+    "too_long": "an uploaded recording is longer than the service accepts",
+    "too_many_pixels": "an uploaded image has more pixels than the service accepts (a possible decompression bomb)",
     "silent": "the utterance holds no sound (every sample near zero, or nothing left after trimming silences)",
     "bad_embedding": "a precomputed embedding file is not a finite 1-D numeric array (or is a pickle, untrusted)",
     "wrong_dimension": "a precomputed embedding's length differs from embedding_dim (or the shard's usual length)",
@@ -72,6 +75,12 @@ class ItemError(Exception):
             raise ValueError(f"unknown failure reason code {code!r}")
         super().__init__(message)
         self.code = code
+
+
+def decoder_message(err: Exception) -> str:
+    """The decoder's message without the in-memory buffer's address PIL puts in it (`<_io.BytesIO object at
+    0x...>`): a failure's reason must be the same in every run."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", " (in-memory file)", str(err))
 
 
 def describe_error(err: BaseException, default_code: str = "decode_error") -> tuple[str, str]:

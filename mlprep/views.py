@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mlprep.failures import ItemError, describe_error
+from mlprep.failures import ItemError, decoder_message, describe_error
 
 DECODERS = ("auto", "cpu", "device")
 BLUR_GROUP = 8  # blurred views are filtered in groups of this many (a fixed shape)
@@ -90,12 +89,6 @@ def _decode_error(err: Exception, size: int) -> ItemError:
     if "truncat" in str(err).lower():
         return ItemError("truncated", f"image data ends early: {decoder_message(err)}")
     return ItemError("decode_error", f"{type(err).__name__}: {decoder_message(err)}")
-
-
-def decoder_message(err: Exception) -> str:
-    """The decoder's message without the in-memory buffer's address PIL puts in it (`<_io.BytesIO object at
-    0x...>`): a failure's reason must be the same in every run."""
-    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", " (in-memory image)", str(err))
 
 
 def decode_image(data: bytes, min_side: int) -> torch.Tensor:

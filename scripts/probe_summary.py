@@ -17,5 +17,6 @@ steps.summary(
     sample_stats=sm.input.sample_stats,
     qa_dirs=list(sm.input.qa),
     top=sm.params.top_confusions,
+    dataset=steps.dataset_info(sm.config["probe_qa"]),
     outputs=dict(sm.output.items()),
 )

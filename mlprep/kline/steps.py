@@ -3,6 +3,7 @@ index, factor, evaluate."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import TextIO
@@ -157,7 +158,8 @@ def factor(library: dict, index_path, cfg: dict, seed: int, outputs: dict, progr
     write_failures(failures, outputs["failures"])
     stats = {"samples": int(len(result)), "with_matches": int((result["n_matches"] > 0).sum()),
              "mean_matches": float(result["n_matches"].mean()) if len(result) else None,
-             "rerank": spec.rerank, "search_k": spec.search_k, "top_k": spec.top_k}
+             "rerank": spec.rerank, "search_k": spec.search_k, "top_k": spec.top_k,
+             "spec": dataclasses.asdict(spec)}  # the search, as `mlprep serve` repeats it
     if points is not None:
         stats["sample_points_not_found"] = len(failures)
     write_json(stats, outputs["stats"])

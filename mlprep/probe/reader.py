@@ -22,7 +22,7 @@ import pandas as pd
 
 from mlprep.failures import Failure, ItemError
 from mlprep.ids import UnsafePathError, resolve_inside
-from mlprep.views import decoder_message
+from mlprep.failures import decoder_message
 
 log = logging.getLogger(__name__)
 

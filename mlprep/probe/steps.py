@@ -93,7 +93,18 @@ def _merge_jsonl(paths: list[Path], out: Path | str) -> int:
     return len(lines)
 
 
-def summary(probe_path, cases_path, probe_stats, sample_stats, qa_dirs: list[str], top: int, outputs: dict) -> dict:
+def dataset_info(cfg: dict) -> dict:
+    """Where the dataset is and how it is read: what `mlprep serve` needs to show a failure case's image."""
+    def resolved(value):
+        return str(Path(value).resolve()) if value else None
+
+    return {"data_dir": resolved(cfg["data_dir"]), "images_dir": resolved(cfg.get("images_dir")),
+            "image_column": cfg["image_column"], "label_column": cfg["label_column"],
+            "id_column": cfg.get("id_column")}
+
+
+def summary(probe_path, cases_path, probe_stats, sample_stats, qa_dirs: list[str], top: int, outputs: dict,
+            dataset: dict | None = None) -> dict:
     """qa.jsonl and qa_failures.jsonl (the shards merged), summary.json, and the confusion plot."""
     n_qa = _merge_jsonl([Path(d) / QA_FILES["qa"] for d in qa_dirs], outputs["qa"])
     n_qa_failed = _merge_jsonl([Path(d) / QA_FILES["failures"] for d in qa_dirs], outputs["qa_failures"])
@@ -122,6 +133,7 @@ def summary(probe_path, cases_path, probe_stats, sample_stats, qa_dirs: list[str
                            for (a, b), n in confusions.head(top).items()],
         "factor_frequencies": {str(k): int(v) for k, v in factors.items()},
         "llm_backends": sorted(str(b) for b in cases["backend"].dropna().unique()),
+        "dataset": dataset,
     }
     write_json(result, outputs["summary"])
     with atomic_path(outputs["plot"]) as tmp:

@@ -1,18 +1,24 @@
-"""Querying a built SKU index with image files (the `mlprep search-sku` command)."""
+"""Querying a built SKU index with images (the `mlprep search-sku` command and `mlprep serve`'s SKU search).
+
+A query is view 0 of the index's own path (decode, centre square crop, encode, mlprep.views): what the index
+holds for each catalog photo. Answers are grouped by SKU: each SKU once, scored by its best view."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from mlprep.failures import ItemError
 from mlprep.io import read_json
-from mlprep.sku.augment import AugmentSettings
 from mlprep.indexing import apply_search_params, read_index
+from mlprep.sku.augment import AugmentSettings, original_view, read_image_file, view_transforms
+from mlprep.sku.encode import ViewPlan, load_encoder, view_stage
 from mlprep.sku.index import rank_skus
-from mlprep.sku.encode import ViewPlan, image_chunks, load_encoder, view_stage
+from mlprep.views import PreparedImage, choose_device_decode, items_per_chunk, pack, prepare_image, read_header
 
 
 class EmptyIndexError(ValueError):
@@ -36,10 +42,43 @@ class Hit:
     score: float
 
 
+def embed_images(encoder, images: list[bytes], max_pixels: int | None = None
+                 ) -> tuple[np.ndarray, list[int], list[tuple[int, str, str]]]:
+    """Embeddings of encoded images (bytes; the format is sniffed from the content, never a name), their positions,
+    and (position, reason code, reason) for each that cannot be used. `max_pixels` refuses larger images before
+    they are decoded (a decompression bomb is that query's failure)."""
+    plan = ViewPlan(0, 0, 0, AugmentSettings(), encoder.image_size)
+    device_decode = choose_device_decode("auto", encoder.device)
+    views = lambda w, h: view_transforms([original_view(w, h)], w, h, encoder.image_size)  # noqa: E731
+    prepared = []
+    for k, data in enumerate(images):
+        if not data:
+            prepared.append((PreparedImage(k, error=("not_an_image", "the image is empty (0 bytes)")), b""))
+            continue
+        if max_pixels:
+            try:
+                header = read_header(data)
+                if header.width * header.height > max_pixels:
+                    prepared.append((PreparedImage(k, error=("too_many_pixels", f"{header.width}x{header.height}"
+                                                             f" pixels, more than the {max_pixels:,} accepted")), b""))
+                    continue
+            except ItemError as err:
+                prepared.append((PreparedImage(k, error=(err.code, str(err))), b""))
+                continue
+        prepared.append(prepare_image(k, data, encoder.image_size, device_decode, views))
+    chunk = items_per_chunk(encoder.batch_size, 1)
+    chunks = [pack(prepared[a : a + chunk]) for a in range(0, len(prepared), chunk)]
+    out = view_stage(encoder, plan).run(chunks)
+    return out.vectors, [i.tag for i in out.items], [(i.tag, *i.error) for i in out.failed]
+
+
 class SkuSearcher:
     """A built index with the model that made it, ready to answer image queries."""
 
-    def __init__(self, index_path: Path | str, device: str | None = None, threads: int = 2):
+    def __init__(self, index_path: Path | str, device: str | None = None, threads: int = 2,
+                 encoders: dict | None = None):
+        """`encoders`: a cache of built encoders by model identity (a service reloading the index keeps its
+        model when the new index was made by the same one)."""
         index_path = Path(index_path)
         folder = index_path.parent
         self.index = read_index(index_path)
@@ -55,23 +94,41 @@ class SkuSearcher:
             raise ValueError(f"{folder / 'metadata.parquet'} has {len(self.meta)} rows, index has {self.index.ntotal}")
         self.skus = self.meta["sku_id"].to_numpy(dtype=object)
         self.sku_info = self.meta.drop_duplicates("sku_id").set_index("sku_id")[["name", "category"]]
-        cfg = {"model": self.info["model"], "encoding_batch_size": "auto"}
-        self.encoder = load_encoder(cfg, device or self.info["device"], self.info["precision"], threads, self.info["seed"])
         built = self.info.get("model_identity")
+        key = json.dumps([built or self.info["model"], self.info["seed"], self.info["precision"]], sort_keys=True)
+        if encoders is not None and key in encoders:
+            self.encoder = encoders[key]
+        else:
+            cfg = {"model": self.info["model"], "encoding_batch_size": "auto"}
+            self.encoder = load_encoder(cfg, device or self.info["device"], self.info["precision"], threads,
+                                        self.info["seed"])
+            if encoders is not None:
+                encoders[key] = self.encoder
         if built and self.encoder.identity() != built:
             raise ValueError(f"{folder / 'index_info.json'}: the index was built with {built}, but its model config "
                              f"now loads {self.encoder.identity()} (a changed checkpoint?): rebuild the index")
 
     def embed(self, paths: list[Path | str]) -> tuple[np.ndarray, list[int], list[QueryFailure]]:
-        """Embeddings of the images that decode, their positions in `paths`, and a failure for each other.
-        A query is view 0 of the index's own path (decode, centre square crop, encode): what the index holds."""
-        plan = ViewPlan(0, 0, 0, AugmentSettings(), self.encoder.image_size)
+        """Embeddings of the image files that decode, their positions in `paths`, and a failure for each other."""
         names = [str(p) for p in paths]
-        chunks = image_chunks(names, names, plan, self.encoder.batch_size, 0, self.encoder.device)
-        out = view_stage(self.encoder, plan).run(chunks)
-        failed = [QueryFailure(names[i.tag], i.error[0], f"{names[i.tag]}: {i.error[1]}") for i in out.failed]
-        vectors = out.vectors if len(out.items) else np.zeros((0, self.index.d), np.float32)
-        return vectors, [i.tag for i in out.items], failed
+        datas, unread = [], {}
+        for k, name in enumerate(names):
+            try:
+                datas.append(read_image_file(name))
+            except ItemError as err:
+                datas.append(b"")
+                unread[k] = err
+        vectors, ok, failed = embed_images(self.encoder, datas)
+        failures = []
+        for k, code, reason in failed:
+            err = unread.get(k)
+            code, reason = (err.code, str(err)) if err is not None else (code, reason)
+            failures.append(QueryFailure(names[k], code, f"{names[k]}: {reason}"))
+        return vectors if ok else np.zeros((0, self.index.d), np.float32), ok, failures
+
+    def rank(self, vectors: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        """The top-k SKUs of each query vector, each SKU once (scored by its best view)."""
+        return rank_skus(self.index, self.skus, vectors, k)
 
     def search(self, paths: list[Path | str], k: int = 5) -> tuple[list[Hit], list[QueryFailure]]:
         """The top-k SKUs of every query image that decodes, and a failure for each that does not."""
@@ -79,7 +136,7 @@ class SkuSearcher:
             raise ValueError(f"k must be at least 1, got {k}")
         vectors, ok, failed = self.embed(paths)
         hits = []
-        for position, row in zip(ok, rank_skus(self.index, self.skus, vectors, k)):
+        for position, row in zip(ok, self.rank(vectors, k)):
             for rank, (sku, score) in enumerate(row, start=1):
                 extra = self.sku_info.loc[sku]
                 hits.append(Hit(str(paths[position]), rank, sku, str(extra["name"]), str(extra["category"]), score))

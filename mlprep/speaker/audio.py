@@ -8,27 +8,37 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlprep.failures import ItemError
+from mlprep.failures import ItemError, decoder_message
 
 SILENCE_PEAK = 1e-4  # a recording whose loudest sample is below this carries no speech
 
 
-def load_audio(path: str, sample_rate: int, min_seconds: float) -> np.ndarray:
-    """float32 mono samples at `sample_rate`, or ItemError (not_audio, truncated, empty_audio, bad_audio,
-    too_short, silent)."""
+def load_audio(source: str | bytes, sample_rate: int, min_seconds: float,
+               max_seconds: float | None = None) -> np.ndarray:
+    """float32 mono samples at `sample_rate` from a file path or the file's bytes (the format is read from the
+    content), or ItemError (not_audio, truncated, empty_audio, bad_audio, too_short, silent, too_long beyond
+    `max_seconds`, checked from the header before the samples are read)."""
+    import io
+
     import soundfile
 
+    def handle():
+        return io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+
     try:
-        soundfile.info(path)  # the header alone: a file no reader knows fails here
+        info = soundfile.info(handle())  # the header alone: a file no reader knows fails here
     except Exception as err:  # noqa: BLE001 - libsndfile names the problem; the code is ours
-        raise ItemError("not_audio", f"not a readable audio file: {err}") from err
+        raise ItemError("not_audio", f"not a readable audio file: {decoder_message(err)}") from err
+    if max_seconds is not None and info.frames > max_seconds * info.samplerate:
+        raise ItemError("too_long", f"{info.frames / info.samplerate:.1f} s of audio, more than the {max_seconds:g} s "
+                                    f"accepted")
     try:
-        samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        samples, rate = soundfile.read(handle(), dtype="float32", always_2d=True)
     except Exception as err:  # noqa: BLE001
-        raise ItemError("truncated", f"audio data breaks off: {err}") from err
+        raise ItemError("truncated", f"audio data breaks off: {decoder_message(err)}") from err
     if len(samples) == 0:
         raise ItemError("empty_audio", "the file holds no samples")
-    missing = wav_missing_bytes(path)
+    missing = wav_missing_bytes(source)
     if missing:
         raise ItemError("truncated", f"the WAV header announces {missing} more bytes of audio than the file holds")
     if not np.isfinite(samples).all():
@@ -43,14 +53,18 @@ def load_audio(path: str, sample_rate: int, min_seconds: float) -> np.ndarray:
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def wav_missing_bytes(path: str) -> int:
+def wav_missing_bytes(source: str | bytes) -> int:
     """Bytes a WAV's data chunk announces beyond the end of the file (libsndfile reads such a file
     without complaint, shortened); 0 for complete files, streamed WAVs (size unset) and other formats."""
     import os
     import struct
 
-    with open(path, "rb") as handle:
-        head = handle.read(1 << 16)
+    if isinstance(source, (bytes, bytearray)):
+        head, total = bytes(source[: 1 << 16]), len(source)
+    else:
+        with open(source, "rb") as handle:
+            head = handle.read(1 << 16)
+        total = os.path.getsize(source)
     if head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
         return 0
     order = "<" if head[:4] == b"RIFF" else ">"
@@ -60,7 +74,7 @@ def wav_missing_bytes(path: str) -> int:
         if chunk == b"data":
             if size in (0, 0xFFFFFFFF):
                 return 0
-            return max(0, offset + 8 + size - os.path.getsize(path))
+            return max(0, offset + 8 + size - total)
         offset += 8 + size + (size & 1)
     return 0
 

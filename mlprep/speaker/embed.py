@@ -192,7 +192,9 @@ def _embed_shard(shard_text: str, list_path: Path | str, cfg: dict, device_spec:
         vectors, positions, seconds = embed_audio(frame, backend, failures, workers, cfg["min_seconds"], progress,
                                                   stats.first_item_done)
         extra = {"backend": backend.name, "device": str(device), "batch_size": batch,
-                 "audio_seconds": round(float(seconds.sum()), 3)}
+                 "audio_seconds": round(float(seconds.sum()), 3),
+                 "model_config": {k: cfg.get(k) for k in ("backend", "weights", "source", "length_quantum_s",
+                                                          "min_seconds")}}
     else:
         torch.set_num_threads(max(1, threads))
         vectors, positions = read_embeddings(frame, failures, cfg.get("embedding_dim"), cfg["trust_pickles"], progress)

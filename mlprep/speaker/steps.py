@@ -112,6 +112,8 @@ def gather(shard_dirs: list[str], manifest_failures: str, write_pickles: bool, o
         "utterances_per_speaker": {q: float(table["num_utterances"].quantile(p)) if len(table) else None
                                    for q, p in (("min", 0.0), ("median", 0.5), ("max", 1.0))},
         "mean_spread": float(table["spread"].mean()) if len(table) else None,
+        # the utterance encoder that made the embeddings (None for precomputed ones): what `mlprep serve` loads
+        "model": next((s["model_config"] for s in stats if s.get("model_config")), None),
         "shards": {s["shard"]: {k: s.get(k) for k in ("items_ok", "items_failed", "seconds", "startup_s")}
                    for s in stats},
     }
