@@ -36,7 +36,7 @@ browser-packages:
 test: $(STAMP) slurm-packages browser-packages
 	$(BIN)/python -m pytest
 
-# Every pipeline's benchmark, one table (printed, in results/bench/, and into README's performance section).
+# Every pipeline's benchmark, one table (printed, in results/bench/, and into docs/performance.md).
 bench: $(STAMP)
 	$(BIN)/python bench/table.py --readme
 

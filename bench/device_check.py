@@ -14,7 +14,7 @@ Parts (`--parts`, default all that the installed packages allow):
            --images product photos (start-up per shard job, encode stage views/s wall), then the demo's
            probe_qa and speaker_embed on the GPU (their start-up)
 Each step has a time limit; a step that fails or runs out of time is recorded as such and the rest go on.
-Output: <out>/device_check.json, <out>/gpu_table.md (rows for README's GPU table), <out>/log/<step>.log.
+Output: <out>/device_check.json, <out>/gpu_table.md (rows for docs/gpu.md's GPU table), <out>/log/<step>.log.
 """
 
 from __future__ import annotations

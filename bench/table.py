@@ -4,7 +4,7 @@ Runs each benchmark script of bench/ in turn (each writes its figures as JSON), 
 stage, our figure, the reference it is compared with (encoder-only, decode-only, ideal, bare client, seed-style
 baseline or a target) and the ratio, with the machine, its cores, the precision and the device in the header. The
 table is also written to results/bench/table.md and table.json; with --readme it replaces the generated table in
-README.md's performance section (between the bench-table markers).
+docs/performance.md (between the bench-table markers; with --gpu, docs/gpu.md's gpu-table).
 
     .venv/bin/python bench/table.py --readme            # everything (~30 minutes on 2 cores)
     .venv/bin/python bench/table.py --only llm_client probe_sampler
@@ -133,6 +133,22 @@ def e2e_rows(j: dict) -> list[Row]:
     return rows
 
 
+def serve_rows(j: dict) -> list[Row]:
+    rows = []
+    for name, pipeline, unit in (("sku", "SKU search", "img/s"), ("speaker", "speaker identify", "utt/s")):
+        ref, runs = j["references"][name], j["load"][name]
+        most = max(runs, key=int)
+        load, one = runs[most], runs["1"]
+        rows.append(Row("serve", f"{pipeline}, {most} clients ({sum(load['errors'].values())} errors)", load["per_s"],
+                        unit, f"the same path batched ({j['batch']}), no HTTP", ref["batched_per_s"],
+                        per_s(load["per_s"], ref["batched_per_s"]), ">= 0.8"))
+        rows.append(Row("serve", f"{pipeline}, 1 client, p50 latency (p99 {one['p99_ms']} ms)", one["p50_ms"], "ms",
+                        "the same path, one item, no HTTP", 1000 * ref["one_s"], per_s(1000 * ref["one_s"],
+                                                                                      one["p50_ms"]),
+                        ">= 0.77 (p50 <= 1.3x)"))
+    return rows
+
+
 BENCHES = {  # name -> (script, extra arguments, rows from its JSON)
     "sku_encode": ("sku_encode.py", [], sku_rows),
     "video_frames": ("video_frames.py", [], video_rows),
@@ -142,7 +158,10 @@ BENCHES = {  # name -> (script, extra arguments, rows from its JSON)
     "probe_sampler": ("probe_sampler.py", [], sampler_rows),
     "probe_zero_shot": ("probe_zero_shot.py", [], zero_shot_rows),
     "end_to_end": ("end_to_end.py", [], e2e_rows),
+    "serve": ("serve.py", [], serve_rows),
 }
+TABLE_DOC = REPO / "docs" / "performance.md"  # where --readme puts the CPU table
+GPU_DOC = REPO / "docs" / "gpu.md"  # and --gpu --readme the GPU one
 
 
 def machine() -> dict:
@@ -206,7 +225,8 @@ def gpu_table(paths: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHES), help="run these benchmarks only")
-    parser.add_argument("--readme", action="store_true", help="write the table into README.md")
+    parser.add_argument("--readme", action="store_true", help="write the table into docs/performance.md (README "
+                                                              "links to it)")
     parser.add_argument("--out", default=str(REPO / "results" / "bench"))
     parser.add_argument("--gpu", nargs="+", metavar="DEVICE_CHECK_JSON",
                         help="instead: the GPU table from bench/device_check.sh's device_check.json files")
@@ -215,7 +235,7 @@ def main() -> None:
         table = gpu_table(args.gpu)
         print(table)
         if args.readme:
-            update_readme(table, REPO / "README.md", GPU_START, GPU_END)
+            update_readme(table, GPU_DOC, GPU_START, GPU_END)
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,7 +261,7 @@ def main() -> None:
     (out / "table.json").write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows],
                                                 "failed": failed}, indent=2))
     if args.readme:
-        update_readme(table, REPO / "README.md")
+        update_readme(table, TABLE_DOC)
     if failed:
         sys.exit(1)
 

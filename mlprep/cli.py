@@ -58,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(results=args.results, token=token, device=args.device, threads=args.threads,
                              max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                              max_image_pixels=args.max_image_pixels, max_audio_seconds=args.max_audio_seconds,
-                             max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, reload_s=args.reload_s,
+                             max_batch=args.max_batch, encode_batch=args.encode_batch, batch_wait_ms=args.batch_wait_ms, reload_s=args.reload_s,
                              cors_origins=args.cors_origin or [])
     logging.getLogger("mlprep").setLevel(logging.INFO)
     access = logging.getLogger("mlprep.serve.access")  # one JSON object per line, nothing around it
@@ -68,6 +68,10 @@ def _serve(args: argparse.Namespace) -> int:
     access.propagate = False
     uvicorn.run(create_app(settings), host=args.host, port=args.port, access_log=False, log_level="warning")
     return 0
+
+
+def _batch_size(text: str) -> int | str:
+    return text if text == "auto" else _positive_int(text)
 
 
 def _positive_int(text: str) -> int:
@@ -111,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="larger query images are refused before decoding (default 40 MP)")
     serve.add_argument("--max-audio-seconds", type=float, default=120, help="longest recording accepted (120 s)")
     serve.add_argument("--max-batch", type=int, default=64, help="most queries per model batch (default 64)")
+    serve.add_argument("--encode-batch", type=_batch_size, default=8,
+                       help="images per forward pass of the image model (fixed: a query's answer never depends on "
+                            "what shared its pass; a lone query pays for a whole pass; default 8, 'auto': the "
+                            "device's batch, e.g. 512 on CUDA)")
     serve.add_argument("--batch-wait-ms", type=float, default=2.0,
                        help="how long a batch that is not full waits for more queries (default 2 ms)")
     serve.add_argument("--reload-s", type=float, default=2.0, help="how often to look for rewritten artefacts "

@@ -2,7 +2,7 @@
 
 Requests put their items on a queue and wait for their own results. One worker takes whatever is queued (up to
 `max_batch` items), waits at most `max_wait_s` for more when the batch is not full, and runs the model on the
-batch in one thread of its own (the model is never called from two threads at once). While a batch runs, the
+batch in the model thread it is given (the model is never called from two threads at once). While a batch runs, the
 next requests queue up and form the next batch: under load batches fill themselves, and a lone request waits at
 most `max_wait_s` beyond its own forward pass.
 """
@@ -19,14 +19,17 @@ log = logging.getLogger(__name__)
 
 class Batcher:
     def __init__(self, run: Callable[[list], list], max_batch: int = 64, max_wait_s: float = 0.002,
-                 name: str = "model", observe: Callable[[int], None] | None = None):
+                 name: str = "model", observe: Callable[[int], None] | None = None,
+                 executor: ThreadPoolExecutor | None = None):
         """`run(items) -> results`: one result per item, in order; an item's result may be an Exception (that
-        item's failure). `observe(batch size)` is called for each batch (metrics)."""
+        item's failure). `observe(batch size)` is called for each batch (metrics). `executor`: the one-thread
+        pool the batches run in (share one between batchers: see mlprep.serve.app's model thread)."""
         self.run, self.max_batch, self.max_wait_s, self.name = run, max_batch, max_wait_s, name
         self.observe = observe
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"batch-{name}")
+        self._own = executor is None
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"batch-{name}")
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -35,7 +38,8 @@ class Batcher:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._own:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, items: list) -> list:
         """Results of `items` (values or Exceptions), in order, batched with whatever else is queued."""

@@ -101,10 +101,12 @@ def _quote(value: str) -> str:
     return quote(value, safe="")
 
 
-def load_sku(folder: Path, encoders: dict, device: str | None, threads: int) -> SkuSnapshot:
+def load_sku(folder: Path, encoders: dict, device: str | None, threads: int,
+             batch_size: int | str = "auto") -> SkuSnapshot:
     from mlprep.sku.search import SkuSearcher
 
-    searcher = SkuSearcher(folder / "index.faiss", device=device, threads=threads, encoders=encoders)
+    searcher = SkuSearcher(folder / "index.faiss", device=device, threads=threads, encoders=encoders,
+                           batch_size=batch_size)
     manifest = pd.read_parquet(folder / "manifest.parquet", columns=["sku_id", "name", "category", "path", "listed"])
     manifest = manifest.sort_values("listed", kind="stable")
     indexed = set(searcher.skus.tolist())

@@ -76,9 +76,11 @@ class SkuSearcher:
     """A built index with the model that made it, ready to answer image queries."""
 
     def __init__(self, index_path: Path | str, device: str | None = None, threads: int = 2,
-                 encoders: dict | None = None):
+                 encoders: dict | None = None, batch_size: int | str = "auto"):
         """`encoders`: a cache of built encoders by model identity (a service reloading the index keeps its
-        model when the new index was made by the same one)."""
+        model when the new index was made by the same one). `batch_size`: rows per forward pass; every pass has
+        exactly that many (padded), so a query's embedding never depends on the queries it shared a pass with;
+        a service answering single queries wants it small (a lone query pays for the whole pass)."""
         index_path = Path(index_path)
         folder = index_path.parent
         self.index = read_index(index_path)
@@ -95,11 +97,12 @@ class SkuSearcher:
         self.skus = self.meta["sku_id"].to_numpy(dtype=object)
         self.sku_info = self.meta.drop_duplicates("sku_id").set_index("sku_id")[["name", "category"]]
         built = self.info.get("model_identity")
-        key = json.dumps([built or self.info["model"], self.info["seed"], self.info["precision"]], sort_keys=True)
+        key = json.dumps([built or self.info["model"], self.info["seed"], self.info["precision"], batch_size],
+                         sort_keys=True)
         if encoders is not None and key in encoders:
             self.encoder = encoders[key]
         else:
-            cfg = {"model": self.info["model"], "encoding_batch_size": "auto"}
+            cfg = {"model": self.info["model"], "encoding_batch_size": batch_size}
             self.encoder = load_encoder(cfg, device or self.info["device"], self.info["precision"], threads,
                                         self.info["seed"])
             if encoders is not None:
