@@ -214,6 +214,8 @@ def test_bad_requests_get_clear_4xx_answers(server):
     assert bad.status_code == 422 and bad.json()["error"] == "bad_json"
     assert server.post("/api/sku/search", json={"images": []}).json()["error"] == "no_images"
     assert server.post("/api/sku/search", params={"k": 0}, json={"images": []}).status_code == 422
+    one = base64.b64encode(jpeg(Image.new("RGB", (64, 64), "red"))).decode()
+    assert server.post("/api/sku/search", json={"images": [one], "k": 0}).json()["error"] == "bad_k"
     assert server.get("/api/sku/nope").json()["error"] == "unknown_sku"
     for path in ["/api/sku/..%2F..%2Fetc%2Fpasswd/photos/0", "/api/sku/sku0001/photos/7", "/api/sku/sku0001/photos/-1",
                  "/api/sku/%2Fetc%2Fpasswd/photos/0", "/static/../../pyproject.toml", "/api/clips/999/frames/0",
@@ -290,6 +292,11 @@ def test_probe_cases_page_by_failure_key_with_images_and_qa(server, demo):
     case = first["cases"][0]
     assert case["id"] and case["label"] != case["prediction"] and case["factor_status"]
     assert bool(case["qa"]) == (case["item_id"] in qa_items)
+    with_qa = next(c for c in filtered["cases"] + first["cases"] if c["qa"]) if qa_items else None
+    if with_qa:  # each pair with its lineage: the request that made it and the dataset row
+        pair = with_qa["qa"][0]
+        assert pair["qa_id"].startswith(with_qa["item_id"]) and pair["request_key"] and pair["prompt_hash"]
+        assert pair["source"]["file"] == with_qa["file"] and pair["source"]["row"] == with_qa["row"]
     image = server.get(case["image"])
     assert image.status_code == 200 and Image.open(io.BytesIO(image.content)).size[0] > 0
 

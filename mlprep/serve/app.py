@@ -278,6 +278,8 @@ def create_app(settings: ServeSettings):
             datas, k = await _json_images(request, k)
         if not datas:
             raise RequestError(422, "no_images", "send one or more images (multipart field `images`, or JSON)")
+        if k < 1:
+            raise RequestError(422, "bad_k", f"k must be at least 1, got {k}")
         k = min(k, settings.max_k)
         answers = await sku_batcher.submit([(data, k) for data in datas])
         out = []

@@ -306,6 +306,11 @@ def load_kline(folder: Path) -> KlineSnapshot:
 # ---------------------------------------------------------------- probe_qa
 
 
+# a QA pair with its lineage: which request made it (its cache key, seed, prompt), from which dataset row
+QA_FIELDS = ("qa_id", "k", "question", "answer", "model", "backend", "factor", "failure_key", "prompt_hash",
+             "request_key", "request_seed", "seed", "source")
+
+
 @dataclass
 class ProbeSnapshot:
     cases: pd.DataFrame
@@ -333,8 +338,7 @@ class ProbeSnapshot:
                          "file": row.file, "row": int(row.row), "label": row.label, "prediction": row.prediction,
                          "score": round(float(row.score), 6), "factor": row.factor, "explanation": row.explanation,
                          "factor_status": row.factor_status, "key": row.key, "image": f"/api/probe/cases/{int(n)}/image",
-                         "qa": [{k: r.get(k) for k in ("k", "question", "answer", "model", "backend")}
-                                for r in self.qa.get(row.item_id, [])]})
+                         "qa": [{k: r.get(k) for k in QA_FIELDS} for r in self.qa.get(row.item_id, [])]})
         return {"total": int(len(frame)), "offset": offset, "limit": limit, "cases": rows}
 
     def image(self, case: int) -> tuple[bytes, str]:

@@ -272,7 +272,9 @@ async function showCases() {
       (key ? `&key=${encodeURIComponent(key)}` : ""));
     const blocks = [];
     for (const c of page.cases) {
-      const pairs = c.qa.map((q) => el("li", {}, el("strong", {}, q.question), " ", q.answer));
+      const pairs = c.qa.map((q) => el("li", {}, el("strong", {}, q.question), " ", q.answer,
+        el("span", { class: "meta" }, ` (${q.qa_id} · ${q.model} · prompt ${q.prompt_hash ?? "-"} · ` +
+          `${q.source ? q.source.file + " row " + q.source.row : ""})`)));
       blocks.push(el("div", { class: "case" }, await image(c.image, { alt: c.item_id }),
         el("div", {}, el("h4", {}, `${c.label} taken for ${c.prediction} (score ${c.score.toFixed(2)})`),
           el("div", { class: "meta" }, `${c.item_id}${c.id ? " · id " + c.id : ""} · factor ${c.factor ?? "-"} (${c.factor_status})`),
