@@ -58,7 +58,8 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(results=args.results, token=token, device=args.device, threads=args.threads,
                              max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                              max_image_pixels=args.max_image_pixels, max_audio_seconds=args.max_audio_seconds,
-                             max_batch=args.max_batch, encode_batch=args.encode_batch, batch_wait_ms=args.batch_wait_ms, reload_s=args.reload_s,
+                             max_batch=args.max_batch, encode_batch=args.encode_batch,
+                             batch_wait_ms=args.batch_wait_ms, reload_s=args.reload_s,
                              cors_origins=args.cors_origin or [])
     logging.getLogger("mlprep").setLevel(logging.INFO)
     access = logging.getLogger("mlprep.serve.access")  # one JSON object per line, nothing around it

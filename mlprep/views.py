@@ -190,12 +190,16 @@ class PreparedChunk:
 
 def prepare_image(tag: Any, data: bytes, min_side: int, device_decode: bool,
                   views: Callable[[int, int], ViewTransforms], digest: Callable[[bytes], str] | None = None,
-                  extra: Any = None) -> tuple[PreparedImage, bytes | np.ndarray]:
+                  extra: Any = None, max_pixels: int | None = None) -> tuple[PreparedImage, bytes | np.ndarray]:
     """A worker's work on one image: header, CPU decode unless the device decodes it, its view numbers.
-    Returns the item and its payload (JPEG bytes or decoded pixels); errors are returned, not raised."""
+    Returns the item and its payload (JPEG bytes or decoded pixels); errors are returned, not raised.
+    `max_pixels` refuses a larger image from its header, before anything is decoded (too_many_pixels)."""
     try:
         with _opened(data) as img:
             header = _header(img, data)
+            if max_pixels and header.width * header.height > max_pixels:
+                raise ItemError("too_many_pixels", f"{header.width}x{header.height} pixels, more than the "
+                                                   f"{max_pixels:,} accepted")
             item = PreparedImage(tag, header.width, header.height, views(header.width, header.height),
                                  orientation=header.orientation, digest=digest(data) if digest else "", extra=extra)
             small_enough = header.stored[0] * header.stored[1] <= DEVICE_DECODE_MAX_PIXELS

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mlprep.failures import Failure, ItemError
+from mlprep.failures import Failure, ItemError, decoder_message
 from mlprep.ids import UnsafePathError, resolve_inside
-from mlprep.failures import decoder_message
 
 log = logging.getLogger(__name__)
 

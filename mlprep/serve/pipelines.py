@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,8 +204,6 @@ def load_speaker(folder: Path, backends: dict, device: str | None, threads: int)
     model = summary.get("model")
     backend = None
     if model:
-        import torch
-
         from mlprep.devices import job_device
         from mlprep.speaker.backends import load_backend
 
@@ -213,7 +212,6 @@ def load_speaker(folder: Path, backends: dict, device: str | None, threads: int)
             backends[key] = load_backend(model["backend"], job_device(device or "cpu", threads), 64,
                                          model.get("weights"), model.get("source"),
                                          model.get("length_quantum_s") or 0.1)
-            torch.set_num_threads(max(1, threads))
         backend = backends[key]
     names = [{"speaker": r.speaker_key, "dataset": r.dataset, "speaker_id": r.speaker_id,
               "utterances": int(r.num_utterances)} for r in table.itertuples(index=False)]
@@ -385,7 +383,8 @@ SHARD_FILE = re.compile(r"^\d{3,}-of-\d{3,}\.pkl$")
 class VideoSnapshot:
     folder: Path
     clips: pd.DataFrame  # the index's ok clips: clip_id, text, n_frames, split, pkl, note
-    _shards: OrderedDict = field(default_factory=OrderedDict)
+    _shards: OrderedDict = field(default_factory=OrderedDict)  # the last two shards read, newest last
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # frame requests run in several threads
 
     def describe(self) -> dict:
         return {"clips": len(self.clips), "splits": sorted(self.clips["split"].unique().tolist()),
@@ -423,13 +422,15 @@ class VideoSnapshot:
         path = (self.folder / split / name).resolve()
         if not SHARD_FILE.match(name) or path.parent != (self.folder / split).resolve():
             raise RequestError(500, "bad_index", "the video index names a shard outside its folder")
-        if path not in self._shards:
-            with open(path, "rb") as handle:
-                self._shards[path] = {r["id"]: r for r in pickle.load(handle)}  # noqa: S301 - this workflow's own shard
-            while len(self._shards) > 2:
-                self._shards.popitem(last=False)
-        self._shards.move_to_end(path)
-        record = self._shards[path].get(row["clip_id"])
+        with self._lock:
+            if path not in self._shards:
+                with open(path, "rb") as handle:
+                    self._shards[path] = {r["id"]: r for r in pickle.load(handle)}  # noqa: S301 - our own shard
+                while len(self._shards) > 2:
+                    self._shards.popitem(last=False)
+            self._shards.move_to_end(path)
+            records = self._shards[path]
+        record = records.get(row["clip_id"])
         if record is None:
             raise RequestError(404, "clip_gone", f"clip {row['clip_id']!r} is not in {split}/{name} any more")
         return record

@@ -18,7 +18,7 @@ from mlprep.indexing import apply_search_params, read_index
 from mlprep.sku.augment import AugmentSettings, original_view, read_image_file, view_transforms
 from mlprep.sku.encode import ViewPlan, load_encoder, view_stage
 from mlprep.sku.index import rank_skus
-from mlprep.views import PreparedImage, choose_device_decode, items_per_chunk, pack, prepare_image, read_header
+from mlprep.views import choose_device_decode, items_per_chunk, pack, prepare_image
 
 
 class EmptyIndexError(ValueError):
@@ -50,22 +50,8 @@ def embed_images(encoder, images: list[bytes], max_pixels: int | None = None
     plan = ViewPlan(0, 0, 0, AugmentSettings(), encoder.image_size)
     device_decode = choose_device_decode("auto", encoder.device)
     views = lambda w, h: view_transforms([original_view(w, h)], w, h, encoder.image_size)  # noqa: E731
-    prepared = []
-    for k, data in enumerate(images):
-        if not data:
-            prepared.append((PreparedImage(k, error=("not_an_image", "the image is empty (0 bytes)")), b""))
-            continue
-        if max_pixels:
-            try:
-                header = read_header(data)
-                if header.width * header.height > max_pixels:
-                    prepared.append((PreparedImage(k, error=("too_many_pixels", f"{header.width}x{header.height}"
-                                                             f" pixels, more than the {max_pixels:,} accepted")), b""))
-                    continue
-            except ItemError as err:
-                prepared.append((PreparedImage(k, error=(err.code, str(err))), b""))
-                continue
-        prepared.append(prepare_image(k, data, encoder.image_size, device_decode, views))
+    prepared = [prepare_image(k, data, encoder.image_size, device_decode, views, max_pixels=max_pixels)
+                for k, data in enumerate(images)]
     chunk = items_per_chunk(encoder.batch_size, 1)
     chunks = [pack(prepared[a : a + chunk]) for a in range(0, len(prepared), chunk)]
     out = view_stage(encoder, plan).run(chunks)
