@@ -62,18 +62,25 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_parquet(frame: pd.DataFrame, path: Path | str, metadata: dict | None = None) -> None:
-    """`metadata` (JSON-able) goes into the file's key-value metadata under 'mlprep'."""
-    with atomic_path(path) as tmp:
-        if metadata is None:
-            frame.to_parquet(tmp, index=False)
-            return
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+def write_parquet(frame: pd.DataFrame, path: Path | str, table: str, metadata: dict | None = None,
+                  schema=None) -> None:
+    """`frame` as declared table `table` (mlprep.tables: its columns, its types, its name in the file), atomically.
+    `metadata` (JSON-able) goes into the file's key-value metadata under 'mlprep'; `schema` replaces the declared
+    one where a column's size depends on the run (speakers_schema(dim))."""
+    from mlprep.tables import to_arrow
 
-        table = pa.Table.from_pandas(frame, preserve_index=False)
-        extra = {b"mlprep": json.dumps(metadata, sort_keys=True, default=str).encode()}
-        pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **extra}), tmp)
+    write_table(to_arrow(frame, table, schema), path, table, metadata)
+
+
+def write_table(arrow, path: Path | str, table: str, metadata: dict | None = None) -> None:
+    """An Arrow table of declared table `table`, atomically, with its name (and `metadata`) in the file."""
+    import pyarrow.parquet as pq
+
+    from mlprep.tables import named
+
+    extra = {b"mlprep": json.dumps(metadata, sort_keys=True, default=str).encode()} if metadata is not None else {}
+    with atomic_path(path) as tmp:
+        pq.write_table(named(arrow, table, extra), tmp)
 
 
 def read_parquet_metadata(path: Path | str) -> dict:

@@ -192,12 +192,12 @@ class CatalogCache:
         except (OSError, ValueError):
             return None
 
-    def save(self, candidates: pd.DataFrame, failures: pd.DataFrame) -> None:
+    def save(self, candidates: pd.DataFrame, failures: pd.DataFrame, table: str) -> None:
         from mlprep.io import write_parquet
 
         self._path("key.json").unlink(missing_ok=True)  # never a key beside another run's tables
-        write_parquet(candidates, self._path("parquet"))
-        write_parquet(failures, self._path("failures.parquet"))
+        write_parquet(candidates, self._path("parquet"), table)
+        write_parquet(failures, self._path("failures.parquet"), "failures")
         self._path("stats.npy").unlink(missing_ok=True)
         write_json(self.key, self._path("key.json"))
 
@@ -266,4 +266,10 @@ def run_sync(pipeline: str, payload: dict) -> None:
 
 
 if __name__ == "__main__":
-    run_sync(sys.argv[1], json.loads(sys.stdin.read()))
+    from mlprep.failures import InputError
+
+    try:
+        run_sync(sys.argv[1], json.loads(sys.stdin.read()))
+    except InputError as err:  # the data against the config: its message alone, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -210,7 +210,7 @@ def cached_parse(sku_data: Path | str, images_dir: Path | str, n_shards: int, fo
         candidates, failures = hit
         return ParsedCatalog(candidates, [Failure(**row) for row in failures.to_dict("records")]), cache
     parsed = parse_catalog(sku_data, images_dir, n_shards)
-    cache.save(parsed.candidates, failures_frame(parsed.failures))
+    cache.save(parsed.candidates, failures_frame(parsed.failures), "sku.catalog")
     return parsed, cache
 
 

@@ -240,9 +240,9 @@ def encode_items(
 
 def write_encoded_shard(shard: EncodedShard, folder: Path) -> None:
     save_npy(shard.index_vectors, folder / SHARD_FILES["embeddings"])
-    write_parquet(shard.index_meta, folder / SHARD_FILES["metadata"])
+    write_parquet(shard.index_meta, folder / SHARD_FILES["metadata"], "sku.shard_views")
     save_npy(shard.query_vectors, folder / SHARD_FILES["query_embeddings"])
-    write_parquet(shard.query_meta, folder / SHARD_FILES["query_metadata"])
+    write_parquet(shard.query_meta, folder / SHARD_FILES["query_metadata"], "sku.shard_views")
 
 
 def load_encoder(cfg: dict, device_spec: str, precision_spec: str, threads: int, seed: int) -> ImageEncoder:

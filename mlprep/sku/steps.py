@@ -32,7 +32,7 @@ def manifest(sku_data, images_dir, n_shards: int, lists_folder, continue_on_erro
     failures = FailureLog(continue_on_error)
     failures.extend(catalog.failures)
     frame = catalog.items_frame()
-    write_parquet(frame, out_items)
+    write_parquet(frame, out_items, "sku.manifest")
     write_failures(failures.records, out_failures)
     log.info("%d image items from %s, %d failures, %d shards", len(frame), sku_data, len(failures), n_shards)
 
@@ -121,11 +121,11 @@ def build(shard_dirs: list, manifest_path, manifest_failures_path, cfg: dict, se
     }
     write_index(index, outputs["index"])
     save_npy(vectors, outputs["embeddings"])
-    write_parquet(meta, outputs["metadata"])
+    write_parquet(meta, outputs["metadata"], "sku.views")
     save_npy(queries, outputs["query_embeddings"])
-    write_parquet(query_meta, outputs["query_metadata"])
-    write_parquet(failures, outputs["failures"])
-    write_parquet(checks, outputs["checks"])
+    write_parquet(query_meta, outputs["query_metadata"], "sku.views")
+    write_parquet(failures, outputs["failures"], "failures")
+    write_parquet(checks, outputs["checks"], "sku.catalog_checks")
     with atomic_path(outputs["checks_html"]) as tmp:
         tmp.write_text(checks_html(checks, n_originals <= cfg["confusable_sample"], cfg["confusable_sample"]))
     write_json(info, outputs["info"])

@@ -18,13 +18,12 @@ from typing import TextIO
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
 from mlprep.devices import job_device, resolve_batch_size, start_context
 from mlprep.failures import FailureLog, ItemError, describe_error, write_failures
-from mlprep.io import atomic_dir, save_npy, write_parquet
+from mlprep.io import atomic_dir, save_npy, write_parquet, write_table
 from mlprep.sharding import ShardId
 from mlprep.shardlists import ShardLists
 from mlprep.speaker.audio import load_audio
@@ -213,10 +212,10 @@ def _embed_shard(shard_text: str, list_path: Path | str, cfg: dict, device_spec:
     utterance_columns = ["item_id", "dataset", "speaker_id", "utterance_id", "speaker_key", "path", "duration_s"]
     with atomic_dir(out_dir) as folder:
         save_npy(np.ascontiguousarray(vectors, dtype=np.float32), folder / SHARD_FILES["utterance_embeddings"])
-        write_parquet(ok[utterance_columns], folder / SHARD_FILES["utterances"])
+        write_parquet(ok[utterance_columns], folder / SHARD_FILES["utterances"], "speaker.utterances")
         save_npy(speakers.embeddings, folder / SHARD_FILES["speaker_embeddings"])
-        pq.write_table(speakers_arrow(speakers.table), folder / SHARD_FILES["speakers"])
-        write_parquet(speakers.skipped, folder / SHARD_FILES["skipped"])
+        write_table(speakers_arrow(speakers.table), folder / SHARD_FILES["speakers"], "speaker.shard_speakers")
+        write_parquet(speakers.skipped, folder / SHARD_FILES["skipped"], "speaker.skipped")
         write_failures(failures.records, folder / SHARD_FILES["failures"])
         data = stats.write(folder / SHARD_FILES["stats"])
     log.info("shard %s: %s", shard, data)

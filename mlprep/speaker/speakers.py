@@ -83,27 +83,20 @@ def _list_column(values: pd.Series, rows: np.ndarray, offsets: np.ndarray, chose
 
 
 def speaker_schema():
-    """The speaker table's one schema, whatever a shard holds (an empty shard's columns would otherwise come out
-    as nulls and float64, and the gathered table's types would depend on the shard count)."""
-    import pyarrow as pa
+    """The speaker table's one schema (mlprep.tables' `speaker.shard_speakers`), whatever a shard holds: an empty
+    shard's columns would otherwise come out as nulls and float64."""
+    from mlprep.tables import schema_of
 
-    text = pa.large_string()
-    return pa.schema([("speaker_key", text), ("dataset", text), ("speaker_id", text), ("num_utterances", pa.int64()),
-                      ("failed_utterances", pa.int64()), ("dropped_outliers", pa.int64()),
-                      ("utterance_list", pa.list_(pa.string())), ("original_paths", pa.list_(pa.string())),
-                      ("embedding_dim", pa.int64()), ("spread", pa.float64()), ("embedding_mean", pa.float32()),
-                      ("embedding_std", pa.float32()), ("embedding_min", pa.float32()), ("embedding_max", pa.float32())])
+    return schema_of("speaker.shard_speakers")
 
 
 def speakers_arrow(table: pd.DataFrame):
-    """The speaker table as an Arrow table of speaker_schema(), without pandas' schema note: pandas cannot read
-    back the dtype name it writes for Arrow list columns, and without the note every reader gets plain lists."""
-    import pyarrow as pa
+    """The speaker table as an Arrow table of speaker_schema()."""
+    from mlprep.tables import to_arrow
 
     if table.empty:  # no speaker left (its columns may not even be there): the schema with no rows
         return speaker_schema().empty_table()
-    arrow = pa.Table.from_pandas(table[SPEAKER_COLUMNS], preserve_index=False).replace_schema_metadata(None)
-    return arrow.cast(speaker_schema())
+    return to_arrow(table[SPEAKER_COLUMNS], "speaker.shard_speakers")
 
 
 def aggregate(utterances: pd.DataFrame, vectors: np.ndarray, failed: pd.DataFrame | None = None, *,

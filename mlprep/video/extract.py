@@ -130,7 +130,7 @@ def extract_shard(
     stats.extra = {"bytes": size, "backend": settings.backend, "repeated": int(index["repeated"].sum()),
                    **scheduler_ids()}
     data = stats.as_dict()
-    write_parquet(index, outputs["index"], metadata={"stats": data})
+    write_parquet(index, outputs["index"], "video.shard_index", metadata={"stats": data})
     log.info("shard %s: %s", shard, data)
     return data
 

@@ -52,7 +52,7 @@ def gather(
     for shard in shard_paths:
         index = pd.read_parquet(shard["index"])
         shard_failed.append(shard_failures(index))
-        indices.append(index.drop(columns=["reason_code", "path"]).assign(split=shard["split"],
+        indices.append(index.drop(columns=["path"]).assign(split=shard["split"],
                                                                          pkl=Path(shard["pkl"]).name))
         stats = shard["stats_data"] = read_parquet_metadata(shard["index"])["stats"]
         split = per_split.setdefault(shard["split"], {"shards": 0, "clips_ok": 0, "clips_failed": 0, "frames": 0,
@@ -92,8 +92,8 @@ def gather(
         if record["frames"].dtype != np.uint8 or record["frames"].ndim != 4:
             raise ValueError(f"clip {record['id']}: frames are {record['frames'].dtype} {record['frames'].shape}")
     contact_sheet(sample, outputs["sheet"])
-    write_parquet(merged, outputs["index"])
-    write_parquet(failures, outputs["failures"])
+    write_parquet(merged, outputs["index"], "video.index")
+    write_parquet(failures, outputs["failures"], "failures")
     write_json(summary, outputs["summary"])
     log.info("video_frames summary: %s", summary)
     return summary

@@ -262,7 +262,7 @@ def cached_parse(pairs_json, clips_dir, shards, split_mode, val_ratio, seed, fol
         candidates = candidates.astype({"start": "float64", "end": "float64"})
         return ParsedPairs(candidates, [Failure(**row) for row in failures.to_dict("records")]), cache
     parsed = parse_pairs(pairs_json, clips_dir, shards, split_mode, val_ratio, seed)
-    cache.save(parsed.candidates, failures_frame(parsed.failures))
+    cache.save(parsed.candidates, failures_frame(parsed.failures), "video.catalog")
     return parsed, cache
 
 

@@ -19,7 +19,7 @@ def manifest(cfg: dict, seed: int, shard_counts: dict, lists_folder, continue_on
     failures = FailureLog(continue_on_error)
     failures.extend(catalog.failures)
     frame = catalog.frame()
-    write_parquet(frame, outputs["manifest"])
+    write_parquet(frame, outputs["manifest"], "video.catalog")
     write_failures(failures.records, outputs["failures"])
     log.info("%d clips (%s), %d failures", len(frame), frame["split"].value_counts().to_dict(), len(failures))
 
