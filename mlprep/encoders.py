@@ -319,10 +319,9 @@ class TimmEncoder(ImageEncoder):
         """The classifier's class names: ImageNet-1k's (timm's own list) for a 1000-class head."""
         if self.num_classes != 1000:
             raise ModelError(f"{self.spec.name} has {self.num_classes} classes: give probe.classes as indices")
-        from timm.data import ImageNetInfo
+        from mlprep.probe.zero_shot import imagenet_class_names
 
-        info = ImageNetInfo()
-        return [info.index_to_description(k) for k in range(1000)]
+        return imagenet_class_names()
 
 
 def build_encoder(spec: ModelSpec, device: torch.device, dtype: torch.dtype, batch_size: int) -> ImageEncoder:

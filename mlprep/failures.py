@@ -12,7 +12,8 @@ import pandas as pd
 
 from mlprep.io import write_parquet
 
-FAILURE_COLUMNS = ["item_id", "path", "stage", "reason_code", "reason"]
+# `id`: the item's own id in its dataset where the data names one (probe_qa's `id_column`), else null
+FAILURE_COLUMNS = ["item_id", "path", "stage", "reason_code", "reason", "id"]
 
 # Every code a failure row may carry. Summaries count by code, so a code never changes meaning;
 # config/README.md lists them for users.
@@ -39,7 +40,8 @@ REASON_CODES: dict[str, str] = {
     "bad_audio": "the audio samples hold NaN or infinity",
     "too_short": "the utterance is shorter than min_seconds",
     "too_long": "an uploaded recording is longer than the service accepts",
-    "too_many_pixels": "an uploaded image has more pixels than the service accepts (a possible decompression bomb)",
+    "too_many_pixels": "the image's header declares more pixels than accepted (a possible decompression bomb): "
+                       "more than Pillow's limit anywhere, or the service's max_image_pixels for an upload",
     "silent": "the utterance holds no sound (every sample near zero, or nothing left after trimming silences)",
     "bad_embedding": "a precomputed embedding file is not a finite 1-D numeric array (or is a pickle, untrusted)",
     "wrong_dimension": "a precomputed embedding's length differs from embedding_dim (or the shard's usual length)",
@@ -61,6 +63,11 @@ REASON_CODES: dict[str, str] = {
     "llm_bad_output": "the model's answer was not the JSON asked for (not JSON, or missing/invalid fields), "
                       "through every retry",
 }
+
+
+class InputError(ValueError):
+    """Input that no job could get past (the data against the config), found while the DAG is built; reported
+    with its message alone."""
 
 
 class ItemFailedError(RuntimeError):
@@ -99,6 +106,7 @@ class Failure:
     stage: str
     reason_code: str
     reason: str
+    id: str | None = None
 
     def __post_init__(self) -> None:
         if self.reason_code not in REASON_CODES:
@@ -112,8 +120,10 @@ class FailureLog:
     continue_on_error: bool
     records: list[Failure] = field(default_factory=list)
 
-    def record(self, item_id: str, path: str | Path, stage: str, code: str, reason: str) -> None:
-        failure = Failure(str(item_id), str(path), stage, code, reason)
+    def record(self, item_id: str, path: str | Path, stage: str, code: str, reason: str,
+               own_id: str | None = None) -> None:
+        own = None if own_id is None or pd.isna(own_id) else str(own_id)
+        failure = Failure(str(item_id), str(path), stage, code, reason, own)
         if not self.continue_on_error:
             raise ItemFailedError(
                 f"{failure.path}: {stage} failed for item {failure.item_id!r}: {reason} [{code}] "
@@ -123,7 +133,7 @@ class FailureLog:
 
     def extend(self, failures: Iterable[Failure]) -> None:
         for f in failures:
-            self.record(f.item_id, f.path, f.stage, f.reason_code, f.reason)
+            self.record(f.item_id, f.path, f.stage, f.reason_code, f.reason, f.id)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -138,7 +148,7 @@ def failures_frame(records: Iterable[Failure]) -> pd.DataFrame:
 
 
 def write_failures(records: Iterable[Failure], path: Path | str) -> None:
-    write_parquet(failures_frame(records), path)
+    write_parquet(failures_frame(records), path, "failures")
 
 
 def read_failures(paths: Iterable[Path | str]) -> pd.DataFrame:

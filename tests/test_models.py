@@ -124,8 +124,40 @@ def test_labels_map_to_classes_by_name_or_by_index():
     with pytest.raises(ValueError) as err:
         label_classes(["missile", "zebra", "tabby"], names, {"tabby": [9]})
     text = str(err.value)
-    assert "'missile' names several classes (2 'missile', 3 'projectile, missile')" in text
+    assert "'missile' names several classes; they are: 2 'missile'; 3 'projectile, missile'" in text
     assert "'zebra' names no class" in text and "'tabby' maps to [9]" in text
+    assert 'e.g. probe: classes: {"missile": [2, 3]}' in text
+
+
+def test_a_label_outside_the_classifiers_classes_stops_the_run_before_any_job_with_suggestions(tmp_path):
+    """Found on real data: `cat`, `person`, `rocket` failed the probe job late with a traceback, and `cat` got
+    no suggestion though five ImageNet classes are cats."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import run_snakemake
+    from mlprep.config import only
+    from mlprep.demo import probe_image
+
+    (tmp_path / "data").mkdir()
+    labels = ["cat", "person", "rocket", "espresso"]
+    pq.write_table(pa.table({"image": [probe_image("red circle", k, size=32) for k in range(4)], "label": labels}),
+                   tmp_path / "data" / "a.parquet")
+    config = {"device": "cpu", "precision": "fp32", **only("probe_qa"),
+              "probe_qa": {"data_dir": str(tmp_path / "data"), "probe": {"backend": "classifier"}}}
+    done = run_snakemake(tmp_path, config, "-n", check=False)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "zero_shot.py" not in out  # the message, not a traceback
+    assert "3 label(s) of the data are not one of the classifier's 1000 classes" in out, out[-3000:]
+    for cat in ("281 'tabby, tabby cat'", "282 'tiger cat'", "283 'Persian cat'", "284 'Siamese cat, Siamese'",
+                "285 'Egyptian cat'"):
+        assert cat in out
+    assert "'person' names no class" in out and "'rocket' names no class (spelled alike: " in out
+    assert '"cat": [281, 282, 283, 284, 285' in out and "clip_zero_shot" in out
+    assert "Job stats" not in out and not (tmp_path / "results" / "probe_qa" / "shards").exists()
+    config["probe_qa"]["probe"]["classes"] = {"cat": [281, 282, 283, 284, 285], "person": [842],
+                                              "rocket": [657, 744]}
+    assert run_snakemake(tmp_path, config, "-n").returncode == 0
 
 
 def test_the_index_refuses_shards_made_by_different_models(tmp_path):

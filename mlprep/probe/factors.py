@@ -73,7 +73,7 @@ def factor_shard(shard_text: str, probe_dir: Path | str, cfg: dict, continue_on_
             def record(k, err):
                 out.loc[k, "factor_status"] = "failed"
                 failures.record(cases.at[k, "item_id"], str(Path(cfg["data_dir"]) / cases.at[k, "file"]), step,
-                                prompts.llm_failure_code(err), str(err))
+                                prompts.llm_failure_code(err), str(err), cases.at[k, "id"])
             return record
 
         def completed(k, reply):
@@ -110,7 +110,7 @@ def factor_shard(shard_text: str, probe_dir: Path | str, cfg: dict, continue_on_
                                                out["factor_status"].value_counts().items()}}
     stats.extra = {"llm": summary, **scheduler_ids()}
     with atomic_dir(out_dir) as folder:
-        write_parquet(out[FACTOR_COLUMNS], folder / SHARD_FILES["factors"])
+        write_parquet(out[FACTOR_COLUMNS], folder / SHARD_FILES["factors"], "probe.factors")
         write_failures(failures.records, folder / SHARD_FILES["failures"])
         data = stats.write(folder / SHARD_FILES["stats"])
     log.info("factors %s: %s", shard_text, data)

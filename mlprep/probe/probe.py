@@ -62,7 +62,8 @@ def _llm_probe_requests(root: Path, groups: pd.DataFrame, cfg: dict, labels: lis
                     raise ItemError("bad_record", f"label {label!r} is not in the label set")
                 uri = data_uri(image_bytes(cell, cfg.get("images_dir")))
             except ItemError as err:
-                failures.record(row_id(file, first + row), str(root / file), "probe", err.code, str(err))
+                failures.record(row_id(file, first + row), str(root / file), "probe", err.code, str(err),
+                                dataset_id(own_id))
                 continue
             tag = (file, group, first, row)
             pending[tag] = (str(label), dataset_id(own_id))
@@ -83,7 +84,7 @@ def llm_probe(root: Path, groups: pd.DataFrame, cfg: dict, labels: list[str], fa
                       total=int(groups["rows"].sum()), desc="probe")
     for (file, group, first, row), err in sorted(errors, key=lambda e: e[0]):
         failures.record(row_id(file, first + row), str(root / file), "probe", prompts.llm_failure_code(err),
-                        str(err))
+                        str(err), pending[(file, group, first, row)][1])
     tags = sorted(answers)
     table = probe_table(tags, [pending[t][0] for t in tags], [pending[t][1] for t in tags],
                         [answers[t]["label"] for t in tags], [float(answers[t]["confidence"]) for t in tags])
@@ -165,7 +166,7 @@ def probe_shard(shard_text: str, list_path: Path | str, labels_path: Path | str,
     stats.counts = {"correct": int(table["correct"].sum()), "row_groups": len(groups)}
     stats.extra = {**stats.extra, "backend": backend, "labels": len(labels), "llm": llm_summary, **scheduler_ids()}
     with atomic_dir(out_dir) as folder:
-        write_parquet(table[PROBE_COLUMNS], folder / SHARD_FILES["probe"])
+        write_parquet(table[PROBE_COLUMNS], folder / SHARD_FILES["probe"], "probe.probe")
         write_failures(failures.records, folder / SHARD_FILES["failures"])
         data = stats.write(folder / SHARD_FILES["stats"])
     log.info("shard %s: %s", shard, data)

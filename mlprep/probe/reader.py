@@ -141,7 +141,7 @@ def _record(failures, rows: pd.DataFrame, k, root, err: ItemError) -> None:
     if failures is None:
         raise err
     failures.record(row_id(rows.at[k, "file"], int(rows.at[k, "row"])), str(Path(root) / rows.at[k, "file"]),
-                    "image", err.code, str(err))
+                    "image", err.code, str(err), rows.at[k, "id"] if "id" in rows else None)
 
 
 def data_uri(data: bytes) -> str:

@@ -26,7 +26,7 @@ def manifest(cfg: dict, n_shards: int, continue_on_error: bool, outputs: dict, l
     catalog = scan(cfg, lists_dir)
     failures = FailureLog(continue_on_error)
     failures.extend(catalog.failures)
-    write_parquet(catalog.frame, outputs["manifest"])
+    write_parquet(catalog.frame, outputs["manifest"], "probe.manifest")
     write_failures(failures.records, outputs["failures"])
     log.info("%d row groups (%d rows) of %d files in %d shards, %d labels, %d failures", len(catalog.frame),
              int(catalog.frame["rows"].sum()), catalog.frame["file"].nunique(), n_shards, len(catalog.labels),
@@ -49,9 +49,9 @@ def gather(probe_dirs: list[str], factor_dirs: list[str], manifest_failures: str
     cases = _concat([Path(d) / FACTOR_FILES["factors"] for d in factor_dirs], FACTOR_COLUMNS)
     failures = read_failures([manifest_failures, *(Path(d) / PROBE_FILES["failures"] for d in probe_dirs),
                               *(Path(d) / FACTOR_FILES["failures"] for d in factor_dirs)])
-    write_parquet(probe, outputs["probe"])
-    write_parquet(cases, outputs["cases"])
-    write_parquet(failures, outputs["failures"])
+    write_parquet(probe, outputs["probe"], "probe.probe")
+    write_parquet(cases, outputs["cases"], "probe.factors")
+    write_parquet(failures, outputs["failures"], "failures")
     item_failures = failures[failures["stage"].isin(["manifest", "read", "probe"])]
     stats = {
         "probed": len(probe), "correct": int(probe["correct"].sum()), "misclassified": int((~probe["correct"]).sum()),
