@@ -60,6 +60,7 @@ rule kline_gather:
         index=f"{KLINE_DIR}/index.faiss",
         failures=f"{KLINE_DIR}/failures.parquet",
         summary=f"{KLINE_DIR}/summary.json",
+        series_checks=f"{KLINE_DIR}/series_checks.parquet",
     log:
         f"{RESULTS}/logs/kline_factor/gather.log",
     benchmark:
@@ -95,6 +96,7 @@ rule kline_win_rate:
         embeddings=f"{KLINE_DIR}/library_embeddings.npy",
         closes=f"{KLINE_DIR}/library_closes.npy",
         index=f"{KLINE_DIR}/index.faiss",
+        series_checks=f"{KLINE_DIR}/series_checks.parquet",
         check=f"{KLINE_DIR}/check.json",
         sample_file=[KLINE["factor"]["sample_file"]] if KLINE["factor"]["sample_file"] else [],
     output:

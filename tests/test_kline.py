@@ -261,6 +261,9 @@ def test_kline_workflow_outputs_failures_and_one_shard_rerun_per_changed_symbol(
         pd.read_parquet(out / "library.parquet")["symbol"])
     failures = pd.read_parquet(out / "failures.parquet").set_index("item_id")["reason_code"].to_dict()
     assert failures == {"empty": "empty_file", "S003@row12": "bad_value"}
+    copies = pd.read_parquet(out / "series_checks.parquet")  # the copied file is one history with S002
+    assert copies[["symbol_a", "symbol_b"]].values.tolist() == [["S002", hostile]], copies
+    assert json.loads((out / "summary.json").read_text())["near_identical_pairs"] == 1
     evaluation = json.loads((out / "eval.json").read_text())
     assert evaluation["factor"]["samples"] > 150 and "quantile_mean_return" in evaluation["baseline"]
     assert (out / "eval.png").stat().st_size > 10_000
@@ -330,3 +333,57 @@ def test_the_batched_search_gives_the_same_factor_on_truncated_data_bit_for_bit(
         factors[name] = factor_for(lib, rows, index, search, full_index=full_index)
     assert len(factors["full"]) == len(factors["truncated"]) > 100
     pd.testing.assert_frame_equal(factors["full"], factors["truncated"], check_exact=True)
+
+
+def test_near_identical_histories_are_flagged_and_a_match_from_them_counts_once(tmp_path):
+    """Found on real data: with GOOG.csv, GOOG_DIRTY.csv and DUPDATES.csv (copies of one series) in the folder,
+    every match from that history appeared once per copy in the win rate."""
+    from mlprep.demo import price_series
+    from mlprep.kline.duplicates import histories, near_identical
+    from mlprep.kline.search import select_matches
+
+    spec = WindowSpec(window=10, stride=1, horizon=2)
+    base = price_series(160, 11, plants=3)
+    rng = np.random.default_rng(0)
+    dirty = base.copy()
+    for column in ("open", "high", "low", "close"):
+        dirty[column] = dirty[column] * (1 + 1e-4 * rng.standard_normal(len(dirty)))
+    dirty = dirty.drop(index=[40, 41, 90]).reset_index(drop=True)  # and a few bars lost
+    frames = {"GOOG": base, "GOOG_DIRTY": dirty, "DUPDATES": base.copy(),
+              **{f"S{k}": price_series(160, 30 + k, plants=3) for k in range(4)}}
+    lib = _library(frames, spec)
+    pairs = near_identical(lib.meta, lib.vectors, lib.closes, min_common=20)
+    assert {(a, b) for a, b in zip(pairs["symbol_a"], pairs["symbol_b"])} == {
+        ("DUPDATES", "GOOG"), ("DUPDATES", "GOOG_DIRTY"), ("GOOG", "GOOG_DIRTY")}, pairs
+    assert (pairs["return_corr"] > 0.98).all() and (pairs["common_bars"] >= 140).all()
+    same = histories(pairs)
+    assert same == {"GOOG": "DUPDATES", "GOOG_DIRTY": "DUPDATES", "DUPDATES": "DUPDATES"}
+
+    search = SearchSpec(10, 1, 2, search_k=60, top_k=10)
+    deduped = Library(lib.meta, lib.vectors, lib.closes, same)
+    q = np.flatnonzero((lib.meta["symbol"] == "S1").to_numpy() & (lib.end_pos == 150))
+    index = faiss.IndexFlatIP(lib.vectors.shape[1])
+    avail, dates = lib.availability()
+    known = avail[: np.searchsorted(dates, lib.end_date[q[0]], side="right")]
+    index.add(lib.vectors[known])
+    scores, ids = index.search(lib.vectors[q], 60 + search.overlap_room)
+    per_copy = []
+    for library in (lib, deduped):
+        chosen, rows, _ = select_matches(library, search, q, scores, known[ids])
+        picked = rows[chosen]
+        copies = library.meta.iloc[picked]
+        history = copies["symbol"].map(lambda s: same.get(s, s))
+        per_copy.append(pd.DataFrame({"history": history, "date": copies["end_date"]}).duplicated().sum())
+    assert per_copy[0] > 0  # without the check, one history's window is counted once per copy
+    assert per_copy[1] == 0
+    # a query in one copy never takes another copy's window over the same days as a match
+    q = np.flatnonzero((lib.meta["symbol"] == "GOOG").to_numpy() & (lib.end_pos == 150))
+    scores, ids = index.search(lib.vectors[q], 60 + search.overlap_room)
+    chosen, rows, _ = select_matches(deduped, search, q, scores, known[ids])
+    picked = rows[chosen]
+    start = deduped.start_date[q[0]]
+    assert not ((deduped.history_code[picked] == deduped.history_code[q[0]])
+                & (deduped.end_date[picked] >= start)).any()
+    # unrelated random walks are never flagged
+    assert near_identical(*(lambda l: (l.meta, l.vectors, l.closes))(
+        _library({f"S{k}": price_series(160, 30 + k, plants=3) for k in range(6)}, spec)), min_common=20).empty

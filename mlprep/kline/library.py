@@ -153,7 +153,7 @@ def build_shard(shard_text: str, list_path: Path | str, cfg: dict, continue_on_e
     stats.extra = {"embedding": cfg.get("embedding", "price"), "dims": int(dim), "bad_rows": sum(
         f.stage == ROW_STAGE for f in failures.records), **scheduler_ids()}
     with atomic_dir(out_dir) as folder:
-        write_parquet(meta[WINDOW_COLUMNS], folder / SHARD_FILES["windows"])
+        write_parquet(meta[WINDOW_COLUMNS], folder / SHARD_FILES["windows"], "kline.windows")
         save_npy(np.ascontiguousarray(matrix, dtype=np.float32), folder / SHARD_FILES["embeddings"])
         save_npy(np.ascontiguousarray(close_matrix), folder / SHARD_FILES["closes"])
         write_failures(failures.records, folder / SHARD_FILES["failures"])

@@ -67,6 +67,7 @@ class Library:
     meta: pd.DataFrame  # mlprep.kline.library.WINDOW_COLUMNS, in (symbol, end_pos) order
     vectors: np.ndarray  # float32 [n, d], unit rows
     closes: np.ndarray  # float32 [n, window]
+    same_history: dict[str, str] | None = None  # symbol -> its history, for near-identical series
 
     def __post_init__(self) -> None:
         self.symbol_code = pd.factorize(self.meta["symbol"], sort=True)[0].astype(np.int64)
@@ -75,6 +76,24 @@ class Library:
         self.known_date = self.meta["known_date"].to_numpy("datetime64[ns]")
         self.fwd = self.meta["fwd_return"].to_numpy(np.float64)
         self._availability: tuple[np.ndarray, np.ndarray] | None = None
+        # windows of near-identical series share a history: the own-window exclusion and match counting use it
+        same = self.same_history or {}
+        self.history_code = pd.factorize(self.meta["symbol"].map(lambda s: same.get(s, s)), sort=True)[0].astype(
+            np.int64) if same else self.symbol_code
+        if same:
+            self.start_date = self._start_dates()
+
+    def _start_dates(self) -> np.ndarray:
+        """Each window's first bar's date, as the end date of the symbol's window ending on that bar (or the first
+        one after it, for the windows within a window of the history's start)."""
+        out = np.empty_like(self.end_date)
+        window = self.closes.shape[1]
+        bounds = np.flatnonzero(np.r_[True, self.symbol_code[1:] != self.symbol_code[:-1], True])
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            pos = self.end_pos[a:b]
+            at = np.minimum(np.searchsorted(pos, pos - window + 1), b - a - 1)
+            out[a:b] = self.end_date[a:b][at]
+        return out
 
     def availability(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows of the windows whose outcome is ever known, in the order they become known; their dates).
@@ -122,9 +141,14 @@ def select_matches(lib: Library, spec: SearchSpec, q_rows: np.ndarray, scores: n
     """(chosen mask [g, K], ordered rows [g, K], FAISS scores [g, K]) from raw hits (rows -1 where none)."""
     valid = rows >= 0
     safe = np.where(valid, rows, 0)
-    same = lib.symbol_code[safe] == lib.symbol_code[q_rows][:, None]
-    overlap = same & (lib.end_pos[safe] > (lib.end_pos[q_rows] - spec.window)[:, None])
+    same = lib.history_code[safe] == lib.history_code[q_rows][:, None]
+    own = lib.symbol_code[safe] == lib.symbol_code[q_rows][:, None]
+    overlap = own & (lib.end_pos[safe] > (lib.end_pos[q_rows] - spec.window)[:, None])
+    if lib.history_code is not lib.symbol_code:  # a copy's bars are numbered its own way: its overlap is by date
+        overlap |= same & ~own & (lib.end_date[safe] >= lib.start_date[q_rows][:, None])
     valid &= ~overlap
+    if lib.history_code is not lib.symbol_code:
+        valid &= ~_repeated_history(lib, safe, valid)
     rank = np.cumsum(valid, axis=1)
     valid &= rank <= spec.search_k
     if spec.rerank == "none":
@@ -146,6 +170,22 @@ def select_matches(lib: Library, spec: SearchSpec, q_rows: np.ndarray, scores: n
     order = np.argsort(key, axis=1, kind="stable")[:, : spec.top_k]
     chosen = np.isfinite(np.take_along_axis(key, order, axis=1))
     return chosen, np.take_along_axis(safe, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
+def _repeated_history(lib: Library, rows: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """[g, K]: the hits that are a copy of a better-ranked valid hit (the same history's window ending the same
+    date): a match from near-identical series counts once."""
+    day = lib.end_date[rows].astype("datetime64[D]").astype(np.int64)
+    key = lib.history_code[rows] * (1 << 32) + (day - day.min() if day.size else day)
+    cols = np.broadcast_to(np.arange(rows.shape[1]), rows.shape)
+    key = np.where(valid, key, -1 - cols)  # invalid hits never hide a valid one
+    order = np.lexsort((cols, key))  # along each row: by key, then by rank
+    sorted_key = np.take_along_axis(key, order, axis=1)
+    repeat_sorted = np.zeros_like(valid)
+    repeat_sorted[:, 1:] = sorted_key[:, 1:] == sorted_key[:, :-1]
+    out = np.zeros_like(valid)
+    np.put_along_axis(out, order, repeat_sorted, axis=1)
+    return out & valid
 
 
 def similarities(lib: Library, q_rows: np.ndarray, match_rows: np.ndarray) -> np.ndarray:

@@ -28,13 +28,17 @@ def manifest(cfg: dict, n_shards: int, continue_on_error: bool, outputs: dict) -
     catalog = list_catalog(cfg, n_shards)
     failures = FailureLog(continue_on_error)
     failures.extend(catalog.failures)
-    write_parquet(catalog.frame, outputs["manifest"])
+    write_parquet(catalog.frame, outputs["manifest"], "kline.manifest")
     write_failures(failures.records, outputs["failures"])
     log.info("%d symbols in %d shards, %d failures", len(catalog.frame), n_shards, len(failures))
 
 
-def load_library(windows, embeddings, closes) -> Library:
-    return Library(pd.read_parquet(windows), load_npy(embeddings), load_npy(closes))
+def load_library(windows, embeddings, closes, series_checks=None) -> Library:
+    """The library; with `series_checks`, near-identical symbols share one history (mlprep.kline.duplicates)."""
+    from mlprep.kline.duplicates import histories
+
+    same = histories(pd.read_parquet(series_checks)) if series_checks else {}
+    return Library(pd.read_parquet(windows), load_npy(embeddings), load_npy(closes), same)
 
 
 def gather(shard_dirs: list[str], manifest_failures: str, cfg: dict, seed: int, outputs: dict) -> dict:
@@ -62,12 +66,19 @@ def gather(shard_dirs: list[str], manifest_failures: str, cfg: dict, seed: int, 
         n = min(len(matrix), int(index_cfg["recall_sample"]))
         queries = matrix[np.sort(rng_for(seed, "kline-recall").choice(len(matrix), n, replace=False))]
         recall = recall_at_k(index, matrix, queries, 10)
-    write_parquet(meta, outputs["library"])
+    from mlprep.kline.duplicates import near_identical
+
+    series_checks = near_identical(meta, matrix, close_matrix, min_common=2 * int(cfg["window"]))
+    for row in series_checks.itertuples(index=False):
+        log.warning("near-identical price histories: %s and %s (%d common bars, return correlation %.4f): their "
+                    "matches count once", row.symbol_a, row.symbol_b, row.common_bars, row.return_corr)
+    write_parquet(series_checks, outputs["series_checks"], "kline.series_checks")
+    write_parquet(meta, outputs["library"], "kline.windows")
     save_npy(np.ascontiguousarray(matrix), outputs["embeddings"])
     save_npy(np.ascontiguousarray(close_matrix), outputs["closes"])
     write_index(index, outputs["index"])
     failures = read_failures([manifest_failures, *(f / SHARD_FILES["failures"] for f in folders)])
-    write_parquet(failures, outputs["failures"])
+    write_parquet(failures, outputs["failures"], "failures")
     stats = [read_json(f / SHARD_FILES["stats"]) for f in folders]
     summary = {
         "symbols_ok": int(meta["symbol"].nunique()),
@@ -76,6 +87,7 @@ def gather(shard_dirs: list[str], manifest_failures: str, cfg: dict, seed: int, 
         "windows": int(len(meta)), "known_windows": int(meta["known_date"].notna().sum()), "dims": int(dim),
         "first_date": str(meta["end_date"].min().date()), "last_date": str(meta["end_date"].max().date()),
         "index": index_cfg["factory"], "recall_at_10": recall, "failures_by_code": count_by_code(failures),
+        "near_identical_pairs": int(len(series_checks)),
         "shards": {s["shard"]: {k: s.get(k) for k in ("items_ok", "items_failed", "windows", "seconds")}
                    for s in stats},
     }
@@ -134,7 +146,7 @@ def empty_factor_cause(lib: Library, fcfg: dict, warmup: int, points, failures: 
 
 
 def factor(library: dict, index_path, cfg: dict, seed: int, outputs: dict, progress: TextIO | None = None) -> dict:
-    lib = load_library(library["windows"], library["embeddings"], library["closes"])
+    lib = load_library(library["windows"], library["embeddings"], library["closes"], library.get("series_checks"))
     spec = SearchSpec.from_config(cfg)
     fcfg = cfg["factor"]
     points = None
@@ -154,7 +166,7 @@ def factor(library: dict, index_path, cfg: dict, seed: int, outputs: dict, progr
     full = read_index(index_path)  # every window, id = library row: the deep search of thinly spread points
     apply_search_params(full, cfg["index"].get("search_params"))
     result = factor_for(lib, rows, index, spec, progress, full_index=full)
-    write_parquet(result, outputs["factor"])
+    write_parquet(result, outputs["factor"], "kline.factor")
     write_failures(failures, outputs["failures"])
     stats = {"samples": int(len(result)), "with_matches": int((result["n_matches"] > 0).sum()),
              "mean_matches": float(result["n_matches"].mean()) if len(result) else None,
