@@ -117,5 +117,6 @@ rule speaker_evaluate:
     params:
         per_speaker=SPEAKER["eval"]["holdout_per_speaker"],
         p_target=SPEAKER["eval"]["p_target"],
+        threshold=SPEAKER["eval"]["threshold"],
     script:
         "../scripts/speaker_evaluate.py"

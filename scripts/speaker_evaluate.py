@@ -11,4 +11,5 @@ from mlprep.speaker import steps  # noqa: E402
 sm = snakemake  # noqa: F821
 log_to_file(sm.log[0])
 steps.evaluate(sm.input.utterances, sm.input.utterance_embeddings, sm.input.speakers, sm.input.speaker_embeddings,
-               sm.params.per_speaker, sm.config["seed"], sm.params.p_target, dict(sm.output.items()))
+               sm.params.per_speaker, sm.config["seed"], sm.params.p_target, dict(sm.output.items()),
+               sm.params.threshold)

@@ -511,3 +511,29 @@ def test_the_speaker_table_has_one_schema_whatever_the_shard_count(tmp_path):
     assert schemas[1][0].equals(schemas[8][0]) and schemas[1][1].equals(schemas[8][1])
     assert str(schemas[8][0].field("embedding_mean").type) == "float"
     assert str(schemas[8][0].field("speaker_key").type) == "large_string"
+
+
+def test_the_operating_threshold_sits_inside_the_gap_not_on_the_lowest_target_score():
+    from mlprep.speaker.evaluate import verification_metrics
+
+    # the case: targets 0.90-0.97, non-targets up to 0.78: far apart
+    scores = np.array([0.9017306566, 0.93, 0.97, 0.78, 0.5, 0.2, 0.1])
+    target = np.array([1, 1, 1, 0, 0, 0, 0], bool)
+    got = verification_metrics(scores, target)
+    assert got["eer"] == 0 and got["separable"] and got["threshold_rule"] == "gap_middle"
+    assert got["threshold"] == pytest.approx((0.9017306566 + 0.78) / 2)
+    assert got["margin_to_targets"] == pytest.approx(got["margin_to_nontargets"]) and got["margin_to_targets"] > 0.06
+    assert got["threshold"] < 0.9017306566 - 0.05  # a new recording a little below the lowest one seen passes
+    assert got["threshold_at_eer"] < 0.9017306566 and got["threshold_at_eer"] > 0.78
+    assert got["miss_rate"] == 0 and got["false_alarm_rate"] == 0
+    assert (got["target_trials"], got["nontarget_trials"]) == (3, 4)
+    # overlapping scores: the EER point, interpolated between the scores on either side of the crossing
+    overlap = verification_metrics(np.array([0.9, 0.8, 0.4, 0.7, 0.3, 0.2, 0.1]), np.array([1, 1, 1, 0, 0, 0, 0], bool))
+    assert overlap["threshold_rule"] == "eer" and not overlap["separable"]
+    assert 0.4 < overlap["threshold"] < 0.8 and overlap["threshold"] not in (0.4, 0.7, 0.8)
+    assert overlap["margin_to_targets"] < 0 and overlap["margin_to_nontargets"] < 0
+    assert overlap["miss_rate"] == pytest.approx(1 / 3) and overlap["false_alarm_rate"] == pytest.approx(0.25)
+    # a threshold set in the config is used as given, with its error rates
+    fixed = verification_metrics(scores, target, threshold=0.95)
+    assert fixed["threshold"] == 0.95 and fixed["threshold_rule"] == "config"
+    assert fixed["miss_rate"] == pytest.approx(2 / 3)

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mlprep.failures import FailureLog, check_failed_share, count_by_code, read_failures, write_failures
 from mlprep.ids import safe_filename
-from mlprep.io import atomic_dir, atomic_path, load_npy, read_json, save_npy, write_json, write_parquet
+from mlprep.io import atomic_dir, atomic_path, load_npy, read_json, save_npy, write_json, write_parquet, write_table
 from mlprep.speaker.corpus import durations, list_corpus
 from mlprep.speaker.embed import SHARD_FILES
 from mlprep.speaker.speakers import SKIPPED_COLUMNS, speakers_arrow
@@ -30,7 +29,7 @@ def manifest(cfg: dict, n_shards: int, continue_on_error: bool, outputs: dict) -
     frame = corpus.frame
     if cfg["input"] == "audio":
         frame = frame.assign(duration_s=durations(frame["path"].tolist()))
-    write_parquet(frame, outputs["manifest"])
+    write_parquet(frame, outputs["manifest"], "speaker.manifest")
     write_failures(failures.records, outputs["failures"])
     log.info("%d utterances of %d speakers in %d shards, %d failures", len(frame),
              frame.groupby(["dataset", "speaker_id"]).ngroups, n_shards, len(failures))
@@ -38,12 +37,15 @@ def manifest(cfg: dict, n_shards: int, continue_on_error: bool, outputs: dict) -
 
 def _speakers_table(table: pd.DataFrame, embeddings: np.ndarray) -> pa.Table:
     """The speakers with their embedding as a fixed-size list column (what Arrow readers take as a vector)."""
+    from mlprep.tables import speakers_schema
+
     arrow = speakers_arrow(table)
     dim = embeddings.shape[1] if embeddings.ndim == 2 else 0
-    if dim == 0:  # no speaker kept (all skipped or failed): an empty table the check then reports on
-        return arrow.append_column("embedding", pa.array([None] * len(table), pa.list_(pa.float32())))
-    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
-    return arrow.append_column("embedding", pa.FixedSizeListArray.from_arrays(flat, dim))
+    schema = speakers_schema(dim)
+    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1), pa.float32())
+    column = pa.FixedSizeListArray.from_arrays(flat, schema.field("embedding").type.list_size) if dim else \
+        pa.array([], schema.field("embedding").type)  # no speaker kept: an empty table the check reports on
+    return arrow.append_column(schema.field("embedding"), column)
 
 
 def speaker_pickle_name(dataset: str, speaker_id: str) -> str:
@@ -89,16 +91,15 @@ def gather(shard_dirs: list[str], manifest_failures: str, write_pickles: bool, o
     skipped = skipped.sort_values("speaker_key", kind="stable").reset_index(drop=True)[SKIPPED_COLUMNS]
     failures = read_failures([manifest_failures, *(f / SHARD_FILES["failures"] for f in folders)])
 
-    with atomic_path(outputs["speakers"]) as tmp:
-        pq.write_table(_speakers_table(table, embeddings), tmp)
+    write_table(_speakers_table(table, embeddings), outputs["speakers"], "speaker.speakers")
     save_npy(embeddings, outputs["speaker_embeddings"])
     with atomic_path(outputs["speaker_ids"]) as tmp:
         tmp.write_text("".join(f"{key}\n" for key in table["speaker_key"]), encoding="utf-8")
     save_npy(np.ascontiguousarray(utt_vectors[u_order]) if len(utt_vectors) else utt_vectors,
              outputs["utterance_embeddings"])
-    write_parquet(utterances.iloc[u_order].reset_index(drop=True), outputs["utterances"])
-    write_parquet(skipped, outputs["skipped"])
-    write_parquet(failures, outputs["failures"])
+    write_parquet(utterances.iloc[u_order].reset_index(drop=True), outputs["utterances"], "speaker.utterances")
+    write_parquet(skipped, outputs["skipped"], "speaker.skipped")
+    write_parquet(failures, outputs["failures"], "failures")
     if write_pickles:
         with atomic_dir(outputs["pickles"]) as folder:
             write_speaker_pickles(table, embeddings, folder)
@@ -134,13 +135,14 @@ def check(summary_path, failures_path, max_failed_fraction: float, out) -> dict:
 
 
 def evaluate(utterances_path, utterance_embeddings, speakers_path, speaker_embeddings, per_speaker: int, seed: int,
-             p_target: float, outputs: dict) -> dict:
+             p_target: float, outputs: dict, threshold: float | None = None) -> dict:
     """Held-out identification and verification metrics, and the report's plot."""
     from mlprep.speaker import evaluate as metrics
 
     utterances = pd.read_parquet(utterances_path)
     vectors = load_npy(utterance_embeddings)
-    result = metrics.evaluate(utterances["speaker_key"], utterances["item_id"], vectors, per_speaker, seed, p_target)
+    result = metrics.evaluate(utterances["speaker_key"], utterances["item_id"], vectors, per_speaker, seed, p_target,
+                              threshold)
     result["note"] = ("held-out utterances scored against centroids of each speaker's other utterances; the "
                       "speaker embeddings in speakers.parquet use every utterance")
     write_json(result, outputs["eval"])
