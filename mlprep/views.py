@@ -81,11 +81,12 @@ def read_header(data: bytes) -> Header:
 
 def _decode_error(err: Exception, size: int) -> ItemError:
     """The reason code of a decoder's exception: a file that is no image, one cut short, a decompression bomb
-    (more pixels than PIL's limit, Image.MAX_IMAGE_PIXELS x 2), or another decoding error."""
+    (a header declaring more pixels than PIL's limit, Image.MAX_IMAGE_PIXELS x 2: too_many_pixels, the same
+    code as the service's own, lower limit), or another decoding error."""
     if isinstance(err, UnidentifiedImageError):
         return ItemError("not_an_image", f"not an image any decoder recognises ({size} bytes)")
     if isinstance(err, Image.DecompressionBombError):
-        return ItemError("decode_error", f"refused, a possible decompression bomb: {err}")
+        return ItemError("too_many_pixels", f"refused from its header, a possible decompression bomb: {err}")
     if "truncat" in str(err).lower():
         return ItemError("truncated", f"image data ends early: {decoder_message(err)}")
     return ItemError("decode_error", f"{type(err).__name__}: {decoder_message(err)}")
@@ -114,9 +115,10 @@ def _decoded(img: Image.Image, min_side: int) -> torch.Tensor:
 
 
 def device_reduction(stored: tuple[int, int], orientation: int, min_side: int) -> int:
-    """The box factor that takes a full decode to the size decode_image's draft + reduce give."""
+    """The box factor that takes a full decode to the size decode_image's draft + reduce give (1 for an image
+    with a side under `min_side`: the CPU keeps those at full size too)."""
     scale = min(stored[0] // min_side, stored[1] // min_side)
-    draft = next(s for s in (8, 4, 2, 1) if scale >= s)
+    draft = next((s for s in (8, 4, 2, 1) if scale >= s), 1)
     drafted = ((stored[0] + draft - 1) // draft, (stored[1] + draft - 1) // draft)
     factor = min(drafted) // min_side
     return draft * factor if factor >= 2 else draft

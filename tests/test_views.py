@@ -180,6 +180,26 @@ def test_every_exif_orientation_is_applied_alike_by_both_decoders(orientation):
     assert (device - cpu.float()).abs().mean() < 2.0
 
 
+@pytest.mark.parametrize("size", [(64, 48), (100, 300), (223, 224), (224, 224), (225, 230), (447, 449), (900, 700)])
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_the_device_decoder_keeps_every_image_the_cpu_keeps_smaller_equal_or_larger_than_the_input(size, orientation):
+    """Found on a GPU: every JPEG with a side under the model's input was lost on the device decoder path
+    (`StopIteration` in its size reduction), so a catalog of thumbnails failed whole."""
+    from mlprep.views import device_reduction
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _jpeg(_photo(size), exif=exif)
+    cpu_item, cpu_views = _render_one(data, False)
+    dev_item, dev_views = _render_one(data, True)
+    assert cpu_item.error is None and dev_item.error is None, (cpu_item.error, dev_item.error)
+    assert dev_item.jpeg and dev_item.reduce == device_reduction(size, orientation, 224)
+    assert dev_item.reduce == (1 if min(size) < 448 else 2)
+    assert (dev_item.width, dev_item.height) == (cpu_item.width, cpu_item.height)
+    diff = (cpu_views.int() - dev_views.int()).abs()
+    assert diff.float().mean() < 0.5 and diff.max() < 24, (diff.float().mean(), diff.max())
+
+
 def _cmyk_jpeg() -> bytes:
     return _jpeg(_photo((320, 240)).convert("CMYK"))
 
@@ -209,11 +229,26 @@ def test_a_broken_jpeg_and_a_decompression_bomb_are_failures(tmp_path):
     chunk = pack([(prepared, broken)])
     [image] = DeviceImages(CPU, 224)(chunk)
     assert image is None and chunk.items[0].error[0] in ("decode_error", "truncated")  # ... and fails in both
+    for data, side in [(huge_png(50000), 50000), (huge_jpeg(65000), 65000)]:  # over Pillow's own limit
+        for device_decode in (False, True):
+            prepared, _ = prepare_image(0, data, 224, device_decode, lambda w, h: None)
+            assert prepared.error[0] == "too_many_pixels", prepared.error  # the code the docs promise
+            assert "decompression bomb" in prepared.error[1] and f"{side * side}" in prepared.error[1]
+
+
+def huge_png(side: int) -> bytes:
+    """A small PNG whose header claims side x side pixels."""
     png = io.BytesIO()
     Image.new("1", (8, 8)).save(png, format="PNG")
     data = bytearray(png.getvalue())
-    data[16:24] = (40000).to_bytes(4, "big") * 2  # the header claims 40,000 x 40,000 pixels
+    data[16:24] = side.to_bytes(4, "big") * 2
     data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
-    for device_decode in (False, True):
-        prepared, _ = prepare_image(0, bytes(data), 224, device_decode, lambda w, h: None)
-        assert prepared.error[0] == "decode_error" and "decompression bomb" in prepared.error[1]
+    return bytes(data)
+
+
+def huge_jpeg(side: int) -> bytes:
+    """A small JPEG whose frame header claims side x side pixels."""
+    data = bytearray(_jpeg(Image.new("RGB", (16, 16), "red")))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = side.to_bytes(2, "big") * 2
+    return bytes(data)
