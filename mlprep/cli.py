@@ -60,7 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
                              max_image_pixels=args.max_image_pixels, max_audio_seconds=args.max_audio_seconds,
                              max_batch=args.max_batch, encode_batch=args.encode_batch,
                              batch_wait_ms=args.batch_wait_ms, reload_s=args.reload_s,
-                             cors_origins=args.cors_origin or [])
+                             cors_origins=args.cors_origin or [], speaker_threshold=args.speaker_threshold)
     logging.getLogger("mlprep").setLevel(logging.INFO)
     access = logging.getLogger("mlprep.serve.access")  # one JSON object per line, nothing around it
     handler = logging.StreamHandler()
@@ -69,6 +69,13 @@ def _serve(args: argparse.Namespace) -> int:
     access.propagate = False
     uvicorn.run(create_app(settings), host=args.host, port=args.port, access_log=False, log_level="warning")
     return 0
+
+
+def _cosine(text: str) -> float:
+    value = float(text)
+    if not -1 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a cosine threshold lies in [-1, 1], got {text}")
+    return value
 
 
 def _batch_size(text: str) -> int | str:
@@ -115,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-image-pixels", type=int, default=40_000_000,
                        help="larger query images are refused before decoding (default 40 MP)")
     serve.add_argument("--max-audio-seconds", type=float, default=120, help="longest recording accepted (120 s)")
+    serve.add_argument("--speaker-threshold", type=_cosine, default=None,
+                       help="the cosine at and above which speaker verification says 'same speaker' (default: "
+                            "the one speaker_embed's eval.json chose, see speaker_embed.eval.threshold)")
     serve.add_argument("--max-batch", type=int, default=64, help="most queries per model batch (default 64)")
     serve.add_argument("--encode-batch", type=_batch_size, default=8,
                        help="images per forward pass of the image model (fixed: a query's answer never depends on "

@@ -46,9 +46,9 @@ PIPELINE_FILES = {
     "sku_index": ["index.faiss", "metadata.parquet", "index_info.json", "manifest.parquet"],
     "speaker_embed": ["speakers.parquet", "speaker_embeddings.npy", "summary.json"],
     "kline_factor": ["library.parquet", "library_embeddings.npy", "library_closes.npy", "index.faiss",
-                     "factor_stats.json"],
+                     "series_checks.parquet", "factor_stats.json"],
     "probe_qa": ["failure_cases.parquet", "summary.json"],
-    "video_frames": ["index.parquet"],
+    "video_frames": ["index.parquet", "failures.parquet"],
 }
 
 
@@ -67,6 +67,7 @@ class ServeSettings:
     reload_s: float = 2.0
     cors_origins: list[str] = field(default_factory=list)
     max_k: int = 100
+    speaker_threshold: float | None = None  # overrides eval.json's threshold
 
 
 class Metrics:
@@ -161,7 +162,8 @@ def create_app(settings: ServeSettings):
     loaders = {
         "sku_index": on_model_thread(lambda f: load_sku(f, encoders, settings.device, settings.threads,
                                                         settings.encode_batch)),
-        "speaker_embed": on_model_thread(lambda f: load_speaker(f, backends, settings.device, settings.threads)),
+        "speaker_embed": on_model_thread(lambda f: load_speaker(f, backends, settings.device, settings.threads,
+                                                                settings.speaker_threshold)),
         "kline_factor": on_model_thread(load_kline),
         "probe_qa": load_probe,
         "video_frames": load_video,
@@ -188,7 +190,7 @@ def create_app(settings: ServeSettings):
         await speaker_batcher.stop()
         model_thread.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="mlprep serve", version="1", lifespan=lifespan,
+    app = FastAPI(title="mlprep serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="The workflow's artefacts: SKU search, speaker identification and verification, "
                               "K-line pattern matches, probe failure cases and QA pairs, video clips.")
     app.state.registry, app.state.metrics, app.state.settings = registry, metrics, settings
@@ -203,9 +205,9 @@ def create_app(settings: ServeSettings):
         started = time.perf_counter()
         path = request.url.path
         if settings.token and (path.startswith("/api/") or path == "/metrics"):
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {settings.token}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
+            scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+            # the scheme is case-insensitive (RFC 9110); the token is compared in constant time
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.token.encode()):
                 response = _error(401, "unauthorized", "this server needs Authorization: Bearer <token>")
                 return _finish(request, response, started, metrics, "auth")
         try:
@@ -293,12 +295,17 @@ def create_app(settings: ServeSettings):
             out.append({"query": n, **answer})
         return {"k": k, "results": out}
 
-    @app.get("/api/sku/{sku_id}", tags=["sku_index"])
-    async def sku_detail(sku_id: str):
+    # The SKU id travels as a query value, not a path segment: ids may hold `/`, `..` or `%`, which a path
+    # cannot carry through clients and routing intact.
+    @app.get("/api/sku", tags=["sku_index"])
+    async def sku_detail(sku_id: str = Query(..., alias="id", description="the SKU id, exactly as in the catalog")):
+        """A SKU: name, category and the URLs of its catalog photos."""
         return get("sku_index").sku(sku_id)
 
-    @app.get("/api/sku/{sku_id}/photos/{n}", tags=["sku_index"])
-    async def sku_photo(sku_id: str, n: int):
+    @app.get("/api/sku/photo", tags=["sku_index"])
+    async def sku_photo(sku_id: str = Query(..., alias="id", description="the SKU id"),
+                        n: int = Query(..., ge=0, description="the photo's position in the catalog")):
+        """Catalog photo `n` of a SKU, read through the index's manifest."""
         data, kind = get("sku_index").photo(sku_id, n)
         return Response(data, media_type=kind, headers={"Cache-Control": "max-age=60"})
 
@@ -357,7 +364,7 @@ def create_app(settings: ServeSettings):
         return {"keys": get("probe_qa").keys()}
 
     @app.get("/api/probe/cases", tags=["probe_qa"])
-    async def probe_cases(key: str | None = None, offset: int = 0, limit: int = Query(20, ge=1, le=200)):
+    async def probe_cases(key: str | None = None, offset: int = Query(0, ge=0), limit: int = Query(20, ge=1, le=200)):
         return get("probe_qa").page(key, offset, limit)
 
     @app.get("/api/probe/cases/{case}/image", tags=["probe_qa"])
@@ -368,8 +375,15 @@ def create_app(settings: ServeSettings):
     # ------------------------------------------------------------ video_frames
 
     @app.get("/api/clips", tags=["video_frames"])
-    async def clips(offset: int = 0, limit: int = Query(20, ge=1, le=200)):
+    async def clips(offset: int = Query(0, ge=0), limit: int = Query(20, ge=1, le=200)):
+        """The clips made into frames, a page at a time; `failed` counts those that were not (/api/clips/failed)."""
         return get("video_frames").page(offset, limit)
+
+    @app.get("/api/clips/failed", tags=["video_frames"])
+    async def failed_clips(offset: int = Query(0, ge=0), limit: int = Query(20, ge=1, le=200)):
+        """Every clip that could not be made into frames, with its reason code (a missing or broken file, a bad
+        window, a decoder timeout ...)."""
+        return get("video_frames").failures(offset, limit)
 
     @app.get("/api/clips/{clip}", tags=["video_frames"])
     async def clip(clip: int):
@@ -386,8 +400,25 @@ def create_app(settings: ServeSettings):
     async def page():
         return FileResponse(PAGE / "index.html", media_type="text/html")
 
+    @app.get("/docs", include_in_schema=False)
+    async def api_docs():
+        """Swagger UI from the package's own copy (swagger-ui-bundle-v2): nothing is fetched from elsewhere."""
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="mlprep serve: API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
     app.mount("/static", StaticFiles(directory=PAGE), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=_swagger_ui_folder()), name="docs-assets")
     return BodyLimit(app, settings.max_upload_bytes) if settings.max_upload_bytes else app
+
+
+def _swagger_ui_folder() -> Path:
+    from swagger_ui_bundle import swagger_ui_path
+
+    return Path(str(swagger_ui_path))
 
 
 def _run_sku(registry: Registry, items: list, settings: ServeSettings) -> list:
@@ -427,13 +458,20 @@ async def _json_images(request, k: int) -> tuple[list[bytes], int]:
                                                      "{\"images\": [base64...]}")
     try:
         body = json.loads(await request.body())
-        items = body.get("images") or []
-        k = int(body.get("k", k))
-        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-            raise ValueError("`images` must be a list of base64 strings")
+    except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, or nested deeper than the parser goes
+        detail = "nested too deeply" if isinstance(err, RecursionError) else str(err)[:200]
+        raise RequestError(422, "bad_json", f"the body is not JSON: {detail}") from None
+    if not isinstance(body, dict):
+        raise RequestError(422, "bad_json", f"the body must be a JSON object, not {type(body).__name__}")
+    items, k = body.get("images") or [], body.get("k", k)
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise RequestError(422, "bad_json", "`images` must be a list of base64 strings")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise RequestError(422, "bad_k", f"k must be a whole number, got {str(k)[:40]!r}")
+    try:
         return [base64.b64decode(i.split(",", 1)[-1], validate=True) for i in items], k
-    except (ValueError, binascii.Error, AttributeError) as err:
-        raise RequestError(422, "bad_json", f"not a JSON body of base64 images: {err}") from err
+    except (ValueError, binascii.Error) as err:
+        raise RequestError(422, "bad_json", f"an image is not base64: {err}") from err
 
 
 def _error(status: int, code: str, detail: str, **extra):

@@ -81,7 +81,7 @@ class SkuSnapshot:
             raise RequestError(404, "unknown_sku", f"no SKU {sku_id!r} in the index")
         name, category = self.names[sku_id]
         return {"sku_id": sku_id, "name": name, "category": category,
-                "photos": [f"/api/sku/{_quote(sku_id)}/photos/{n}" for n in range(len(self.photos.get(sku_id, [])))]}
+                "photos": [f"/api/sku/photo?id={_quote(sku_id)}&n={n}" for n in range(len(self.photos.get(sku_id, [])))]}
 
     def photo(self, sku_id: str, n: int) -> tuple[bytes, str]:
         paths = self.photos.get(sku_id)
@@ -97,6 +97,9 @@ class SkuSnapshot:
 
 
 def _quote(value: str) -> str:
+    """An id as a query value. In a query, unlike in a path, no client or server turns `%2F` back into a
+    separator or resolves `.` and `..` segments, so every id (with `/`, `..`, `%`, `#`, spaces, unicode)
+    comes back exactly."""
     from urllib.parse import quote
 
     return quote(value, safe="")
@@ -187,7 +190,8 @@ class SpeakerSnapshot:
                 "threshold_source": self.threshold_source}
 
 
-def load_speaker(folder: Path, backends: dict, device: str | None, threads: int) -> SpeakerSnapshot:
+def load_speaker(folder: Path, backends: dict, device: str | None, threads: int,
+                 threshold: float | None = None) -> SpeakerSnapshot:
     import pyarrow.parquet as pq
 
     table = pq.read_table(folder / "speakers.parquet", columns=["speaker_key", "dataset", "speaker_id",
@@ -198,9 +202,7 @@ def load_speaker(folder: Path, backends: dict, device: str | None, threads: int)
     vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     evaluation = read_json(folder / "eval.json") if (folder / "eval.json").is_file() else {}
     summary = read_json(folder / "summary.json")
-    threshold = evaluation.get("threshold_at_eer")
-    source = (f"eval.json threshold_at_eer (EER {evaluation.get('eer')} over {evaluation.get('trials')} held-out "
-              f"trials)" if threshold is not None else "no evaluation: no decision, scores only")
+    threshold, source = _speaker_threshold(evaluation, threshold)
     model = summary.get("model")
     backend = None
     if model:
@@ -217,6 +219,21 @@ def load_speaker(folder: Path, backends: dict, device: str | None, threads: int)
               "utterances": int(r.num_utterances)} for r in table.itertuples(index=False)]
     return SpeakerSnapshot(table["speaker_key"].tolist(), names, vectors, threshold, source, backend, model,
                            float((model or {}).get("min_seconds") or 0.5))
+
+
+def _speaker_threshold(evaluation: dict, given: float | None) -> tuple[float | None, str]:
+    """The verification threshold and a sentence saying where it came from: --speaker-threshold, else eval.json's
+    operating threshold (`threshold`; results made before it had only `threshold_at_eer`)."""
+    from mlprep.speaker.evaluate import describe_threshold
+
+    if given is not None:
+        return float(given), f"{given:.4f}: set by --speaker-threshold"
+    if evaluation.get("threshold") is not None:
+        return float(evaluation["threshold"]), "eval.json threshold " + describe_threshold(evaluation)
+    if evaluation.get("threshold_at_eer") is not None:
+        return float(evaluation["threshold_at_eer"]), (f"eval.json threshold_at_eer (EER {evaluation.get('eer')}; "
+                                                       f"rerun speaker_evaluate for the operating threshold)")
+    return None, "no evaluation: no decision, scores only"
 
 
 def embed_uploads(snapshot: SpeakerSnapshot, prepared: list) -> list:
@@ -285,7 +302,8 @@ def load_kline(folder: Path) -> KlineSnapshot:
     from mlprep.kline.search import SearchSpec
     from mlprep.kline.steps import load_library
 
-    lib = load_library(folder / "library.parquet", folder / "library_embeddings.npy", folder / "library_closes.npy")
+    lib = load_library(folder / "library.parquet", folder / "library_embeddings.npy", folder / "library_closes.npy",
+                       folder / "series_checks.parquet")
     index = read_index(folder / "index.faiss")
     stats = read_json(folder / "factor_stats.json")
     if "spec" not in stats:
@@ -383,16 +401,24 @@ SHARD_FILE = re.compile(r"^\d{3,}-of-\d{3,}\.pkl$")
 class VideoSnapshot:
     folder: Path
     clips: pd.DataFrame  # the index's ok clips: clip_id, text, n_frames, split, pkl, note
+    failed: pd.DataFrame  # every clip that failed, in the manifest or its shard: clip_id, file, stage, code, reason
     _shards: OrderedDict = field(default_factory=OrderedDict)  # the last two shards read, newest last
     _lock: threading.Lock = field(default_factory=threading.Lock)  # frame requests run in several threads
 
     def describe(self) -> dict:
-        return {"clips": len(self.clips), "splits": sorted(self.clips["split"].unique().tolist()),
-                "random_weights": False}
+        return {"clips": len(self.clips), "failed": len(self.failed),
+                "splits": sorted(self.clips["split"].unique().tolist()), "random_weights": False}
+
+    def failures(self, offset: int, limit: int) -> dict:
+        """The clips that failed, with their reason codes (the file's name, never its folder)."""
+        part = self.failed.iloc[_page(len(self.failed), offset, limit)]
+        return {"total": len(self.failed), "offset": offset, "limit": limit,
+                "failed": [{"clip_id": r.clip_id, "file": r.file, "stage": r.stage, "reason_code": r.reason_code,
+                            "reason": r.reason} for r in part.itertuples(index=False)]}
 
     def page(self, offset: int, limit: int) -> dict:
         part = self.clips.iloc[_page(len(self.clips), offset, limit)]
-        return {"total": len(self.clips), "offset": offset, "limit": limit,
+        return {"total": len(self.clips), "offset": offset, "limit": limit, "failed": len(self.failed),
                 "clips": [self._row(int(n), row) for n, row in zip(part.index, part.itertuples(index=False))]}
 
     def _row(self, n: int, row) -> dict:
@@ -439,4 +465,10 @@ class VideoSnapshot:
 def load_video(folder: Path) -> VideoSnapshot:
     index = pd.read_parquet(folder / "index.parquet")
     clips = index[index["status"] == "ok"].sort_values(["split", "clip_id"], kind="stable").reset_index(drop=True)
-    return VideoSnapshot(folder, clips[["clip_id", "text", "n_frames", "split", "pkl", "note"]])
+    failures = pd.read_parquet(folder / "failures.parquet")
+    failed = pd.DataFrame({"clip_id": failures["item_id"].astype(str),
+                           "file": [Path(str(p)).name for p in failures["path"]],
+                           "stage": failures["stage"].astype(str), "reason_code": failures["reason_code"].astype(str),
+                           "reason": failures["reason"].astype(str)})
+    failed = failed.sort_values(["clip_id", "file"], kind="stable").reset_index(drop=True)
+    return VideoSnapshot(folder, clips[["clip_id", "text", "n_frames", "split", "pkl", "note"]], failed)

@@ -183,7 +183,9 @@ async function identify(files) {
     show("speaker-results", el("p", {}, `${files[0].name}:`),
       el("table", {}, el("tr", {}, el("th", {}, "rank"), el("th", {}, "speaker"), el("th", {}, "cosine"),
         el("th", {}, `at threshold ${answer.threshold?.toFixed(3) ?? "-"}`)), rows),
-      el("p", { class: "meta" }, `threshold: ${answer.threshold_source}`));
+      el("p", { class: "meta" }, "\"same speaker\": the recording's cosine score to that speaker's embedding is at " +
+        "or above the threshold. Threshold " + answer.threshold_source +
+        ". Set it with speaker_embed.eval.threshold or mlprep serve --speaker-threshold."));
   } catch (err) { show("speaker-results", failure(err)); }
 }
 
@@ -323,6 +325,12 @@ async function loadClips() {
     show("clip-list", el("ul", {}, page.clips.map((c) =>
       el("li", {}, el("span", { class: "clip", onclick: () => showClip(c.clip) }, c.clip_id), ` (${c.split}): ${c.text}`))));
     pager("clip-pager", page, clipPage, loadClips);
+    if (page.failed) {
+      const failed = await api(`/api/clips/failed?limit=200`);
+      show("clip-failed", el("details", {}, el("summary", {}, `${failed.total} clip(s) failed`),
+        el("ul", {}, failed.failed.map((f) => el("li", { "data-code": f.reason_code },
+          el("strong", {}, f.clip_id || f.file), ` (${f.file}): ${f.reason_code}: ${f.reason}`)))));
+    } else show("clip-failed");
     if (page.clips.length && !document.getElementById("clip-view").childElementCount) showClip(page.clips[0].clip);
   } catch (err) { show("clip-list", failure(err)); }
 }
