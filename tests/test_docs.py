@@ -61,3 +61,10 @@ def test_the_readme_opens_with_the_two_commands_and_stays_short():
     first = FENCE.search(text).group(0).splitlines()
     assert first[1].startswith("make run") and first[2].startswith("make test")
     assert len(text.encode()) < 16_000, "the README is for a newcomer: reference material goes into docs/"
+
+
+def test_the_ways_to_choose_sample_points_are_on_the_kline_page():
+    """Found by a new user: factor.sample_file was documented only in config/README.md, not on the page."""
+    text = (REPO / "docs" / "kline_factor.md").read_text()
+    for key in ("factor.samples", "factor.sample_file", "factor.warmup_bars", "unknown_point", "series_checks.parquet"):
+        assert f"`{key}`" in text, key
