@@ -148,3 +148,15 @@ def test_cpu_flags_are_read_from_proc():
     text = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "flags:")
     assert devices.cpu_flags() == frozenset(line.split(":", 1)[1].split())
+
+
+def test_auto_decode_workers_leave_the_feeding_process_a_core():
+    import torch
+
+    from mlprep.workers import resolve_workers
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert [resolve_workers("auto", cpu, t) for t in (1, 2, 4, 16)] == [0, 0, 1, 1]
+    # on a GPU: 16 workers on 16 cores ran at 0.41x the rate of 4 (H200, 2026-12-04)
+    assert [resolve_workers("auto", gpu, t) for t in (1, 2, 3, 5, 16, 64)] == [1, 1, 2, 4, 4, 4]
+    assert resolve_workers(7, gpu, 16) == 7 and resolve_workers("3", cpu, 2) == 3
