@@ -408,7 +408,9 @@ def create_app(settings: ServeSettings):
         return get_swagger_ui_html(openapi_url=app.openapi_url, title="mlprep serve: API",
                                    swagger_js_url="/docs-assets/swagger-ui-bundle.js",
                                    swagger_css_url="/docs-assets/swagger-ui.css",
-                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png",
+                                   # no badge from the public validator: the page asks nothing of other hosts
+                                   swagger_ui_parameters={"validatorUrl": None})
 
     app.mount("/static", StaticFiles(directory=PAGE), name="static")
     app.mount("/docs-assets", StaticFiles(directory=_swagger_ui_folder()), name="docs-assets")
