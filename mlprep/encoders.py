@@ -319,7 +319,7 @@ class TimmEncoder(ImageEncoder):
         """The classifier's class names: ImageNet-1k's (timm's own list) for a 1000-class head."""
         if self.num_classes != 1000:
             raise ModelError(f"{self.spec.name} has {self.num_classes} classes: give probe.classes as indices")
-        from mlprep.probe.zero_shot import imagenet_class_names
+        from mlprep.probe.labels import imagenet_class_names
 
         return imagenet_class_names()
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mlprep.encoders import ModelError, ModelSpec, TimmEncoder, build_encoder, file_sha256, image_size_of
-from mlprep.probe.zero_shot import label_classes
+from mlprep.probe.labels import label_classes
 from mlprep.sku.augment import AugmentSettings
 from mlprep.sku.catalog import read_catalog
 from mlprep.sku.encode import ViewPlan, render_items
@@ -116,6 +116,22 @@ def test_packaged_weights_that_are_not_installed_stop_the_run_before_any_job(mon
                         weights.Packaged("no_such_module_here", "x.pth", "timm", "tf_efficientnet_lite0", ""))
     problem = _path_problem("sku_index.model.pretrained", "packaged:efficientnet-lite0", "file-or-tag")
     assert "sku_index.model.pretrained" in problem and "no_such_module_here" in problem
+
+
+def test_imagenet_class_names_are_timms_read_without_importing_it():
+    import subprocess
+    import sys
+
+    from timm.data import ImageNetInfo
+
+    from mlprep.probe.labels import imagenet_class_names
+
+    info = ImageNetInfo()
+    assert imagenet_class_names() == [info.index_to_description(k) for k in range(1000)]
+    code = "import sys; from mlprep.probe.labels import imagenet_class_names; imagenet_class_names(); " \
+           "print('torch' in sys.modules, 'timm' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == \
+        ["False", "False"]
 
 
 def test_labels_map_to_classes_by_name_or_by_index():

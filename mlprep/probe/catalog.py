@@ -132,7 +132,7 @@ def sync_lists(cfg: dict, lists: ShardLists) -> dict[str, str]:
     frame = catalog.frame
     lines = encode_lines({c: ("str" if c in ("item_id", "file") else "int", frame[c]) for c in LIST_COLUMNS})
     lists.sync(shards_of(frame["item_id"].tolist(), len(lists.names)), lines)
-    from mlprep.probe.zero_shot import check_label_mapping
+    from mlprep.probe.labels import check_label_mapping
 
     check_label_mapping(cfg, catalog.labels)  # a label the classifier cannot name stops the run here, not in a job
     labels_path = lists.folder / LABELS_FILE
