@@ -83,8 +83,9 @@ def test_atomic_writers_round_trip(tmp_path):
     np.testing.assert_array_equal(load_npy(tmp_path / "a.npy"), arr)
     write_json({"b": 1}, tmp_path / "b.json")
     assert json.loads((tmp_path / "b.json").read_text()) == {"b": 1}
-    write_parquet(pd.DataFrame({"x": [1, 2]}), tmp_path / "c.parquet")
-    assert pd.read_parquet(tmp_path / "c.parquet")["x"].tolist() == [1, 2]
+    write_parquet(pd.DataFrame({"symbol": ["a", "b"], "path": ["a.csv", "b.csv"], "shard": [0, 1], "size": [1, 2],
+                                "mtime_ns": [3, 4]}), tmp_path / "c.parquet", "kline.manifest")
+    assert pd.read_parquet(tmp_path / "c.parquet")["shard"].tolist() == [0, 1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.json", "c.parquet"]
 
 
@@ -100,7 +101,8 @@ def test_failure_log_records_or_raises_with_the_path(tmp_path):
     log.record("sku1/a.jpg", "/data/a.jpg", "decode", "truncated", "image data ends early")
     write_failures(log.records, tmp_path / "f.parquet")
     frame = read_failures([tmp_path / "f.parquet"])
-    assert frame.to_dict("records") == [
+    assert frame["id"].isna().all()  # the item's own dataset id: none here
+    assert frame.drop(columns="id").to_dict("records") == [
         {"item_id": "sku1/a.jpg", "path": "/data/a.jpg", "stage": "decode", "reason_code": "truncated",
          "reason": "image data ends early"}
     ]
@@ -113,7 +115,8 @@ def test_failure_log_records_or_raises_with_the_path(tmp_path):
 
 def test_empty_failures_table_has_its_columns(tmp_path):
     write_failures([], tmp_path / "f.parquet")
-    assert list(pd.read_parquet(tmp_path / "f.parquet").columns) == ["item_id", "path", "stage", "reason_code", "reason"]
+    assert list(pd.read_parquet(tmp_path / "f.parquet").columns) == ["item_id", "path", "stage", "reason_code", "reason",
+                                                                       "id"]
 
 
 def test_shard_stats(tmp_path):

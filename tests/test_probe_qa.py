@@ -257,7 +257,7 @@ def test_datasets_as_users_hold_them_empty_files_missing_columns_own_ids_null_ce
     assert {k: v[0] for k, v in failures.items()} == {"a1_no_usable_image.parquet:0": "not_an_image",
                                                       "a1_no_usable_image.parquet:1": "not_an_image"}
     own_ids = dict(zip(*pd.read_parquet(out / "failures.parquet", columns=["item_id", "id"]).to_dict("list").values()))
-    assert own_ids["a1_no_usable_image.parquet:1"] == "x1" and own_ids["d_null_cell.parquet:1"] is None
+    assert own_ids["a1_no_usable_image.parquet:1"] == "x1" and pd.isna(own_ids["d_null_cell.parquet:1"])
     probe = pd.read_parquet(out / "probe.parquet")
     assert sorted(probe["id"]) == sorted([*ids, "z0"])  # the dataset's own ids, beside mlprep's item ids
     assert dict(zip(probe["item_id"], probe["id"]))["b_ok.parquet:4"] == "user-4"

@@ -235,12 +235,13 @@ def test_merge_is_independent_of_shard_layout(tmp_path):
     rng = np.random.default_rng(0)
     import pandas as pd
 
-    meta = pd.DataFrame({"item_id": [f"i{n % 5}" for n in range(10)], "sku_id": "s", "view": [n // 5 for n in range(10)]})
+    meta = pd.DataFrame({"item_id": [f"i{n % 5}" for n in range(10)], "sku_id": "s", "image": "a.jpg",
+                         "view": np.array([n // 5 for n in range(10)], np.int32), "augmentation": "", "content_hash": ""})
     vectors = rng.standard_normal((10, 4)).astype(np.float32)
     paths = []
     for shard, rows in enumerate([[0, 3, 7], [1, 2, 4, 5, 6, 8, 9]]):
         save_npy(vectors[rows], tmp_path / f"{shard}.npy")
-        write_parquet(meta.iloc[rows], tmp_path / f"{shard}.parquet")
+        write_parquet(meta.iloc[rows], tmp_path / f"{shard}.parquet", "sku.shard_views")
         paths.append(shard)
     merged, merged_meta = merge_shards([tmp_path / "0.npy", tmp_path / "1.npy"], [tmp_path / "0.parquet", tmp_path / "1.parquet"])
     swapped, _ = merge_shards([tmp_path / "1.npy", tmp_path / "0.npy"], [tmp_path / "1.parquet", tmp_path / "0.parquet"])
