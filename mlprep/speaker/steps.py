@@ -27,8 +27,8 @@ def manifest(cfg: dict, n_shards: int, continue_on_error: bool, outputs: dict) -
     failures = FailureLog(continue_on_error)
     failures.extend(corpus.failures)
     frame = corpus.frame
-    if cfg["input"] == "audio":
-        frame = frame.assign(duration_s=durations(frame["path"].tolist()))
+    # precomputed embeddings have no duration: null, in the one manifest schema
+    frame = frame.assign(duration_s=durations(frame["path"].tolist()) if cfg["input"] == "audio" else float("nan"))
     write_parquet(frame, outputs["manifest"], "speaker.manifest")
     write_failures(failures.records, outputs["failures"])
     log.info("%d utterances of %d speakers in %d shards, %d failures", len(frame),
