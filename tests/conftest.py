@@ -17,6 +17,8 @@ import yaml
 from mlprep.config import only
 
 REPO = Path(__file__).resolve().parents[1]
+HOSTILE = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
+AWKWARD_IDS = ["A/B", "../../escape", "..", ".", "50% off", "tea bag #2 ?x=1&y", "茶 ☕", "<b>x</b>&amp;", "a\\b"]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 TINY_CLIP = {
@@ -180,3 +182,38 @@ def slurm_cluster():
     finally:
         subprocess.run(["bash", str(SLURM_SCRIPT), "stop"], env=env, timeout=180)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def hostile_demo(tmp_path_factory) -> Path:
+    """The default workflow over the demo data in 3 shards a pipeline (4 for the validation clips, so that one is
+    empty), with one SKU named with markup, nine SKU ids that are awkward in URLs, a missing and a broken clip.
+    Served by test_serve; its tables checked by test_tables."""
+    work = tmp_path_factory.mktemp("served")
+    demo_dir = work / "resources" / "demo"
+    demo_dir.mkdir(parents=True)
+    for part in (REPO / "resources" / "demo").iterdir():
+        if part.name in ("sku", "video"):
+            shutil.copytree(part, demo_dir / part.name)
+        else:
+            (demo_dir / part.name).symlink_to(part)
+    catalog = json.loads((demo_dir / "sku" / "sku_data.json").read_text())
+    catalog[4]["name"] = HOSTILE
+    from mlprep.demo import product_photo
+
+    for n, sku_id in enumerate(AWKWARD_IDS):  # ids the workflow takes and every URL must carry intact
+        image = f"awkward{n}.jpg"
+        product_photo(f"awkward{n}", 0, (320, 240), 5).save(demo_dir / "sku" / "images" / image, quality=90)
+        catalog.append({"sku_id": sku_id, "name": f"awkward {n}", "category": "test", "images": [image]})
+    (demo_dir / "sku" / "sku_data.json").write_text(json.dumps(catalog))
+    pairs = json.loads((demo_dir / "video" / "train_pairs.json").read_text())  # two clips that cannot be used
+    (demo_dir / "video" / "clips" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    pairs += [{"clip": "gone.mp4", "text": "a clip that is not there"}, {"clip": "broken.mp4", "text": "broken"}]
+    (demo_dir / "video" / "train_pairs.json").write_text(json.dumps(pairs))
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for pipeline in ("sku_index", "speaker_embed", "kline_factor", "probe_qa"):
+        config[pipeline]["shards"] = 3
+    config["probe_qa"]["qa"]["shards"] = 3
+    config["video_frames"]["shards"] = {"train": 3, "val": 4}
+    run_snakemake(work, config)
+    return work

@@ -24,14 +24,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import schemathesis
-import yaml
 from PIL import Image
 
-from conftest import REPO, make_catalog, run_snakemake, workflow_config
+from conftest import AWKWARD_IDS, HOSTILE, REPO, make_catalog, run_snakemake, workflow_config
 from test_views import huge_jpeg, huge_png
 
-HOSTILE = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
-AWKWARD_IDS = ["A/B", "../../escape", "..", ".", "50% off", "tea bag #2 ?x=1&y", "茶 ☕", "<b>x</b>&amp;", "a\\b"]
 ARTIFACTS = Path(os.environ.get("MLPREP_TEST_ARTIFACTS", REPO / "results" / "test-artifacts")) / "serve"
 pytestmark = pytest.mark.slow
 
@@ -119,31 +116,8 @@ def wav(samples: np.ndarray, rate: int = 16000) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    """The default workflow over the demo data, one SKU named with markup (as a hostile catalog would)."""
-    work = tmp_path_factory.mktemp("served")
-    demo_dir = work / "resources" / "demo"
-    demo_dir.mkdir(parents=True)
-    for part in (REPO / "resources" / "demo").iterdir():
-        if part.name in ("sku", "video"):
-            shutil.copytree(part, demo_dir / part.name)
-        else:
-            (demo_dir / part.name).symlink_to(part)
-    catalog = json.loads((demo_dir / "sku" / "sku_data.json").read_text())
-    catalog[4]["name"] = HOSTILE
-    from mlprep.demo import product_photo
-
-    for n, sku_id in enumerate(AWKWARD_IDS):  # ids the workflow takes and every URL must carry intact
-        image = f"awkward{n}.jpg"
-        product_photo(f"awkward{n}", 0, (320, 240), 5).save(demo_dir / "sku" / "images" / image, quality=90)
-        catalog.append({"sku_id": sku_id, "name": f"awkward {n}", "category": "test", "images": [image]})
-    (demo_dir / "sku" / "sku_data.json").write_text(json.dumps(catalog))
-    pairs = json.loads((demo_dir / "video" / "train_pairs.json").read_text())  # two clips that cannot be used
-    (demo_dir / "video" / "clips" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
-    pairs += [{"clip": "gone.mp4", "text": "a clip that is not there"}, {"clip": "broken.mp4", "text": "broken"}]
-    (demo_dir / "video" / "train_pairs.json").write_text(json.dumps(pairs))
-    run_snakemake(work, yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
-    return work
+def demo(hostile_demo) -> Path:
+    return hostile_demo
 
 
 @pytest.fixture(scope="module")

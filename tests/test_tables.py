@@ -3,8 +3,6 @@ count and whether a shard or a table is empty: checked over every pipeline's rea
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -37,26 +35,27 @@ def test_a_frame_becomes_its_declared_table_whatever_pandas_inferred(tmp_path):
     assert not (tmp_path / "x.parquet").exists()
 
 
-def _config(shards: int) -> dict:
+def _one_shard_config() -> dict:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config["sku_index"].update(shards=shards, augment_per_image=1)
-    config["video_frames"]["shards"] = {"train": shards, "val": shards}
-    config["speaker_embed"]["shards"] = shards
-    config["kline_factor"]["shards"] = shards
+    config["sku_index"].update(shards=1, augment_per_image=1)
+    config["video_frames"]["shards"] = {"train": 1, "val": 1}
     config["kline_factor"]["factor"]["samples"] = 100
-    config["probe_qa"]["shards"] = shards
-    config["probe_qa"]["qa"]["shards"] = shards
+    for pipeline in ("speaker_embed", "kline_factor", "probe_qa"):
+        config[pipeline]["shards"] = 1
+    config["probe_qa"]["qa"]["shards"] = 1
     return config
 
 
 @pytest.mark.slow
-def test_every_table_of_every_pipeline_has_its_declared_schema_with_1_and_3_shards(tmp_path):
+def test_every_table_of_every_pipeline_has_its_declared_schema_with_1_and_3_shards(tmp_path, hostile_demo):
+    """One run here with every shard count 1; the other is the served demo (conftest's hostile_demo): 3 shards
+    a pipeline, one validation shard empty, failure tables with rows."""
+    one = tmp_path / "shards1"
+    (one / "resources").mkdir(parents=True)
+    (one / "resources" / "demo").symlink_to(REPO / "resources" / "demo")
+    run_snakemake(one, _one_shard_config())
     found: dict[str, dict[str, pa.Schema]] = {}
-    for shards in (1, 3):
-        work = tmp_path / f"shards{shards}"
-        (work / "resources").mkdir(parents=True)
-        (work / "resources" / "demo").symlink_to(REPO / "resources" / "demo")
-        run_snakemake(work, _config(shards))
+    for shards, work in ((1, one), (3, hostile_demo)):
         files = sorted((work / "results").rglob("*.parquet"))
         assert len(files) > 40
         for path in files:
@@ -66,14 +65,14 @@ def test_every_table_of_every_pipeline_has_its_declared_schema_with_1_and_3_shar
             assert name in TABLES, f"{where}: no declared table ({name!r})"
             assert conforms(schema, name) == [], (where, conforms(schema, name))
             found.setdefault(name, {})[f"{shards}:{where}"] = schema.remove_metadata()
-        if shards == 3:  # the demo has two validation clips: one of three val shards holds none
-            sizes = [pq.read_metadata(p).num_rows for p in (work / "results" / "video_frames" / "val").glob(
-                "*.index.parquet")]
-            assert len(sizes) == 3 and 0 in sizes, sizes
-        shutil.rmtree(work / "results" / "sku_index" / "shards")  # keep tmp small
+    sizes = [pq.read_metadata(p).num_rows for p in (hostile_demo / "results" / "video_frames" / "val").glob(
+        "*.index.parquet")]
+    assert len(sizes) == 4 and 0 in sizes, sizes  # an empty shard was among them
+    assert len(list((hostile_demo / "results" / "sku_index" / "shards").iterdir())) == 3
+    assert pq.read_metadata(hostile_demo / "results" / "video_frames" / "failures.parquet").num_rows == 2
     # one schema per table, whatever the run, shard or emptiness
     for name, schemas in found.items():
         distinct = {str(s) for s in schemas.values()}
         assert len(distinct) == 1, (name, list(schemas))
     assert {"failures", "speaker.skipped", "speaker.speakers", "probe.factors", "video.index",
-            "kline.factor", "sku.views"} <= set(found)
+            "kline.factor", "sku.views", "kline.series_checks"} <= set(found)
