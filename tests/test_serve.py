@@ -386,7 +386,7 @@ def test_clips_page_through_with_their_frames(server, demo):
     assert failed["total"] == 2
     codes = {f["file"]: f["reason_code"] for f in failed["failed"]}
     assert codes["gone.mp4"] == "missing" and codes["broken.mp4"] in ("not_a_video", "decode_error", "truncated")
-    assert all("/" not in f["file"] for f in failed["failed"])
+    assert all("/" not in f["file"] and "/resources/" not in f["reason"] for f in failed["failed"]), failed
 
 
 def test_concurrent_queries_are_batched_and_counted_in_metrics(server, demo):

@@ -462,6 +462,12 @@ class VideoSnapshot:
         return record
 
 
+def _without_folder(reason: str, path: str) -> str:
+    """A failure's reason as the service shows it: the file's folder (a decoder quotes the whole path) left out."""
+    folder = str(Path(path).parent)
+    return reason.replace(folder + "/", "") if folder not in ("", ".") else reason
+
+
 def load_video(folder: Path) -> VideoSnapshot:
     index = pd.read_parquet(folder / "index.parquet")
     clips = index[index["status"] == "ok"].sort_values(["split", "clip_id"], kind="stable").reset_index(drop=True)
@@ -469,6 +475,7 @@ def load_video(folder: Path) -> VideoSnapshot:
     failed = pd.DataFrame({"clip_id": failures["item_id"].astype(str),
                            "file": [Path(str(p)).name for p in failures["path"]],
                            "stage": failures["stage"].astype(str), "reason_code": failures["reason_code"].astype(str),
-                           "reason": failures["reason"].astype(str)})
+                           "reason": [_without_folder(str(r), str(p)) for r, p in
+                                      zip(failures["reason"], failures["path"])]})
     failed = failed.sort_values(["clip_id", "file"], kind="stable").reset_index(drop=True)
     return VideoSnapshot(folder, clips[["clip_id", "text", "n_frames", "split", "pkl", "note"]], failed)
