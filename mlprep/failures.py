@@ -11,9 +11,10 @@ from pathlib import Path
 import pandas as pd
 
 from mlprep.io import write_parquet
+from mlprep.tables import FAILURES
 
 # `id`: the item's own id in its dataset where the data names one (probe_qa's `id_column`), else null
-FAILURE_COLUMNS = ["item_id", "path", "stage", "reason_code", "reason", "id"]
+FAILURE_COLUMNS = FAILURES.names
 
 # Every code a failure row may carry. Summaries count by code, so a code never changes meaning;
 # config/README.md lists them for users.

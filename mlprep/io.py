@@ -62,14 +62,12 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_parquet(frame: pd.DataFrame, path: Path | str, table: str, metadata: dict | None = None,
-                  schema=None) -> None:
+def write_parquet(frame: pd.DataFrame, path: Path | str, table: str, metadata: dict | None = None) -> None:
     """`frame` as declared table `table` (mlprep.tables: its columns, its types, its name in the file), atomically.
-    `metadata` (JSON-able) goes into the file's key-value metadata under 'mlprep'; `schema` replaces the declared
-    one where a column's size depends on the run (speakers_schema(dim))."""
+    `metadata` (JSON-able) goes into the file's key-value metadata under 'mlprep'."""
     from mlprep.tables import to_arrow
 
-    write_table(to_arrow(frame, table, schema), path, table, metadata)
+    write_table(to_arrow(frame, table), path, table, metadata)
 
 
 def write_table(arrow, path: Path | str, table: str, metadata: dict | None = None) -> None:

@@ -108,10 +108,10 @@ def schema_of(name: str) -> pa.Schema:
     return TABLES[name]
 
 
-def to_arrow(frame, name: str, schema: pa.Schema | None = None) -> pa.Table:
+def to_arrow(frame, name: str) -> pa.Table:
     """A DataFrame as table `name`: its declared columns in order, cast to their declared types. A column that
     is missing, or one the declaration does not hold, is an error naming both."""
-    schema = schema or schema_of(name)
+    schema = schema_of(name)
     have, want = list(frame.columns), schema.names
     missing, extra = [c for c in want if c not in have], [c for c in have if c not in want]
     if missing or extra:

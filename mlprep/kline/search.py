@@ -141,13 +141,11 @@ def select_matches(lib: Library, spec: SearchSpec, q_rows: np.ndarray, scores: n
     """(chosen mask [g, K], ordered rows [g, K], FAISS scores [g, K]) from raw hits (rows -1 where none)."""
     valid = rows >= 0
     safe = np.where(valid, rows, 0)
-    same = lib.history_code[safe] == lib.history_code[q_rows][:, None]
     own = lib.symbol_code[safe] == lib.symbol_code[q_rows][:, None]
-    overlap = own & (lib.end_pos[safe] > (lib.end_pos[q_rows] - spec.window)[:, None])
-    if lib.history_code is not lib.symbol_code:  # a copy's bars are numbered its own way: its overlap is by date
-        overlap |= same & ~own & (lib.end_date[safe] >= lib.start_date[q_rows][:, None])
-    valid &= ~overlap
-    if lib.history_code is not lib.symbol_code:
+    valid &= ~(own & (lib.end_pos[safe] > (lib.end_pos[q_rows] - spec.window)[:, None]))
+    if lib.history_code is not lib.symbol_code:  # near-identical series in the library
+        same = lib.history_code[safe] == lib.history_code[q_rows][:, None]
+        valid &= ~(same & ~own & (lib.end_date[safe] >= lib.start_date[q_rows][:, None]))  # a copy's overlap: by date
         valid &= ~_repeated_history(lib, safe, valid)
     rank = np.cumsum(valid, axis=1)
     valid &= rank <= spec.search_k
