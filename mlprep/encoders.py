@@ -241,9 +241,9 @@ class ClipEncoder(ImageEncoder):
         return torch.cat(out).numpy().astype(np.float32, copy=False)
 
 
-def _state_dict(path: Path) -> dict:
+def _state_dict(path: Path, device: torch.device | str = "cpu") -> dict:
     """A checkpoint's tensors: a plain state dict, or one under state_dict/model/state_dict_ema, `module.` dropped."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = torch.load(path, map_location=device, weights_only=True)
     for key in ("state_dict_ema", "state_dict", "model"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
@@ -269,6 +269,31 @@ def _by_order(model: torch.nn.Module, tensors: dict, source: str) -> dict:
     return out
 
 
+def _load_weights(model: torch.nn.Module, spec: ModelSpec, path: Path, assign: bool,
+                  device: torch.device | str = "cpu") -> None:
+    tensors = _state_dict(path, device)
+    if is_packaged(spec.pretrained):
+        tensors = _by_order(model, tensors, spec.pretrained)
+    try:
+        model.load_state_dict(tensors, strict=True, assign=assign)
+    except RuntimeError as err:
+        raise ModelError(f"{path}: does not fit timm's {spec.name}: {str(err)[:400]}") from err
+
+
+def _timm_with_weights(spec: ModelSpec, path: Path, device: torch.device) -> torch.nn.Module | None:
+    """The model built without initialising it (on the meta device) and its checkpoint's tensors, loaded straight
+    onto `device`, put in place: no random init that the checkpoint overwrites, no copy of the weights. None when a
+    tensor is left unset (a buffer the checkpoint does not hold): the caller then builds it the usual way."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(spec.name, pretrained=False)
+    _load_weights(model, spec, path, assign=True, device=device)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return None
+    return model
+
+
 class TimmEncoder(ImageEncoder):
     """A timm image model: embeddings are its pooled features (before the classifier), L2-normalised; `logits`
     gives its classifier's output. Input size and normalisation come from timm's pretrained config of the
@@ -285,17 +310,14 @@ class TimmEncoder(ImageEncoder):
         if spec.pretrained and path is None:
             raise ModelError(f"model.pretrained: {spec.pretrained!r} is no local file and no packaged weights "
                              f"(timm hub tags cannot be fetched here)")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.init_seed)
-            model = timm.create_model(spec.name, pretrained=False)
-        if path is not None:
-            tensors = _state_dict(path)
-            if is_packaged(spec.pretrained):
-                tensors = _by_order(model, tensors, spec.pretrained)
-            try:
-                model.load_state_dict(tensors, strict=True)
-            except RuntimeError as err:
-                raise ModelError(f"{path}: does not fit timm's {spec.name}: {str(err)[:400]}") from err
+        model = _timm_with_weights(spec, path, device) if path is not None else None
+        self.built_in_place = model is not None  # no random init, weights loaded straight onto the device
+        if model is None:  # random weights (seeded), or a checkpoint that leaves tensors unset
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec.init_seed)
+                model = timm.create_model(spec.name, pretrained=False)
+            if path is not None:
+                _load_weights(model, spec, path, assign=False)
         cfg = model.pretrained_cfg
         size = int(cfg.get("input_size", (3, 224, 224))[-1])
         self.model = model.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)

@@ -4,14 +4,18 @@ CPU workers do only what must happen on a CPU: read the bytes, parse the header,
 image (a reduced-size JPEG draft, PNG, CMYK, greyscale, progressive files: whatever the device's decoder
 does not take) or pass baseline JPEG bytes on to the device's decoder (nvjpeg through torchvision on a
 GPU). Each item's views are numbers made on the CPU as well: a 3x3 sampling matrix, a colour transform and
-a blur sigma per view, from the seeded view parameters. Workers pack a chunk of items into one buffer, so
-one message and one host-to-device copy carry a whole chunk. On the device, one decoded image per item is
-sampled into all of its views (one `grid_sample`), colour and blur run over the chunk's views at once, and
-the views are encoded in fixed-size batches. On a CPU the same code runs with the model's device `cpu`.
+a blur sigma per view, from the seeded view parameters. Workers pack a chunk of items into one buffer, with
+decoded pixels already laid out in a few canvases (blocks of one shape each), so one message and one
+host-to-device copy carry a whole chunk and the device places none of them.
 
-Every device-side step has a fixed shape (a chunk always has the same number of view slots, blurred views
-go in fixed-size groups), so a view's pixels, and then its embedding, never depend on which other items
-shared its chunk: results are the same whatever the shard count.
+On the device the render of a chunk is a fixed number of operations, whatever its images: the numbers of
+all its views go over in one copy, one `grid_sample` per canvas samples every view of its images, colour is
+one batched product, the blurred views are filtered together; then the views are encoded in fixed-size
+batches. Nothing in the loop waits for the device. On a CPU the same code runs with the model's device `cpu`.
+
+A view's pixels come from element-wise steps over its own numbers and its own image, colour runs over a fixed
+number of slots, and an image's canvas shape depends on the image alone, so a view's pixels, and then its
+embedding, never depend on which other items shared its chunk: results are the same whatever the shard count.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from mlprep.failures import ItemError, decoder_message, describe_error
 
 DECODERS = ("auto", "cpu", "device")
-BLUR_GROUP = 8  # blurred views are filtered in groups of this many (a fixed shape)
 # The device decodes a JPEG at full size: larger ones take the CPU's reduced-size draft instead, and one
 # decoder call takes JPEGs of at most this many pixels together (GPU memory stays bounded).
 DEVICE_DECODE_MAX_PIXELS = 50_000_000
@@ -164,22 +167,29 @@ class PreparedImage:
     height: int = 0
     transforms: ViewTransforms | None = None
     jpeg: bool = False  # the bytes are a JPEG for the device's decoder, else decoded uint8 [3, h, w] pixels
-    shape: tuple[int, int, int] = (0, 0, 0)
-    orientation: int = 1
+    shape: tuple[int, int, int] = (0, 0, 0)  # of the decoded pixels, as stored in the chunk's canvas
+    orientation: int = 1  # how the stored pixels (or the JPEG's) map to the displayed image: an EXIF code
     reduce: int = 1
     digest: str = ""
     error: tuple[str, str] | None = None  # (reason code, reason)
     extra: Any = None  # what the caller carries along (a label, ids)
+    canvas: int = -1  # decoded pixels: which of the chunk's canvases holds them, and where
+    position: int = -1
 
 
 @dataclass
 class PreparedChunk:
-    """A chunk of items as one worker delivers it: metadata, and every item's bytes in one buffer."""
+    """A chunk of items as one worker delivers it: metadata, and every item's pixels or bytes in one buffer.
+
+    Pixels decoded on the CPU lie in canvases: blocks uint8 [n, 3, H, W] of the buffer, one per canvas shape
+    (canvas_side of each side; portrait images stored transposed), zero beyond each image. JPEG bytes for the
+    device's decoder follow the canvases."""
 
     items: list[PreparedImage]
     data: torch.Tensor  # uint8 [n]
     offsets: list[int] = field(default_factory=list)  # item k's bytes are data[offsets[k]:offsets[k + 1]]
     error: tuple[str, str] | None = None  # the whole chunk could not be read (a bad row group)
+    canvases: list[tuple[int, int, int, int]] = field(default_factory=list)  # (byte offset, images, H, W)
 
     def pin_memory(self) -> PreparedChunk:
         """Called by the loader's pin thread: page-locked, the chunk copies to a GPU without a stall."""
@@ -188,6 +198,10 @@ class PreparedChunk:
 
     def payload(self, k: int) -> torch.Tensor:
         return self.data[self.offsets[k] : self.offsets[k + 1]]
+
+    @property
+    def canvas_bytes(self) -> int:
+        return max((offset + n * 3 * h * w for offset, n, h, w in self.canvases), default=0)
 
 
 def prepare_image(tag: Any, data: bytes, min_side: int, device_decode: bool,
@@ -210,22 +224,73 @@ def prepare_image(tag: Any, data: bytes, min_side: int, device_decode: bool,
                 item.reduce = device_reduction(header.stored, header.orientation, min_side)
                 return item, data
             pixels = _decoded(img, min_side).numpy()
-        item.shape = tuple(pixels.shape)
+        item.shape, item.orientation = tuple(pixels.shape), 1  # decoded as displayed
         return item, pixels
     except Exception as err:  # noqa: BLE001 - any decoder error is this item's failure
         return PreparedImage(tag, error=describe_error(err), extra=extra), b""
 
 
 def pack(prepared: Iterable[tuple[PreparedImage, bytes | np.ndarray]]) -> PreparedChunk:
-    """Items and their payloads -> one chunk: a single buffer, so one message and one copy carry them all."""
-    items, parts, offsets = [], [], [0]
+    """Items and their payloads -> one chunk: a single buffer, so one message and one copy carry them all.
+    Decoded pixels go into canvases (a worker's copy, so the device places none of them); portrait images are
+    stored transposed (orientation 5), so that a chunk's canvases are landscape."""
+    items, payloads = [], []
     for item, payload in prepared:
-        raw = payload if isinstance(payload, bytes) else np.ascontiguousarray(payload).reshape(-1).view(np.uint8)
         items.append(item)
-        parts.append(np.frombuffer(raw, np.uint8) if isinstance(raw, bytes) else raw)
-        offsets.append(offsets[-1] + len(parts[-1]))
+        payloads.append(payload)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for k, (item, payload) in enumerate(zip(items, payloads)):
+        if isinstance(payload, np.ndarray) and payload.size:
+            if payload.shape[1] > payload.shape[2]:
+                payloads[k] = payload = payload.transpose(0, 2, 1)
+                item.orientation = 5  # displayed = stored, transposed
+            item.shape = tuple(payload.shape)
+            groups.setdefault(_canvas_shape(*payload.shape[1:]), []).append(k)
+    parts, canvases, size = [], [], 0
+    for (height, width), members in groups.items():
+        block = np.zeros((len(members), 3, height, width), dtype=np.uint8)
+        for position, k in enumerate(members):
+            _, h, w = payloads[k].shape
+            block[position, :, :h, :w] = payloads[k]
+            items[k].canvas, items[k].position = len(canvases), position
+        canvases.append((size, len(members), height, width))
+        parts.append(block.reshape(-1))
+        size += block.size
+    offsets = [size]
+    for payload in payloads:
+        if isinstance(payload, bytes) and payload:
+            parts.append(np.frombuffer(payload, np.uint8))
+            size += len(payload)
+        offsets.append(size)
     data = torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.uint8)
-    return PreparedChunk(items, data, offsets)
+    return PreparedChunk(items, data, offsets, canvases=canvases)
+
+
+def canvas_side(n: int) -> int:
+    """The side of the canvas an image side of n pixels goes in: the smallest of 16 and 4..8 x 2^k that holds it
+    (at most a quarter larger). It depends on the image alone, so a view's numbers never depend on its chunk;
+    and a chunk's images share a handful of canvases, however many they are."""
+    if n <= 16:
+        return 16
+    step = 1 << (n.bit_length() - 3)  # n / step in [4, 8)
+    return -(-n // step) * step
+
+
+def _canvas_shape(height: int, width: int) -> tuple[int, int]:
+    return canvas_side(height), canvas_side(width)
+
+
+# displayed unit square -> stored unit square, for each EXIF orientation (what orient() undoes)
+_FLIP_H = np.array([[-1.0, 0, 1], [0, 1, 0], [0, 0, 1]])
+_FLIP_V = np.array([[1.0, 0, 0], [0, -1, 1], [0, 0, 1]])
+_TRANSPOSE = np.array([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]])
+
+
+def orientation_map(orientation: int) -> np.ndarray:
+    """float64 [3, 3]: a point of the displayed image in unit coordinates -> the same point of the stored pixels."""
+    flips = {2: _FLIP_H, 3: _FLIP_H @ _FLIP_V, 4: _FLIP_V, 6: _FLIP_H, 7: _FLIP_H @ _FLIP_V, 8: _FLIP_V}
+    out = flips.get(orientation, np.eye(3))
+    return _TRANSPOSE @ out if orientation >= 5 else out
 
 
 # ---------------------------------------------------------------- device side: decode, render, encode
@@ -240,6 +305,18 @@ def choose_device_decode(spec: str, device: torch.device) -> bool:
     return spec == "device" or (spec == "auto" and device.type == "cuda")
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The one way the render loop moves host data to the device: from page-locked memory, without waiting
+    (the caching host allocator keeps the buffer until the copy is done). Marked for the profiler, so a test
+    counts the transfers of a chunk."""
+    with torch.profiler.record_function("mlprep::host_to_device"):
+        if device.type == "cpu":
+            return host
+        if not host.is_pinned():
+            host = host.pin_memory()
+        return host.to(device, non_blocking=True)
+
+
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     """[C, H, W] as stored -> as displayed, for EXIF orientations 1-8 (what PIL's exif_transpose does)."""
     if orientation >= 5:
@@ -248,43 +325,109 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image.flip(flip) if flip else image
 
 
+@dataclass
+class ChunkPixels:
+    """A chunk's images on the device: float32 canvases [n, 3, H, W] (zero beyond each image) and, per item,
+    where its pixels lie, their stored size and how they map to the displayed image."""
+
+    canvases: list[torch.Tensor]
+    place: list[tuple[int, int] | None]  # item -> (canvas, position); None: no image
+    stored: list[tuple[int, int]]  # item -> (height, width) of its pixels in the canvas
+    orientation: list[int]
+
+    def image(self, k: int) -> torch.Tensor | None:
+        """Item k's image as displayed, float [3, h, w] (a view of its canvas)."""
+        if self.place[k] is None:
+            return None
+        (canvas, position), (h, w) = self.place[k], self.stored[k]
+        return orient(self.canvases[canvas][position, :, :h, :w], self.orientation[k])
+
+    def __len__(self) -> int:
+        return len(self.place)
+
+    @classmethod
+    def of_images(cls, images: list[torch.Tensor | None], device: torch.device) -> ChunkPixels:
+        """Images as displayed, float or uint8 [3, h, w], placed in canvases (one copy each)."""
+        out = cls([], [None] * len(images), [(0, 0)] * len(images), [1] * len(images))
+        placing = _Placing(device)
+        for k, image in enumerate(images):
+            if image is not None:
+                placing.add(k, image, 1)
+        placing.into(out)
+        return out
+
+
+class _Placing:
+    """Images the device made (decoded JPEGs, CPU fallbacks) gathered into canvases: one copy per image."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.images: list[tuple[int, torch.Tensor, int]] = []
+
+    def add(self, k: int, image: torch.Tensor, orientation: int) -> None:
+        self.images.append((k, image, orientation))
+
+    def into(self, pixels: ChunkPixels) -> None:
+        groups: dict[tuple[int, int], list[tuple[int, torch.Tensor, int]]] = {}
+        for entry in self.images:
+            groups.setdefault(_canvas_shape(*entry[1].shape[1:]), []).append(entry)
+        for (height, width), members in groups.items():
+            canvas = torch.zeros((len(members), 3, height, width), dtype=torch.float32, device=self.device)
+            for position, (k, image, orientation) in enumerate(members):
+                _, h, w = image.shape
+                canvas[position, :, :h, :w] = image
+                pixels.place[k] = (len(pixels.canvases), position)
+                pixels.stored[k], pixels.orientation[k] = (h, w), orientation
+            pixels.canvases.append(canvas)
+
+
 class DeviceImages:
-    """A chunk's images on the device as float [3, h, w]: decoded pixels copied over, JPEGs decoded there."""
+    """A chunk's images on the device: the worker's canvases copied over in one transfer (no work per image),
+    JPEGs decoded there, box-reduced and placed in canvases of their own (one copy each)."""
 
     def __init__(self, device: torch.device, min_side: int):
         self.device = device
         self.min_side = min_side
 
-    def __call__(self, chunk: PreparedChunk) -> list[torch.Tensor | None]:
-        out: list[torch.Tensor | None] = [None] * len(chunk.items)
+    def __call__(self, chunk: PreparedChunk) -> ChunkPixels:
+        n = len(chunk.items)
+        pixels = ChunkPixels([], [None] * n, [(0, 0)] * n, [1] * n)
+        if chunk.canvases:  # one copy for the chunk's decoded pixels (JPEG bytes go to the decoder from the host)
+            data = to_device(chunk.data[: chunk.canvas_bytes], self.device)
+            for offset, count, h, w in chunk.canvases:
+                pixels.canvases.append(data[offset : offset + count * 3 * h * w].view(count, 3, h, w).float())
+            for k, item in enumerate(chunk.items):
+                if item.error is None and not item.jpeg and item.canvas >= 0:
+                    pixels.place[k] = (item.canvas, item.position)
+                    pixels.stored[k], pixels.orientation[k] = item.shape[1:], item.orientation
         jpegs = [k for k, item in enumerate(chunk.items) if item.error is None and item.jpeg]
-        decoded = [k for k, item in enumerate(chunk.items) if item.error is None and not item.jpeg]
-        if decoded:  # one copy for the chunk (JPEG bytes go to the decoder from host memory)
-            data = chunk.data.to(self.device, non_blocking=True)
-            for k in decoded:
-                out[k] = data[chunk.offsets[k] : chunk.offsets[k + 1]].view(chunk.items[k].shape).float()
-        groups, pixels = [[]], 0
+        if not jpegs:
+            return pixels
+        groups, count = [[]], 0
         for k in jpegs:  # decoder calls of bounded size
             item = chunk.items[k]
-            if groups[-1] and pixels + item.width * item.height > DEVICE_DECODE_BATCH_PIXELS:
+            if groups[-1] and count + item.width * item.height > DEVICE_DECODE_BATCH_PIXELS:
                 groups.append([])
-                pixels = 0
+                count = 0
             groups[-1].append(k)
-            pixels += item.width * item.height
+            count += item.width * item.height
         images = [image for group in groups for image in self._decode([chunk.payload(k) for k in group])]
+        placing = _Placing(self.device)
         for k, image in zip(jpegs, images):
             item = chunk.items[k]
             if image is None:  # the device's decoder refused it: the CPU decodes it, or says why it cannot
                 try:
-                    out[k] = decode_image(chunk.payload(k).numpy().tobytes(), self.min_side).to(self.device).float()
+                    decoded = decode_image(chunk.payload(k).numpy().tobytes(), self.min_side)
+                    placing.add(k, to_device(decoded, self.device).float(), 1)
                 except ItemError as err:
                     item.error = (err.code, str(err))
                 continue
             image = image.float()
             if item.reduce > 1:
                 image = F.avg_pool2d(image.unsqueeze(0), item.reduce, ceil_mode=True).squeeze(0)
-            out[k] = orient(image, item.orientation)
-        return out
+            placing.add(k, image, item.orientation)
+        placing.into(pixels)
+        return pixels
 
     def _decode(self, payloads: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """JPEGs decoded as a batch; when the batch fails, one by one (None for those that fail alone)."""
@@ -308,120 +451,199 @@ class DeviceImages:
             return out
 
 
+PADDING_MODES = ("border", "zeros", "reflection")
+# a view's numbers, one float32 row: its map (9), clamp bounds (4), far image edges (2), colour (9), shift (3),
+# blur kernel (2 r + 1)
+_MAP, _CLAMP, _EDGE, _COLOUR, _SHIFT, _KERNEL = 0, 9, 13, 15, 24, 27
+
+
+@dataclass(frozen=True)
+class _Group:
+    """`count` items of one canvas with `views` views each, rendered by one grid_sample into render slots
+    slot..slot+count*views. Their canvas positions are first..first+count, or (index_at >= 0) listed in the
+    chunk's index numbers from index_at."""
+
+    canvas: int
+    views: int
+    count: int
+    first: int
+    index_at: int
+    slot: int
+
+
 class ViewRenderer:
-    """Renders the views of a chunk of items, on the device of its images, in fixed shapes."""
+    """Renders the views of a chunk of items, on the device of its images, in a number of device operations
+    that does not grow with the items in the chunk: each view is a 3x3 map from its pixel centres to its image's
+    canvas (view, displayed size, orientation and canvas folded together on the host in float64), with clamp
+    bounds, a colour matrix and a blur kernel; all of a chunk's numbers reach the device in one copy; one
+    grid_sample per canvas samples every view of its images; colour is one batched product over the chunk's
+    fixed number of slots; the blurred views are filtered together, tap by tap.
+
+    Each view's pixels come from element-wise steps over its own numbers and its own image, and a canvas' shape
+    depends on its image alone, so a view never depends on which items share its chunk or where it sits."""
 
     def __init__(self, size: int, slots: int, device: torch.device, padding_mode: str = "border",
                  blur_radius: int = 1):
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}; got {padding_mode!r}")
         self.size, self.slots, self.device = size, slots, device
         self.padding_mode = padding_mode
         self.radius = max(1, blur_radius)
+        self.row = _KERNEL + 2 * self.radius + 1
         centres = torch.arange(size, dtype=torch.float32, device=device) + 0.5
         self._px = centres.view(1, 1, size)
         self._py = centres.view(1, size, 1)
-        self._offsets = torch.arange(-self.radius, self.radius + 1, dtype=torch.float64)
+        self._offsets = np.arange(-self.radius, self.radius + 1, dtype=np.float64)
 
-    def _grids(self, sampling: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-        """float64 [n, 3, 3] maps + [n, 2] image sizes -> grid_sample grids float32 [n, S, S, 2].
+    def kernels(self, sigmas: np.ndarray) -> np.ndarray:
+        """float32 [n, 2r + 1]: one normalised Gaussian per sigma over [-radius, radius]."""
+        sig = np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-12).reshape(-1, 1)
+        k = np.exp(-(self._offsets.reshape(1, -1) ** 2) / (2 * sig**2))
+        return (k / k.sum(axis=1, keepdims=True)).astype(np.float32)
 
-        The normalisation to [-1, 1] is folded into the maps (in float64), so each grid coordinate costs one
-        add and one divide over the full grid: (row term + column term) / w - 1."""
-        m = sampling.clone()
-        m[:, 0] *= (2 / sizes[:, 0]).view(-1, 1)
-        m[:, 1] *= (2 / sizes[:, 1]).view(-1, 1)
-        m = m.float()
+    def __call__(self, images: ChunkPixels | list[torch.Tensor | None], transforms: list[ViewTransforms | None],
+                 sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, list[int]]:
+        """uint8 [slots, 3, S, S] views (item after item, each item's views in order) and the views per item
+        (0 for an item without an image). `sizes`: each item's displayed size (width, height) at full scale,
+        the frame its views' sampling maps are in."""
+        pixels = images if isinstance(images, ChunkPixels) else ChunkPixels.of_images(images, self.device)
+        s = self.size
+        counts = [len(t) if (place is not None and t is not None) else 0
+                  for place, t in zip(pixels.place, transforms)]
+        used = sum(counts)
+        if not used:
+            return torch.zeros((self.slots, 3, s, s), dtype=torch.uint8, device=self.device), counts
+        if used > self.slots:
+            raise ValueError(f"{used} views do not fit the renderer's {self.slots} slots")
+        host, groups, blurred, coloured, order = self._plan(pixels, transforms, sizes, counts)
+        numbers = to_device(torch.from_numpy(host), self.device)  # the chunk's only transfer of numbers
+        rows = numbers[: self.slots * self.row].view(self.slots, self.row)
+        index = numbers[self.slots * self.row :].long()
+        grids = self._grids(rows[:used])
+        views = torch.empty((self.slots, 3, s, s), dtype=torch.float32, device=self.device)
+        if used < self.slots:
+            views[used:] = 0
+        for g in groups:  # views in render order: grouped by canvas
+            canvas = pixels.canvases[g.canvas]
+            n_views = g.count * g.views
+            source = (canvas[g.first : g.first + g.count] if g.index_at < 0
+                      else canvas.index_select(0, index[g.index_at : g.index_at + g.count]))
+            sampled = F.grid_sample(source, grids[g.slot : g.slot + n_views].view(g.count, g.views * s, s, 2),
+                                    mode="bilinear", padding_mode="zeros", align_corners=False)
+            views[g.slot : g.slot + n_views].view(g.count, g.views, 3, s, s).copy_(
+                sampled.view(g.count, 3, g.views, s, s).transpose(1, 2))
+        if coloured:
+            views = self._colour(views, rows)
+        if blurred is not None:
+            self._blur(views, rows, index[blurred[0] : blurred[1]])
+        views = views.clamp_(0, 255).round_().to(torch.uint8)
+        if order is not None:  # render order -> item order: one gather of the finished views
+            views = views.index_select(0, index[order : order + self.slots])
+        return views, counts
+
+    def _plan(self, pixels: ChunkPixels, transforms: list, sizes: list, counts: list[int]
+              ) -> tuple[np.ndarray, list[_Group], tuple[int, int] | None, bool, int | None]:
+        """The chunk's numbers as one float32 array (a row per render slot, then the index numbers), the sampling
+        groups, where the blurred slots are listed, whether any view changes colour, and where the order that
+        takes render slots to item order is listed (None: the same order)."""
+        rows = np.zeros((self.slots, self.row), dtype=np.float32)
+        rows[:, _COLOUR : _COLOUR + 9] = np.eye(3, dtype=np.float32).reshape(-1)
+        rows[:, _KERNEL + self.radius] = 1
+        index: list[np.ndarray] = []
+        index_size = 0
+
+        def listed(values) -> int:
+            nonlocal index_size
+            index.append(np.asarray(values, dtype=np.float32))
+            index_size += len(values)
+            return index_size - len(values)
+
+        members: dict[tuple[int, int], list[int]] = {}  # (canvas, views) -> items, in item order
+        for k, n in enumerate(counts):
+            if n:
+                members.setdefault((pixels.place[k][0], n), []).append(k)
+        groups, blur = [], []
+        order = np.arange(self.slots)  # item-order slot -> render slot
+        first_slot = np.cumsum([0] + counts[:-1])
+        slot = 0
+        for (canvas, n), items in members.items():
+            positions = [pixels.place[k][1] for k in items]
+            consecutive = positions == list(range(positions[0], positions[0] + len(positions)))
+            groups.append(_Group(canvas, n, len(items), positions[0], -1 if consecutive else listed(positions), slot))
+            _, _, canvas_h, canvas_w = pixels.canvases[canvas].shape
+            for k in items:
+                height, width = pixels.stored[k]
+                shown_w, shown_h = sizes[k]
+                # displayed full-size pixels -> displayed unit square -> stored unit square -> canvas' [-1, 1]
+                to_canvas = (np.array([[2 * width / canvas_w, 0, -1], [0, 2 * height / canvas_h, -1], [0, 0, 1]])
+                             @ orientation_map(pixels.orientation[k]) @ np.diag([1 / shown_w, 1 / shown_h, 1.0]))
+                view_rows = rows[slot : slot + n]
+                view_rows[:, _MAP : _MAP + 9] = (to_canvas @ transforms[k].sampling).reshape(n, 9)
+                view_rows[:, _CLAMP : _CLAMP + 4] = [1 / canvas_w - 1, (2 * width - 1) / canvas_w - 1,
+                                                     1 / canvas_h - 1, (2 * height - 1) / canvas_h - 1]
+                view_rows[:, _EDGE : _EDGE + 2] = [2 * width / canvas_w - 1, 2 * height / canvas_h - 1]
+                view_rows[:, _COLOUR : _COLOUR + 9] = transforms[k].colour.reshape(n, 9)
+                view_rows[:, _SHIFT : _SHIFT + 3] = transforms[k].shift
+                sigmas = transforms[k].blur
+                if (sigmas > 0).any():
+                    view_rows[sigmas > 0, _KERNEL:] = self.kernels(sigmas[sigmas > 0])
+                    blur.append(slot + np.flatnonzero(sigmas > 0))
+                order[first_slot[k] : first_slot[k] + n] = np.arange(slot, slot + n)
+                slot += n
+        live = rows[:slot]
+        blurred = (listed(np.concatenate(blur)), index_size) if blur else None
+        coloured = bool(live[:, _SHIFT : _SHIFT + 3].any()
+                        or (live[:, _COLOUR : _COLOUR + 9] != np.eye(3, dtype=np.float32).reshape(-1)).any())
+        reorder = None if (order == np.arange(self.slots)).all() else listed(order)
+        numbers = np.concatenate([rows.reshape(-1)] + index) if index else rows.reshape(-1)
+        return numbers, groups, blurred, coloured, reorder
+
+    def _grids(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 [n, S, S, 2]: where each view's pixel centres fall in its canvas (grid_sample's [-1, 1]),
+        clamped to its image's pixel centres (border), reflected at its image's edges (reflection), or left as
+        they are (zeros: the canvas is zero beyond the image)."""
+        m = rows[:, _MAP : _MAP + 9].view(-1, 9, 1, 1)
         px, py = self._px, self._py
         n, s = len(m), self.size
         grid = torch.empty((n, s, s, 2), dtype=torch.float32, device=self.device)
-        w = (m[:, 2, 0, None, None] * px + m[:, 2, 2, None, None]) + m[:, 2, 1, None, None] * py
+        w = (m[:, 6] * px + m[:, 8]) + m[:, 7] * py
         for axis in (0, 1):
-            out = grid[..., axis]
-            torch.add(m[:, axis, 0, None, None] * px + m[:, axis, 2, None, None], m[:, axis, 1, None, None] * py,
-                      out=out)
-            out.div_(w).sub_(1)
+            c = grid[..., axis]
+            torch.add(m[:, 3 * axis] * px + m[:, 3 * axis + 2], m[:, 3 * axis + 1] * py, out=c)
+            c.div_(w)
+            low, high = (rows[:, _CLAMP + 2 * axis + j].view(-1, 1, 1) for j in (0, 1))
+            if self.padding_mode == "reflection":  # about the image's edges -1 and edge, then onto its pixels
+                edge = rows[:, _EDGE + axis].view(-1, 1, 1)
+                span = edge + 1
+                far = (c + 1).abs_()
+                flips = torch.floor(far / span)
+                extra = far - flips * span
+                c.copy_(torch.where(torch.remainder(flips, 2) == 0, extra - 1, edge - extra))
+            if self.padding_mode != "zeros":
+                torch.clamp(c, low, high, out=c)
         return grid
 
-    def kernels(self, sigmas: np.ndarray) -> torch.Tensor:
-        """One normalised Gaussian per sigma over [-radius, radius] (a fixed width for every view)."""
-        sig = torch.as_tensor(np.maximum(sigmas, 1e-12), dtype=torch.float64).view(-1, 1)
-        k = torch.exp(-(self._offsets.view(1, -1) ** 2) / (2 * sig**2))
-        return (k / k.sum(dim=1, keepdim=True)).float()
-
-    def __call__(self, images: list[torch.Tensor | None], transforms: list[ViewTransforms | None],
-                 sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, list[int]]:
-        """uint8 [slots, 3, S, S] views (item after item, each item's views in order) and the views per item
-        (0 for an item without an image)."""
-        s = self.size
-        counts = [len(t) if (image is not None and t is not None) else 0 for image, t in zip(images, transforms)]
-        if not sum(counts):
-            return torch.zeros((self.slots, 3, s, s), dtype=torch.uint8, device=self.device), counts
-        views = torch.empty((self.slots, 3, s, s), dtype=torch.float32, device=self.device)
-        views[sum(counts) :] = 0
-        live = [k for k, n in enumerate(counts) if n]
-        sampling = torch.from_numpy(np.concatenate([transforms[k].sampling for k in live])).to(self.device)
-        size_rows = np.repeat(np.array([sizes[k] for k in live], dtype=np.float64), [counts[k] for k in live], axis=0)
-        grids = self._grids(sampling, torch.from_numpy(size_rows).to(self.device))
-        start, first = 0, {}
-        for k in live:
-            first[k] = start
-            start += counts[k]
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for k in live:
-            by_shape.setdefault((counts[k], *images[k].shape), []).append(k)
-        for (n_views, *_), members in by_shape.items():
-            # One grid_sample per group of same-sized images: each image's views stacked as rows of one grid.
-            source = torch.stack([images[k] for k in members]) if len(members) > 1 else images[members[0]][None]
-            starts = [first[k] for k in members]
-            if starts == list(range(starts[0], starts[0] + n_views * len(members), n_views)):  # consecutive slots
-                rows = grids[starts[0] : starts[0] + n_views * len(members)].view(len(members), n_views * s, s, 2)
-            else:
-                rows = torch.stack([grids[a : a + n_views].reshape(n_views * s, s, 2) for a in starts])
-            sampled = F.grid_sample(source, rows, mode="bilinear", padding_mode=self.padding_mode, align_corners=False)
-            sampled = sampled.view(len(members), 3, n_views, s, s).transpose(1, 2)
-            if starts[0] + n_views * len(members) == starts[-1] + n_views:
-                views[starts[0] : starts[-1] + n_views].view(len(members), n_views, 3, s, s).copy_(sampled)
-            else:
-                for j, a in enumerate(starts):
-                    views[a : a + n_views] = sampled[j]
-        views = self._colour(views, live, transforms, start)
-        self._blur(views, np.concatenate([transforms[k].blur for k in live]))
-        return views.clamp_(0, 255).round_().to(torch.uint8), counts
-
-    def _colour(self, views: torch.Tensor, live: list[int], transforms: list, used: int) -> torch.Tensor:
-        matrix = np.zeros((self.slots, 3, 3), dtype=np.float32)
-        matrix[:, [0, 1, 2], [0, 1, 2]] = 1
-        shift = np.zeros((self.slots, 3), dtype=np.float32)
-        matrix[:used] = np.concatenate([transforms[k].colour for k in live])
-        shift[:used] = np.concatenate([transforms[k].shift for k in live])
-        if not shift.any() and (matrix == np.eye(3, dtype=np.float32)).all():
-            return views
+    def _colour(self, views: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Brightness, contrast and colour of every slot: one batched product over the fixed slots."""
         flat = views.view(self.slots, 3, -1)
         mean = flat.mean(dim=(1, 2))  # row by row over a fixed shape: the same whatever the chunk holds
-        out = torch.bmm(torch.from_numpy(matrix).to(self.device, non_blocking=True), flat)
-        out += (torch.from_numpy(shift).to(self.device, non_blocking=True) * mean.view(-1, 1)).unsqueeze(-1)
+        out = torch.bmm(rows[:, _COLOUR : _COLOUR + 9].reshape(self.slots, 3, 3), flat)
+        out += (rows[:, _SHIFT : _SHIFT + 3] * mean.view(-1, 1)).unsqueeze(-1)
         return out.view_as(views)
 
-    def _blur(self, views: torch.Tensor, sigmas: np.ndarray) -> None:
-        """Separable Gaussian blur of the views with sigma > 0, in groups of BLUR_GROUP (zero-padded)."""
-        blurred = np.flatnonzero(sigmas > 0)
-        if not len(blurred):
-            return
+    def _blur(self, views: torch.Tensor, rows: torch.Tensor, blurred: torch.Tensor) -> None:
+        """Separable Gaussian blur (edges replicated) of the listed slots, all at once: 2r + 1 multiply-adds a
+        pass, each element-wise, so a view's result never depends on how many are blurred with it."""
         r, s = self.radius, self.size
-        for start in range(0, len(blurred), BLUR_GROUP):
-            members = blurred[start : start + BLUR_GROUP]
-            index = torch.from_numpy(members).to(self.device)
-            group = torch.zeros((BLUR_GROUP, 3, s, s), dtype=views.dtype, device=self.device)
-            group[: len(members)] = views.index_select(0, index)
-            kernel = torch.zeros((BLUR_GROUP, 2 * r + 1))
-            kernel[: len(members)] = self.kernels(sigmas[members])
-            kernel[len(members) :, r] = 1
-            kernel = kernel.repeat_interleave(3, dim=0).to(self.device)  # [G * 3, K]
-            flat = group.reshape(1, BLUR_GROUP * 3, s, s).contiguous(memory_format=torch.channels_last)
-            flat = F.conv2d(F.pad(flat, (r, r, 0, 0), mode="replicate"), kernel.view(-1, 1, 1, 2 * r + 1),
-                            groups=BLUR_GROUP * 3)
-            flat = F.conv2d(F.pad(flat, (0, 0, r, r), mode="replicate"), kernel.view(-1, 1, 2 * r + 1, 1),
-                            groups=BLUR_GROUP * 3)
-            views.index_copy_(0, index, flat.reshape(BLUR_GROUP, 3, s, s)[: len(members)].contiguous())
+        group = views.index_select(0, blurred)
+        kernel = rows.index_select(0, blurred)[:, _KERNEL:].reshape(-1, 2 * r + 1, 1, 1, 1)
+        for dim in (3, 2):
+            padded = F.pad(group, (r, r, 0, 0) if dim == 3 else (0, 0, r, r), mode="replicate")
+            out = padded.narrow(dim, 0, s) * kernel[:, 0]
+            for tap in range(1, 2 * r + 1):
+                out.addcmul_(padded.narrow(dim, tap, s), kernel[:, tap])
+            group = out
+        views.index_copy_(0, blurred, group)
 
 
 @dataclass

@@ -39,6 +39,7 @@ def _original_model():
 
 def test_the_packaged_weights_give_the_original_models_logits():
     encoder = build_encoder(ModelSpec.from_config(PACKAGED), CPU, torch.float32, 4)
+    assert encoder.built_in_place
     assert encoder.spec.name == "tf_efficientnet_lite0" and image_size_of(encoder.spec) == encoder.image_size == 224
     views = _views()
     ours = encoder.logits_device(views)
@@ -74,6 +75,8 @@ def test_a_timm_checkpoint_of_the_users_own_loads_through_the_same_path(tmp_path
     encoder = build_encoder(ModelSpec.from_config({"family": "timm", "name": "test_efficientnet",
                                                    "pretrained": str(path)}), CPU, torch.float32, 4)
     assert isinstance(encoder, TimmEncoder) and encoder.image_size == 160 and encoder.dim == mine.num_features
+    assert encoder.built_in_place  # built on the meta device, the checkpoint's tensors put in place
+    assert not any(t.is_meta for t in (*encoder.model.parameters(), *encoder.model.buffers()))
     views = _views(160)
     with torch.inference_mode():
         expected = mine(encoder._pixels(views))

@@ -7,7 +7,10 @@
 - bf16 embeddings of the same views against fp32: min cosine >= 0.999 (ViT-B-32);
 - every EXIF orientation alike in both decoders; what the device decoder cannot take (PNG, greyscale, CMYK,
   progressive, a JPEG without its end marker) decoded by the CPU; a broken JPEG and a decompression bomb
-  recorded as failures.
+  recorded as failures;
+- the feed's shape, counted with torch.profiler: a chunk's render and encode issue the same operations for few
+  images as for many, two host-to-device transfers and nothing that waits for the device;
+- every padding mode samples as grid_sample does on the image alone, though images lie in larger canvases.
 """
 
 from __future__ import annotations
@@ -175,7 +178,7 @@ def test_every_exif_orientation_is_applied_alike_by_both_decoders(orientation):
     assert cpu.shape[1:] == ((320, 480)[::-1] if orientation >= 5 else (320, 480))
     chunk = pack([prepare_image(0, data, 224, True, lambda w, h: None)])
     assert chunk.items[0].jpeg
-    [device] = DeviceImages(CPU, 224)(chunk)
+    device = DeviceImages(CPU, 224)(chunk).image(0)
     assert device.shape == cpu.shape
     assert (device - cpu.float()).abs().mean() < 2.0
 
@@ -227,7 +230,7 @@ def test_a_broken_jpeg_and_a_decompression_bomb_are_failures(tmp_path):
     prepared, _ = prepare_image(0, broken, 224, True, lambda w, h: None)
     assert prepared.jpeg  # it looks like one the device decoder takes ...
     chunk = pack([(prepared, broken)])
-    [image] = DeviceImages(CPU, 224)(chunk)
+    image = DeviceImages(CPU, 224)(chunk).image(0)
     assert image is None and chunk.items[0].error[0] in ("decode_error", "truncated")  # ... and fails in both
     for data, side in [(huge_png(50000), 50000), (huge_jpeg(65000), 65000)]:  # over Pillow's own limit
         for device_decode in (False, True):
@@ -252,3 +255,87 @@ def huge_jpeg(side: int) -> bytes:
     sof = data.index(b"\xff\xc0")
     data[sof + 5 : sof + 9] = side.to_bytes(2, "big") * 2
     return bytes(data)
+
+
+def _chunk_of(n: int, device_decode: bool, views_per_item: int = 4):
+    """n JPEGs of three sizes (one portrait), each with `views_per_item` views, packed as a worker packs them."""
+    from mlprep.sku.augment import view_transforms
+
+    sizes = [(320, 240), (240, 320), (500, 375)]
+    prepared = []
+    for k in range(n):
+        data = _jpeg(_photo(sizes[k % 3]))
+        prepared.append(prepare_image(k, data, 64, device_decode, lambda w, h, k=k: view_transforms(
+            _params(w, h, f"item{k}", views_per_item), w, h, 64)))
+    return pack(prepared)
+
+
+VIEW_OPS = {"aten::slice", "aten::as_strided", "aten::view", "aten::select", "aten::narrow", "aten::empty",
+            "aten::reshape", "aten::transpose", "aten::expand", "aten::alias", "aten::lift_fresh", "aten::detach"}
+
+
+def _ops_of_one_chunk(stage, chunk) -> tuple[dict, torch.Tensor]:
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        rendered, counts = stage.renderer(stage.images(chunk), [i.transforms for i in chunk.items],
+                                          [(i.width, i.height) for i in chunk.items])
+        vectors = stage.forward(rendered)
+    ops = Counter()
+    for event in prof.events():
+        ops[event.name] += 1
+    return ops, vectors[: sum(counts)]
+
+
+@pytest.mark.parametrize("device_decode", [False, True])
+def test_the_render_and_encode_of_a_chunk_issue_as_many_device_operations_whatever_its_images(tiny_clip,
+                                                                                               device_decode):
+    """The feed's shape, counted with torch.profiler on the CPU: a chunk's render and encode take the same device
+    operations for 6 images as for 21 (CPU-decoded pixels arrive in the worker's canvases; JPEGs decoded by the
+    device's decoder cost one decode, reduction and placement each), two host-to-device transfers (pixels, numbers)
+    and nothing that waits for the device (no .item(), .cpu(), nonzero)."""
+    from mlprep.views import ViewStage
+
+    encoder = ClipEncoder(ModelSpec.from_config(tiny_clip), CPU, torch.float32, 24 * 4)
+    stage = ViewStage(encoder, 4, 24)
+    small, large = _chunk_of(6, device_decode), _chunk_of(21, device_decode)
+    _ops_of_one_chunk(stage, small)  # warm
+    few, few_vectors = _ops_of_one_chunk(stage, small)
+    many, many_vectors = _ops_of_one_chunk(stage, large)
+    syncs = {"aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::tolist"}
+    assert not syncs & (set(few) | set(many))
+    assert few["mlprep::host_to_device"] == many["mlprep::host_to_device"] == (1 if device_decode else 2)
+    grown = {name: many[name] - few[name] for name in many if many[name] != few[name]}
+    if device_decode:  # per image: the decoder's output converted, reduced where larger, placed in a canvas
+        compute = {name: n for name, n in grown.items() if name not in VIEW_OPS}
+        # torchvision's CPU decoder decodes one by one and returns a permuted copy (CUDA's takes the list at once)
+        decoder = {"image::decode_jpeg", "aten::permute", "aten::contiguous", "aten::clone", "aten::empty_like"}
+        per_image = decoder | {"aten::to", "aten::_to_copy", "aten::empty_strided", "aten::copy_",
+                               "aten::unsqueeze", "aten::avg_pool2d", "aten::squeeze"}
+        assert set(compute) <= per_image and compute["aten::copy_"] == 3 * 15, str(compute)
+    else:
+        assert grown == {}, grown
+    np.testing.assert_array_equal(few_vectors.numpy(), many_vectors[: len(few_vectors)].numpy())
+
+
+@pytest.mark.parametrize("mode", ["border", "zeros", "reflection"])
+def test_every_padding_mode_samples_as_grid_sample_does_on_the_image_alone(mode):
+    """Views warped beyond the photo show what the padding mode says, though the image lies in a larger canvas."""
+    from mlprep.sku.augment import view_transforms
+
+    image = torch.from_numpy(np.asarray(_photo((300, 233)))).permute(2, 0, 1).float()
+    settings = AugmentSettings(rotation_deg=40, crop_scale=(0.3, 1.0), perspective=0.4, brightness=0, contrast=0,
+                               saturation=0, hue=0, blur_prob=0, padding_mode=mode)
+    params = [sample_view(settings, 5, "s", "x", k, 300, 233) for k in range(1, 9)]
+    ours, _ = ViewRenderer(96, 8, CPU, mode)([image], [view_transforms(params, 300, 233, 96)], [(300, 233)])
+    matrices = np.stack([view_matrix(p, 300, 233, 96) for p in params])
+    centres = np.arange(96, dtype=np.float64) + 0.5
+    gx, gy = np.meshgrid(centres, centres)
+    mapped = matrices @ np.stack([gx.ravel(), gy.ravel(), np.ones(96 * 96)])
+    grid = np.stack([2 * mapped[:, 0] / mapped[:, 2] / 300 - 1, 2 * mapped[:, 1] / mapped[:, 2] / 233 - 1], -1)
+    grid = torch.from_numpy(grid.reshape(8, 96, 96, 2).astype(np.float32))
+    reference = F.grid_sample(image[None].expand(8, -1, -1, -1), grid, padding_mode=mode, align_corners=False)
+    diff = (ours.int() - reference.round().clamp(0, 255).int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 0.01, (diff.max(), diff.float().mean())
