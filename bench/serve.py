@@ -122,13 +122,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(results: Path, threads: int, encode_batch: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(results: Path, threads: int, encode_batch: int, log: Path,
+                 rerank: bool = True) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlprep.cli", "serve", "--results", str(results), "--port",
                              str(port), "--threads", str(threads), "--encode-batch", str(encode_batch),
-                             "--reload-s", "0"], cwd=REPO,
+                             "--reload-s", "0", *([] if rerank else ["--no-rerank"])], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -235,15 +236,26 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+        # the same SKU load on a server that ranks by embeddings alone: what the geometric re-ranking costs
+        proc, base = start_server(results, args.threads, args.encode_batch, work / "serve_plain.log", rerank=False)
+        try:
+            asyncio.run(load(base, "/api/sku/search?k=5", "images", images, 4, 2, 200))
+            plain = asyncio.run(load(base, "/api/sku/search?k=5", "images", images, max(args.clients), args.seconds,
+                                     args.max_requests))
+            print("sku without re-ranking", plain, flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
     figures = {"cpu": cpu_summary(), "threads": args.threads, "device": "cpu", "batch": args.batch,
                "encode_batch": args.encode_batch,
-               "references": ref, "load": runs, "mean_batch": mean_batch}
+               "references": ref, "load": runs, "mean_batch": mean_batch, "sku_without_rerank": plain}
     for name in ("sku", "speaker"):
         most = runs[name][str(max(args.clients))]
         one = runs[name]["1"]
         figures[name] = {"throughput_ratio": round(most["per_s"] / ref[name]["batched_per_s"], 3),
                          "p50_ratio": round(one["p50_ms"] / (1000 * ref[name]["one_s"]), 3),
                          "errors": sum(most["errors"].values()) + sum(one["errors"].values())}
+    figures["sku"]["rerank_throughput_ratio"] = round(runs["sku"][str(max(args.clients))]["per_s"] / plain["per_s"], 3)
     print(json.dumps({k: figures[k] for k in ("sku", "speaker", "mean_batch")}, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))

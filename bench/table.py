@@ -54,6 +54,18 @@ def sku_rows(j: dict) -> list[Row]:
                 v["seed approach"], per_s(job, v["seed approach"]))]
 
 
+def rerank_rows(j: dict) -> list[Row]:
+    e, r = j["embedding only"], j["re-ranked"]
+    return [Row("sku_index", f"shop-floor top-1, look-alikes ({j['queries']} queries), re-ranked", r["top1"],
+                "accuracy", "embedding only", e["top1"], per_s(r["top1"], e["top1"]), ">= +0.15"),
+            Row("sku_index", "shop-floor top-5, look-alikes, re-ranked", r["top5"], "accuracy", "embedding only",
+                e["top5"], per_s(r["top5"], e["top5"]), ">= 1.0"),
+            Row("sku_index", "re-rank of the top 10, p50 (p90 {:.0f} ms)".format(r["ms_per_query_p90"]),
+                r["ms_per_query_p50"], "ms", "target", 100, per_s(100, r["ms_per_query_p50"]), "<= 100 ms"),
+            Row("sku_index", "keypoint artefact per catalog photo", j["keypoint_bytes_per_photo"] / 1024, "KB",
+                "target", 64, per_s(64, j["keypoint_bytes_per_photo"] / 1024), "<= 64 KB")]
+
+
 def video_rows(j: dict) -> list[Row]:
     s = j["s_per_video"]
     job = 1 / s["extract job"]
@@ -146,11 +158,17 @@ def serve_rows(j: dict) -> list[Row]:
                         "the same path, one item, no HTTP", 1000 * ref["one_s"], per_s(1000 * ref["one_s"],
                                                                                       one["p50_ms"]),
                         ">= 0.77 (p50 <= 1.3x)"))
+    plain, most = j.get("sku_without_rerank"), max(j["load"]["sku"], key=int)
+    if plain:
+        rows.append(Row("serve", f"SKU search re-ranked, {most} clients", j["load"]["sku"][most]["per_s"], "img/s",
+                        "the same server ranking by embeddings alone", plain["per_s"],
+                        per_s(j["load"]["sku"][most]["per_s"], plain["per_s"]), ">= 0.5"))
     return rows
 
 
 BENCHES = {  # name -> (script, extra arguments, rows from its JSON)
     "sku_encode": ("sku_encode.py", [], sku_rows),
+    "sku_rerank": ("sku_rerank.py", [], rerank_rows),
     "video_frames": ("video_frames.py", [], video_rows),
     "speaker": ("speaker.py", ["--copies", "40"], speaker_rows),
     "kline": ("kline.py", [], kline_rows),

@@ -12,7 +12,7 @@ from dataclasses import asdict
 def _search_sku(args: argparse.Namespace) -> int:
     from mlprep.sku.search import SkuSearcher
 
-    searcher = SkuSearcher(args.index, device=args.device, threads=args.threads)
+    searcher = SkuSearcher(args.index, device=args.device, threads=args.threads, rerank=not args.no_rerank)
     hits, failed = searcher.search(args.images, k=args.k)
     for failure in failed:
         print(f"mlprep: error: {failure.error}", file=sys.stderr)
@@ -27,7 +27,8 @@ def _search_sku(args: argparse.Namespace) -> int:
             if hit.query != current:
                 current = hit.query
                 print(current)
-            print(f"  {hit.rank:>2}. {hit.sku_id:<20} {hit.score:.4f}  {hit.name} [{hit.category}]")
+            verified = f"  {hit.inliers} inliers" if hit.ranked_by == "geometry" else ""
+            print(f"  {hit.rank:>2}. {hit.sku_id:<20} {hit.score:.4f}  {hit.name} [{hit.category}]{verified}")
     if failed:
         print(f"mlprep: {len(failed)} of {len(args.images)} query images could not be read", file=sys.stderr)
         return 1
@@ -60,7 +61,8 @@ def _serve(args: argparse.Namespace) -> int:
                              max_image_pixels=args.max_image_pixels, max_audio_seconds=args.max_audio_seconds,
                              max_batch=args.max_batch, encode_batch=args.encode_batch,
                              batch_wait_ms=args.batch_wait_ms, reload_s=args.reload_s,
-                             cors_origins=args.cors_origin or [], speaker_threshold=args.speaker_threshold)
+                             cors_origins=args.cors_origin or [], speaker_threshold=args.speaker_threshold,
+                             rerank=not args.no_rerank)
     logging.getLogger("mlprep").setLevel(logging.INFO)
     access = logging.getLogger("mlprep.serve.access")  # one JSON object per line, nothing around it
     handler = logging.StreamHandler()
@@ -104,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true",
                         help="one JSON object per hit instead of a table, and one {query, reason_code, error} per "
                              "unreadable image")
+    search.add_argument("--no-rerank", action="store_true",
+                        help="rank by embeddings alone (default: the top candidates are re-ranked geometrically where "
+                             "the index has its photos' local features; rerank.* in the config)")
     search.add_argument("images", nargs="+", help="query image files")
     search.set_defaults(func=_search_sku)
 
@@ -122,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-image-pixels", type=int, default=40_000_000,
                        help="larger query images are refused before decoding (default 40 MP)")
     serve.add_argument("--max-audio-seconds", type=float, default=120, help="longest recording accepted (120 s)")
+    serve.add_argument("--no-rerank", action="store_true",
+                       help="answer SKU searches by embeddings alone (default: the top candidates are re-ranked "
+                            "geometrically where the index has its photos' local features)")
     serve.add_argument("--speaker-threshold", type=_cosine, default=None,
                        help="the cosine at and above which speaker verification says 'same speaker' (default: "
                             "the one speaker_embed's eval.json chose, see speaker_embed.eval.threshold)")

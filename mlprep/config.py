@@ -24,6 +24,22 @@ class ConfigError(ValueError):
     """The config is invalid or names an input that does not exist; the message says which key."""
 
 
+def settings_from_config(cls, cfg: dict | None, section: str, tuples: tuple[str, ...] = ()):
+    """A frozen settings dataclass from its config section: unknown keys are an error naming them and the section,
+    list values of `tuples` become tuples (hashable, as the dataclass declares them)."""
+    from dataclasses import fields
+
+    cfg = dict(cfg or {})
+    known = {f.name for f in fields(cls)}
+    unknown = set(cfg) - known
+    if unknown:
+        raise ValueError(f"{section}: unknown keys {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+    for key in tuples:
+        if key in cfg:
+            cfg[key] = tuple(cfg[key])
+    return cls(**cfg)
+
+
 _PYTHON_TYPES = {"integer": int, "number": (int, float), "boolean": bool, "null": type(None)}
 
 

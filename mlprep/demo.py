@@ -119,6 +119,62 @@ def write_sku_demo(folder: Path | str, synthetic: int = 4, size=(320, 240), seed
     return path
 
 
+def _region(photo: str, region: int, regions: int) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """A real photo and the box of its `region`-th of `regions` (a grid of overlapping cells): look-alike products
+    that share colours, textures and parts with their neighbours."""
+    with Image.open(PHOTOS / f"{photo}.jpg") as source:
+        img = source.convert("RGB")
+    cols = 2 if regions <= 4 else 3
+    rows = -(-regions // cols)
+    row, col = divmod(region, cols)
+    cell_w, cell_h = img.width / cols, img.height / rows
+    pad_w, pad_h = cell_w * 0.15, cell_h * 0.15  # neighbours overlap
+    box = (max(0.0, col * cell_w - pad_w), max(0.0, row * cell_h - pad_h),
+           min(img.width, (col + 1) * cell_w + pad_w), min(img.height, (row + 1) * cell_h + pad_h))
+    return img, box
+
+
+def lookalike_shot(photo: str, region: int, regions: int, take: int, size=(320, 240), seed: int = 0) -> Image.Image:
+    """A catalog shot of one look-alike SKU: its region, a seeded crop of 90-100% of it, a small tilt, lighting."""
+    rng = rng_for(seed, "lookalike-take", photo, region, take)
+    img, (x0, y0, x1, y1) = _region(photo, region, regions)
+    w, h = (x1 - x0) * rng.uniform(0.9, 1.0), (y1 - y0) * rng.uniform(0.9, 1.0)
+    cx, cy = x0 + rng.uniform(w / 2, x1 - x0 - w / 2), y0 + rng.uniform(h / 2, y1 - y0 - h / 2)
+    img = img.rotate(rng.uniform(-4, 4), resample=Image.BICUBIC, center=(cx, cy))
+    img = img.resize(size, Image.LANCZOS, box=(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
+    return ImageEnhance.Brightness(img).enhance(rng.uniform(0.9, 1.1))
+
+
+def lookalike_product(photo: str, region: int, regions: int, size=(480, 360)) -> Image.Image:
+    """The physical product a look-alike SKU stands for: its whole region, as a shop-floor photo would see it."""
+    img, box = _region(photo, region, regions)
+    return img.resize(size, Image.LANCZOS, box=box)
+
+
+def write_lookalike_catalog(folder: Path | str, photos: list[str] | None = None, regions: int = 4, shots: int = 2,
+                            size=(320, 240), seed: int = 0) -> Path:
+    """A fine-grained catalog: `regions` SKUs cut from each real photo (neighbouring SKUs share colours, textures
+    and parts), `shots` catalog photos each; `sku_data.json` lists them with `source` (photo, region) so that
+    shop-floor queries of the same products can be made (mlprep.sku.shopfloor). Returns the JSON's path."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    photos = photos or [photo for photo, _, _ in REAL_SKUS]
+    skus = []
+    for photo in photos:
+        for region in range(regions):
+            sku_id = f"{photo}-{region}"
+            images = []
+            for take in range(shots):
+                images.append(f"{sku_id}_{take}.jpg")
+                lookalike_shot(photo, region, regions, take, size, seed).save(folder / "images" / images[-1],
+                                                                             quality=90)
+            skus.append({"sku_id": sku_id, "name": f"{photo} part {region + 1}", "category": photo,
+                         "images": images, "source": [photo, region, regions]})
+    path = folder / "sku_data.json"
+    path.write_text(json.dumps(skus, indent=1) + "\n")
+    return path
+
+
 def write_catalog(folder: Path | str, n_skus: int, photos_per_sku: int = 2, size=(640, 480), seed: int = 0) -> Path:
     """Write `images/` and `sku_data.json` for `n_skus` synthetic SKUs; returns the JSON's path."""
     folder = Path(folder)

@@ -56,6 +56,12 @@ TABLES: dict[str, pa.Schema] = {
     "sku.shard_views": SKU_VIEWS,
     "sku.views": _schema(("item_id", TEXT), ("sku_id", TEXT), ("name", TEXT), ("category", TEXT), ("image", TEXT),
                          ("view", pa.int32()), ("augmentation", TEXT), ("content_hash", TEXT)),
+    # local features of catalog photos (geometric re-ranking): rows first..first+count of the points and
+    # descriptors arrays beside the table
+    "sku.local_features": _schema(("item_id", TEXT), ("sku_id", TEXT), ("image", TEXT), ("first", I64),
+                                  ("count", I64)),
+    "sku.shop_floor": _schema(("item_id", TEXT), ("sku_id", TEXT), ("image", TEXT), ("query", pa.int32()),
+                              ("first", I64), ("count", I64)),
     "sku.catalog_checks": _schema(("check", TEXT), ("sku_a", TEXT), ("item_a", TEXT), ("image_a", TEXT),
                                   ("sku_b", TEXT), ("item_b", TEXT), ("image_b", TEXT), ("score", F64),
                                   ("action", TEXT)),

@@ -107,6 +107,18 @@ def decode_image(data: bytes, min_side: int) -> torch.Tensor:
         return _decoded(img, min_side)
 
 
+def decode_within(data: bytes, mode: str, max_side: int, resample=Image.BILINEAR) -> Image.Image:
+    """Image bytes -> a PIL image in `mode`, EXIF orientation applied, its long side at most `max_side` (a JPEG is
+    decoded at reduced size where it can be): for work that needs a picture, not a model's input."""
+    with _opened(data) as img:
+        img.draft(mode, (max_side, max_side))
+        img = ImageOps.exif_transpose(img).convert(mode)
+        if max(img.size) > max_side:
+            scale = max_side / max(img.size)
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), resample)
+        return img
+
+
 def _decoded(img: Image.Image, min_side: int) -> torch.Tensor:
     img.draft("RGB", (min_side, min_side))
     img = ImageOps.exif_transpose(img)

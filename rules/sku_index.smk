@@ -67,6 +67,13 @@ rule sku_build_index:
         query_metadata=f"{SKU_DIR}/query_metadata.parquet",
         failures=f"{SKU_DIR}/failures.parquet",
         checks=f"{SKU_DIR}/catalog_checks.parquet",
+        local_features=f"{SKU_DIR}/local_features.parquet",
+        local_features_points=f"{SKU_DIR}/local_features_points.npy",
+        local_features_descriptors=f"{SKU_DIR}/local_features_descriptors.npy",
+        shop_floor=f"{SKU_DIR}/shop_floor.parquet",
+        shop_floor_points=f"{SKU_DIR}/shop_floor_points.npy",
+        shop_floor_descriptors=f"{SKU_DIR}/shop_floor_descriptors.npy",
+        shop_floor_embeddings=f"{SKU_DIR}/shop_floor_embeddings.npy",
         checks_html=report(
             f"{SKU_DIR}/catalog_checks.html",
             caption="../report/sku_catalog_checks.rst",
@@ -115,6 +122,13 @@ rule sku_evaluate:
         info=f"{SKU_DIR}/index_info.json",
         query_embeddings=f"{SKU_DIR}/query_embeddings.npy",
         query_metadata=f"{SKU_DIR}/query_metadata.parquet",
+        local_features=f"{SKU_DIR}/local_features.parquet",
+        local_features_points=f"{SKU_DIR}/local_features_points.npy",
+        local_features_descriptors=f"{SKU_DIR}/local_features_descriptors.npy",
+        shop_floor=f"{SKU_DIR}/shop_floor.parquet",
+        shop_floor_points=f"{SKU_DIR}/shop_floor_points.npy",
+        shop_floor_descriptors=f"{SKU_DIR}/shop_floor_descriptors.npy",
+        shop_floor_embeddings=f"{SKU_DIR}/shop_floor_embeddings.npy",
     output:
         json=f"{SKU_DIR}/eval.json",
         plot=report(
@@ -131,5 +145,6 @@ rule sku_evaluate:
         mem_mb=2000,
     params:
         top_k=SKU["eval"]["top_k"],
+        rerank=SKU["rerank"],
     script:
         "../scripts/sku_evaluate.py"

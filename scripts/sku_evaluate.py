@@ -19,4 +19,5 @@ steps.evaluate_index(
     query_meta_path=sm.input.query_metadata,
     ks=sm.params.top_k,
     outputs=dict(sm.output.items()),
+    rerank=sm.params.rerank,
 )

@@ -154,7 +154,7 @@ def test_colour_jitter_and_blur_do_what_they_say():
 
 
 def test_augment_settings_reject_unknown_keys():
-    with pytest.raises(ValueError, match="unknown augment settings: sharpness"):
+    with pytest.raises(ValueError, match="sku_index.augment: unknown keys sharpness"):
         AugmentSettings.from_config({"sharpness": 1})
 
 

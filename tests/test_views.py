@@ -325,7 +325,7 @@ def test_every_padding_mode_samples_as_grid_sample_does_on_the_image_alone(mode)
     """Views warped beyond the photo show what the padding mode says, though the image lies in a larger canvas."""
     from mlprep.sku.augment import view_transforms
 
-    image = torch.from_numpy(np.asarray(_photo((300, 233)))).permute(2, 0, 1).float()
+    image = torch.from_numpy(np.array(_photo((300, 233)))).permute(2, 0, 1).float()
     settings = AugmentSettings(rotation_deg=40, crop_scale=(0.3, 1.0), perspective=0.4, brightness=0, contrast=0,
                                saturation=0, hue=0, blur_prob=0, padding_mode=mode)
     params = [sample_view(settings, 5, "s", "x", k, 300, 233) for k in range(1, 9)]

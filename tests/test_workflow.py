@@ -75,6 +75,12 @@ def test_full_run_on_tiny_data(sku_workdir, tiny_clip):
     result = json.loads((folder / "eval.json").read_text())
     assert result["n_queries"] == 12 and 0 <= result["augmented_exact"]["top1"] <= 1
     assert (folder / "eval.png").stat().st_size > 1000
+    floor = result["shop_floor"]  # one shop-floor query a photo, each SKU has two photos: none left out
+    assert floor["n_queries"] == 12 and floor["n_left_out_single_photo"] == 0
+    assert set(floor["embedding"]) == set(floor["reranked"]) == {"top1", "top5"} and "left out" in floor["protocol"]
+    photos = pd.read_parquet(folder / "local_features.parquet")
+    assert sorted(photos["item_id"]) == sorted(meta[meta["view"] == 0]["item_id"]) and (photos["count"] > 0).all()
+    assert len(np.load(folder / "local_features_descriptors.npy")) == photos["count"].sum()
     for shard in ["000-of-002", "001-of-002"]:
         stats = json.loads((folder / "shards" / shard / "stats.json").read_text())
         assert {"items_ok", "items_failed", "items_skipped", "seconds", "items_per_s", "views_per_s"} <= set(stats)

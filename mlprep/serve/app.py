@@ -43,7 +43,8 @@ PAGE = Path(__file__).with_name("page")
 
 # the files whose (inode, size, mtime) make up each pipeline's version: the workflow renames them into place
 PIPELINE_FILES = {
-    "sku_index": ["index.faiss", "metadata.parquet", "index_info.json", "manifest.parquet"],
+    "sku_index": ["index.faiss", "metadata.parquet", "index_info.json", "manifest.parquet", "local_features.parquet",
+                  "local_features_points.npy", "local_features_descriptors.npy"],
     "speaker_embed": ["speakers.parquet", "speaker_embeddings.npy", "summary.json"],
     "kline_factor": ["library.parquet", "library_embeddings.npy", "library_closes.npy", "index.faiss",
                      "series_checks.parquet", "factor_stats.json"],
@@ -68,6 +69,7 @@ class ServeSettings:
     cors_origins: list[str] = field(default_factory=list)
     max_k: int = 100
     speaker_threshold: float | None = None  # overrides eval.json's threshold
+    rerank: bool = True  # SKU answers re-ranked geometrically where the index has its photos' local features
 
 
 class Metrics:
@@ -161,7 +163,7 @@ def create_app(settings: ServeSettings):
 
     loaders = {
         "sku_index": on_model_thread(lambda f: load_sku(f, encoders, settings.device, settings.threads,
-                                                        settings.encode_batch)),
+                                                        settings.encode_batch, settings.rerank)),
         "speaker_embed": on_model_thread(lambda f: load_speaker(f, backends, settings.device, settings.threads,
                                                                 settings.speaker_threshold)),
         "kline_factor": on_model_thread(load_kline),

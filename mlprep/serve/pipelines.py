@@ -106,11 +106,11 @@ def _quote(value: str) -> str:
 
 
 def load_sku(folder: Path, encoders: dict, device: str | None, threads: int,
-             batch_size: int | str = "auto") -> SkuSnapshot:
+             batch_size: int | str = "auto", rerank: bool = True) -> SkuSnapshot:
     from mlprep.sku.search import SkuSearcher
 
     searcher = SkuSearcher(folder / "index.faiss", device=device, threads=threads, encoders=encoders,
-                           batch_size=batch_size)
+                           batch_size=batch_size, rerank=rerank)
     manifest = pd.read_parquet(folder / "manifest.parquet", columns=["sku_id", "name", "category", "path", "listed"])
     manifest = manifest.sort_values("listed", kind="stable")
     indexed = set(searcher.skus.tolist())
@@ -131,9 +131,11 @@ def sku_search(snapshot: SkuSnapshot, images: list[bytes], k: int, max_pixels: i
     searcher = snapshot.searcher
     vectors, ok, failed = embed_images(searcher.encoder, images, max_pixels)
     answers: list[dict] = [{} for _ in images]
-    for position, ranked in zip(ok, searcher.rank(vectors, k) if len(ok) else []):
-        answers[position] = {"hits": [{"rank": r, "score": round(float(score), 6), **snapshot.sku(sku)}
-                                      for r, (sku, score) in enumerate(ranked, start=1)]}
+    for position, ranked in zip(ok, searcher.rank_images([images[p] for p in ok], vectors, k) if len(ok) else []):
+        answers[position] = {"hits": [{"rank": n, "score": round(float(r.score), 6),
+                                       "embedding_score": round(float(r.embedding_score), 6), "inliers": r.inliers,
+                                       "ranked_by": r.ranked_by, **snapshot.sku(r.sku_id)}
+                                      for n, r in enumerate(ranked, start=1)]}
     for position, code, reason in failed:
         answers[position] = {"error": {"code": code, "detail": reason}}
     return answers

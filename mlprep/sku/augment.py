@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,15 +39,11 @@ class AugmentSettings:
 
     @classmethod
     def from_config(cls, cfg: dict | None) -> AugmentSettings:
-        cfg = dict(cfg or {})
-        known = {f.name for f in fields(cls)}
-        unknown = set(cfg) - known
-        if unknown:
-            raise ValueError(f"unknown augment settings: {', '.join(sorted(unknown))}")
-        for key in ("crop_scale", "crop_ratio", "blur_sigma"):
-            if key in cfg:
-                cfg[key] = tuple(float(v) for v in cfg[key])
-        return cls(**cfg)
+        from mlprep.config import settings_from_config
+
+        cfg = {k: [float(x) for x in v] if k in ("crop_scale", "crop_ratio", "blur_sigma") else v
+               for k, v in (cfg or {}).items()}
+        return settings_from_config(cls, cfg, "sku_index.augment", ("crop_scale", "crop_ratio", "blur_sigma"))
 
 
 @dataclass(frozen=True)

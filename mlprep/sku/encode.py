@@ -37,6 +37,8 @@ from mlprep.sku.augment import (
 )
 from mlprep.shardlists import ShardLists
 from mlprep.sku.catalog import LIST_COLUMNS, ImageItem, items_from_list
+from mlprep.sku.geometry import FeatureTable, Features, Geometry, features_of
+from mlprep.sku.shopfloor import ShopFloor, photo_for_queries, shop_floor_query
 from mlprep.stats import ShardStats, scheduler_ids
 from mlprep.workers import resolve_workers
 from mlprep.views import (
@@ -66,6 +68,11 @@ SHARD_FILES = {
     "failures": "failures.parquet",
     "stats": "stats.json",
 }
+# Local features (FeatureTable names in the shard's folder): catalog photos, and the shop-floor queries' own
+LOCAL_FEATURES = "local_features"
+SHOP_FLOOR = "shop_floor"
+SHOP_FLOOR_EMBEDDINGS = "shop_floor_embeddings.npy"
+SHOP_FLOOR_FLUSH = 256  # shop-floor queries are embedded in groups of this many while the shard runs
 INDEX_STREAM = "sku-index-view"
 QUERY_STREAM = "sku-query-view"
 
@@ -79,6 +86,8 @@ class ViewPlan:
     queries_per_image: int
     settings: AugmentSettings
     image_size: int
+    geometry: Geometry | None = None  # local features of each photo, for geometric re-ranking
+    shop_floor: ShopFloor | None = None  # shop-floor queries of each photo, for the eval
 
     @property
     def views_per_item(self) -> int:
@@ -122,8 +131,28 @@ class ShardImages(torch.utils.data.Dataset):
         except Exception as err:  # noqa: BLE001
             return PreparedImage(position, error=describe_error(err)), b""
         item, payload = prepare_image(position, data, plan.image_size, self.device_decode, views, content_hash)
-        item.extra = (params.get("index", []), params.get("query", []))
+        extras = {}
+        if item.error is None:
+            try:
+                extras = self._extras(data, self.ids[position])
+            except Exception as err:  # noqa: BLE001 - a photo that decodes for its views but not in full
+                item, payload = PreparedImage(position, error=describe_error(err)), b""
+        item.extra = (params.get("index", []), params.get("query", []), extras)
         return item, payload
+
+    def _extras(self, data: bytes, item_id: str) -> dict:
+        """What the photo's bytes give besides its views, here where they are read: its local features and its
+        shop-floor queries (with theirs)."""
+        plan, out = self.plan, {}
+        if plan.geometry is not None:
+            out["features"] = features_of(data, plan.geometry)
+        if plan.shop_floor is not None and plan.shop_floor.queries_per_image:
+            photo = photo_for_queries(data)
+            queries = [shop_floor_query(photo, plan.shop_floor, plan.seed, item_id, k)
+                       for k in range(plan.shop_floor.queries_per_image)]
+            features = [features_of(q, plan.geometry) for q in queries] if plan.geometry is not None else []
+            out["shop_floor"] = (queries, features)
+        return out
 
     def __getitem__(self, k: int) -> PreparedChunk:
         start, stop = self.ranges[k]
@@ -169,6 +198,9 @@ class EncodedShard:
     query_meta: pd.DataFrame
     items_ok: int
     seconds_encoding: float
+    local_features: FeatureTable | None = None
+    shop_floor_vectors: np.ndarray | None = None
+    shop_floor: FeatureTable | None = None  # a row per shop-floor query, with its local features
 
 
 def _meta_rows(item: ImageItem, params: list[ViewParams], digest: str) -> list[dict]:
@@ -209,20 +241,30 @@ def encode_items(
         chunks = image_chunks([i.path for i in items], [i.item_id for i in items], plan, encoder.batch_size,
                               workers, encoder.device, jpeg_decoder)
     bar = tqdm(total=len(items), desc="encode images", unit="img", file=progress, mininterval=2.0)
+    photo_features: list[tuple[dict, Features]] = []
+    queries = _ShopFloorQueries(encoder)
 
     def seen(prepared: PreparedImage) -> None:
         bar.update(1)
+        item = items[prepared.tag]
         if prepared.error is not None:
-            item = items[prepared.tag]
             failures.record(item.item_id, item.path, "decode", *prepared.error)
+            return
+        extras = prepared.extra[2] if prepared.extra else {}
+        row = {"item_id": item.item_id, "sku_id": item.sku_id, "image": item.image}
+        if "features" in extras:
+            photo_features.append((row, extras["features"]))
+        if "shop_floor" in extras:
+            queries.add(row, *extras["shop_floor"])
 
     out = view_stage(encoder, plan).run(chunks, on_item=seen, on_encoded=on_encoded)
+    queries.flush()
     bar.close()
     index_rows: list[dict] = []
     query_rows: list[dict] = []
     is_query: list[bool] = []
     for prepared in out.items:
-        index_params, query_params = prepared.extra
+        index_params, query_params, _ = prepared.extra
         is_query += [False] * len(index_params) + [True] * len(query_params)
         index_rows += _meta_rows(items[prepared.tag], index_params, prepared.digest)
         query_rows += _meta_rows(items[prepared.tag], query_params, prepared.digest)
@@ -235,7 +277,47 @@ def encode_items(
         query_meta=_meta_frame(query_rows),
         items_ok=len(out.items),
         seconds_encoding=out.encode_seconds,
+        local_features=FeatureTable.build(photo_features, "sku.local_features") if plan.geometry else None,
+        shop_floor_vectors=queries.vectors() if plan.shop_floor else None,
+        shop_floor=queries.table() if plan.shop_floor else None,
     )
+
+
+class _ShopFloorQueries:
+    """Shop-floor queries as the shard's readers make them, embedded in groups while the shard runs (memory
+    stays bounded), through the path a search takes (mlprep.sku.search.embed_images)."""
+
+    def __init__(self, encoder: ImageEncoder):
+        self.encoder = encoder
+        self.waiting: list[tuple[dict, bytes, Features | None]] = []
+        self.entries: list[tuple[dict, Features]] = []
+        self.parts: list[np.ndarray] = []
+
+    def add(self, row: dict, queries: list[bytes], features: list[Features]) -> None:
+        for k, data in enumerate(queries):
+            self.waiting.append(({**row, "query": k}, data, features[k] if features else None))
+        if len(self.waiting) >= SHOP_FLOOR_FLUSH:
+            self.flush()
+
+    def flush(self) -> None:
+        from mlprep.sku.search import embed_images
+
+        if not self.waiting:
+            return
+        vectors, ok, _ = embed_images(self.encoder, [data for _, data, _ in self.waiting])
+        empty = Features(np.zeros((0, 2), np.float16), np.zeros((0, 128), np.uint8))
+        for position in ok:  # a query that does not decode (it always should) is left out
+            row, _, features = self.waiting[position]
+            self.entries.append((row, features if features is not None else empty))
+        self.parts.append(vectors[: len(ok)])
+        self.waiting.clear()
+
+    def vectors(self) -> np.ndarray:
+        parts = [p for p in self.parts if len(p)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.encoder.dim), np.float32)
+
+    def table(self) -> FeatureTable:
+        return FeatureTable.build(self.entries, "sku.shop_floor")
 
 
 def write_encoded_shard(shard: EncodedShard, folder: Path) -> None:
@@ -243,6 +325,11 @@ def write_encoded_shard(shard: EncodedShard, folder: Path) -> None:
     write_parquet(shard.index_meta, folder / SHARD_FILES["metadata"], "sku.shard_views")
     save_npy(shard.query_vectors, folder / SHARD_FILES["query_embeddings"])
     write_parquet(shard.query_meta, folder / SHARD_FILES["query_metadata"], "sku.shard_views")
+    if shard.local_features is not None:
+        shard.local_features.write(folder, LOCAL_FEATURES)
+    if shard.shop_floor is not None:
+        shard.shop_floor.write(folder, SHOP_FLOOR)
+        save_npy(shard.shop_floor_vectors, folder / SHOP_FLOOR_EMBEDDINGS)
 
 
 def load_encoder(cfg: dict, device_spec: str, precision_spec: str, threads: int, seed: int) -> ImageEncoder:
@@ -252,12 +339,16 @@ def load_encoder(cfg: dict, device_spec: str, precision_spec: str, threads: int,
 
 
 def view_plan(cfg: dict, seed: int, image_size: int) -> ViewPlan:
+    rerank = Geometry.from_config(cfg.get("rerank"))
+    shop_floor = ShopFloor.from_config(cfg["eval"].get("shop_floor"))
     return ViewPlan(
         seed=seed,
         augment_per_image=cfg["augment_per_image"],
         queries_per_image=cfg["eval"]["queries_per_image"],
         settings=AugmentSettings.from_config(cfg["augment"]),
         image_size=image_size,
+        geometry=rerank if rerank.enabled else None,
+        shop_floor=shop_floor if shop_floor.queries_per_image else None,
     )
 
 

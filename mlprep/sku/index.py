@@ -39,9 +39,12 @@ def merge_shards(embedding_paths: Sequence[Path | str], metadata_paths: Sequence
 
 
 def rank_skus(
-    index: faiss.Index, sku_of_vector: np.ndarray, queries: np.ndarray, k: int, fetch: int = 64
+    index: faiss.Index, sku_of_vector: np.ndarray, queries: np.ndarray, k: int, fetch: int = 64,
+    item_of_vector: np.ndarray | None = None, exclude: list | None = None,
 ) -> list[list[tuple[str, float]]]:
-    """Top-k SKUs per query, a SKU scored by its best vector (several views of a SKU count once)."""
+    """Top-k SKUs per query, a SKU scored by its best vector (several views of a SKU count once). `exclude`: per
+    query, an item whose vectors do not count (`item_of_vector` says each vector's item): a query made from a
+    catalog photo is searched with that photo left out."""
     results: list[list[tuple[str, float]]] = []
     if index.ntotal == 0:
         return [[] for _ in range(len(queries))]
@@ -49,10 +52,13 @@ def rank_skus(
     scores, ids = index.search(queries, fetch)
     for row, query in enumerate(queries):
         row_scores, row_ids = scores[row], ids[row]
+        left_out = exclude[row] if exclude is not None else None
         while True:
             ranked: dict[str, float] = {}
             for score, vid in zip(row_scores, row_ids):
-                if vid >= 0 and sku_of_vector[vid] not in ranked:
+                if vid < 0 or (left_out is not None and item_of_vector[vid] == left_out):
+                    continue
+                if sku_of_vector[vid] not in ranked:
                     ranked[str(sku_of_vector[vid])] = float(score)
             if len(ranked) >= k or len(row_ids) >= index.ntotal:
                 break

@@ -1,7 +1,9 @@
 """Querying a built SKU index with images (the `mlprep search-sku` command and `mlprep serve`'s SKU search).
 
 A query is view 0 of the index's own path (decode, centre square crop, encode, mlprep.views): what the index
-holds for each catalog photo. Answers are grouped by SKU: each SKU once, scored by its best view."""
+holds for each catalog photo. Answers are grouped by SKU: each SKU once, scored by its best view. Where the
+index has its catalog photos' local features (`rerank.enabled`), the top candidates are re-ranked geometrically
+(mlprep.sku.geometry) and each answer says which score ranked it."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from mlprep.failures import ItemError
 from mlprep.io import read_json
 from mlprep.indexing import apply_search_params, read_index
 from mlprep.sku.augment import AugmentSettings, original_view, read_image_file, view_transforms
-from mlprep.sku.encode import ViewPlan, load_encoder, view_stage
+from mlprep.sku.encode import LOCAL_FEATURES, ViewPlan, load_encoder, view_stage
+from mlprep.sku.geometry import FeatureTable, Geometry, features_of, rerank
 from mlprep.sku.index import rank_skus
 from mlprep.views import choose_device_decode, items_per_chunk, pack, prepare_image
 
@@ -39,7 +42,19 @@ class Hit:
     sku_id: str
     name: str
     category: str
+    score: float  # what ranked it: embedding_score, plus the geometric term where verified
+    embedding_score: float = 0.0
+    inliers: int = 0  # of the homography fitted to its best catalog photo (0: not re-ranked or not verified)
+    ranked_by: str = "embedding"  # "geometry" when its inliers reached rerank.min_inliers
+
+
+@dataclass(frozen=True)
+class Ranked:
+    sku_id: str
     score: float
+    embedding_score: float
+    inliers: int
+    ranked_by: str
 
 
 def embed_images(encoder, images: list[bytes], max_pixels: int | None = None
@@ -62,11 +77,12 @@ class SkuSearcher:
     """A built index with the model that made it, ready to answer image queries."""
 
     def __init__(self, index_path: Path | str, device: str | None = None, threads: int = 2,
-                 encoders: dict | None = None, batch_size: int | str = "auto"):
+                 encoders: dict | None = None, batch_size: int | str = "auto", rerank: bool = True):
         """`encoders`: a cache of built encoders by model identity (a service reloading the index keeps its
         model when the new index was made by the same one). `batch_size`: rows per forward pass; every pass has
         exactly that many (padded), so a query's embedding never depends on the queries it shared a pass with;
-        a service answering single queries wants it small (a lone query pays for the whole pass)."""
+        a service answering single queries wants it small (a lone query pays for the whole pass). `rerank`: False
+        ranks by embeddings alone even where the index has its photos' local features."""
         index_path = Path(index_path)
         folder = index_path.parent
         self.index = read_index(index_path)
@@ -96,9 +112,19 @@ class SkuSearcher:
         if built and self.encoder.identity() != built:
             raise ValueError(f"{folder / 'index_info.json'}: the index was built with {built}, but its model config "
                              f"now loads {self.encoder.identity()} (a changed checkpoint?): rebuild the index")
+        self.geometry, self.photos, self._photo_rows = None, None, {}
+        settings = Geometry.from_config(self.info.get("rerank") or {"enabled": False})
+        if settings.enabled and rerank and FeatureTable.paths(folder, LOCAL_FEATURES)[0].exists():
+            self.geometry = settings
+            self.photos = FeatureTable.read(folder, LOCAL_FEATURES, "sku.local_features")  # memory-mapped
+            for row, sku in enumerate(self.photos.rows["sku_id"].tolist()):
+                self._photo_rows.setdefault(sku, []).append(row)
 
     def embed(self, paths: list[Path | str]) -> tuple[np.ndarray, list[int], list[QueryFailure]]:
         """Embeddings of the image files that decode, their positions in `paths`, and a failure for each other."""
+        return self._embed(paths)[:3]
+
+    def _embed(self, paths: list[Path | str]) -> tuple[np.ndarray, list[int], list[QueryFailure], list[bytes]]:
         names = [str(p) for p in paths]
         datas, unread = [], {}
         for k, name in enumerate(names):
@@ -113,20 +139,38 @@ class SkuSearcher:
             err = unread.get(k)
             code, reason = (err.code, str(err)) if err is not None else (code, reason)
             failures.append(QueryFailure(names[k], code, f"{names[k]}: {reason}"))
-        return vectors if ok else np.zeros((0, self.index.d), np.float32), ok, failures
+        return vectors if ok else np.zeros((0, self.index.d), np.float32), ok, failures, datas
 
     def rank(self, vectors: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """The top-k SKUs of each query vector, each SKU once (scored by its best view)."""
         return rank_skus(self.index, self.skus, vectors, k)
 
+    def rank_images(self, images: list[bytes], vectors: np.ndarray, k: int) -> list[list[Ranked]]:
+        """The top-k SKUs of each query (its bytes and its embedding), re-ranked geometrically where the index has
+        local features: the top `rerank.top_k` candidates are verified against their catalog photos."""
+        depth = max(k, self.geometry.top_k) if self.geometry is not None else k
+        out = []
+        for data, candidates in zip(images, self.rank(vectors, depth) if len(vectors) else []):
+            if self.geometry is None:
+                out.append([Ranked(sku, score, score, 0, "embedding") for sku, score in candidates[:k]])
+                continue
+            query = features_of(data, self.geometry)
+            rows = rerank(candidates, query, lambda sku: [self.photos.features(r) for r in self._photo_rows.get(sku, [])],
+                          self.geometry)
+            out.append([Ranked(sku, fused, score, count,
+                               "geometry" if count >= self.geometry.min_inliers else "embedding")
+                        for sku, fused, score, count in rows[:k]])
+        return out
+
     def search(self, paths: list[Path | str], k: int = 5) -> tuple[list[Hit], list[QueryFailure]]:
         """The top-k SKUs of every query image that decodes, and a failure for each that does not."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        vectors, ok, failed = self.embed(paths)
+        vectors, ok, failed, datas = self._embed(paths)
         hits = []
-        for position, row in zip(ok, self.rank(vectors, k)):
-            for rank, (sku, score) in enumerate(row, start=1):
-                extra = self.sku_info.loc[sku]
-                hits.append(Hit(str(paths[position]), rank, sku, str(extra["name"]), str(extra["category"]), score))
+        for position, row in zip(ok, self.rank_images([datas[p] for p in ok], vectors, k)):
+            for rank, r in enumerate(row, start=1):
+                extra = self.sku_info.loc[r.sku_id]
+                hits.append(Hit(str(paths[position]), rank, r.sku_id, str(extra["name"]), str(extra["category"]),
+                                r.score, r.embedding_score, r.inliers, r.ranked_by))
         return hits, failed

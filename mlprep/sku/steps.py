@@ -104,6 +104,7 @@ def build(shard_dirs: list, manifest_path, manifest_failures_path, cfg: dict, se
         "n_items_ok": n_items,
         "n_dropped_duplicates": n_before - n_items,
         "augment_per_image": cfg["augment_per_image"],
+        "rerank": cfg["rerank"],  # how queries are re-ranked against local_features*
         "model": cfg["model"],
         "model_identity": identity,
         "seed": seed,  # also seeds random model weights: the search command rebuilds the same model
@@ -126,11 +127,42 @@ def build(shard_dirs: list, manifest_path, manifest_failures_path, cfg: dict, se
     write_parquet(query_meta, outputs["query_metadata"], "sku.views")
     write_parquet(failures, outputs["failures"], "failures")
     write_parquet(checks, outputs["checks"], "sku.catalog_checks")
+    _gather_features(shard_dirs, meta, outputs)
     with atomic_path(outputs["checks_html"]) as tmp:
         tmp.write_text(checks_html(checks, n_originals <= cfg["confusable_sample"], cfg["confusable_sample"]))
     write_json(info, outputs["info"])
     log.info("index: %s", info)
     return info
+
+
+def _gather_features(shard_dirs: list[Path], meta: pd.DataFrame, outputs: dict) -> None:
+    """The shards' local features of catalog photos and their shop-floor queries, beside the index: only photos the
+    index kept (a dropped duplicate's go too), in item order (the same whatever the shard split)."""
+    from mlprep.sku.encode import LOCAL_FEATURES, SHOP_FLOOR, SHOP_FLOOR_EMBEDDINGS
+    from mlprep.sku.geometry import FeatureTable
+
+    kept = set(meta["item_id"]) if len(meta) else set()
+    folder = Path(outputs["local_features"]).parent
+    photos = [FeatureTable.read(d, LOCAL_FEATURES, "sku.local_features", mmap=False) for d in shard_dirs
+              if FeatureTable.paths(d, LOCAL_FEATURES)[0].exists()]
+    photos = FeatureTable.concat(photos, "sku.local_features")
+    if len(photos):
+        keep = photos.rows["item_id"].isin(kept).to_numpy()
+        order = np.flatnonzero(keep)[np.argsort(photos.rows["item_id"].to_numpy(dtype=str)[keep], kind="stable")]
+        photos = photos.select(order)
+    photos.write(folder, LOCAL_FEATURES)
+    parts = [(FeatureTable.read(d, SHOP_FLOOR, "sku.shop_floor", mmap=False), load_npy(d / SHOP_FLOOR_EMBEDDINGS))
+             for d in shard_dirs if (d / SHOP_FLOOR_EMBEDDINGS).exists()]
+    queries = FeatureTable.concat([t for t, _ in parts], "sku.shop_floor")
+    dim = next((v.shape[1] for _, v in parts if v.ndim == 2), 0)
+    vectors = np.concatenate([v for _, v in parts]) if parts else np.zeros((0, dim), np.float32)
+    if len(queries):
+        keep = queries.rows["item_id"].isin(kept).to_numpy()
+        rows = queries.rows[keep]
+        order = np.flatnonzero(keep)[np.lexsort((rows["query"].to_numpy(), rows["item_id"].to_numpy(dtype=str)))]
+        queries, vectors = queries.select(order), vectors[order]
+    queries.write(folder, SHOP_FLOOR)
+    save_npy(np.ascontiguousarray(vectors, dtype=np.float32), outputs["shop_floor_embeddings"])
 
 
 METADATA_COLUMNS = ["item_id", "sku_id", "name", "category", "image", "view", "augmentation", "content_hash"]
@@ -191,9 +223,13 @@ def check(info_path, failures_path, checks_path, max_failed_fraction: float, dup
 
 
 def evaluate_index(index_path, embeddings_path, metadata_path, info_path, query_path, query_meta_path,
-                   ks, outputs: dict) -> dict:
-    from mlprep.sku.evaluate import evaluate, plot_accuracy
+                   ks, outputs: dict, rerank: dict | None = None) -> dict:
+    """eval.json: the shop-floor queries first (what users' photos get: by embeddings alone and re-ranked by
+    geometry), then the held-out augmented views (the index's own augmentation family: an upper bound)."""
     from mlprep.indexing import apply_search_params, read_index
+    from mlprep.sku.encode import LOCAL_FEATURES, SHOP_FLOOR, SHOP_FLOOR_EMBEDDINGS
+    from mlprep.sku.evaluate import evaluate, plot_accuracy, shop_floor
+    from mlprep.sku.geometry import FeatureTable, Geometry
 
     index = read_index(index_path)
     info = read_json(info_path)
@@ -203,7 +239,13 @@ def evaluate_index(index_path, embeddings_path, metadata_path, info_path, query_
     queries, query_meta = load_npy(query_path), pd.read_parquet(query_meta_path)
     indexed = query_meta["item_id"].isin(meta["item_id"]).to_numpy() if len(query_meta) else np.zeros(0, bool)
     queries, query_meta = queries[indexed], query_meta[indexed].reset_index(drop=True)  # drops dropped duplicates
-    result = evaluate(index, vectors, meta, queries, query_meta, list(ks))
+    folder = Path(index_path).parent
+    settings = Geometry.from_config(rerank)
+    floor = shop_floor(vectors, meta, load_npy(folder / SHOP_FLOOR_EMBEDDINGS),
+                       FeatureTable.read(folder, SHOP_FLOOR, "sku.shop_floor"),
+                       FeatureTable.read(folder, LOCAL_FEATURES, "sku.local_features"), list(ks),
+                       settings if settings.enabled else None)
+    result = {"shop_floor": floor, **evaluate(index, vectors, meta, queries, query_meta, list(ks))}
     result["factory"] = info["factory"]
     result["recall_at_10"] = info.get("recall_at_10")
     if not info["model"].get("pretrained"):

@@ -28,9 +28,13 @@ class SkuWorkflow(ShardedPipeline):
             "augment": self.cfg["augment"],
             "augment_per_image": self.cfg["augment_per_image"],
             "queries_per_image": self.cfg["eval"]["queries_per_image"],
+            "shop_floor": self.cfg["eval"]["shop_floor"],
+            "local_features": {k: v for k, v in self.cfg["rerank"].items()
+                               if k in ("enabled", "max_features", "max_side")},
             "encoding_batch_size": self.cfg["encoding_batch_size"],
         }
 
     def build_settings(self) -> dict:
         """The settings that change the merged index and checks: a change reruns the merge only."""
-        return {k: self.cfg[k] for k in ("index", "duplicate_images", "confusable_pairs", "confusable_sample")}
+        return {k: self.cfg[k] for k in ("index", "duplicate_images", "confusable_pairs", "confusable_sample",
+                                         "rerank")}

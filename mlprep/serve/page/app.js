@@ -160,7 +160,8 @@ async function searchSkus(files) {
         const photos = await Promise.all(hit.photos.slice(0, 2).map((url) => image(url, { alt: hit.name })));
         cards.push(el("div", { class: "card", "data-sku": hit.sku_id },
           el("h4", {}, `${hit.rank}. ${hit.name}`),
-          el("div", { class: "meta" }, `${hit.sku_id} · ${hit.category} · score ${hit.score.toFixed(3)}`),
+          el("div", { class: "meta" }, `${hit.sku_id} · ${hit.category} · score ${hit.score.toFixed(3)}` +
+            (hit.ranked_by === "geometry" ? ` · verified: ${hit.inliers} matching points` : "")),
           photos));
       }
       blocks.push(el("div", { class: "query" }, own, el("div", { class: "cards" }, cards)));
