@@ -68,8 +68,6 @@ def shop_floor(vectors: np.ndarray, meta: pd.DataFrame, queries: np.ndarray, que
                settings) -> dict:
     """Top-k SKU accuracy of the shop-floor queries, by embeddings alone and re-ranked by geometry (`settings`: a
     mlprep.sku.geometry.Geometry, or None), each query's own photo left out of the index and of the re-ranking."""
-    import time
-
     from mlprep.sku.geometry import rerank
 
     rows = query_table.rows
@@ -96,18 +94,15 @@ def shop_floor(vectors: np.ndarray, meta: pd.DataFrame, queries: np.ndarray, que
     by_sku: dict[str, list[tuple[str, int]]] = {}
     for row, (item, sku) in enumerate(zip(photos.rows["item_id"], photos.rows["sku_id"])):
         by_sku.setdefault(sku, []).append((item, row))
-    reranked, seconds, verified = [], 0.0, 0
+    reranked, verified = [], 0
     for position, left_out, candidates in zip(positions, own, ranked):
         query = query_table.features(position)
-        started = time.perf_counter()
         out = rerank(candidates, query, lambda sku: [photos.features(r) for i, r in by_sku.get(sku, [])
                                                      if i != left_out], settings)
-        seconds += time.perf_counter() - started
         verified += out[0][3] >= settings.min_inliers
         reranked.append(out)
     result["reranked"] = accuracy(reranked)
     result["verified_first"] = float(verified / len(positions))
-    result["rerank_ms_per_query"] = round(1000 * seconds / len(positions), 2)
     return result
 
 
