@@ -93,14 +93,19 @@ def references(results: Path, images: list[bytes], audio: list[bytes], batch: in
     from mlprep.sku.search import SkuSearcher, embed_images
 
     torch.set_num_threads(threads)
-    encoder = SkuSearcher(results / "sku_index" / "index.faiss", device="cpu", threads=threads,
-                          batch_size=encode_batch).encoder  # the server's own forward-pass size
+    searcher = SkuSearcher(results / "sku_index" / "index.faiss", device="cpu", threads=threads,
+                           batch_size=encode_batch)  # the server's own forward-pass size, re-ranking as it does
+
+    def search(batch_images: list[bytes]):
+        vectors, ok, _ = embed_images(searcher.encoder, batch_images)
+        return searcher.rank_images([batch_images[p] for p in ok], vectors, 5)
+
     batched = [images[k % len(images)] for k in range(batch)]
-    embed_images(encoder, batched)  # warm-up
-    rounds = max(2, int(seconds / max(1e-3, min(timed(lambda: embed_images(encoder, batched), 1)))))
-    sku_batch = timed(lambda: embed_images(encoder, batched), min(rounds, 20))
+    search(batched)  # warm-up
+    rounds = max(2, int(seconds / max(1e-3, min(timed(lambda: search(batched), 1)))))
+    sku_batch = timed(lambda: search(batched), min(rounds, 20))
     one_at_a_time = iter(range(10**9))  # the same rotation of payloads as the clients send
-    sku_one = timed(lambda: embed_images(encoder, [images[next(one_at_a_time) % len(images)]]), 30)
+    sku_one = timed(lambda: search([images[next(one_at_a_time) % len(images)]]), 30)
     speaker = load_speaker(results / "speaker_embed", {}, "cpu", threads)
 
     def identify_batch(clips):
