@@ -305,10 +305,9 @@ class _ShopFloorQueries:
         if not self.waiting:
             return
         vectors, ok, _ = embed_images(self.encoder, [data for _, data, _ in self.waiting])
-        empty = Features(np.zeros((0, 2), np.float16), np.zeros((0, 128), np.uint8))
         for position in ok:  # a query that does not decode (it always should) is left out
             row, _, features = self.waiting[position]
-            self.entries.append((row, features if features is not None else empty))
+            self.entries.append((row, features if features is not None else Features.empty()))
         self.parts.append(vectors[: len(ok)])
         self.waiting.clear()
 

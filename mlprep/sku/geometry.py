@@ -51,6 +51,18 @@ class Features:
     def __len__(self) -> int:
         return len(self.points)
 
+    @classmethod
+    def empty(cls) -> Features:
+        return cls(np.zeros((0, 2), np.float16), np.zeros((0, DESCRIPTOR_BYTES), np.uint8))
+
+    @classmethod
+    def joined(cls, parts: list[Features]) -> Features:
+        """Every part's features, one after the other (memory-mapped parts are read here)."""
+        if not parts:
+            return cls.empty()
+        return cls(np.concatenate([np.asarray(p.points) for p in parts]).astype(np.float16, copy=False),
+                   np.concatenate([np.asarray(p.descriptors) for p in parts]).astype(np.uint8, copy=False))
+
     @property
     def nbytes(self) -> int:
         return self.points.nbytes + self.descriptors.nbytes
@@ -78,7 +90,7 @@ def grey_for_features(data: bytes, max_side: int) -> np.ndarray:
 def photo_features(grey: np.ndarray, max_features: int) -> Features:
     keypoints, descriptors = _sift(max_features).detectAndCompute(grey, None)
     if descriptors is None or not len(keypoints):
-        return Features(np.zeros((0, 2), np.float16), np.zeros((0, DESCRIPTOR_BYTES), np.uint8))
+        return Features.empty()
     keypoints, descriptors = keypoints[:max_features], descriptors[:max_features]
     points = np.array([kp.pt for kp in keypoints], dtype=np.float16)
     return Features(points, np.clip(np.rint(descriptors), 0, 255).astype(np.uint8))
@@ -141,10 +153,8 @@ class FeatureTable:
         for values, features in entries:
             rows.append({**values, "first": first, "count": len(features)})
             first += len(features)
-        points = np.concatenate([f.points for _, f in entries]) if entries else np.zeros((0, 2), np.float16)
-        descriptors = (np.concatenate([f.descriptors for _, f in entries]) if entries
-                       else np.zeros((0, DESCRIPTOR_BYTES), np.uint8))
-        return cls(pd.DataFrame(rows), points.astype(np.float16), descriptors.astype(np.uint8), table)
+        joined = Features.joined([f for _, f in entries])
+        return cls(pd.DataFrame(rows), joined.points, joined.descriptors, table)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -196,7 +206,5 @@ class FeatureTable:
             frames.append(frame)
             offset += len(t.points)
         rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        points = np.concatenate([np.asarray(t.points) for t in tables]) if tables else np.zeros((0, 2), np.float16)
-        descriptors = (np.concatenate([np.asarray(t.descriptors) for t in tables]) if tables
-                       else np.zeros((0, DESCRIPTOR_BYTES), np.uint8))
-        return cls(rows, points, descriptors, table)
+        joined = Features.joined([Features(t.points, t.descriptors) for t in tables])
+        return cls(rows, joined.points, joined.descriptors, table)

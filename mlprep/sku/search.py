@@ -117,8 +117,7 @@ class SkuSearcher:
         if settings.enabled and rerank and FeatureTable.paths(folder, LOCAL_FEATURES)[0].exists():
             self.geometry = settings
             self.photos = FeatureTable.read(folder, LOCAL_FEATURES, "sku.local_features")  # memory-mapped
-            for row, sku in enumerate(self.photos.rows["sku_id"].tolist()):
-                self._photo_rows.setdefault(sku, []).append(row)
+            self._photo_rows = self.photos.rows.groupby("sku_id").indices  # sku -> its photos' rows
 
     def embed(self, paths: list[Path | str]) -> tuple[np.ndarray, list[int], list[QueryFailure]]:
         """Embeddings of the image files that decode, their positions in `paths`, and a failure for each other."""

@@ -143,7 +143,7 @@ def _gather_features(shard_dirs: list[Path], meta: pd.DataFrame, outputs: dict) 
 
     kept = set(meta["item_id"]) if len(meta) else set()
     folder = Path(outputs["local_features"]).parent
-    photos = [FeatureTable.read(d, LOCAL_FEATURES, "sku.local_features", mmap=False) for d in shard_dirs
+    photos = [FeatureTable.read(d, LOCAL_FEATURES, "sku.local_features") for d in shard_dirs
               if FeatureTable.paths(d, LOCAL_FEATURES)[0].exists()]
     photos = FeatureTable.concat(photos, "sku.local_features")
     if len(photos):
@@ -151,7 +151,7 @@ def _gather_features(shard_dirs: list[Path], meta: pd.DataFrame, outputs: dict) 
         order = np.flatnonzero(keep)[np.argsort(photos.rows["item_id"].to_numpy(dtype=str)[keep], kind="stable")]
         photos = photos.select(order)
     photos.write(folder, LOCAL_FEATURES)
-    parts = [(FeatureTable.read(d, SHOP_FLOOR, "sku.shop_floor", mmap=False), load_npy(d / SHOP_FLOOR_EMBEDDINGS))
+    parts = [(FeatureTable.read(d, SHOP_FLOOR, "sku.shop_floor"), load_npy(d / SHOP_FLOOR_EMBEDDINGS))
              for d in shard_dirs if (d / SHOP_FLOOR_EMBEDDINGS).exists()]
     queries = FeatureTable.concat([t for t, _ in parts], "sku.shop_floor")
     dim = next((v.shape[1] for _, v in parts if v.ndim == 2), 0)
