@@ -5,7 +5,7 @@ speaker_embed (built here first unless --results names one), with the same threa
   SKU search, N clients   N concurrent clients each sending single-image queries for --seconds: answered
                           queries per second, p50 / p99 latency, errors (there must be none)
   SKU search, 1 client    one client, one query at a time: p50 / p99 latency
-  encoder batched         the service's own query path (decode, crop, encode: mlprep.sku.search.embed_images)
+  encoder batched         the service's own query path (decode, query crops, encode, rank, re-rank: SkuSearcher)
                           in this process, --batch images per call: images per second, the ceiling that dynamic
                           batching can reach
   encoder, one image      the same path, one image per call: the latency floor of a lone query
@@ -90,14 +90,14 @@ def references(results: Path, images: list[bytes], audio: list[bytes], batch: in
     import torch
 
     from mlprep.serve.pipelines import embed_uploads, load_speaker
-    from mlprep.sku.search import SkuSearcher, embed_images
+    from mlprep.sku.search import SkuSearcher
 
     torch.set_num_threads(threads)
     searcher = SkuSearcher(results / "sku_index" / "index.faiss", device="cpu", threads=threads,
                            batch_size=encode_batch)  # the server's own forward-pass size, re-ranking as it does
 
     def search(batch_images: list[bytes]):
-        vectors, ok, _ = embed_images(searcher.encoder, batch_images)
+        vectors, ok, _ = searcher.embed_bytes(batch_images)
         return searcher.rank_images([batch_images[p] for p in ok], vectors, 5)
 
     batched = [images[k % len(images)] for k in range(batch)]

@@ -10,7 +10,9 @@ the service, with re-ranking and without:
   re-rank latency              per query, top-10: ranking by the query's embedding (computed once, not timed),
                                with the query's features and the verification where re-ranked; median and p90
   keypoint artefact            bytes per catalog photo, and what the shard jobs spent on features
-  the run's eval.json          its shop-floor figures (leave-one-photo-out) beside its augmented-view ones
+  the run's eval.json          the same photos as its `eval.queries` (searched by the workflow: the figures must
+                               equal search-sku's), its shop-floor figures (leave-one-photo-out) and its
+                               augmented-view ones
 """
 
 from __future__ import annotations
@@ -29,17 +31,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def build(work: Path, augment_per_image: int) -> Path:
+def build(work: Path, augment_per_image: int, queries: dict) -> Path:
     import yaml
 
     from mlprep.config import only
-    from mlprep.demo import write_lookalike_catalog
 
-    catalog = write_lookalike_catalog(work / "data")
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config.update(only("sku_index"))
-    config["sku_index"].update(sku_data=str(catalog), images_dir=str(work / "data" / "images"),
+    config["sku_index"].update(sku_data=str(work / "data" / "sku_data.json"), images_dir=str(work / "data" / "images"),
                                augment_per_image=augment_per_image)
+    config["sku_index"]["eval"]["queries"] = queries
     (work / "config.yaml").write_text(yaml.safe_dump(config))
     subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
                     str(work), "--configfile", str(work / "config.yaml"), "--cores", "all", "sku_index"],
@@ -48,9 +49,13 @@ def build(work: Path, augment_per_image: int) -> Path:
 
 
 def write_queries(work: Path, per_sku: int, seed: int) -> tuple[list[Path], list[str]]:
-    from mlprep.demo import lookalike_product
+    """The catalog and the shop-floor photos of its products, with a truth table (eval.queries reads it)."""
+    import pandas as pd
+
+    from mlprep.demo import lookalike_product, write_lookalike_catalog
     from mlprep.sku.shopfloor import ShopFloor, shop_floor_query
 
+    write_lookalike_catalog(work / "data")
     folder = work / "queries"
     folder.mkdir()
     paths, truth = [], []
@@ -61,6 +66,7 @@ def write_queries(work: Path, per_sku: int, seed: int) -> tuple[list[Path], list
             paths.append(folder / f"{sku['sku_id']}_{k}.jpg")
             paths[-1].write_bytes(shop_floor_query(product, ShopFloor(), seed, sku["sku_id"], k))
             truth.append(sku["sku_id"])
+    pd.DataFrame({"image": [p.name for p in paths], "sku_id": truth}).to_csv(folder / "truth.csv", index=False)
     return paths, truth
 
 
@@ -77,9 +83,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         started = time.perf_counter()
-        folder = build(work, args.augment_per_image)
-        build_s = time.perf_counter() - started
         paths, truth = write_queries(work, args.queries_per_sku, args.seed)
+        folder = build(work, args.augment_per_image, {"images_dir": str(work / "queries"),
+                                                      "truth": str(work / "queries" / "truth.csv")})
+        build_s = time.perf_counter() - started
         figures = {"cpu": cpu_summary(), "device": "cpu", "queries": len(paths), "build_s": round(build_s, 1)}
         searchers = {"embedding only": SkuSearcher(folder / "index.faiss", device="cpu", rerank=False),
                      "re-ranked": SkuSearcher(folder / "index.faiss", device="cpu", rerank=True)}
@@ -104,7 +111,7 @@ def main() -> None:
                        for s in (".parquet", "_points.npy", "_descriptors.npy"))
         figures["keypoint_bytes_per_photo"] = round(artefact / photos)
         evaluation = json.loads((folder / "eval.json").read_text())
-        figures["eval_json"] = {"shop_floor": evaluation["shop_floor"], "augmented_index": evaluation["augmented_index"]}
+        figures["eval_json"] = {k: evaluation[k] for k in ("query_photos", "shop_floor", "augmented_index")}
     print(f"sku_index retrieval of look-alikes on {figures['cpu']}, device cpu: {figures['queries']} shop-floor "
           f"queries of 48 SKUs cut from 12 photos")
     for name in ("embedding only", "re-ranked"):
@@ -113,6 +120,8 @@ def main() -> None:
               f"(p90 {f['ms_per_query_p90']:.0f})")
     print(f"  re-ranking takes {figures['rerank_ms_per_query']:.0f} ms a query (target <= 100); keypoints "
           f"{figures['keypoint_bytes_per_photo'] / 1024:.1f} KB a photo (target <= 64)")
+    photos = figures["eval_json"]["query_photos"]
+    print(f"  eval.json, the same photos as eval.queries: {photos['embedding']} -> re-ranked {photos['reranked']}")
     floor = figures["eval_json"]["shop_floor"]
     print(f"  eval.json: shop floor {floor['embedding']} -> re-ranked {floor.get('reranked')}; augmented views "
           f"{figures['eval_json']['augmented_index']}")

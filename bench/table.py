@@ -66,6 +66,19 @@ def rerank_rows(j: dict) -> list[Row]:
                 "target", 64, per_s(64, j["keypoint_bytes_per_photo"] / 1024), "<= 64 KB")]
 
 
+def descriptor_rows(j: dict) -> list[Row]:
+    d, a = j["descriptors"], j["augmentations"]
+    best, plain, before = d["gem, centre + whole"], d["model, centre"], j["previous_defaults"]
+    default = next(v for name, v in a.items() if name.startswith("default"))
+    return [Row("sku_index", f"shop-floor top-1, look-alikes ({j['queries']} queries), default descriptor",
+                best["top1"], "accuracy", "previous defaults", before["top1"], per_s(best["top1"], before["top1"])),
+            Row("sku_index", "shop-floor top-1, GeM + whole-photo crop", best["top1"], "accuracy",
+                "average pooling, centre crop", plain["top1"], per_s(best["top1"], plain["top1"])),
+            Row("sku_index", "shop-floor top-1, default augmentations", default["top1"], "accuracy",
+                "originals only", a["no augmentation (originals only)"]["top1"],
+                per_s(default["top1"], a["no augmentation (originals only)"]["top1"]), "> 1 (seed's claim)")]
+
+
 def video_rows(j: dict) -> list[Row]:
     s = j["s_per_video"]
     job = 1 / s["extract job"]
@@ -169,6 +182,7 @@ def serve_rows(j: dict) -> list[Row]:
 BENCHES = {  # name -> (script, extra arguments, rows from its JSON)
     "sku_encode": ("sku_encode.py", [], sku_rows),
     "sku_rerank": ("sku_rerank.py", [], rerank_rows),
+    "sku_descriptors": ("sku_descriptors.py", [], descriptor_rows),
     "video_frames": ("video_frames.py", [], video_rows),
     "speaker": ("speaker.py", ["--copies", "40"], speaker_rows),
     "kline": ("kline.py", [], kline_rows),

@@ -4,8 +4,9 @@ L2-normalised float32 output.
 `model` in the config names the family (`open_clip`, the default, or `timm`), the architecture and its
 weights: an open_clip tag, a local checkpoint file, or weights a Python package ships (`packaged:<name>`, see
 mlprep.weights), so that a real pretrained model runs offline. A timm model brings its own input size and
-normalisation (timm's pretrained config of the architecture); its embedding is the pooled feature vector before
-the classifier, L2-normalised, and its classifier's logits serve probe_qa's `classifier` probe.
+normalisation (timm's pretrained config of the architecture); its embedding is its feature map pooled as
+`model.pooling` says (POOLINGS: the model's own head, or GeM, or regional maxima), L2-normalised, and its
+classifier's logits serve probe_qa's `classifier` probe.
 
 The model libraries are imported where a model is built, not with this module (open_clip costs ~2 s, most of
 it torchvision and torch._dynamo): a shard job starts its readers first and imports them while they read.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -39,6 +40,14 @@ RANDOM_WEIGHTS_WARNING = (
 )
 
 
+# how a timm model's feature map [N, C, H, W] becomes its embedding: `model` its own head (average pooling for
+# most CNNs, the class token for ViTs); `gem` generalised mean (p = 3) over the map; `multiscale` the maxima of 1,
+# 2x2 and 3x3 regions, each L2-normalised, summed; `auto` GeM where the model gives a map (measured better on
+# look-alike products: docs/sku_index.md), its own head otherwise
+POOLINGS = ("auto", "model", "gem", "multiscale")
+GEM_P = 3.0
+
+
 class ModelError(ValueError):
     """A model config that cannot be built; the message names the key or file."""
 
@@ -52,6 +61,7 @@ class ModelSpec:
     config_file: str | None = None
     init_seed: int = 0  # seeds random weights, so that every shard job builds the same random model
     family: str = "open_clip"
+    pooling: str = "model"  # timm: how the feature map becomes the embedding (POOLINGS)
 
     @classmethod
     def from_config(cls, cfg: dict, seed: int = 0) -> ModelSpec:
@@ -73,8 +83,15 @@ class ModelSpec:
             if family != "open_clip":
                 raise ModelError("model.name: a timm model needs its architecture name (e.g. tf_efficientnet_lite0)")
             name = "ViT-B-32"
+        pooling = cfg.get("pooling") or "model"  # sku_index's schema sets auto; other pipelines keep the head
+        if pooling not in POOLINGS:
+            raise ModelError(f"model.pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
+        if family == "open_clip" and pooling not in ("auto", "model"):
+            raise ModelError(f"model.pooling: {pooling} is for timm models; an open_clip model's embedding is its own "
+                             f"(set model.pooling: auto)")
         init_seed = derive_seed(seed, "clip-random-init") % 2**63
-        return cls(name, pretrained, cfg.get("config_file") or None, init_seed, family)
+        return cls(name, pretrained, cfg.get("config_file") or None, init_seed, family,
+                   "model" if family == "open_clip" else pooling)
 
 
 def checkpoint_path(spec: ModelSpec) -> Path | None:
@@ -106,9 +123,10 @@ def model_identity(spec: ModelSpec) -> dict:
     """What made a shard's vectors: family, architecture, weights and the checkpoint file's SHA-256 (random
     weights: the seed that drew them). Shards of one index must all have the same identity."""
     path = checkpoint_path(spec)
-    return {"family": spec.family, "name": spec.name, "pretrained": spec.pretrained,
-            "config_file": spec.config_file, "checkpoint_sha256": file_sha256(path) if path else None,
-            "random_init_seed": None if spec.pretrained else spec.init_seed}
+    out = {"family": spec.family, "name": spec.name, "pretrained": spec.pretrained,
+           "config_file": spec.config_file, "checkpoint_sha256": file_sha256(path) if path else None,
+           "random_init_seed": None if spec.pretrained else spec.init_seed}
+    return out | ({"pooling": spec.pooling} if spec.pooling != "model" else {})
 
 
 def _clip_config_path(spec: ModelSpec) -> Path:
@@ -322,14 +340,34 @@ class TimmEncoder(ImageEncoder):
         size = int(cfg.get("input_size", (3, 224, 224))[-1])
         self.model = model.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
         self.num_classes = int(getattr(model, "num_classes", 0) or 0)
+        spec = replace(spec, pooling=self._resolve_pooling(spec, size, device, dtype))
         super().__init__(spec, device, dtype, batch_size, size, cfg.get("mean", (0.485, 0.456, 0.406)),
                          cfg.get("std", (0.229, 0.224, 0.225)), int(model.num_features))
+
+    def _resolve_pooling(self, spec: ModelSpec, size: int, device: torch.device, dtype: torch.dtype) -> str:
+        """`auto` -> gem where the model gives a feature map, model otherwise; gem or multiscale on a model without
+        a map is the config's error."""
+        if spec.pooling == "model":
+            return "model"
+        with torch.inference_mode():
+            shape = self.model.forward_features(torch.zeros(1, 3, size, size, device=device, dtype=dtype)).shape
+        if len(shape) == 4 and shape[1] == self.model.num_features:
+            return "gem" if spec.pooling == "auto" else spec.pooling
+        if spec.pooling == "auto":
+            return "model"
+        raise ModelError(f"model.pooling: {spec.pooling} needs a feature map, and {spec.name} gives "
+                         f"{tuple(shape)} (set model.pooling: auto or model)")
 
     def _pixels(self, chunk: torch.Tensor) -> torch.Tensor:
         return super()._pixels(chunk).contiguous(memory_format=torch.channels_last)
 
     def _features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.forward_features(pixels), pre_logits=True)
+        features = self.model.forward_features(pixels)
+        if self.spec.pooling == "gem":
+            return gem(features)
+        if self.spec.pooling == "multiscale":
+            return multiscale_max(features)
+        return self.model.forward_head(features, pre_logits=True)
 
     def logits_device(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, S, S] -> the classifier's logits float32 [N, classes], on the model's device."""
@@ -344,6 +382,23 @@ class TimmEncoder(ImageEncoder):
         from mlprep.probe.labels import imagenet_class_names
 
         return imagenet_class_names()
+
+
+def gem(features: torch.Tensor, p: float = GEM_P) -> torch.Tensor:
+    """Generalised mean over each channel of a [N, C, H, W] map, in float32: p = 1 is the average, large p the
+    maximum; p = 3 weighs the strong local responses that tell look-alike products apart."""
+    return features.float().clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+
+
+def multiscale_max(features: torch.Tensor) -> torch.Tensor:
+    """The maxima of the whole map and of its 2x2 and 3x3 regions, each L2-normalised, summed (regional maximum
+    activations at three scales), in float32."""
+    features = features.float()
+    out = 0
+    for n in (1, 2, 3):
+        regions = F.adaptive_max_pool2d(features, n).flatten(2)  # [N, C, n*n]
+        out = out + F.normalize(regions, dim=1).sum(dim=2)
+    return out
 
 
 def build_encoder(spec: ModelSpec, device: torch.device, dtype: torch.dtype, batch_size: int) -> ImageEncoder:

@@ -88,6 +88,13 @@ def headlines(name: str, folder: Path) -> list[str]:
         aug, orig = data.get("augmented_index") or {}, data.get("originals_only_exact") or {}
         floor = data.get("shop_floor") or {}
         lines = []
+        photos = data.get("query_photos") or {}
+        if photos:  # the users' own photos first
+            reranked = photos.get("reranked") or {}
+            lines.append(f"your query photos: top-1 {_num(reranked.get('top1'))} re-ranked, "
+                         f"{_num((photos.get('embedding') or {}).get('top1'))} by embeddings alone (top-5 "
+                         f"{_num(reranked.get('top5'))}) on {photos.get('n_queries')} photos "
+                         f"({photos.get('n_failed')} unreadable, counted as misses)")
         if floor.get("n_queries"):  # the harder figure first: what a user's photos get
             reranked = floor.get("reranked") or {}
             lines.append(f"shop-floor photos: top-1 {_num(reranked.get('top1'))} re-ranked, "

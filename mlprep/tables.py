@@ -62,6 +62,10 @@ TABLES: dict[str, pa.Schema] = {
                                   ("count", I64)),
     "sku.shop_floor": _schema(("item_id", TEXT), ("sku_id", TEXT), ("image", TEXT), ("query", pa.int32()),
                               ("first", I64), ("count", I64)),
+    # real query photos searched by the eval (sku_index.eval.queries)
+    "sku.query_photos": _schema(("image", TEXT), ("sku_id", TEXT), ("in_catalog", pa.bool_()), ("status", TEXT),
+                                ("reason_code", TEXT), ("error", TEXT), ("embedding_top", pa.list_(TEXT)),
+                                ("reranked_top", pa.list_(TEXT)), ("inliers", I64), ("ranked_by", TEXT)),
     "sku.catalog_checks": _schema(("check", TEXT), ("sku_a", TEXT), ("item_a", TEXT), ("image_a", TEXT),
                                   ("sku_b", TEXT), ("item_b", TEXT), ("image_b", TEXT), ("score", F64),
                                   ("action", TEXT)),

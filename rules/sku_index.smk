@@ -5,6 +5,8 @@ SKU = config["sku_index"]
 SKU_FLOW = SkuWorkflow(config, RESULTS, main_process=workflow.is_main_process)
 SKU_DIR = SKU_FLOW.dir
 
+SKU_QUERIES = SKU["eval"].get("queries")
+SKU_QUERY_PHOTOS = [f"{SKU_DIR}/query_photos.parquet"] if SKU_QUERIES else []
 PIPELINE_OUTPUTS["sku_index"] = [f"{SKU_DIR}/index.faiss", f"{SKU_DIR}/check.json", f"{SKU_DIR}/eval.json"]
 
 
@@ -113,6 +115,35 @@ rule sku_check:
         "../scripts/sku_check.py"
 
 
+if SKU_QUERIES:
+
+    rule sku_query_photos:
+        input:
+            index=f"{SKU_DIR}/index.faiss",
+            info=f"{SKU_DIR}/index_info.json",
+            metadata=f"{SKU_DIR}/metadata.parquet",
+            local_features=f"{SKU_DIR}/local_features.parquet",
+            local_features_points=f"{SKU_DIR}/local_features_points.npy",
+            local_features_descriptors=f"{SKU_DIR}/local_features_descriptors.npy",
+            truth=SKU_QUERIES["truth"],
+            photos=SKU_FLOW.query_photo_paths,
+        output:
+            SKU_QUERY_PHOTOS,
+        log:
+            f"{RESULTS}/logs/sku_index/query_photos.log",
+        conda:
+            "../envs/sku_index.yaml"
+        threads: 2
+        resources:
+            mem_mb=4000,
+            gpu=MODEL_GPUS,
+        params:
+            images_dir=SKU_QUERIES["images_dir"],
+            k=max(SKU["eval"]["top_k"]),
+        script:
+            "../scripts/sku_query_photos.py"
+
+
 rule sku_evaluate:
     input:
         check=f"{SKU_DIR}/check.json",
@@ -129,6 +160,7 @@ rule sku_evaluate:
         shop_floor_points=f"{SKU_DIR}/shop_floor_points.npy",
         shop_floor_descriptors=f"{SKU_DIR}/shop_floor_descriptors.npy",
         shop_floor_embeddings=f"{SKU_DIR}/shop_floor_embeddings.npy",
+        query_photos=SKU_QUERY_PHOTOS,
     output:
         json=f"{SKU_DIR}/eval.json",
         plot=report(

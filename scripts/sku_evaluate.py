@@ -20,4 +20,5 @@ steps.evaluate_index(
     ks=sm.params.top_k,
     outputs=dict(sm.output.items()),
     rerank=sm.params.rerank,
+    query_photos_path=sm.input.query_photos[0] if sm.input.query_photos else None,
 )

@@ -104,10 +104,44 @@ def test_a_timm_checkpoint_of_the_users_own_loads_through_the_same_path(tmp_path
     ({"family": "open_clip", "pretrained": "packaged:efficientnet-lite0"}, "holds timm weights"),
     ({"family": "timm", "name": "x", "pretrained": "packaged:resnet9000"}, "unknown packaged weights"),
     ({"family": "keras"}, "not one of open_clip, timm"),
+    ({"family": "open_clip", "pooling": "gem"}, "for timm models"),
+    ({**PACKAGED, "pooling": "mean"}, "not one of auto, model, gem, multiscale"),
 ])
 def test_model_configs_that_cannot_work_say_why(cfg, message):
     with pytest.raises(ValueError, match=message):
         ModelSpec.from_config(cfg)
+
+
+def test_each_pooling_is_what_it_says_on_the_models_own_feature_map():
+    from mlprep.encoders import gem, multiscale_max
+
+    views = _views()[:4]
+    built = {p: build_encoder(ModelSpec.from_config({**PACKAGED, "pooling": p}), CPU, torch.float32, 4)
+             for p in ("auto", "model", "gem", "multiscale")}
+    assert built["auto"].spec.pooling == "gem" and built["auto"].identity()["pooling"] == "gem"
+    assert "pooling" not in built["model"].identity()  # the head's own: identities of older indexes still match
+    with torch.inference_mode():
+        features = built["model"].model.forward_features(built["model"]._pixels(views)).float()
+        average = built["model"].model.forward_head(features, pre_logits=True)
+    # GeM with p = 1 is the model's own average pooling; p = 3 lies between the average and the maximum
+    assert torch.allclose(gem(features, 1.0), average, atol=1e-5)
+    cubic = gem(features)
+    assert (cubic >= average - 1e-5).all() and (cubic <= features.amax(dim=(2, 3)) + 1e-5).all()
+    expected = {"model": average, "gem": cubic, "multiscale": multiscale_max(features)}
+    for pooling, rows in expected.items():
+        got = torch.from_numpy(built[pooling].encode_images(views))
+        assert torch.allclose(got, torch.nn.functional.normalize(rows, dim=-1), atol=1e-5), pooling
+    assert np.array_equal(built["auto"].encode_images(views), built["gem"].encode_images(views))
+    # a 2x2 cell of the 7x7 map: its first 4 rows and columns (adaptive cells overlap by one on odd sides)
+    assert torch.allclose(torch.nn.functional.adaptive_max_pool2d(features, 2)[:, :, 0, 0],
+                          features[:, :, :4, :4].amax(dim=(2, 3)))
+
+
+def test_a_model_without_a_feature_map_keeps_its_own_embedding_or_says_why():
+    vit = {"family": "timm", "name": "test_vit"}
+    assert build_encoder(ModelSpec.from_config({**vit, "pooling": "auto"}), CPU, torch.float32, 2).spec.pooling == "model"
+    with pytest.raises(ModelError, match="model.pooling: gem needs a feature map, and test_vit gives"):
+        build_encoder(ModelSpec.from_config({**vit, "pooling": "gem"}), CPU, torch.float32, 2)
 
 
 def test_packaged_weights_that_are_not_installed_stop_the_run_before_any_job(monkeypatch):

@@ -97,3 +97,20 @@ def test_geometry_tells_look_alikes_apart_that_embeddings_confuse(tmp_path):
     for row, right in zip(reranked, geometry_right):  # what ranked the winner is said: its inliers
         if right:
             assert row[0][3] >= settings.min_inliers and row[0][1] > row[0][2]
+
+
+def test_a_query_is_the_normalised_mean_of_its_crops_as_one_search_embeds_it():
+    from mlprep.sku.augment import query_views
+
+    encoder = build_encoder(ModelSpec.from_config({**PACKAGED, "pooling": "gem"}), CPU, torch.float32, 4)
+    wide = io.BytesIO()
+    lookalike_product("coffee", 1, 4, size=(480, 240)).save(wide, format="JPEG")
+    images = [wide.getvalue(), b"junk"]
+    one = {crop: embed_images(encoder, images, crops=(crop,)) for crop in ("centre", "whole")}
+    both, ok, failed = embed_images(encoder, images, crops=("centre", "whole"))
+    assert ok == [0] and [f[:2] for f in failed] == [(1, "not_an_image")]  # a bad query fails alone, as before
+    assert float(one["centre"][0][0] @ one["whole"][0][0]) < 0.99  # a wide photo: the crops see different things
+    mean = one["centre"][0][0] + one["whole"][0][0]
+    np.testing.assert_allclose(both[0], mean / np.linalg.norm(mean), atol=1e-6)
+    with pytest.raises(ValueError, match="sku_index.query_crops"):
+        query_views(["middle"], 10, 10)

@@ -6,6 +6,7 @@ import json
 
 import faiss
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -279,3 +280,47 @@ def test_rank_skus_counts_each_sku_once():
     [ranked] = rank_skus(index, skus, vectors[:1], k=3, fetch=1)
     assert ranked[0][0] == "a" and ranked[0][1] == pytest.approx(1.0)
     assert len({s for s, _ in ranked}) == len(ranked) == 3
+
+
+def test_a_truth_table_of_query_photos_reads_in_every_format_and_names_what_is_wrong(tmp_path):
+    from mlprep.sku.queries import TruthTableError, read_truth
+
+    table = pd.DataFrame({"image": ["a.jpg", "shelf/b.png"], "sku_id": ["007", "B2"], "note": ["x", "y"]})
+    table.to_csv(tmp_path / "t.csv", index=False)
+    table.to_csv(tmp_path / "t.tsv", sep="\t", index=False)
+    table.to_parquet(tmp_path / "t.parquet")
+    table.to_json(tmp_path / "t.json", orient="records")
+    for name in ("t.csv", "t.tsv", "t.parquet", "t.json"):
+        got = read_truth(tmp_path / name)
+        assert got.to_dict("list") == {"image": ["a.jpg", "shelf/b.png"], "sku_id": ["007", "B2"]}, name
+    (tmp_path / "bad.csv").write_text("photo,sku_id\na.jpg,007\n")
+    with pytest.raises(TruthTableError, match=r"bad.csv: no column 'image' .* it has 'photo', 'sku_id'"):
+        read_truth(tmp_path / "bad.csv")
+    (tmp_path / "blank.csv").write_text("image,sku_id\na.jpg,007\nb.jpg,\n")
+    with pytest.raises(TruthTableError, match="blank.csv: row 2 has an empty image or sku_id"):
+        read_truth(tmp_path / "blank.csv")
+    (tmp_path / "empty.csv").write_text("image,sku_id\n")
+    with pytest.raises(TruthTableError, match="empty.csv: the truth table has no rows"):
+        read_truth(tmp_path / "empty.csv")
+    with pytest.raises(TruthTableError, match="must be a .csv, .tsv, .parquet or .json"):
+        read_truth(tmp_path / "t.xlsx")
+    with pytest.raises(TruthTableError, match="no such file"):
+        read_truth(tmp_path / "gone.csv")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(TruthTableError, match="broken.parquet: cannot be read as a truth table"):
+        read_truth(tmp_path / "broken.parquet")
+
+
+def test_query_photo_accuracy_counts_unreadable_photos_as_misses_and_leaves_unknown_skus_out():
+    from mlprep.sku.queries import query_photo_accuracy
+
+    rows = pd.DataFrame({"sku_id": ["a", "b", "c", "z"], "in_catalog": [True, True, True, False],
+                         "status": ["ok", "ok", "failed", "ok"],
+                         "embedding_top": [["b", "a"], ["b", "a"], [], ["a", "b"]],
+                         "reranked_top": [["a", "b"], ["b", "a"], [], ["a", "b"]],
+                         "ranked_by": ["geometry", "embedding", "", "geometry"]})
+    got = query_photo_accuracy(rows, [1, 2], reranked=True)
+    assert got == {"n_queries": 3, "n_failed": 1, "n_not_in_catalog": 1,
+                   "embedding": {"top1": 1 / 3, "top2": 2 / 3}, "reranked": {"top1": 2 / 3, "top2": 2 / 3},
+                   "verified_first": 1 / 3}
+    assert "reranked" not in query_photo_accuracy(rows, [1], reranked=False)

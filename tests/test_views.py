@@ -36,6 +36,8 @@ from mlprep.views import DeviceImages, ViewRenderer, decode_image, pack, prepare
 REPO = Path(__file__).resolve().parents[1]
 DEMO_IMAGES = sorted((REPO / "resources/demo/sku/images").glob("*.jpg"))
 CPU = torch.device("cpu")
+# every step of a view, blur included (the defaults leave blur out since it earned nothing: docs/sku_index.md)
+EVERY_STEP = AugmentSettings(crop_scale=(0.5, 1.0), blur_prob=0.3)
 
 
 def reference_render(image: torch.Tensor, params, size: int) -> torch.Tensor:
@@ -72,7 +74,7 @@ def reference_render(image: torch.Tensor, params, size: int) -> torch.Tensor:
 
 
 def _params(width: int, height: int, item: str, n: int = 7):
-    settings = AugmentSettings()
+    settings = EVERY_STEP
     return [original_view(width, height)] + [sample_view(settings, 7, "s", item, k, width, height) for k in range(1, n)]
 
 
@@ -95,7 +97,7 @@ def _render_one(data: bytes, device_decode: bool, item: str = "x"):
     prepared, payload = prepare_image(0, data, 224, device_decode, views)
     chunk = pack([(prepared, payload)])
     images = DeviceImages(CPU, 224)(chunk)
-    renderer = ViewRenderer(224, 6, CPU, "border", blur_radius(AugmentSettings()))
+    renderer = ViewRenderer(224, 6, CPU, "border", blur_radius(EVERY_STEP))
     out, counts = renderer(images, [prepared.transforms], [(prepared.width, prepared.height)])
     return prepared, out[: sum(counts)]
 
@@ -120,7 +122,7 @@ def test_a_view_does_not_depend_on_its_chunk_or_its_slot():
     transforms = [view_transforms(_params(i.shape[2], i.shape[1], f"item{k}", 6), i.shape[2], i.shape[1], 224)
                   for k, i in enumerate(images)]
     sizes = [(i.shape[2], i.shape[1]) for i in images]
-    renderer = ViewRenderer(224, 6 * 5, CPU, "border", blur_radius(AugmentSettings()))
+    renderer = ViewRenderer(224, 6 * 5, CPU, "border", blur_radius(EVERY_STEP))
     alone, _ = renderer([images[0]], [transforms[0]], [sizes[0]])
     together, _ = renderer(images, transforms, sizes)
     assert torch.equal(alone[:6], together[:6])
@@ -137,7 +139,7 @@ def test_a_view_does_not_depend_on_its_chunk_or_its_slot():
 def test_embeddings_are_bit_identical_whatever_the_split(tiny_clip):
     items = read_catalog(REPO / "resources/demo/sku/sku_data.json", REPO / "resources/demo/sku/images", 1).items[:10]
     encoder = ClipEncoder(ModelSpec.from_config(tiny_clip), CPU, torch.float32, 8)
-    plan = ViewPlan(seed=3, augment_per_image=3, queries_per_image=1, settings=AugmentSettings(), image_size=64)
+    plan = ViewPlan(seed=3, augment_per_image=3, queries_per_image=1, settings=EVERY_STEP, image_size=64)
     whole = encode_items(items, plan, encoder, FailureLog(False), workers=0)
     parts = [encode_items(items[a:b], plan, encoder, FailureLog(False), workers=w) for (a, b), w in
              [((0, 3), 0), ((3, 4), 1), ((4, 10), 2)]]
@@ -148,7 +150,7 @@ def test_embeddings_are_bit_identical_whatever_the_split(tiny_clip):
 
 def test_bf16_embeddings_of_the_same_views_agree_with_fp32():
     items = read_catalog(REPO / "resources/demo/sku/sku_data.json", REPO / "resources/demo/sku/images", 1).items[:6]
-    plan = ViewPlan(seed=3, augment_per_image=5, queries_per_image=0, settings=AugmentSettings(), image_size=224)
+    plan = ViewPlan(seed=3, augment_per_image=5, queries_per_image=0, settings=EVERY_STEP, image_size=224)
     views = render_items(items, plan, CPU)
     spec = ModelSpec("ViT-B-32", init_seed=11)
     fp32 = ClipEncoder(spec, CPU, torch.float32, 36).encode_images(views)

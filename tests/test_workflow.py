@@ -60,8 +60,25 @@ def test_bad_config_is_caught_before_any_job(sku_workdir, tiny_clip):
     assert "shards" in out and "minimum" in out and "sku_manifest" not in out
 
 
+def _write_query_photos(workdir: Path) -> dict:
+    """Users' own query photos (eval.queries): two readable ones, one that is no image, one of a SKU the catalog
+    lacks."""
+    folder = workdir / "data" / "queries"
+    folder.mkdir()
+    images = workdir / "data" / "images"
+    (folder / "a.jpg").write_bytes((images / "sku0003_1.jpg").read_bytes())
+    (folder / "b.jpg").write_bytes((images / "sku0001_0.jpg").read_bytes())
+    (folder / "junk.jpg").write_bytes(b"not an image")
+    (folder / "other.jpg").write_bytes((images / "sku0004_0.jpg").read_bytes())
+    truth = pd.DataFrame({"image": ["a.jpg", "b.jpg", "junk.jpg", "other.jpg"],
+                          "sku_id": ["sku0003", "sku0001", "sku0002", "sku9999"]})
+    truth.to_csv(workdir / "data" / "truth.csv", index=False)
+    return {"images_dir": str(folder), "truth": str(workdir / "data" / "truth.csv")}
+
+
 def test_full_run_on_tiny_data(sku_workdir, tiny_clip):
-    config = workflow_config(sku_workdir, tiny_clip)
+    queries = _write_query_photos(sku_workdir)
+    config = workflow_config(sku_workdir, tiny_clip, eval={"queries_per_image": 1, "top_k": [1, 5], "queries": queries})
     run_snakemake(sku_workdir, config)
     vectors, meta, folder = _index(sku_workdir)
     assert len(vectors) == 6 * 2 * (1 + 2) == len(meta)
@@ -73,6 +90,14 @@ def test_full_run_on_tiny_data(sku_workdir, tiny_clip):
     info = json.loads((folder / "index_info.json").read_text())
     assert info["ntotal"] == 36 and info["dim"] == 32 and info["n_failures"] == 0
     result = json.loads((folder / "eval.json").read_text())
+    photos = result["query_photos"]  # the junk photo is a miss; the SKU the catalog lacks is left out
+    assert {k: photos[k] for k in ("n_queries", "n_failed", "n_not_in_catalog")} == {
+        "n_queries": 3, "n_failed": 1, "n_not_in_catalog": 1}
+    assert photos["reranked"]["top5"] == photos["embedding"]["top5"] == 2 / 3
+    asked = pd.read_parquet(folder / "query_photos.parquet")
+    assert asked["status"].tolist() == ["ok", "ok", "failed", "ok"] and asked["in_catalog"].tolist() == [True] * 3 + [False]
+    assert asked["reason_code"][2] == "not_an_image" and "junk.jpg" in asked["error"][2]
+    assert [len(top) for top in asked["embedding_top"]] == [5, 5, 0, 5]
     assert result["n_queries"] == 12 and 0 <= result["augmented_exact"]["top1"] <= 1
     assert (folder / "eval.png").stat().st_size > 1000
     floor = result["shop_floor"]  # one shop-floor query a photo, each SKU has two photos: none left out
@@ -97,7 +122,9 @@ def test_full_run_on_tiny_data(sku_workdir, tiny_clip):
     )
     assert proc.returncode == 0, proc.stderr
     hits = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert len(hits) == 3 and hits[0]["sku_id"] == "sku0003" and hits[0]["score"] > 0.999
+    assert len(hits) == 3 and hits[0]["sku_id"] == "sku0003" and hits[0]["score"] > 0.9
+    # the eval searched the same photo through the same path: the same answer
+    assert [h["sku_id"] for h in hits] == list(asked["reranked_top"][0][:3])
     # one unreadable query does not cost the good ones their answers; each bad one is reported
     (sku_workdir / "junk.jpg").write_bytes(b"not an image")
     queries = [str(image), str(sku_workdir / "nope.jpg"), str(sku_workdir / "junk.jpg")]
@@ -114,6 +141,18 @@ def test_full_run_on_tiny_data(sku_workdir, tiny_clip):
     proc = subprocess.run([mlprep, "search-sku", "--index", str(folder / "index.faiss"), "--k", "0", str(image)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--k: must be at least 1" in proc.stderr and proc.stdout == ""
+
+
+def test_a_truth_table_that_cannot_be_used_stops_the_run_before_any_job(sku_workdir, tiny_clip):
+    queries = _write_query_photos(sku_workdir)
+    pd.DataFrame({"photo": ["a.jpg"], "sku_id": ["sku0003"]}).to_csv(queries["truth"], index=False)
+    config = workflow_config(sku_workdir, tiny_clip, eval={"queries_per_image": 1, "top_k": [1, 5], "queries": queries})
+    proc = run_snakemake(sku_workdir, config, "-n", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "truth.csv: no column 'image'" in out and "sku_manifest" not in out
+    pd.DataFrame({"image": ["a.jpg", "gone.jpg"], "sku_id": ["sku0003", "sku0001"]}).to_csv(queries["truth"], index=False)
+    proc = run_snakemake(sku_workdir, config, "-n", check=False)
+    assert proc.returncode != 0 and "gone.jpg" in proc.stdout + proc.stderr  # a photo that is not there: named
 
 
 def _write_bad_catalog(workdir: Path) -> None:

@@ -126,10 +126,8 @@ def load_sku(folder: Path, encoders: dict, device: str | None, threads: int,
 def sku_search(snapshot: SkuSnapshot, images: list[bytes], k: int, max_pixels: int) -> list[dict]:
     """One answer per image: its top-k SKUs (each SKU once, by its best view) with name, category, score and
     photo links, or its error. The batch's images go through the model together."""
-    from mlprep.sku.search import embed_images
-
     searcher = snapshot.searcher
-    vectors, ok, failed = embed_images(searcher.encoder, images, max_pixels)
+    vectors, ok, failed = searcher.embed_bytes(images, max_pixels)
     answers: list[dict] = [{} for _ in images]
     for position, ranked in zip(ok, searcher.rank_images([images[p] for p in ok], vectors, k) if len(ok) else []):
         answers[position] = {"hits": [{"rank": n, "score": round(float(r.score), 6),

@@ -24,7 +24,7 @@ from mlprep.views import ViewRenderer, ViewTransforms, colour_transform
 
 @dataclass(frozen=True)
 class AugmentSettings:
-    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_scale: tuple[float, float] = (0.3, 1.0)  # measured: bench/sku_descriptors.py, docs/sku_index.md
     crop_ratio: tuple[float, float] = (0.75, 1.3333)
     rotation_deg: float = 15.0
     perspective: float = 0.15
@@ -33,7 +33,7 @@ class AugmentSettings:
     contrast: float = 0.3
     saturation: float = 0.3
     hue: float = 0.05
-    blur_prob: float = 0.3
+    blur_prob: float = 0.0  # blur earned nothing on shop-floor queries (same benchmark)
     blur_sigma: tuple[float, float] = (0.1, 1.5)
     padding_mode: str = "border"
 
@@ -69,6 +69,20 @@ def original_view(width: int, height: int) -> ViewParams:
     """The centre square crop: what CLIP's resize + centre-crop preprocessing shows the model."""
     side = min(width, height)
     return ViewParams(0, ((width - side) / 2 / width, (height - side) / 2 / height, side / width, side / height))
+
+
+# the crops of a query image that a search embeds and averages (sku_index.query_crops): `centre` is view 0, the
+# centre square the index holds of every photo; `whole` is the whole photo squeezed into the square, so that what
+# the centre crop cuts off a wide or tall shot still counts
+QUERY_CROPS = ("centre", "whole")
+
+
+def query_views(crops, width: int, height: int) -> list[ViewParams]:
+    """The views of a query image displayed at width x height, one per crop name."""
+    unknown = [c for c in crops if c not in QUERY_CROPS]
+    if unknown or not crops:
+        raise ValueError(f"sku_index.query_crops: {list(crops)!r} must name one or more of {', '.join(QUERY_CROPS)}")
+    return [original_view(width, height) if c == "centre" else ViewParams(0) for c in crops]
 
 
 def sample_view(settings: AugmentSettings, seed: int, stream: str, item_id: str, k: int, width: int, height: int):

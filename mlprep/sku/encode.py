@@ -88,6 +88,7 @@ class ViewPlan:
     image_size: int
     geometry: Geometry | None = None  # local features of each photo, for geometric re-ranking
     shop_floor: ShopFloor | None = None  # shop-floor queries of each photo, for the eval
+    query_crops: tuple[str, ...] = ("centre",)  # what a query's embedding averages, as a search embeds it
 
     @property
     def views_per_item(self) -> int:
@@ -242,7 +243,7 @@ def encode_items(
                               workers, encoder.device, jpeg_decoder)
     bar = tqdm(total=len(items), desc="encode images", unit="img", file=progress, mininterval=2.0)
     photo_features: list[tuple[dict, Features]] = []
-    queries = _ShopFloorQueries(encoder)
+    queries = _ShopFloorQueries(encoder, plan.query_crops)
 
     def seen(prepared: PreparedImage) -> None:
         bar.update(1)
@@ -287,8 +288,8 @@ class _ShopFloorQueries:
     """Shop-floor queries as the shard's readers make them, embedded in groups while the shard runs (memory
     stays bounded), through the path a search takes (mlprep.sku.search.embed_images)."""
 
-    def __init__(self, encoder: ImageEncoder):
-        self.encoder = encoder
+    def __init__(self, encoder: ImageEncoder, crops: tuple[str, ...]):
+        self.encoder, self.crops = encoder, crops
         self.waiting: list[tuple[dict, bytes, Features | None]] = []
         self.entries: list[tuple[dict, Features]] = []
         self.parts: list[np.ndarray] = []
@@ -304,7 +305,7 @@ class _ShopFloorQueries:
 
         if not self.waiting:
             return
-        vectors, ok, _ = embed_images(self.encoder, [data for _, data, _ in self.waiting])
+        vectors, ok, _ = embed_images(self.encoder, [data for _, data, _ in self.waiting], crops=self.crops)
         for position in ok:  # a query that does not decode (it always should) is left out
             row, _, features = self.waiting[position]
             self.entries.append((row, features if features is not None else Features.empty()))
@@ -348,6 +349,7 @@ def view_plan(cfg: dict, seed: int, image_size: int) -> ViewPlan:
         image_size=image_size,
         geometry=rerank if rerank.enabled else None,
         shop_floor=shop_floor if shop_floor.queries_per_image else None,
+        query_crops=tuple(cfg["query_crops"]),
     )
 
 

@@ -109,6 +109,11 @@ def shop_floor(vectors: np.ndarray, meta: pd.DataFrame, queries: np.ndarray, que
 def plot_accuracy(result: dict, path) -> None:
     """Grouped bars: top-k accuracy per query family and index variant, the shop-floor queries first."""
     families = {}
+    photos = result.get("query_photos") or {}
+    if photos.get("n_queries"):
+        families["query photos, embedding"] = photos["embedding"]
+        if "reranked" in photos:
+            families["query photos, re-ranked"] = photos["reranked"]
     floor = result.get("shop_floor") or {}
     if floor.get("n_queries"):
         families["shop floor, embedding"] = floor["embedding"]
@@ -127,7 +132,8 @@ def plot_accuracy(result: dict, path) -> None:
     ax.set_xticks(np.arange(len(ks)) + width * (len(variants) - 1) / 2, ks)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("SKU accuracy")
-    ax.set_title(f"{floor.get('n_queries', 0)} shop-floor and {result['n_queries']} augmented queries, "
+    real = f"{photos['n_queries']} real, " if photos.get("n_queries") else ""
+    ax.set_title(f"{real}{floor.get('n_queries', 0)} shop-floor and {result['n_queries']} augmented queries, "
                  f"{result['n_skus']} SKUs", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

@@ -1,7 +1,8 @@
 """Querying a built SKU index with images (the `mlprep search-sku` command and `mlprep serve`'s SKU search).
 
-A query is view 0 of the index's own path (decode, centre square crop, encode, mlprep.views): what the index
-holds for each catalog photo. Answers are grouped by SKU: each SKU once, scored by its best view. Where the
+A query goes through the index's own path (decode, render, encode, mlprep.views): its `query_crops` (the centre
+square, which is view 0, what the index holds of each catalog photo, and by default the whole photo too), embedded
+and averaged. Answers are grouped by SKU: each SKU once, scored by its best view. Where the
 index has its catalog photos' local features (`rerank.enabled`), the top candidates are re-ranked geometrically
 (mlprep.sku.geometry) and each answer says which score ranked it."""
 
@@ -17,11 +18,11 @@ import pandas as pd
 from mlprep.failures import ItemError
 from mlprep.io import read_json
 from mlprep.indexing import apply_search_params, read_index
-from mlprep.sku.augment import AugmentSettings, original_view, read_image_file, view_transforms
-from mlprep.sku.encode import LOCAL_FEATURES, ViewPlan, load_encoder, view_stage
+from mlprep.sku.augment import query_views, read_image_file, view_transforms
+from mlprep.sku.encode import LOCAL_FEATURES, load_encoder
 from mlprep.sku.geometry import FeatureTable, Geometry, features_of, rerank
 from mlprep.sku.index import rank_skus
-from mlprep.views import choose_device_decode, items_per_chunk, pack, prepare_image
+from mlprep.views import ViewStage, choose_device_decode, items_per_chunk, pack, prepare_image
 
 
 class EmptyIndexError(ValueError):
@@ -57,20 +58,25 @@ class Ranked:
     ranked_by: str
 
 
-def embed_images(encoder, images: list[bytes], max_pixels: int | None = None
+def embed_images(encoder, images: list[bytes], max_pixels: int | None = None, crops=("centre",)
                  ) -> tuple[np.ndarray, list[int], list[tuple[int, str, str]]]:
     """Embeddings of encoded images (bytes; the format is sniffed from the content, never a name), their positions,
-    and (position, reason code, reason) for each that cannot be used. `max_pixels` refuses larger images before
-    they are decoded (a decompression bomb is that query's failure)."""
-    plan = ViewPlan(0, 0, 0, AugmentSettings(), encoder.image_size)
+    and (position, reason code, reason) for each that cannot be used. Each image's embedding is the normalised mean
+    of its `crops`' (mlprep.sku.augment.QUERY_CROPS). `max_pixels` refuses larger images before they are decoded
+    (a decompression bomb is that query's failure)."""
+    crops = tuple(crops)
     device_decode = choose_device_decode("auto", encoder.device)
-    views = lambda w, h: view_transforms([original_view(w, h)], w, h, encoder.image_size)  # noqa: E731
+    views = lambda w, h: view_transforms(query_views(crops, w, h), w, h, encoder.image_size)  # noqa: E731
     prepared = [prepare_image(k, data, encoder.image_size, device_decode, views, max_pixels=max_pixels)
                 for k, data in enumerate(images)]
-    chunk = items_per_chunk(encoder.batch_size, 1)
+    chunk = items_per_chunk(encoder.batch_size, len(crops))
     chunks = [pack(prepared[a : a + chunk]) for a in range(0, len(prepared), chunk)]
-    out = view_stage(encoder, plan).run(chunks)
-    return out.vectors, [i.tag for i in out.items], [(i.tag, *i.error) for i in out.failed]
+    out = ViewStage(encoder, len(crops), chunk).run(chunks)
+    vectors = out.vectors
+    if len(crops) > 1 and len(vectors):
+        vectors = vectors.reshape(-1, len(crops), vectors.shape[1]).mean(axis=1)
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors, [i.tag for i in out.items], [(i.tag, *i.error) for i in out.failed]
 
 
 class SkuSearcher:
@@ -112,12 +118,18 @@ class SkuSearcher:
         if built and self.encoder.identity() != built:
             raise ValueError(f"{folder / 'index_info.json'}: the index was built with {built}, but its model config "
                              f"now loads {self.encoder.identity()} (a changed checkpoint?): rebuild the index")
+        self.query_crops = tuple(self.info.get("query_crops") or ("centre",))  # an index from before: centre
         self.geometry, self.photos, self._photo_rows = None, None, {}
         settings = Geometry.from_config(self.info.get("rerank") or {"enabled": False})
         if settings.enabled and rerank and FeatureTable.paths(folder, LOCAL_FEATURES)[0].exists():
             self.geometry = settings
             self.photos = FeatureTable.read(folder, LOCAL_FEATURES, "sku.local_features")  # memory-mapped
             self._photo_rows = self.photos.rows.groupby("sku_id").indices  # sku -> its photos' rows
+
+    def embed_bytes(self, images: list[bytes], max_pixels: int | None = None
+                    ) -> tuple[np.ndarray, list[int], list[tuple[int, str, str]]]:
+        """embed_images with the query crops the index was built for (what every search embeds)."""
+        return embed_images(self.encoder, images, max_pixels, self.query_crops)
 
     def embed(self, paths: list[Path | str]) -> tuple[np.ndarray, list[int], list[QueryFailure]]:
         """Embeddings of the image files that decode, their positions in `paths`, and a failure for each other."""
@@ -132,7 +144,7 @@ class SkuSearcher:
             except ItemError as err:
                 datas.append(b"")
                 unread[k] = err
-        vectors, ok, failed = embed_images(self.encoder, datas)
+        vectors, ok, failed = self.embed_bytes(datas)
         failures = []
         for k, code, reason in failed:
             err = unread.get(k)

@@ -105,6 +105,7 @@ def build(shard_dirs: list, manifest_path, manifest_failures_path, cfg: dict, se
         "n_dropped_duplicates": n_before - n_items,
         "augment_per_image": cfg["augment_per_image"],
         "rerank": cfg["rerank"],  # how queries are re-ranked against local_features*
+        "query_crops": list(cfg["query_crops"]),  # what a query's embedding averages (mlprep.sku.search)
         "model": cfg["model"],
         "model_identity": identity,
         "seed": seed,  # also seeds random model weights: the search command rebuilds the same model
@@ -223,8 +224,9 @@ def check(info_path, failures_path, checks_path, max_failed_fraction: float, dup
 
 
 def evaluate_index(index_path, embeddings_path, metadata_path, info_path, query_path, query_meta_path,
-                   ks, outputs: dict, rerank: dict | None = None) -> dict:
-    """eval.json: the shop-floor queries first (what users' photos get: by embeddings alone and re-ranked by
+                   ks, outputs: dict, rerank: dict | None = None, query_photos_path=None) -> dict:
+    """eval.json: the users' own query photos first where the config names them (`eval.queries`), then the
+    shop-floor queries (what users' photos get: by embeddings alone and re-ranked by
     geometry), then the held-out augmented views (the index's own augmentation family: an upper bound)."""
     from mlprep.indexing import apply_search_params, read_index
     from mlprep.sku.encode import LOCAL_FEATURES, SHOP_FLOOR, SHOP_FLOOR_EMBEDDINGS
@@ -245,7 +247,12 @@ def evaluate_index(index_path, embeddings_path, metadata_path, info_path, query_
                        FeatureTable.read(folder, SHOP_FLOOR, "sku.shop_floor"),
                        FeatureTable.read(folder, LOCAL_FEATURES, "sku.local_features"), list(ks),
                        settings if settings.enabled else None)
-    result = {"shop_floor": floor, **evaluate(index, vectors, meta, queries, query_meta, list(ks))}
+    result = {}
+    if query_photos_path:  # the users' own photos first
+        from mlprep.sku.queries import query_photo_accuracy
+
+        result["query_photos"] = query_photo_accuracy(pd.read_parquet(query_photos_path), list(ks), settings.enabled)
+    result |= {"shop_floor": floor, **evaluate(index, vectors, meta, queries, query_meta, list(ks))}
     result["factory"] = info["factory"]
     result["recall_at_10"] = info.get("recall_at_10")
     if not info["model"].get("pretrained"):

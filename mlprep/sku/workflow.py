@@ -29,6 +29,7 @@ class SkuWorkflow(ShardedPipeline):
             "augment_per_image": self.cfg["augment_per_image"],
             "queries_per_image": self.cfg["eval"]["queries_per_image"],
             "shop_floor": self.cfg["eval"]["shop_floor"],
+            "query_crops": self.cfg["query_crops"],
             "local_features": {k: v for k, v in self.cfg["rerank"].items()
                                if k in ("enabled", "max_features", "max_side")},
             "encoding_batch_size": self.cfg["encoding_batch_size"],
@@ -37,4 +38,14 @@ class SkuWorkflow(ShardedPipeline):
     def build_settings(self) -> dict:
         """The settings that change the merged index and checks: a change reruns the merge only."""
         return {k: self.cfg[k] for k in ("index", "duplicate_images", "confusable_pairs", "confusable_sample",
-                                         "rerank")}
+                                         "rerank", "query_crops")}
+
+    def query_photo_paths(self, wildcards=None) -> list[str]:
+        """The photos `eval.queries` names (inputs of rule sku_query_photos, so that a changed photo reruns it); a
+        truth table that cannot be used stops the workflow before any job starts, naming the file."""
+        from pathlib import Path
+
+        from mlprep.sku.queries import read_truth
+
+        queries = self.cfg["eval"]["queries"]
+        return [str(Path(queries["images_dir"]) / image) for image in read_truth(queries["truth"])["image"]]
