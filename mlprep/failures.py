@@ -27,6 +27,10 @@ REASON_CODES: dict[str, str] = {
     "bad_window": "a clip's start/end window is invalid (negative, or end not after start)",
     "missing": "the file does not exist",
     "unsafe_path": "the path is absolute or leaves the folder it must stay in",
+    "not_a_file": "a container member is a link, a device or another non-regular file",
+    "unkeyed_member": "a container member's name is not `key.ext` (webdataset's naming: the key ends at the file "
+                      "name's first dot)",
+    "duplicate_key": "a container member repeats the key and extension of an earlier member, which is kept",
     "not_an_image": "no image decoder recognises the file",
     "not_a_video": "no video demuxer recognises the file",
     "no_video_stream": "the file holds no video stream",
