@@ -63,16 +63,10 @@ def catalog_items(work: Path):
 
 
 def queries_of(skus: list[dict], per_sku: int, seed: int) -> tuple[list[bytes], list[str]]:
-    from mlprep.demo import lookalike_product
-    from mlprep.sku.shopfloor import ShopFloor, shop_floor_query
+    from mlprep.demo import lookalike_queries
 
-    datas, truth = [], []
-    for sku in skus:
-        product = lookalike_product(*sku["source"])
-        for k in range(per_sku):
-            datas.append(shop_floor_query(product, ShopFloor(), seed, sku["sku_id"], k))
-            truth.append(sku["sku_id"])
-    return datas, truth
+    queries = lookalike_queries(skus, per_sku, seed)
+    return [data for _, data in queries], [sku for sku, _ in queries]
 
 
 def accuracy(vectors: np.ndarray, skus: np.ndarray, queries: np.ndarray, truth: list[str]) -> dict:

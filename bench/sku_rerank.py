@@ -52,20 +52,16 @@ def write_queries(work: Path, per_sku: int, seed: int) -> tuple[list[Path], list
     """The catalog and the shop-floor photos of its products, with a truth table (eval.queries reads it)."""
     import pandas as pd
 
-    from mlprep.demo import lookalike_product, write_lookalike_catalog
-    from mlprep.sku.shopfloor import ShopFloor, shop_floor_query
+    from mlprep.demo import lookalike_queries, write_lookalike_catalog
 
-    write_lookalike_catalog(work / "data")
+    catalog = write_lookalike_catalog(work / "data")
     folder = work / "queries"
     folder.mkdir()
     paths, truth = [], []
-    for sku in json.loads((work / "data" / "sku_data.json").read_text()):
-        photo, region, regions = sku["source"]
-        product = lookalike_product(photo, region, regions)
-        for k in range(per_sku):
-            paths.append(folder / f"{sku['sku_id']}_{k}.jpg")
-            paths[-1].write_bytes(shop_floor_query(product, ShopFloor(), seed, sku["sku_id"], k))
-            truth.append(sku["sku_id"])
+    for sku, data in lookalike_queries(json.loads(catalog.read_text()), per_sku, seed):
+        paths.append(folder / f"{sku}_{truth.count(sku)}.jpg")
+        paths[-1].write_bytes(data)
+        truth.append(sku)
     pd.DataFrame({"image": [p.name for p in paths], "sku_id": truth}).to_csv(folder / "truth.csv", index=False)
     return paths, truth
 

@@ -151,6 +151,18 @@ def lookalike_product(photo: str, region: int, regions: int, size=(480, 360)) ->
     return img.resize(size, Image.LANCZOS, box=box)
 
 
+def lookalike_queries(skus: list[dict], per_sku: int, seed: int) -> list[tuple[str, bytes]]:
+    """(SKU id, JPEG bytes): `per_sku` shop-floor photos of each look-alike product of a catalog that
+    write_lookalike_catalog wrote (its `sku_data.json` records), taken of the product itself, not of a catalog shot."""
+    from mlprep.sku.shopfloor import ShopFloor, shop_floor_query
+
+    out = []
+    for sku in skus:
+        product = lookalike_product(*sku["source"])
+        out += [(sku["sku_id"], shop_floor_query(product, ShopFloor(), seed, sku["sku_id"], k)) for k in range(per_sku)]
+    return out
+
+
 def write_lookalike_catalog(folder: Path | str, photos: list[str] | None = None, regions: int = 4, shots: int = 2,
                             size=(320, 240), seed: int = 0) -> Path:
     """A fine-grained catalog: `regions` SKUs cut from each real photo (neighbouring SKUs share colours, textures

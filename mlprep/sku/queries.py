@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 
 TRUTH_COLUMNS = ("image", "sku_id")
-QUERY_PHOTOS = "query_photos.parquet"
 
 
 class TruthTableError(ValueError):
@@ -56,8 +55,8 @@ def search_query_photos(index_path: Path | str, images_dir: Path | str, truth_pa
     """Search every photo of the truth table in the built index, by embeddings alone and re-ranked, and write one
     `sku.query_photos` row per photo: its SKU, whether the catalog has it, the top-k SKUs of each ranking, and the
     failure's reason code where the photo cannot be used."""
-    from mlprep.sku.search import SkuSearcher
     from mlprep.io import write_parquet
+    from mlprep.sku.search import SkuSearcher
 
     truth = read_truth(truth_path)
     searcher = SkuSearcher(index_path, device=device, threads=threads, rerank=True)
@@ -73,10 +72,9 @@ def search_query_photos(index_path: Path | str, images_dir: Path | str, truth_pa
         rows.at[position, "reranked_top"] = [r.sku_id for r in verified]
         rows.at[position, "inliers"] = verified[0].inliers if verified else 0
         rows.at[position, "ranked_by"] = verified[0].ranked_by if verified else ""
-    position_of = {name: k for k, name in enumerate(paths)}
-    for failure in failed:
-        k_row = position_of[failure.query]
-        rows.loc[k_row, ["status", "reason_code", "error"]] = ["failed", failure.reason_code, failure.error]
+    embedded = set(ok)  # the failures are the other positions, in order (a photo listed twice fails twice)
+    for position, failure in zip([p for p in range(len(paths)) if p not in embedded], failed, strict=True):
+        rows.loc[position, ["status", "reason_code", "error"]] = ["failed", failure.reason_code, failure.error]
     write_parquet(rows, out, "sku.query_photos")
     return rows
 

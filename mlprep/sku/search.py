@@ -136,6 +136,8 @@ class SkuSearcher:
         return self._embed(paths)[:3]
 
     def _embed(self, paths: list[Path | str]) -> tuple[np.ndarray, list[int], list[QueryFailure], list[bytes]]:
+        """embed() plus every file's bytes; the failures come in the order of `paths`, one for each position that
+        is not among the embedded ones."""
         names = [str(p) for p in paths]
         datas, unread = [], {}
         for k, name in enumerate(names):
@@ -146,7 +148,7 @@ class SkuSearcher:
                 unread[k] = err
         vectors, ok, failed = self.embed_bytes(datas)
         failures = []
-        for k, code, reason in failed:
+        for k, code, reason in sorted(failed):
             err = unread.get(k)
             code, reason = (err.code, str(err)) if err is not None else (code, reason)
             failures.append(QueryFailure(names[k], code, f"{names[k]}: {reason}"))
