@@ -11,7 +11,7 @@ demo files: hard links stop at 65,000 per file), then measures, each in a fresh 
 and the same for the bare Snakefile: N one-input shard jobs and a merge. Peak RSS is the largest
 process's. Ratios are to the bare DAG measured in the same run.
 
-    .venv/bin/python bench/dag_scale.py                              # 100k/1k and 1M/10k, both pipelines
+    .venv/bin/python bench/dag_scale.py                              # 100k/1k and 1M/10k, every pipeline
     .venv/bin/python bench/dag_scale.py --sizes 2000:20 --check      # small, and assert the job counts (CI)
 """
 
@@ -104,6 +104,37 @@ def make_sku(folder: Path, items: int) -> Path:
     return data
 
 
+def make_sku_tars(folder: Path, items: int, tars: int) -> Path:
+    """The same catalog shape with its images as webdataset tars (img2dataset's layout: `{key}.jpg` members,
+    keys numbered per tar), named by key in sku_data.json. Members are 70 KB, more than the index's read window,
+    so that every header costs its own read as with real photos; their data is left as holes (sparse files)."""
+    import tarfile
+
+    data = folder / f"sku_{items}_tars.json"
+    if data.exists():
+        return data
+    root = folder / "tars"
+    root.mkdir(parents=True, exist_ok=True)
+    per_tar, size = -(-items // tars), 70_000
+    padded = -(-size // 512) * 512
+    keys = []
+    for t in range(tars):
+        first, last = t * per_tar, min(items, (t + 1) * per_tar)
+        with open(root / f"{t:05d}.tar", "wb") as handle:
+            offset = 0
+            for n in range(first, last):
+                info = tarfile.TarInfo(f"{n:09d}.jpg")
+                info.size = size
+                os.pwrite(handle.fileno(), info.tobuf(tarfile.GNU_FORMAT), offset)
+                offset += 512 + padded
+                keys.append(f"{n:09d}")
+            handle.truncate(offset + 1024)  # the data and the two closing zero blocks: holes
+    skus = [{"sku_id": f"sku{s:07d}", "name": f"Product {s}", "category": "snacks", "images": keys[s * 5 : s * 5 + 5]}
+            for s in range(items // 5)]
+    data.write_text(json.dumps(skus))
+    return data
+
+
 def make_video(folder: Path, items: int) -> Path:
     data = folder / f"pairs_{items}.json"
     if data.exists():
@@ -125,6 +156,9 @@ def pipeline_config(pipeline: str, data: Path, shards: int) -> dict:
     if pipeline == "sku_index":
         return {"sku_index": {"sku_data": str(data), "images_dir": str(data.parent / "images"), "shards": shards},
                 **only("sku_index")}
+    if pipeline == "sku_index:tars":
+        return {"sku_index": {"sku_data": str(data), "images_dir": str(data.parent / "tars"), "shards": shards,
+                              "input_format": "webdataset"}, **only("sku_index")}
     return {**only("video_frames"),
             "video_frames": {"pairs": str(data), "clips_dir": str(data.parent / "clips"), "split_mode": "all_train",
                              "shards": {"train": shards}}}
@@ -154,13 +188,13 @@ def workflow_cmd(work: Path, *args: str) -> list[str]:
 
 
 def measure_pipeline(pipeline: str, data: Path, items: int, shards: int, scratch: Path, check: bool) -> dict:
-    work = scratch / f"{pipeline}_{items}_{shards}"
+    work = scratch / f"{pipeline.replace(':', '_')}_{items}_{shards}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     (work / "config.json").write_text(json.dumps(pipeline_config(pipeline, data, shards)))
     first, rss, out = measured(workflow_cmd(work, "-n"), work)
     again, rss2, _ = measured(workflow_cmd(work, "-n"), work)
-    shard_rule = "sku_encode_shard" if pipeline == "sku_index" else "video_extract_shard"
+    shard_rule = "sku_encode_shard" if pipeline.startswith("sku_index") else "video_extract_shard"
     jobs = out.count(f"rule {shard_rule}:")
     if check and jobs != shards:
         raise AssertionError(f"{pipeline}: the dry-run lists {jobs} shard jobs, expected {shards}")
@@ -203,7 +237,9 @@ def measure_bare(shards: int, scratch: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["100000:1000", "1000000:10000"], help="items:shards")
-    parser.add_argument("--pipelines", nargs="+", default=["sku_index", "video_frames"])
+    parser.add_argument("--pipelines", nargs="+", default=["sku_index", "sku_index:tars", "video_frames"],
+                        help="sku_index:tars is sku_index with its images in webdataset tars")
+    parser.add_argument("--items-per-tar", type=int, default=1000)
     parser.add_argument("--data", default="/tmp/mlprep-dag-scale", help="where the synthetic catalogs are kept")
     parser.add_argument("--check", action="store_true", help="assert the job counts (the CI test)")
     parser.add_argument("--json", help="also write the figures here")
@@ -221,19 +257,22 @@ def main() -> None:
         items, shards = (int(x) for x in size.split(":"))
         bare = measure_bare(shards, root / "work")
         for pipeline in args.pipelines:
-            folder = root / pipeline
+            folder = root / pipeline.replace(":", "_")
             folder.mkdir(parents=True, exist_ok=True)
-            data = make_sku(folder, items) if pipeline == "sku_index" else make_video(folder, items)
+            if pipeline == "sku_index:tars":
+                data = make_sku_tars(folder, items, max(1, items // args.items_per_tar))
+            else:
+                data = make_sku(folder, items) if pipeline == "sku_index" else make_video(folder, items)
             ours = measure_pipeline(pipeline, data, items, shards, root / "work", args.check)
             rows.append({"pipeline": pipeline, "items": items, "shards": shards, "ours": ours, "bare": bare})
 
     print(f"DAG scale, {os.cpu_count()} cores; each figure one fresh Snakemake process; ratio = ours / bare DAG")
-    print(f"{'pipeline':<13} {'items':>9} {'shards':>6} {'dry-run s':>10} {'(bare)':>7} {'ratio':>6} "
+    print(f"{'pipeline':<15} {'items':>9} {'shards':>6} {'dry-run s':>10} {'(bare)':>7} {'ratio':>6} "
           f"{'again s':>8} {'ratio':>6} {'no-op s':>8} {'(bare)':>7} {'ratio':>6} {'job start s':>11} "
           f"{'(bare)':>7} {'RSS MiB':>8}")
     for r in rows:
         o, b = r["ours"], r["bare"]
-        print(f"{r['pipeline']:<13} {r['items']:>9} {r['shards']:>6} {o['dry_run_s']:10.1f} {b['dry_run_s']:7.1f} "
+        print(f"{r['pipeline']:<15} {r['items']:>9} {r['shards']:>6} {o['dry_run_s']:10.1f} {b['dry_run_s']:7.1f} "
               f"{o['dry_run_s'] / b['dry_run_s']:6.2f} {o['dry_run_again_s']:8.1f} "
               f"{o['dry_run_again_s'] / b['dry_run_s']:6.2f} {o['noop_s']:8.1f} {b['noop_s']:7.1f} "
               f"{o['noop_s'] / b['noop_s']:6.2f} {o['job_startup_s']:11.1f} {b['job_startup_s']:7.1f} "

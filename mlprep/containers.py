@@ -20,9 +20,8 @@ of the file (`truncated`). A file that is not an uncompressed tar stops with a C
 from __future__ import annotations
 
 import os
-import tarfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from mlprep.failures import ItemError
 
@@ -63,67 +62,169 @@ def split_key(name: str) -> tuple[str, str]:
 
 
 def _unsafe(name: str) -> bool:
-    return name.startswith("/") or ".." in PurePosixPath(name).parts
+    """Absolute, or climbing out with a `..` part (string tests: a million members are checked per index)."""
+    return name.startswith("/") or name == ".." or name.startswith("../") or "/../" in name or name.endswith("/..")
+
+
+BLOCK = 512
+REGULAR_TYPES = (b"0", b"\x00", b"7")
+SKIPPED_TYPES = (b"5", b"g", b"V")  # folders, global pax headers, volume labels: they hold no member
+
+
+def _number(field: bytes) -> int:
+    """A tar header's number: octal ASCII, or base-256 (GNU) when the first byte's high bit is set."""
+    if field[:1] and field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\x00", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _text(field: bytes) -> str:
+    return field.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    """The records of a pax extended header ('<length> <key>=<value>\\n' each)."""
+    out, at = {}, 0
+    while at < len(data):
+        space = data.find(b" ", at)
+        if space < 0:
+            break
+        length = int(data[at:space])
+        if length <= 0:
+            break
+        key, _, value = data[space + 1 : at + length - 1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        at += length
+    return out
+
+
+def _checksum_ok(header: bytes) -> bool:
+    """A pre-POSIX header has no magic: its checksum is what tells it from other bytes."""
+    try:
+        return _number(header[148:156]) == sum(header[:148]) + 256 + sum(header[156:])
+    except ValueError:
+        return False
+
+
+class _Blocks:
+    """Positioned reads of a file through one window, so that the headers of small members cost one read per
+    window, not one per member."""
+
+    WINDOW = 1 << 16
+
+    def __init__(self, fd: int):
+        self.fd, self.start, self.data = fd, 0, b""
+
+    def read(self, offset: int, size: int) -> bytes:
+        if not (self.start <= offset and offset + size <= self.start + len(self.data)):
+            self.start, self.data = offset, os.pread(self.fd, max(size, self.WINDOW), offset)
+        return self.data[offset - self.start : offset - self.start + size]
+
+
+def _headers(path: Path, fd: int, file_size: int):
+    """(name, type, offset of data, size) of every header of a tar, GNU long names and pax records applied;
+    raises ContainerError where the first header is not a tar's, and _BrokenOff where a later one breaks off."""
+    blocks = _Blocks(fd)
+    offset, pending, n = 0, {}, 0
+    while offset + BLOCK <= file_size:
+        header = blocks.read(offset, BLOCK)
+        if header == bytes(BLOCK):
+            return
+        if header[257:262] != b"ustar" and not _checksum_ok(header):  # ustar, GNU and pax headers say so
+            if n == 0:
+                raise ContainerError(f"{path}: not a tar file (its first header's checksum does not match)")
+            raise _BrokenOff(f"the header at byte {offset} is not a tar header")
+        size, kind = _number(header[124:136]), header[156:157]
+        data = offset + BLOCK
+        offset = data + -(-size // BLOCK) * BLOCK
+        n += 1
+        if kind in (b"L", b"K", b"x"):  # the next header's long name, long link or pax records
+            if data + size > file_size:
+                raise _BrokenOff(f"a long-name header at byte {data - BLOCK} runs past the end")
+            value = blocks.read(data, size)
+            if kind == b"L":
+                pending["path"] = value.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
+            elif kind == b"x":
+                pending.update(_pax(value))
+            continue
+        name = _text(header[:100])
+        if header[257:263] == b"ustar\x00" and header[345:346] != b"\x00":
+            name = _text(header[345:500]) + "/" + name
+        name = pending.get("path", name)
+        if "size" in pending:
+            size = int(pending["size"])
+            offset = data + -(-size // BLOCK) * BLOCK
+        pending = {}
+        yield name, kind, data, size
+    if offset < file_size:
+        raise _BrokenOff(f"the file ends inside the header at byte {offset}")
+    raise _BrokenOff("the file ends without the zero blocks that close a tar")
+
+
+class _BrokenOff(Exception):
+    pass
 
 
 def index_tar(path: Path | str) -> tuple[list[Member], list[Problem]]:
-    """Every usable member of an uncompressed tar, in the tar's order, and a Problem for each other one."""
+    """Every usable member of an uncompressed tar, in the tar's order, and a Problem for each other one.
+
+    The headers are read directly (a few microseconds a member; `tarfile` takes ~30): a million images in a
+    thousand tars are indexed within a dry-run's time."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            head = handle.read(6)
+        fd = os.open(path, os.O_RDONLY)
     except OSError as err:
         raise ContainerError(f"{path}: cannot be read: {err}") from err
-    for magic, kind in COMPRESSED_MAGIC.items():
-        if head.startswith(magic):
-            raise ContainerError(f"{path}: a {kind}-compressed tar, whose members cannot be read by position; "
-                                 f"store shards uncompressed (img2dataset and webdataset write them so)")
     members: list[Member] = []
     problems: list[Problem] = []
     seen: set[tuple[str, str]] = set()
     try:
-        archive = tarfile.open(path, "r:")
-    except tarfile.TarError as err:
-        raise ContainerError(f"{path}: not a tar file ({err})") from err
-    with archive:
-        entries = iter(archive)
-        while True:
-            try:
-                info = next(entries)
-            except StopIteration:
-                break
-            except tarfile.TarError as err:  # a header that breaks off: the members before it stand
-                problems.append(Problem(None, "truncated", f"{path}: the tar breaks off after {len(members)} "
-                                                           f"members: {err}"))
-                break
-            name = info.name
-            if info.isdir():
-                continue
-            if _unsafe(name):
-                problems.append(Problem(name, "unsafe_path", f"{path}: member {name!r} is absolute or leaves the "
-                                                              f"tar's folder"))
-                continue
-            if not info.isfile():
-                problems.append(Problem(name, "not_a_file", f"{path}: member {name!r} is a link or another "
-                                                             f"non-regular file"))
-                continue
-            key, ext = split_key(name)
-            if not key:
-                problems.append(Problem(name, "unkeyed_member", f"{path}: member {name!r} is not named key.ext"))
-                continue
-            if info.offset_data + info.size > size:
-                problems.append(Problem(name, "truncated", f"{path}: member {name!r} announces {info.size} bytes "
-                                                           f"but the file ends {info.offset_data + info.size - size} "
-                                                           f"bytes short"))
-                continue
-            if (key, ext) in seen:
-                problems.append(Problem(name, "duplicate_key", f"{path}: member {name!r} repeats key {key!r} "
-                                                               f"with extension {ext!r}; the first is kept"))
-                continue
-            seen.add((key, ext))
-            members.append(Member(name, key, ext, info.offset_data, info.size))
+        file_size = os.fstat(fd).st_size
+        head = os.pread(fd, 6, 0)
+        for magic, kind in COMPRESSED_MAGIC.items():
+            if head.startswith(magic):
+                raise ContainerError(f"{path}: a {kind}-compressed tar, whose members cannot be read by position; "
+                                     f"store shards uncompressed (img2dataset and webdataset write them so)")
+        if file_size < BLOCK:
+            raise ContainerError(f"{path}: not a tar file ({file_size} bytes, less than one header)")
+        try:
+            for name, kind, data, size in _headers(path, fd, file_size):
+                problem = _member_problem(path, name, kind, data, size, file_size)
+                if problem is None:
+                    name = name[2:] if name.startswith("./") else name
+                    key, ext = split_key(name)
+                    if not key:
+                        problem = Problem(name, "unkeyed_member", f"{path}: member {name!r} is not named key.ext")
+                    elif (key, ext) in seen:
+                        problem = Problem(name, "duplicate_key", f"{path}: member {name!r} repeats key {key!r} "
+                                                                 f"with extension {ext!r}; the first is kept")
+                    else:
+                        seen.add((key, ext))
+                        members.append(Member(name, key, ext, data, size))
+                        continue
+                if problem.reason_code:
+                    problems.append(problem)
+        except _BrokenOff as err:  # the members before the break stand
+            problems.append(Problem(None, "truncated", f"{path}: the tar breaks off after {len(members)} members: "
+                                                       f"{err}"))
+    finally:
+        os.close(fd)
     return members, problems
+
+
+def _member_problem(path: Path, name: str, kind: bytes, data: int, size: int, file_size: int) -> Problem | None:
+    """Why a member gives no item (reason_code '' for members that are skipped quietly: folders), or None."""
+    if kind in SKIPPED_TYPES or (kind in REGULAR_TYPES and name.endswith("/")):
+        return Problem(name, "", "")
+    if _unsafe(name):
+        return Problem(name, "unsafe_path", f"{path}: member {name!r} is absolute or leaves the tar's folder")
+    if kind not in REGULAR_TYPES:
+        return Problem(name, "not_a_file", f"{path}: member {name!r} is a link or another non-regular file")
+    if data + size > file_size:
+        return Problem(name, "truncated", f"{path}: member {name!r} announces {size} bytes but the file ends "
+                                          f"{data + size - file_size} bytes short")
+    return None
 
 
 def samples(members: list[Member]) -> dict[str, dict[str, Member]]:

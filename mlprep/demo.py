@@ -502,3 +502,46 @@ if __name__ == "__main__":
         print(write_probe_demo(sys.argv[2] if len(sys.argv) > 2 else "resources/demo/probe"))
     elif sys.argv[1:2] == ["ecapa"]:
         print(write_ecapa_model(sys.argv[2] if len(sys.argv) > 2 else "ecapa-random"))
+
+
+def pack_files(folder: Path | str, out: Path | str, input_format: str, per_container: int = 16,
+               key_with_ext: bool = True, struct: bool = False) -> list[Path]:
+    """The files of `folder` (sorted, recursively) packed into containers under `out`, as the tools that make
+    training sets write them: webdataset tars `00000.tar` of `{name}` members beside a `{key}.json` each, or
+    parquet files `00000.parquet` with the bytes in a column named after the format (`jpg`, `wav`, ...) and a
+    `key` column, or (`struct`) an `image` column of `{bytes, path}` structs as Hugging Face `datasets` writes
+    them. `key_with_ext`: a parquet row's key is the file's name (`a.jpg`), else its key (`a`)."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder, out = Path(folder), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    written = []
+    for n, start in enumerate(range(0, len(files), per_container)):
+        part = files[start : start + per_container]
+        names = [str(p.relative_to(folder)) for p in part]
+        if input_format == "webdataset":
+            path = out / f"{n:05d}.tar"
+            with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
+                for name, file in zip(names, part):
+                    archive.add(file, arcname=name)
+                    meta = json.dumps({"source": name}).encode()
+                    info = tarfile.TarInfo(name.split(".", 1)[0] + ".json")
+                    info.size = len(meta)
+                    archive.addfile(info, io.BytesIO(meta))
+        else:
+            path = out / f"{n:05d}.parquet"
+            data = [p.read_bytes() for p in part]
+            keys = names if key_with_ext else [name.split(".", 1)[0] for name in names]
+            if struct:
+                table = pa.table({"image": pa.array([{"bytes": d, "path": k} for d, k in zip(data, keys)])})
+            else:
+                column = part[0].suffix.lstrip(".").lower() or "bytes"
+                table = pa.table({"key": keys, column: pa.array(data, pa.binary())})
+            pq.write_table(table, path, row_group_size=max(1, per_container // 4))
+        written.append(path)
+    return written

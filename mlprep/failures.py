@@ -31,6 +31,8 @@ REASON_CODES: dict[str, str] = {
     "unkeyed_member": "a container member's name is not `key.ext` (webdataset's naming: the key ends at the file "
                       "name's first dot)",
     "duplicate_key": "a container member repeats the key and extension of an earlier member, which is kept",
+    "bad_container": "a tar or parquet file of the data set cannot be indexed (not a tar, compressed, unreadable)",
+    "changed": "the container changed or vanished between the index and the job (the next run re-indexes it)",
     "not_an_image": "no image decoder recognises the file",
     "not_a_video": "no video demuxer recognises the file",
     "no_video_stream": "the file holds no video stream",

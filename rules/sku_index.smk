@@ -26,7 +26,7 @@ rule sku_manifest:
     conda:
         "../envs/sku_index.yaml"
     params:
-        images_dir=SKU["images_dir"],
+        source=SKU_FLOW.source,
         shards=SKU_FLOW.shard_count_param,
         lists=SKU_FLOW.lists_dir,
         catalog=SKU_FLOW.catalog_fingerprint,

@@ -11,7 +11,7 @@ from mlprep.sku import steps  # noqa: E402
 log_to_file(snakemake.log[0])  # noqa: F821
 steps.manifest(
     sku_data=snakemake.input.sku_data,  # noqa: F821
-    images_dir=snakemake.params.images_dir,  # noqa: F821
+    source=snakemake.params.source,  # noqa: F821
     n_shards=snakemake.params.shards,  # noqa: F821
     lists_folder=snakemake.params.lists,  # noqa: F821
     continue_on_error=snakemake.params.continue_on_error,  # noqa: F821

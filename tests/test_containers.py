@@ -109,3 +109,44 @@ def test_files_that_are_no_uncompressed_tar_stop_naming_the_file(tmp_path):
         index_tar(tmp_path / "junk.tar")
     with pytest.raises(ContainerError, match=r"gone.tar: cannot be read"):
         index_tar(tmp_path / "gone.tar")
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_header_reader_finds_what_tarfile_finds_in_every_tar_format(tmp_path, fmt):
+    deep = "d" * 60 + "/" + "e" * 70  # a ustar prefix, a GNU long name or a pax path, by format
+    names = ["a.jpg", f"{deep}/f.jpg", "ü/ñ.jpg", "sub/x.seg.npy"]
+    if fmt != tarfile.USTAR_FORMAT:
+        names.append("g" * 150 + ".jpg")  # too long for ustar
+    with tarfile.open(tmp_path / "t.tar", "w", format=fmt) as archive:
+        for k, name in enumerate(names):
+            _add(archive, name, os.urandom(100 + 700 * k))
+    found, problems = index_tar(tmp_path / "t.tar")
+    with tarfile.open(tmp_path / "t.tar") as archive:
+        expected = [(i.name, i.offset_data, i.size) for i in archive if i.isfile()]
+    assert problems == [] and [(m.name, m.offset, m.size) for m in found] == expected
+
+
+def test_a_tar_the_tar_command_wrote_with_dot_slash_names_indexes_without_them(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("tar") is None:
+        pytest.skip("no tar command")
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "a.jpg").write_bytes(b"A" * 700)
+    (tmp_path / "src" / "sub" / "b.txt").write_bytes(b"caption")
+    subprocess.run(["tar", "-cf", str(tmp_path / "c.tar"), "-C", str(tmp_path / "src"), "."], check=True)
+    found, problems = index_tar(tmp_path / "c.tar")
+    assert problems == [] and sorted((m.key, m.ext) for m in found) == [("a", "jpg"), ("sub/b", "txt")]
+
+
+def test_a_tar_cut_inside_a_header_or_without_its_end_blocks_is_truncated(tmp_path):
+    _tar(tmp_path / "whole.tar", [(f"{k}.jpg", os.urandom(600)) for k in range(3)])
+    data = (tmp_path / "whole.tar").read_bytes()
+    whole, _ = index_tar(tmp_path / "whole.tar")
+    end_of_last = whole[-1].offset + 1024  # the last member's data, padded to blocks
+    for cut in (whole[1].offset - 200, end_of_last):  # in the second header; right before the end blocks
+        (tmp_path / "cut.tar").write_bytes(data[:cut])
+        found, problems = index_tar(tmp_path / "cut.tar")
+        assert [p.reason_code for p in problems] == ["truncated"] and problems[0].member is None
+        assert len(found) == (1 if cut < whole[1].offset else 3)

@@ -116,13 +116,15 @@ def test_items_per_shard_sets_the_count_and_a_remote_job_reads_only_its_list(sku
 def test_dag_benchmark_small_scale_gives_the_right_jobs_and_no_op_reruns(tmp_path):
     """bench/dag_scale.py at a small size: a check of the DAG's shape, not a timing."""
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "dag_scale.py"), "--sizes", "500:7", "--check",
-                           "--data", str(tmp_path), "--json", str(tmp_path / "figures.json")],
+                           "--items-per-tar", "100", "--data", str(tmp_path), "--json", str(tmp_path / "figures.json")],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = json.loads((tmp_path / "figures.json").read_text())
     assert [(r["pipeline"], r["items"], r["ours"]["shard_jobs"]) for r in rows] == [
-        ("sku_index", 500, 7), ("video_frames", 500, 7)]
+        ("sku_index", 500, 7), ("sku_index:tars", 500, 7), ("video_frames", 500, 7)]
     for row in rows:
-        lists = Path(tmp_path / "work" / f"{row['pipeline']}_500_7" / "results" / row["pipeline"] / "lists")
+        pipeline = row["pipeline"].split(":")[0]
+        work = tmp_path / "work" / f"{row['pipeline'].replace(':', '_')}_500_7"
+        lists = Path(work / "results" / pipeline / "lists")
         listed = sum(1 for p in lists.rglob("*.jsonl") for line in p.read_text().splitlines() if line)
         assert listed == 500

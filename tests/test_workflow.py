@@ -143,6 +143,51 @@ def test_full_run_on_tiny_data(sku_workdir, tiny_clip):
     assert proc.returncode == 2 and "--k: must be at least 1" in proc.stderr and proc.stdout == ""
 
 
+SAME_ARTEFACTS = ["index.faiss", "embeddings.npy", "query_embeddings.npy", "shop_floor_embeddings.npy",
+                  "local_features_descriptors.npy", "eval.json"]
+
+
+def test_tars_and_parquet_of_the_images_give_the_artefacts_of_the_files(tmp_path, tiny_clip):
+    """The same images as files, as webdataset tars (with bad containers beside them) and as parquet of bytes:
+    byte-identical index, embeddings and eval; every bad container or member one failure record."""
+    import io
+    import tarfile
+
+    from mlprep.demo import pack_files
+
+    make_catalog(tmp_path / "data", 6)
+    runs = {}
+    for fmt in ("files", "webdataset", "parquet"):
+        work = tmp_path / fmt
+        (work / "data").mkdir(parents=True)
+        images = tmp_path / "data" / "images"
+        if fmt != "files":
+            images = work / "data" / "containers"
+            pack_files(tmp_path / "data" / "images", images, fmt, per_container=5)
+        if fmt == "webdataset":
+            with tarfile.open(images / "evil.tar", "w") as archive:
+                info = tarfile.TarInfo("../../outside.jpg")
+                info.size = 4
+                archive.addfile(info, io.BytesIO(b"evil"))
+            (images / "junk.tar").write_bytes(b"not a tar" * 100)
+        config = workflow_config(work, tiny_clip, sku_data=str(tmp_path / "data" / "sku_data.json"),
+                                 images_dir=str(images), input_format=fmt)
+        run_snakemake(work, config)
+        runs[fmt] = work / "results" / "sku_index"
+        assert _files_outside(work) == []
+    for fmt in ("webdataset", "parquet"):
+        for name in SAME_ARTEFACTS:
+            assert (runs[fmt] / name).read_bytes() == (runs["files"] / name).read_bytes(), (fmt, name)
+        pd.testing.assert_frame_equal(pd.read_parquet(runs[fmt] / "metadata.parquet"),
+                                      pd.read_parquet(runs["files"] / "metadata.parquet"))
+    failures = pd.read_parquet(runs["webdataset"] / "failures.parquet")
+    assert sorted(failures["reason_code"]) == ["bad_container", "unsafe_path"]
+    assert failures["path"].str.endswith("evil.tar#../../outside.jpg").any()
+    assert len(pd.read_parquet(runs["files"] / "failures.parquet")) == 0
+    manifest = pd.read_parquet(runs["webdataset"] / "manifest.parquet")
+    assert manifest["path"].str.contains(r"\.tar#sku0\d+_\d\.jpg$").all()
+
+
 def test_a_truth_table_that_cannot_be_used_stops_the_run_before_any_job(sku_workdir, tiny_clip):
     queries = _write_query_photos(sku_workdir)
     pd.DataFrame({"photo": ["a.jpg"], "sku_id": ["sku0003"]}).to_csv(queries["truth"], index=False)

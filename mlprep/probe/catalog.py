@@ -23,7 +23,8 @@ from mlprep.failures import Failure
 from mlprep.files import file_stats
 from mlprep.ids import shards_of
 from mlprep.io import write_json
-from mlprep.probe.reader import group_rows, parquet_files, row_group_frame
+from mlprep.probe.reader import row_group_frame
+from mlprep.sources import group_rows, parquet_files
 from mlprep.shardlists import ShardLists, encode_lines, file_digest
 
 log = logging.getLogger(__name__)

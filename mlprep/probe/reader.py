@@ -22,6 +22,7 @@ import pandas as pd
 
 from mlprep.failures import Failure, ItemError, decoder_message
 from mlprep.ids import UnsafePathError, resolve_inside
+from mlprep.sources import group_rows, parquet_files
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +42,6 @@ def row_group_id(file: str, row_group: int) -> str:
 
 def row_id(file: str, row: int) -> str:
     return f"{file}:{row}"
-
-
-def parquet_files(root: Path | str) -> list[Path]:
-    """Every `*.parquet` under root, sorted, hidden files and folders skipped."""
-    root = Path(root)
-    return [p for p in sorted(root.rglob("*.parquet"))
-            if not any(part.startswith(".") for part in p.relative_to(root).parts)]
-
-
-def group_rows(path: Path | str) -> list[int]:
-    """Rows per row group, from the footer (raises on an unreadable file)."""
-    import pyarrow.parquet as pq
-
-    meta = pq.ParquetFile(path).metadata
-    return [meta.row_group(k).num_rows for k in range(meta.num_row_groups)]
 
 
 def row_group_frame(files: list[str], rows_per_group: list[list[int]]) -> pd.DataFrame:

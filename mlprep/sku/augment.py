@@ -12,12 +12,11 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from mlprep.failures import ItemError
+from mlprep.sources import read_file
 from mlprep.rng import rng_for
 from mlprep.views import ViewRenderer, ViewTransforms, colour_transform
 
@@ -123,12 +122,7 @@ def content_hash(data: bytes) -> str:
 
 
 def read_image_file(path) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError as err:
-        raise ItemError("missing", "image file not found") from err
-    except OSError as err:
-        raise ItemError("decode_error", f"cannot read the file: {err}") from err
+    return read_file(path, "image file")
 
 
 def _perspective_matrix(corners: tuple[float, ...], size: int) -> np.ndarray:

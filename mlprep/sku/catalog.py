@@ -22,6 +22,7 @@ from mlprep.files import file_stats
 from mlprep.ids import normalise_paths, shards_of, unsafe_path_reasons
 from mlprep.records import RecordsError, first_value, read_records
 from mlprep.shardlists import CatalogCache, ShardLists, encode_lines, source_key
+from mlprep.sources import LOCATION_COLUMNS, display_path, index_dataset, locate
 
 ID_KEYS = ("sku_id", "id", "sku", "code")
 IMAGE_KEYS = ("images", "image_paths", "image_files", "image_path", "image")
@@ -49,44 +50,62 @@ class ImageItem:
     name: str
     category: str
     image: str  # as written in sku_data.json (normalised), relative to images_dir
-    path: str  # absolute path
+    path: str  # absolute path of the file, or of the container that holds the image
     shard: int
+    member: str = ""  # in a container: the member (tar) or the row's name (parquet); "" for a file
+    offset: int = -1
+    size: int = -1
+    group: int = -1
+    stamp: str = ""
+
+    @property
+    def location(self) -> tuple:
+        """What mlprep.sources.ItemReader.read takes."""
+        return self.path, self.member, self.offset, self.size, self.group, self.stamp
+
+    @property
+    def where(self) -> str:
+        """The file, or `<container>#<member>`: how failure records name the image."""
+        return display_path(self.path, self.member)
 
 
-# What a shard's list holds per image: what its encode job needs, and the file's size and mtime (an
-# edited image changes its line, so its shard reruns). Not the SKU's name or category: renaming a SKU
-# changes only the merged metadata, it does not re-encode anything.
-LIST_COLUMNS = ["sku_id", "image", "path", "size", "mtime_ns"]
+# What a shard's list holds per image: what its encode job needs and where its bytes lie (mlprep.sources: the
+# file, or the container, member, offset, size and row group), with a stamp (a file's mtime, a container's size
+# and mtime) so that an edited image or container changes its line and reruns its shard. Not the SKU's name or
+# category: renaming a SKU changes only the merged metadata, it does not re-encode anything.
+LIST_COLUMNS = ["sku_id", "image", *LOCATION_COLUMNS]
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # a member a key names, in this order
 
 
 def shard_list_lines(frame: pd.DataFrame) -> list[str]:
-    return encode_lines({
-        "sku_id": ("str", frame["sku_id"]), "image": ("str", frame["image"]), "path": ("str", frame["path"]),
-        "size": ("int", frame["size"]), "mtime_ns": ("int", frame["mtime_ns"]),
-    })
+    kinds = {"offset": "int", "size": "int", "group": "int"}
+    return encode_lines({c: (kinds.get(c, "str"), frame[c]) for c in LIST_COLUMNS})
 
 
 def items_from_list(rows: list[dict], shard: int) -> list[ImageItem]:
     """The encode job's items, from its shard list (list_rows)."""
-    return [ImageItem(item_id_for(r["sku_id"], r["image"]), r["sku_id"], "", "", r["image"], r["path"], shard)
-            for r in rows]
+    return [ImageItem(item_id_for(r["sku_id"], r["image"]), r["sku_id"], "", "", r["image"], r["path"], shard,
+                      r["member"], r["offset"], r["size"], r["group"], r["stamp"]) for r in rows]
 
 
 @dataclass(frozen=True)
 class Catalog:
-    frame: pd.DataFrame  # valid images in sku_data.json order: ITEM_COLUMNS + listed, size, mtime_ns
+    frame: pd.DataFrame  # valid images in sku_data.json order: ITEM_COLUMNS + listed + LOCATION_COLUMNS
     failures: list[Failure]
 
     @cached_property
     def items(self) -> list[ImageItem]:
         """The valid images, sorted by item id."""
-        return [ImageItem(*row) for row in self.items_frame()[ITEM_COLUMNS].itertuples(index=False)]
+        frame = self.frame.sort_values("item_id", kind="stable")
+        return [ImageItem(*row) for row in frame[[*ITEM_COLUMNS, *LOCATION_COLUMNS[1:]]].itertuples(index=False)]
 
     def items_frame(self) -> pd.DataFrame:
         """The manifest, sorted by item id: ITEM_COLUMNS and `listed`, each image's position among the
         valid images of sku_data.json (first = 0)."""
         frame = self.frame[[*ITEM_COLUMNS, "listed"]].sort_values("item_id", kind="stable")
-        return frame.reset_index(drop=True)
+        where = [display_path(p, m) for p, m in zip(self.frame["path"], self.frame["member"])] \
+            if (self.frame["member"] != "").any() else self.frame["path"]
+        return frame.assign(path=pd.Series(where, index=self.frame.index)).reset_index(drop=True)
 
 
 @dataclass(frozen=True)
@@ -169,22 +188,74 @@ def parse_catalog(sku_data: Path | str, images_dir: Path | str, n_shards: int) -
     return ParsedCatalog(frame[ITEM_COLUMNS], failures)
 
 
-def check_files(parsed: ParsedCatalog, size: np.ndarray, mtime_ns: np.ndarray) -> Catalog:
-    """The catalog, given each candidate's file stats (size -1: missing or not a regular file)."""
-    frame = parsed.candidates.assign(size=size, mtime_ns=mtime_ns)
-    missing = size < 0
-    failures = list(parsed.failures)
-    for item_id, path in zip(frame["item_id"][missing], frame["path"][missing]):
-        failures.append(Failure(item_id, path, "manifest", "missing", "image file not found"))
+@dataclass(frozen=True)
+class Source:
+    """Where the images lie: `images_dir` and its `input_format` (mlprep.sources), with the parquet settings."""
+
+    images_dir: str
+    input_format: str = "files"
+    parquet_column: str = "auto"
+    parquet_key: str = "auto"
+
+    @classmethod
+    def of(cls, source: Source | Path | str) -> Source:
+        """A Source, or a folder of image files."""
+        return source if isinstance(source, Source) else cls(str(source))
+
+
+class Located:
+    """Where the candidates lie (`frame()`: LOCATION_COLUMNS per candidate), the containers' problems, and
+    `stats`, which changes when any input changes: one stat per image for files; for containers, one per
+    container (mlprep.sources.index_dataset), and the candidates are looked up only when `frame()` is asked for."""
+
+    def __init__(self, parsed: ParsedCatalog, source: Source, cache_folder: Path | str | None):
+        self.parsed, self.problems, self._frame = parsed, [], None
+        if source.input_format == "files":
+            size, mtime = file_stats(parsed.candidates["path"].tolist())
+            self._frame = pd.DataFrame({"path": parsed.candidates["path"].to_numpy(), "member": "",
+                                        "offset": np.int64(-1), "size": size, "group": np.int64(-1),
+                                        "stamp": mtime.astype(str)})
+            self.stats = np.stack([size, mtime], axis=1)
+        else:
+            self.index = index_dataset(source.images_dir, source.input_format, cache_folder, source.parquet_column,
+                                       source.parquet_key)
+            self.problems, self.stats = self.index.problems, self.index.stats()
+
+    def frame(self) -> pd.DataFrame:
+        if self._frame is None:
+            self._frame = locate(self.index, self.parsed.candidates["image"].tolist(), IMAGE_EXTS)
+        return self._frame
+
+
+def check_files(where: Located, n_shards: int) -> Catalog:
+    """The catalog, given each candidate's location (size -1: not found). A parquet row is read with its row
+    group, so an item in a row group goes to the row group's shard (`<file>#<group>` hashed) and a job reads
+    each of its row groups whole once; files and tar members keep the shard of their item id."""
+    parsed, located = where.parsed, where.frame()
+    frame = parsed.candidates.drop(columns="path").assign(**{c: located[c].to_numpy() for c in LOCATION_COLUMNS})
+    missing = (frame["size"] < 0).to_numpy()
+    failures = list(parsed.failures) + list(where.problems)
+    in_container = frame["path"] == ""  # where a container was searched (mlprep.sources.locate)
+    for item_id, image, path, contained in zip(frame["item_id"][missing], frame["image"][missing],
+                                               parsed.candidates["path"][missing], in_container[missing]):
+        reason = "no container member or key of that name" if contained else "image file not found"
+        failures.append(Failure(item_id, image if contained else path, "manifest", "missing", reason))
     frame = frame[~missing].reset_index(drop=True)
+    grouped = (frame["group"] >= 0).to_numpy()
+    if grouped.any():
+        units = (frame["path"][grouped] + "#" + frame["group"][grouped].astype(str)).tolist()
+        frame.loc[grouped, "shard"] = shards_of(units, n_shards)
     frame["listed"] = np.arange(len(frame), dtype=np.int64)
-    return Catalog(frame[[*ITEM_COLUMNS, "listed", "size", "mtime_ns"]], failures)
+    return Catalog(frame[[*ITEM_COLUMNS, "listed", *LOCATION_COLUMNS[1:]]], failures)
 
 
-def read_catalog(sku_data: Path | str, images_dir: Path | str, n_shards: int) -> Catalog:
-    """List every (SKU, image) item; anything wrong becomes a failure, nothing is dropped silently."""
-    parsed = parse_catalog(sku_data, images_dir, n_shards)
-    return check_files(parsed, *file_stats(parsed.candidates["path"].tolist()))
+def read_catalog(sku_data: Path | str, source: Source | Path | str, n_shards: int,
+                 cache_folder: Path | str | None = None) -> Catalog:
+    """List every (SKU, image) item; anything wrong becomes a failure, nothing is dropped silently. `source` is a
+    Source or a folder of image files; containers' indexes are cached in `cache_folder` (needed for them)."""
+    source = Source.of(source)
+    parsed = parse_catalog(sku_data, source.images_dir, n_shards)
+    return check_files(Located(parsed, source, cache_folder), n_shards)
 
 
 def count_images(sku_data: Path | str) -> int:
@@ -214,28 +285,29 @@ def cached_parse(sku_data: Path | str, images_dir: Path | str, n_shards: int, fo
     return parsed, cache
 
 
-def load_catalog(sku_data: Path | str, images_dir: Path | str, n_shards: int, folder: Path | str) -> Catalog:
+def load_catalog(sku_data: Path | str, source: Source | Path | str, n_shards: int, folder: Path | str) -> Catalog:
     """read_catalog through the cache: what the manifest job uses."""
-    parsed, _ = cached_parse(sku_data, images_dir, n_shards, folder)
-    return check_files(parsed, *file_stats(parsed.candidates["path"].tolist()))
+    source = Source.of(source)
+    parsed, _ = cached_parse(sku_data, source.images_dir, n_shards, folder)
+    return check_files(Located(parsed, source, folder), n_shards)
 
 
-def sync_lists(sku_data: Path | str, images_dir: Path | str, lists: ShardLists) -> dict[str, str]:
+def sync_lists(sku_data: Path | str, source: Source | Path | str, lists: ShardLists) -> dict[str, str]:
     """Bring the shard lists in step with the catalog and its files; return shard -> fingerprint.
 
-    When neither sku_data.json nor any image's size or mtime changed since the last sync, nothing is
-    parsed or written: the cost is one stat per image."""
-    parsed, cache = cached_parse(sku_data, images_dir, len(lists.names), lists.folder)
-    size, mtime = file_stats(parsed.candidates["path"].tolist())
-    stats = np.stack([size, mtime], axis=1)
-    if cache.same_stats(stats) and lists.complete():
+    When neither sku_data.json nor any image's (or container's) size or mtime changed since the last sync,
+    nothing is written: the cost is one stat per image file, or one per container."""
+    source = Source.of(source)
+    parsed, cache = cached_parse(sku_data, source.images_dir, len(lists.names), lists.folder)
+    where = Located(parsed, source, lists.folder)
+    if cache.same_stats(where.stats) and lists.complete():
         return lists.fingerprints()
-    catalog = check_files(parsed, size, mtime)
+    catalog = check_files(where, len(lists.names))
     lists.sync(catalog.frame["shard"].to_numpy(), shard_list_lines(catalog.frame))
-    cache.save_stats(stats)
+    cache.save_stats(where.stats)
     return lists.fingerprints()
 
 
-def sync_lists_from(sku_data: str, images_dir: str, folder: str, shards: list[str]) -> None:
+def sync_lists_from(source: dict, sku_data: str, folder: str, shards: list[str]) -> None:
     """sync_lists from plain arguments (what mlprep.shardlists.ListSync passes to its process)."""
-    sync_lists(sku_data, images_dir, ShardLists(folder, shards, LIST_COLUMNS))
+    sync_lists(sku_data, Source(**source), ShardLists(folder, shards, LIST_COLUMNS))

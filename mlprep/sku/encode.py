@@ -31,7 +31,6 @@ from mlprep.sku.augment import (
     blur_radius,
     content_hash,
     original_view,
-    read_image_file,
     sample_view,
     view_transforms,
 )
@@ -39,6 +38,7 @@ from mlprep.shardlists import ShardLists
 from mlprep.sku.catalog import LIST_COLUMNS, ImageItem, items_from_list
 from mlprep.sku.geometry import FeatureTable, Features, Geometry, features_of
 from mlprep.sku.shopfloor import ShopFloor, photo_for_queries, shop_floor_query
+from mlprep.sources import ItemReader
 from mlprep.stats import ShardStats, scheduler_ids
 from mlprep.workers import resolve_workers
 from mlprep.views import (
@@ -109,12 +109,16 @@ class ViewPlan:
 
 
 class ShardImages(torch.utils.data.Dataset):
-    """Chunk k of the image files: each read, decoded or passed on as JPEG bytes, with its views' numbers.
-    Errors are returned as the item's error, never raised, so the shard goes on."""
+    """Chunk k of the images: each read (a file, a tar member or a parquet cell: mlprep.sources), decoded or
+    passed on as JPEG bytes, with its views' numbers. Errors are returned as the item's error, never raised, so
+    the shard goes on."""
 
-    def __init__(self, paths: list[str], ids: list[str], plan: ViewPlan, chunk: int, device_decode: bool):
-        self.paths, self.ids, self.plan, self.device_decode = paths, ids, plan, device_decode
-        self.ranges = chunk_ranges(len(paths), chunk)
+    def __init__(self, locations: list, ids: list[str], plan: ViewPlan, chunk: int, device_decode: bool,
+                 reader: ItemReader | None = None):
+        self.locations = [(x,) if isinstance(x, (str, Path)) else tuple(x) for x in locations]
+        self.ids, self.plan, self.device_decode = ids, plan, device_decode
+        self.reader = reader or ItemReader(what="image file")
+        self.ranges = chunk_ranges(len(locations), chunk)
 
     def __len__(self) -> int:
         return len(self.ranges)
@@ -128,7 +132,7 @@ class ShardImages(torch.utils.data.Dataset):
             return view_transforms(params["index"] + params["query"], width, height, plan.image_size)
 
         try:
-            data = read_image_file(self.paths[position])
+            data = self.reader.read(*self.locations[position])
         except Exception as err:  # noqa: BLE001
             return PreparedImage(position, error=describe_error(err)), b""
         item, payload = prepare_image(position, data, plan.image_size, self.device_decode, views, content_hash)
@@ -160,11 +164,13 @@ class ShardImages(torch.utils.data.Dataset):
         return pack(self._prepare(position) for position in range(start, stop))
 
 
-def image_chunks(paths: list[str], ids: list[str], plan: ViewPlan, batch_size: int, workers: int,
-                 device: torch.device, jpeg_decoder: str = "auto") -> Iterator[PreparedChunk]:
-    """The shard's images as prepared chunks, in order; the workers start at once."""
-    dataset = ShardImages(paths, ids, plan, items_per_chunk(batch_size, plan.views_per_item),
-                          choose_device_decode(jpeg_decoder, device))
+def image_chunks(locations: list, ids: list[str], plan: ViewPlan, batch_size: int, workers: int,
+                 device: torch.device, jpeg_decoder: str = "auto",
+                 reader: ItemReader | None = None) -> Iterator[PreparedChunk]:
+    """The shard's images (paths, or ImageItem.location tuples) as prepared chunks, in order; the workers start
+    at once."""
+    dataset = ShardImages(locations, ids, plan, items_per_chunk(batch_size, plan.views_per_item),
+                          choose_device_decode(jpeg_decoder, device), reader)
     return iter_chunks(dataset, workers, pin=device.type == "cuda")
 
 
@@ -177,7 +183,7 @@ def render_items(items: list[ImageItem], plan: ViewPlan, device: torch.device, j
                  chunk: int = 8) -> torch.Tensor:
     """Every view of every item that decodes, rendered as the encode path renders them: uint8 [n, 3, S, S]
     (for benchmarks of the encoder alone and for equivalence checks)."""
-    dataset = ShardImages([i.path for i in items], [i.item_id for i in items], plan, chunk,
+    dataset = ShardImages([i.location for i in items], [i.item_id for i in items], plan, chunk,
                           choose_device_decode(jpeg_decoder, device))
     images = DeviceImages(device, plan.image_size)
     renderer = ViewRenderer(plan.image_size, chunk * plan.views_per_item, device, plan.settings.padding_mode,
@@ -239,7 +245,7 @@ def encode_items(
     `chunks` are the items prepared by image_chunks (made here when not given); `on_encoded` is called
     after each forward pass is queued (the job's stats time its first one)."""
     if chunks is None:
-        chunks = image_chunks([i.path for i in items], [i.item_id for i in items], plan, encoder.batch_size,
+        chunks = image_chunks([i.location for i in items], [i.item_id for i in items], plan, encoder.batch_size,
                               workers, encoder.device, jpeg_decoder)
     bar = tqdm(total=len(items), desc="encode images", unit="img", file=progress, mininterval=2.0)
     photo_features: list[tuple[dict, Features]] = []
@@ -249,7 +255,7 @@ def encode_items(
         bar.update(1)
         item = items[prepared.tag]
         if prepared.error is not None:
-            failures.record(item.item_id, item.path, "decode", *prepared.error)
+            failures.record(item.item_id, item.where, "decode", *prepared.error)
             return
         extras = prepared.extra[2] if prepared.extra else {}
         row = {"item_id": item.item_id, "sku_id": item.sku_id, "image": item.image}
@@ -378,12 +384,13 @@ def encode_shard(
     spec = ModelSpec.from_config(cfg["model"], seed)
     batch = resolve_batch_size(cfg["encoding_batch_size"], device)
     size = image_size_of(spec)
-    paths, ids = [i.path for i in items], [i.item_id for i in items]
+    paths, ids = [i.location for i in items], [i.item_id for i in items]
+    reader = ItemReader(cfg.get("parquet_column", "auto"), what="image file")
     workers = resolve_workers(cfg["decode_workers"], device, threads)
     chunks = None
     if size is not None:
         plan = view_plan(cfg, seed, size)
-        chunks = image_chunks(paths, ids, plan, batch, workers, device, jpeg_decoder)
+        chunks = image_chunks(paths, ids, plan, batch, workers, device, jpeg_decoder, reader)
         stats.mark("readers_started")
     context = start_context(device)
     encoder = build_encoder(spec, device, select_precision(precision_spec, device), batch)
@@ -392,7 +399,7 @@ def encode_shard(
     stats.mark("model_built")
     if chunks is None:
         plan = view_plan(cfg, seed, encoder.image_size)
-        chunks = image_chunks(paths, ids, plan, batch, workers, device, jpeg_decoder)
+        chunks = image_chunks(paths, ids, plan, batch, workers, device, jpeg_decoder, reader)
     failures = FailureLog(continue_on_error)
     encoded = encode_items(items, plan, encoder, failures, progress=progress, on_encoded=stats.first_item_done,
                            chunks=chunks)

@@ -17,7 +17,7 @@ import pandas as pd
 
 from mlprep.failures import FailureLog, check_failed_share, count_by_code, read_failures, write_failures
 from mlprep.io import atomic_path, load_npy, read_json, save_npy, write_json, write_parquet
-from mlprep.sku.catalog import load_catalog
+from mlprep.sku.catalog import Source, load_catalog
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,9 @@ class DuplicateImagesError(RuntimeError):
     """duplicate_images: fail, and the catalog lists the same image under different SKUs."""
 
 
-def manifest(sku_data, images_dir, n_shards: int, lists_folder, continue_on_error: bool, out_items,
+def manifest(sku_data, source: dict, n_shards: int, lists_folder, continue_on_error: bool, out_items,
              out_failures) -> None:
-    catalog = load_catalog(sku_data, images_dir, n_shards, lists_folder)
+    catalog = load_catalog(sku_data, Source(**source), n_shards, lists_folder)
     failures = FailureLog(continue_on_error)
     failures.extend(catalog.failures)
     frame = catalog.items_frame()

@@ -16,7 +16,12 @@ class SkuWorkflow(ShardedPipeline):
         return cached_count(self.lists_dir, self.cfg["sku_data"], count_images)
 
     def sync_payload(self) -> dict:
-        return {"sku_data": self.cfg["sku_data"], "images_dir": self.cfg["images_dir"]}
+        return {"sku_data": self.cfg["sku_data"], "source": self.source}
+
+    @property
+    def source(self) -> dict:
+        """Where the images lie (mlprep.sku.catalog.Source): a folder of files, of tars or of parquet files."""
+        return {k: self.cfg[k] for k in ("images_dir", "input_format", "parquet_column", "parquet_key")}
 
     def encode_settings(self) -> dict:
         """The settings that change a shard's vectors: a change reruns every shard (params trigger)."""
@@ -33,6 +38,7 @@ class SkuWorkflow(ShardedPipeline):
             "local_features": {k: v for k, v in self.cfg["rerank"].items()
                                if k in ("enabled", "max_features", "max_side")},
             "encoding_batch_size": self.cfg["encoding_batch_size"],
+            "parquet_column": self.cfg["parquet_column"],
         }
 
     def build_settings(self) -> dict:

@@ -1,0 +1,388 @@
+"""Where an item's bytes come from: a file in a folder, a member of a webdataset tar, or a cell of a parquet file.
+
+A data set (`input_format` in the config) is one of:
+  files       a folder of files, one per item (an item is named by its path under the folder)
+  webdataset  a folder of uncompressed tars (`*.tar`, the img2dataset / video2dataset layout): an item is named by
+              its member's name (`000123.jpg`) or by its key (`000123`, the member with a media extension)
+  parquet     a folder of parquet files with the bytes in a column (`jpg`, `image`, a `{bytes, path}` struct as
+              Hugging Face datasets write it): an item is named by the `key` column, else by the struct's `path`
+
+The container is the unit: the index (`index_dataset`) reads each tar's headers and each parquet file's footer and
+name column once, caches them per container (size and mtime), and so costs one stat per container on a rerun, never
+one per item. A located item is (path of its file or container, member, offset, size, group, stamp): a job reads
+its bytes with one positioned read (tars) or from its row group (parquet), and `stamp` (the container's size and
+mtime when indexed) lets the job tell a container that changed since from the one indexed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mlprep.containers import ContainerError, Member, index_tar, read_member, split_key
+from mlprep.failures import Failure, ItemError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("files", "webdataset", "parquet")
+SUFFIXES = {"webdataset": ".tar", "parquet": ".parquet"}
+IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img")  # what `column: auto` looks for, in this order
+KEY_COLUMNS = ("key", "id")
+INDEX_COLUMNS = ["name", "key", "ext", "container", "offset", "size", "group"]
+LOCATION_COLUMNS = ["path", "member", "offset", "size", "group", "stamp"]
+CACHE_VERSION = 1
+
+
+# ---------------------------------------------------------------- containers of a data set
+
+
+def container_files(root: Path | str, fmt: str) -> list[Path]:
+    """Every `*.tar` or `*.parquet` under root, sorted, hidden files and folders skipped."""
+    root = Path(root)
+    suffix = SUFFIXES[fmt]
+    return [p for p in sorted(root.rglob(f"*{suffix}"))
+            if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+
+
+def parquet_files(root: Path | str) -> list[Path]:
+    return container_files(root, "parquet")
+
+
+def group_rows(path: Path | str) -> list[int]:
+    """Rows per row group, from the footer (raises on an unreadable file)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    return [meta.row_group(k).num_rows for k in range(meta.num_row_groups)]
+
+
+def stamp_of(size: int, mtime_ns: int) -> str:
+    return f"{int(size)}-{int(mtime_ns)}"
+
+
+def cell_bytes(value) -> bytes:
+    """The bytes a parquet cell holds: raw bytes, or the `bytes` of a {bytes, path} struct."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if value is None or (isinstance(value, float) and value != value):
+        raise ItemError("not_an_image", "the cell holds no bytes (null)")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise ItemError("not_an_image", f"the cell holds {type(value).__name__}, not bytes")
+
+
+def bytes_column(schema, column: str) -> str:
+    """The column that holds the bytes (`column`, or the first of IMAGE_COLUMNS when 'auto'); raises KeyError."""
+    names = schema.names
+    if column != "auto":
+        if column not in names:
+            raise KeyError(f"no column {column!r} (it has {', '.join(names)})")
+        return column
+    for name in IMAGE_COLUMNS:
+        if name in names:
+            return name
+    raise KeyError(f"no bytes column: looked for {', '.join(IMAGE_COLUMNS)} (it has {', '.join(names)})")
+
+
+def _parquet_members(path: Path, column: str, key: str) -> tuple[pd.DataFrame, str]:
+    """(name, key, ext, offset = row, size = -1, group) for every row of a parquet file, and its bytes column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    handle = pq.ParquetFile(path)
+    schema = handle.schema_arrow
+    data = bytes_column(schema, column)
+    if key == "auto":
+        key = next((k for k in KEY_COLUMNS if k in schema.names), None)
+        if key is None and pa.types.is_struct(schema.field(data).type) and \
+                schema.field(data).type.get_field_index("path") >= 0:
+            key = f"{data}.path"
+        if key is None:
+            raise KeyError(f"no name for the rows: no {' or '.join(KEY_COLUMNS)} column and no {data}.path")
+    elif key not in schema.names:
+        raise KeyError(f"no key column {key!r} (it has {', '.join(schema.names)})")
+    names = handle.read(columns=[key]).column(0)
+    if pa.types.is_struct(names.type):
+        names = names.combine_chunks().field(0)
+    names = pd.Series([None if v is None else str(v) for v in names.to_pylist()], dtype=object)
+    counts = [handle.metadata.row_group(k).num_rows for k in range(handle.metadata.num_row_groups)]
+    groups = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    ext = data if data in IMAGE_COLUMNS[:4] else ""
+    frame = pd.DataFrame({"name": names, "key": names, "ext": ext,
+                          "offset": np.arange(len(names), dtype=np.int64), "size": -1, "group": groups})
+    return frame, data
+
+
+@dataclass
+class DatasetIndex:
+    """Every item of a data set's containers (INDEX_COLUMNS, `container` relative to root), and its problems."""
+
+    root: Path
+    fmt: str
+    frame: pd.DataFrame
+    stamps: dict[str, str]  # container -> stamp
+    problems: list[Failure] = field(default_factory=list)
+    columns: dict[str, str] = field(default_factory=dict)  # parquet container -> its bytes column
+    settings: dict = field(default_factory=dict)  # what the index was made with (folder, format, column, key)
+
+    def stats(self) -> np.ndarray:
+        """What changes when any container or setting changes (the lists' fast path compares it)."""
+        text = json.dumps([self.settings, sorted(self.stamps.items())], sort_keys=True)
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+
+def _problem(root: Path, container: str, member: str | None, code: str, reason: str) -> Failure:
+    where = f"{root / container}#{member}" if member else str(root / container)
+    return Failure("", where, "manifest", code, reason)
+
+
+def _index_one(root: Path, container: str, fmt: str, column: str, key: str):
+    """(members frame, problems, bytes column) of one container."""
+    path = root / container
+    if fmt == "webdataset":
+        try:
+            members, problems = index_tar(path)
+        except ContainerError as err:
+            return None, [_problem(root, container, None, "bad_container", str(err))], ""
+        frame = pd.DataFrame({
+            "name": [m.name for m in members], "key": [m.key for m in members], "ext": [m.ext for m in members],
+            "offset": np.fromiter((m.offset for m in members), np.int64, len(members)),
+            "size": np.fromiter((m.size for m in members), np.int64, len(members)), "group": -1,
+        })
+        return frame, [_problem(root, container, p.member, p.reason_code, p.reason) for p in problems], ""
+    try:
+        frame, data = _parquet_members(path, column, key)
+    except KeyError as err:
+        return None, [_problem(root, container, None, "missing_column", f"{path}: {err.args[0]}")], ""
+    except Exception as err:  # noqa: BLE001 - any footer error is this file's problem
+        return None, [_problem(root, container, None, "bad_container", f"{path}: not a readable parquet file: "
+                                                                       f"{err}")], ""
+    unnamed = frame["name"].isna()
+    problems = [_problem(root, container, f"row {row}", "unkeyed_member", f"{path}: row {row} has no name")
+                for row in frame["offset"][unnamed]]
+    return frame[~unnamed].reset_index(drop=True), problems, data
+
+
+def index_dataset(root: Path | str, fmt: str, cache_folder: Path | str | None, column: str = "auto",
+                  key: str = "auto") -> DatasetIndex:
+    """The items of every container under root; containers unchanged since the last call (same size and mtime)
+    are taken from the cache in `cache_folder` (None: no cache) instead of being read again."""
+    from mlprep.io import atomic_path, write_json
+
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise ContainerError(f"{root}: the data set's folder does not exist")
+    files = container_files(root, fmt)
+    names = [str(p.relative_to(root)) for p in files]
+    stamps = {}
+    for name, path in zip(names, files):
+        st = path.stat()
+        stamps[name] = stamp_of(st.st_size, st.st_mtime_ns)
+    cache = Path(cache_folder) / "containers" if cache_folder is not None else None
+    settings = {"version": CACHE_VERSION, "root": str(root), "format": fmt, "column": column, "key": key}
+    old: dict = {}
+    try:
+        saved = json.loads((cache / "key.json").read_text()) if cache is not None else {}
+        if saved.get("settings") == settings:
+            old = saved
+    except (OSError, ValueError):
+        pass
+    reuse = {n for n in names if old.get("stamps", {}).get(n) == stamps[n]}
+    parts, problems, data_columns = [], [], {}
+    if reuse:
+        cached = pd.read_parquet(cache / "members.parquet")
+        cached = cached[cached["container"].isin(reuse)]
+        parts.append(cached)
+        cached_problems = pd.read_parquet(cache / "problems.parquet")
+        problems += [Failure(**row) for row in cached_problems[cached_problems["container"].isin(reuse)]
+                     .drop(columns="container").to_dict("records")]
+        data_columns.update({n: c for n, c in old.get("columns", {}).items() if n in reuse})
+    fresh = [n for n in names if n not in reuse]
+    fresh_problems = []
+    for name in fresh:
+        frame, found, data = _index_one(root, name, fmt, column, key)
+        fresh_problems += [(name, p) for p in found]
+        if frame is not None:
+            parts.append(frame.assign(container=name)[INDEX_COLUMNS])
+            if data:
+                data_columns[name] = data
+    problems += [p for _, p in fresh_problems]
+    frame = (pd.concat(parts, ignore_index=True) if parts
+             else pd.DataFrame({c: pd.Series(dtype=object) for c in INDEX_COLUMNS}))
+    order = {n: k for k, n in enumerate(names)}
+    frame = frame.assign(_c=frame["container"].map(order)).sort_values(["_c", "offset"], kind="stable")
+    frame = frame.drop(columns="_c").reset_index(drop=True)
+    if cache is not None and (fresh or set(old.get("stamps", {})) != set(names)):
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "key.json").unlink(missing_ok=True)
+        with atomic_path(cache / "members.parquet") as tmp:
+            frame.to_parquet(tmp, index=False)
+        problem_rows = [{"container": c, **p.__dict__} for c, p in fresh_problems]
+        if reuse:
+            problem_rows += cached_problems[cached_problems["container"].isin(reuse)].to_dict("records")
+        with atomic_path(cache / "problems.parquet") as tmp:
+            pd.DataFrame(problem_rows, columns=["container", *Failure.__dataclass_fields__]).to_parquet(tmp, index=False)
+        write_json({"settings": settings, "stamps": stamps, "columns": data_columns}, cache / "key.json")
+    duplicated = frame["name"].duplicated(keep="first").to_numpy()
+    for name, container in zip(frame["name"][duplicated], frame["container"][duplicated]):
+        problems.append(_problem(root, container, name, "duplicate_key", f"{root / container}: {name!r} is "
+                                                                        f"also in an earlier container, which is kept"))
+    frame = frame[~duplicated].reset_index(drop=True)
+    if not len(files):
+        log.warning("%s: no %s files (input_format: %s)", root, SUFFIXES[fmt], fmt)
+    return DatasetIndex(root, fmt, frame, stamps, problems, data_columns, settings)
+
+
+def locate(index: DatasetIndex, names: list[str], exts: tuple[str, ...]) -> pd.DataFrame:
+    """LOCATION_COLUMNS for each of `names` (size -1 where none matches): a name is a member's own name, or a
+    key with a member of one of `exts` (the first of them that the sample has)."""
+    frame = index.frame
+    positions = pd.Index(frame["name"]).get_indexer(names)
+    missing = positions < 0
+    if missing.any() and len(frame):
+        media = frame[frame["ext"].isin(exts)]
+        rank = media["ext"].map({e: k for k, e in enumerate(exts)})
+        media = media.assign(_rank=rank).sort_values("_rank", kind="stable").drop_duplicates("key")
+        by_key = pd.Series(media.index.to_numpy(), index=media["key"].to_numpy())
+        keyed = by_key.reindex(np.asarray(names, dtype=object)[missing]).to_numpy()
+        found = ~pd.isna(keyed)
+        fill = positions[missing]
+        fill[found] = keyed[found].astype(np.int64)
+        positions[missing] = fill
+    hit = positions >= 0
+    rows = frame.iloc[positions[hit]]
+    out = pd.DataFrame({"path": "", "member": "", "offset": np.int64(-1), "size": np.int64(-1),
+                        "group": np.int64(-1), "stamp": ""}, index=range(len(names)))
+    if hit.any():
+        out.loc[hit, "path"] = (str(index.root) + "/" + rows["container"]).to_numpy()
+        out.loc[hit, "member"] = rows["name"].astype(str).to_numpy()
+        out.loc[hit, "offset"] = rows["offset"].to_numpy(np.int64)
+        out.loc[hit, "size"] = rows["size"].to_numpy(np.int64)
+        out.loc[hit, "group"] = rows["group"].to_numpy(np.int64)
+        out.loc[hit, "stamp"] = rows["container"].map(index.stamps).to_numpy()
+        if index.fmt == "parquet":  # a size is needed to tell found from missing: the row's, unknown, is 0
+            out.loc[hit, "size"] = 0
+    return out
+
+
+def display_path(path: str, member: str) -> str:
+    """How a located item is named in failure records and logs: the file, or `<container>#<member>`."""
+    return f"{path}#{member}" if member else path
+
+
+# ---------------------------------------------------------------- reading located items in a job
+
+
+class ItemReader:
+    """Reads located items' bytes: files whole, tar members by position, parquet cells from their row group.
+
+    Open descriptors and the last few row groups are kept per process (a reader is handed to worker processes
+    and starts empty there); each container's stamp is checked once against what the index saw."""
+
+    ROW_GROUPS_KEPT = 4
+
+    def __init__(self, parquet_column: str = "auto", what: str = "file"):
+        self.parquet_column, self.what = parquet_column, what
+        self._fds: dict[str, int] = {}
+        self._tables: dict[str, tuple] = {}  # parquet path -> (file, bytes column, first row of each row group)
+        self._groups: OrderedDict = OrderedDict()
+        self.bytes_read = 0
+
+    def __getstate__(self):
+        return {"parquet_column": self.parquet_column, "what": self.what}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._tables.clear()
+        self._groups.clear()
+
+    def read(self, path: str, member: str = "", offset: int = -1, size: int = -1, group: int = -1,
+             stamp: str = "") -> bytes:
+        if not member:
+            return read_file(path, self.what)
+        if group < 0:
+            fd = self._tar(path, stamp)
+            data = read_member(fd, Member(member, *split_key(member), offset, size), path)
+            self.bytes_read += len(data)
+            return data
+        return self._cell(path, member, offset, group, stamp)
+
+    def _check(self, path: str, stamp: str, st: os.stat_result) -> None:
+        if stamp and stamp_of(st.st_size, st.st_mtime_ns) != stamp:
+            raise ItemError("changed", f"{path}: the container changed after it was indexed (rerun to re-index it)")
+
+    def _tar(self, path: str, stamp: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError as err:
+                raise ItemError("missing", f"{path}: the container vanished after it was indexed") from err
+            except OSError as err:
+                raise ItemError("decode_error", f"{path}: cannot be read: {err}") from err
+            try:
+                self._check(path, stamp, os.fstat(fd))
+            except ItemError:
+                os.close(fd)
+                raise
+            self._fds[path] = fd
+        return fd
+
+    def _cell(self, path: str, member: str, row: int, group: int, stamp: str) -> bytes:
+        cells = self._groups.get((path, group))
+        if cells is None:
+            cells = self._read_group(path, group, stamp)
+            self._groups[(path, group)] = cells
+            while len(self._groups) > self.ROW_GROUPS_KEPT:
+                self._groups.popitem(last=False)
+        else:
+            self._groups.move_to_end((path, group))
+        first, values = cells
+        try:
+            return cell_bytes(values[row - first])
+        except ItemError as err:
+            raise ItemError(err.code, f"{path}: row {row} ({member!r}): {err}") from err
+
+    def _read_group(self, path: str, group: int, stamp: str):
+        import pyarrow.parquet as pq
+
+        try:
+            if path not in self._tables:
+                self._check(path, stamp, os.stat(path))
+                handle = pq.ParquetFile(path)
+                rows = [handle.metadata.row_group(k).num_rows for k in range(handle.metadata.num_row_groups)]
+                self._tables[path] = handle, bytes_column(handle.schema_arrow, self.parquet_column), \
+                    np.concatenate([[0], np.cumsum(rows)]).tolist()
+            handle, column, firsts = self._tables[path]
+            first = firsts[group]
+            table = handle.read_row_group(group, columns=[column])
+            self.bytes_read += table.nbytes
+            return first, table.column(0).to_pylist()
+        except FileNotFoundError as err:
+            raise ItemError("missing", f"{path}: the container vanished after it was indexed") from err
+        except ItemError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise ItemError("bad_row_group", f"{path}: row group {group} does not decode: {err}") from err
+
+
+def read_file(path, what: str = "file") -> bytes:
+    """A whole file's bytes; a missing or unreadable one is the item's failure."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError as err:
+        raise ItemError("missing", f"{what} not found") from err
+    except OSError as err:
+        raise ItemError("decode_error", f"cannot read the file: {err}") from err
