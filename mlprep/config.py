@@ -142,6 +142,8 @@ def looks_like_hub_id(value: str) -> bool:
 def _path_problem(key: str, value, kind: str) -> str | None:
     if value is None or value == "":
         return None
+    if kind == "dir" and str(value).startswith("s3://"):
+        return None  # object storage: listed (and its credentials checked) when the DAG is built
     path = Path(str(value))
     if kind == "file-or-tag" and str(value).startswith("packaged:"):
         from mlprep.weights import PackagedWeightsError, packaged_file

@@ -109,23 +109,22 @@ def _checksum_ok(header: bytes) -> bool:
 
 class _Blocks:
     """Positioned reads of a file through one window, so that the headers of small members cost one read per
-    window, not one per member."""
+    window, not one per member (`pread(size, offset)`: os.pread locally, a ranged GET from object storage, where
+    the window is larger)."""
 
-    WINDOW = 1 << 16
-
-    def __init__(self, fd: int):
-        self.fd, self.start, self.data = fd, 0, b""
+    def __init__(self, pread, window: int):
+        self.pread, self.window, self.start, self.data = pread, window, 0, b""
 
     def read(self, offset: int, size: int) -> bytes:
         if not (self.start <= offset and offset + size <= self.start + len(self.data)):
-            self.start, self.data = offset, os.pread(self.fd, max(size, self.WINDOW), offset)
+            self.start, self.data = offset, self.pread(max(size, self.window), offset)
         return self.data[offset - self.start : offset - self.start + size]
 
 
-def _headers(path: Path, fd: int, file_size: int):
+def _headers(path, pread, file_size: int, window: int):
     """(name, type, offset of data, size) of every header of a tar, GNU long names and pax records applied;
     raises ContainerError where the first header is not a tar's, and _BrokenOff where a later one breaks off."""
-    blocks = _Blocks(fd)
+    blocks = _Blocks(pread, window)
     offset, pending, n = 0, {}, 0
     while offset + BLOCK <= file_size:
         header = blocks.read(offset, BLOCK)
@@ -166,22 +165,29 @@ class _BrokenOff(Exception):
     pass
 
 
-def index_tar(path: Path | str) -> tuple[list[Member], list[Problem]]:
+def index_tar(path: Path | str, pread=None, file_size: int | None = None,
+              window: int = 1 << 16) -> tuple[list[Member], list[Problem]]:
     """Every usable member of an uncompressed tar, in the tar's order, and a Problem for each other one.
 
     The headers are read directly (a few microseconds a member; `tarfile` takes ~30): a million images in a
-    thousand tars are indexed within a dry-run's time."""
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as err:
-        raise ContainerError(f"{path}: cannot be read: {err}") from err
+    thousand tars are indexed within a dry-run's time. A tar elsewhere than on a local disk is read through
+    `pread(size, offset)` with its `file_size` given."""
+    fd = None
+    if pread is None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as err:
+            raise ContainerError(f"{path}: cannot be read: {err}") from err
+
+        def pread(size: int, offset: int) -> bytes:
+            return os.pread(fd, size, offset)
+
     members: list[Member] = []
     problems: list[Problem] = []
     seen: set[tuple[str, str]] = set()
     try:
-        file_size = os.fstat(fd).st_size
-        head = os.pread(fd, 6, 0)
+        file_size = os.fstat(fd).st_size if file_size is None else file_size
+        head = pread(6, 0)
         for magic, kind in COMPRESSED_MAGIC.items():
             if head.startswith(magic):
                 raise ContainerError(f"{path}: a {kind}-compressed tar, whose members cannot be read by position; "
@@ -189,7 +195,7 @@ def index_tar(path: Path | str) -> tuple[list[Member], list[Problem]]:
         if file_size < BLOCK:
             raise ContainerError(f"{path}: not a tar file ({file_size} bytes, less than one header)")
         try:
-            for name, kind, data, size in _headers(path, fd, file_size):
+            for name, kind, data, size in _headers(path, pread, file_size, window):
                 problem = _member_problem(path, name, kind, data, size, file_size)
                 if problem is None:
                     name = name[2:] if name.startswith("./") else name
@@ -209,7 +215,8 @@ def index_tar(path: Path | str) -> tuple[list[Member], list[Problem]]:
             problems.append(Problem(None, "truncated", f"{path}: the tar breaks off after {len(members)} members: "
                                                        f"{err}"))
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
     return members, problems
 
 

@@ -28,6 +28,7 @@ import pandas as pd
 
 from mlprep.containers import ContainerError, Member, index_tar, read_member, split_key
 from mlprep.failures import Failure, ItemError
+from mlprep.storage import RangedObject, filesystem, is_remote, list_objects, object_stamp, strip_scheme
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ KEY_COLUMNS = ("key", "id")
 INDEX_COLUMNS = ["name", "key", "ext", "container", "offset", "size", "group"]
 LOCATION_COLUMNS = ["path", "member", "offset", "size", "group", "stamp"]
 CACHE_VERSION = 1
+REMOTE_WINDOW = 8 << 20  # a remote tar's headers are read in ranged GETs of this size (one GET for many members)
 
 
 # ---------------------------------------------------------------- containers of a data set
@@ -91,12 +93,11 @@ def bytes_column(schema, column: str) -> str:
     raise KeyError(f"no bytes column: looked for {', '.join(IMAGE_COLUMNS)} (it has {', '.join(names)})")
 
 
-def _parquet_members(path: Path, column: str, key: str) -> tuple[pd.DataFrame, str]:
+def _parquet_members(path: str, column: str, key: str, storage=None, size: int | None = None):
     """(name, key, ext, offset = row, size = -1, group) for every row of a parquet file, and its bytes column."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    handle = pq.ParquetFile(path)
+    handle = _open_parquet(path, storage, size)
     schema = handle.schema_arrow
     data = bytes_column(schema, column)
     if key == "auto":
@@ -124,7 +125,7 @@ def _parquet_members(path: Path, column: str, key: str) -> tuple[pd.DataFrame, s
 class DatasetIndex:
     """Every item of a data set's containers (INDEX_COLUMNS, `container` relative to root), and its problems."""
 
-    root: Path
+    root: str  # a local folder (absolute) or an s3:// URL
     fmt: str
     frame: pd.DataFrame
     stamps: dict[str, str]  # container -> stamp
@@ -138,17 +139,43 @@ class DatasetIndex:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
 
-def _problem(root: Path, container: str, member: str | None, code: str, reason: str) -> Failure:
-    where = f"{root / container}#{member}" if member else str(root / container)
+def _problem(root: str, container: str, member: str | None, code: str, reason: str) -> Failure:
+    where = f"{root}/{container}#{member}" if member else f"{root}/{container}"
     return Failure("", where, "manifest", code, reason)
 
 
-def _index_one(root: Path, container: str, fmt: str, column: str, key: str):
+def _index_tar(path: str, size: int, storage):
+    if not is_remote(path):
+        return index_tar(path)
+    fs, key = filesystem(storage), strip_scheme(path)
+
+    def pread(n: int, offset: int) -> bytes:
+        return fs.cat_file(key, start=offset, end=min(offset + n, size))
+
+    try:
+        return index_tar(path, pread, size, REMOTE_WINDOW)
+    except OSError as err:  # vanished or unreadable while it was being indexed
+        raise ContainerError(f"{path}: cannot be read: {err}") from err
+
+
+def _open_parquet(path: str, storage, size: int | None = None):
+    """A parquet file's footer, local or remote (each read of a remote one a ranged GET of just its bytes)."""
+    import pyarrow.parquet as pq
+
+    if not is_remote(path):
+        return pq.ParquetFile(path)
+    fs, key = filesystem(storage), strip_scheme(path)
+    if size is None:
+        size = fs.info(key)["size"]
+    return pq.ParquetFile(RangedObject(fs, key, size))
+
+
+def _index_one(root: str, container: str, fmt: str, column: str, key: str, size: int, storage=None):
     """(members frame, problems, bytes column) of one container."""
-    path = root / container
+    path = f"{root}/{container}"
     if fmt == "webdataset":
         try:
-            members, problems = index_tar(path)
+            members, problems = _index_tar(path, size, storage)
         except ContainerError as err:
             return None, [_problem(root, container, None, "bad_container", str(err))], ""
         frame = pd.DataFrame({
@@ -158,7 +185,7 @@ def _index_one(root: Path, container: str, fmt: str, column: str, key: str):
         })
         return frame, [_problem(root, container, p.member, p.reason_code, p.reason) for p in problems], ""
     try:
-        frame, data = _parquet_members(path, column, key)
+        frame, data = _parquet_members(path, column, key, storage, size)
     except KeyError as err:
         return None, [_problem(root, container, None, "missing_column", f"{path}: {err.args[0]}")], ""
     except Exception as err:  # noqa: BLE001 - any footer error is this file's problem
@@ -171,20 +198,32 @@ def _index_one(root: Path, container: str, fmt: str, column: str, key: str):
 
 
 def index_dataset(root: Path | str, fmt: str, cache_folder: Path | str | None, column: str = "auto",
-                  key: str = "auto") -> DatasetIndex:
-    """The items of every container under root; containers unchanged since the last call (same size and mtime)
-    are taken from the cache in `cache_folder` (None: no cache) instead of being read again."""
+                  key: str = "auto", storage: dict | None = None) -> DatasetIndex:
+    """The items of every container under root (a folder, or an s3:// URL read with `storage`'s settings);
+    containers unchanged since the last call (same size and mtime, or ETag) are taken from the cache in
+    `cache_folder` (None: no cache) instead of being read again: a rerun over object storage makes listing
+    requests only."""
     from mlprep.io import atomic_path, write_json
 
-    root = Path(root).resolve()
-    if not root.is_dir():
-        raise ContainerError(f"{root}: the data set's folder does not exist")
-    files = container_files(root, fmt)
-    names = [str(p.relative_to(root)) for p in files]
-    stamps = {}
-    for name, path in zip(names, files):
-        st = path.stat()
-        stamps[name] = stamp_of(st.st_size, st.st_mtime_ns)
+    sizes = {}
+    if is_remote(root):
+        root = str(root).rstrip("/")
+        listed = list_objects(root, SUFFIXES[fmt], storage)
+        names = list(listed)
+        stamps = {n: info["stamp"] for n, info in listed.items()}
+        sizes = {n: info["size"] for n, info in listed.items()}
+    else:
+        folder = Path(root).resolve()
+        if not folder.is_dir():
+            raise ContainerError(f"{folder}: the data set's folder does not exist")
+        root = str(folder)
+        files = container_files(folder, fmt)
+        names = [str(p.relative_to(folder)) for p in files]
+        stamps = {}
+        for name, path in zip(names, files):
+            st = path.stat()
+            stamps[name] = stamp_of(st.st_size, st.st_mtime_ns)
+            sizes[name] = st.st_size
     cache = Path(cache_folder) / "containers" if cache_folder is not None else None
     settings = {"version": CACHE_VERSION, "root": str(root), "format": fmt, "column": column, "key": key}
     old: dict = {}
@@ -207,7 +246,7 @@ def index_dataset(root: Path | str, fmt: str, cache_folder: Path | str | None, c
     fresh = [n for n in names if n not in reuse]
     fresh_problems = []
     for name in fresh:
-        frame, found, data = _index_one(root, name, fmt, column, key)
+        frame, found, data = _index_one(root, name, fmt, column, key, sizes[name], storage)
         fresh_problems += [(name, p) for p in found]
         if frame is not None:
             parts.append(frame.assign(container=name)[INDEX_COLUMNS])
@@ -232,10 +271,10 @@ def index_dataset(root: Path | str, fmt: str, cache_folder: Path | str | None, c
         write_json({"settings": settings, "stamps": stamps, "columns": data_columns}, cache / "key.json")
     duplicated = frame["name"].duplicated(keep="first").to_numpy()
     for name, container in zip(frame["name"][duplicated], frame["container"][duplicated]):
-        problems.append(_problem(root, container, name, "duplicate_key", f"{root / container}: {name!r} is "
+        problems.append(_problem(root, container, name, "duplicate_key", f"{root}/{container}: {name!r} is "
                                                                         f"also in an earlier container, which is kept"))
     frame = frame[~duplicated].reset_index(drop=True)
-    if not len(files):
+    if not names:
         log.warning("%s: no %s files (input_format: %s)", root, SUFFIXES[fmt], fmt)
     return DatasetIndex(root, fmt, frame, stamps, problems, data_columns, settings)
 
@@ -261,7 +300,7 @@ def locate(index: DatasetIndex, names: list[str], exts: tuple[str, ...]) -> pd.D
     out = pd.DataFrame({"path": "", "member": "", "offset": np.int64(-1), "size": np.int64(-1),
                         "group": np.int64(-1), "stamp": ""}, index=range(len(names)))
     if hit.any():
-        out.loc[hit, "path"] = (str(index.root) + "/" + rows["container"]).to_numpy()
+        out.loc[hit, "path"] = (index.root + "/" + rows["container"]).to_numpy()
         out.loc[hit, "member"] = rows["name"].astype(str).to_numpy()
         out.loc[hit, "offset"] = rows["offset"].to_numpy(np.int64)
         out.loc[hit, "size"] = rows["size"].to_numpy(np.int64)
@@ -281,22 +320,25 @@ def display_path(path: str, member: str) -> str:
 
 
 class ItemReader:
-    """Reads located items' bytes: files whole, tar members by position, parquet cells from their row group.
+    """Reads located items' bytes: files whole, tar members by position (os.pread locally, one ranged GET from
+    object storage), parquet cells from their row group.
 
-    Open descriptors and the last few row groups are kept per process (a reader is handed to worker processes
-    and starts empty there); each container's stamp is checked once against what the index saw."""
+    Open descriptors, parquet footers and the last few row groups are kept per process (a reader is handed to
+    worker processes and starts empty there); each container's stamp is checked once, when it is first opened,
+    against what the index saw (a HEAD request for an object)."""
 
     ROW_GROUPS_KEPT = 4
 
-    def __init__(self, parquet_column: str = "auto", what: str = "file"):
-        self.parquet_column, self.what = parquet_column, what
+    def __init__(self, parquet_column: str = "auto", what: str = "file", storage: dict | None = None):
+        self.parquet_column, self.what, self.storage = parquet_column, what, storage
         self._fds: dict[str, int] = {}
+        self._checked: dict[str, int] = {}  # object -> its size, once its stamp was checked
         self._tables: dict[str, tuple] = {}  # parquet path -> (file, bytes column, first row of each row group)
         self._groups: OrderedDict = OrderedDict()
         self.bytes_read = 0
 
     def __getstate__(self):
-        return {"parquet_column": self.parquet_column, "what": self.what}
+        return {"parquet_column": self.parquet_column, "what": self.what, "storage": self.storage}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -305,6 +347,7 @@ class ItemReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._checked.clear()
         self._tables.clear()
         self._groups.clear()
 
@@ -313,15 +356,44 @@ class ItemReader:
         if not member:
             return read_file(path, self.what)
         if group < 0:
-            fd = self._tar(path, stamp)
-            data = read_member(fd, Member(member, *split_key(member), offset, size), path)
+            if is_remote(path):
+                data = self._remote_member(path, member, offset, size, stamp)
+            else:
+                data = read_member(self._tar(path, stamp), Member(member, *split_key(member), offset, size), path)
             self.bytes_read += len(data)
             return data
         return self._cell(path, member, offset, group, stamp)
 
+    @staticmethod
+    def _changed(path: str) -> ItemError:
+        return ItemError("changed", f"{path}: the container changed after it was indexed (rerun to re-index it)")
+
     def _check(self, path: str, stamp: str, st: os.stat_result) -> None:
         if stamp and stamp_of(st.st_size, st.st_mtime_ns) != stamp:
-            raise ItemError("changed", f"{path}: the container changed after it was indexed (rerun to re-index it)")
+            raise self._changed(path)
+
+    def _check_object(self, path: str, stamp: str) -> None:
+        if path in self._checked:
+            return
+        try:
+            info = filesystem(self.storage).info(strip_scheme(path), refresh=True)
+        except FileNotFoundError as err:
+            raise ItemError("missing", f"{path}: the container vanished after it was indexed") from err
+        if stamp and object_stamp(info) != stamp:
+            raise self._changed(path)
+        self._checked[path] = int(info.get("size") or 0)
+
+    def _remote_member(self, path: str, member: str, offset: int, size: int, stamp: str) -> bytes:
+        self._check_object(path, stamp)
+        try:
+            data = filesystem(self.storage).cat_file(strip_scheme(path), start=offset, end=offset + size)
+        except FileNotFoundError as err:
+            raise ItemError("missing", f"{path}: the container vanished after it was indexed") from err
+        except OSError as err:
+            raise ItemError("decode_error", f"{path}: member {member!r} cannot be read: {err}") from err
+        if len(data) != size:
+            raise ItemError("truncated", f"{path}: member {member!r} ends {size - len(data)} bytes short")
+        return data
 
     def _tar(self, path: str, stamp: str) -> int:
         fd = self._fds.get(path)
@@ -356,12 +428,13 @@ class ItemReader:
             raise ItemError(err.code, f"{path}: row {row} ({member!r}): {err}") from err
 
     def _read_group(self, path: str, group: int, stamp: str):
-        import pyarrow.parquet as pq
-
         try:
             if path not in self._tables:
-                self._check(path, stamp, os.stat(path))
-                handle = pq.ParquetFile(path)
+                if is_remote(path):
+                    self._check_object(path, stamp)
+                else:
+                    self._check(path, stamp, os.stat(path))
+                handle = _open_parquet(path, self.storage, self._checked.get(path))
                 rows = [handle.metadata.row_group(k).num_rows for k in range(handle.metadata.num_row_groups)]
                 self._tables[path] = handle, bytes_column(handle.schema_arrow, self.parquet_column), \
                     np.concatenate([[0], np.cumsum(rows)]).tolist()

@@ -18,6 +18,7 @@ encode_shard(
     device_spec=sm.config["device"],
     precision_spec=sm.config["precision"],
     jpeg_decoder=sm.config["jpeg_decoder"],
+    storage=sm.config["object_storage"],
     continue_on_error=sm.config["continue_on_error"],
     threads=sm.threads,
     out_dir=sm.output[0],

@@ -121,6 +121,24 @@ def sku_workdir(tmp_path) -> Path:
     return tmp_path
 
 
+@pytest.fixture()
+def s3_server(tmp_path, monkeypatch):
+    """A real local S3 server over tmp_path/s3 (buckets: its subfolders), with the credentials in the
+    environment (as a user would set them) for this test and the workflows it starts."""
+    import mlprep.storage
+    from mlprep.storage import LocalS3Server
+
+    root = tmp_path / "s3"
+    root.mkdir()
+    server = LocalS3Server(root)
+    monkeypatch.setattr(mlprep.storage, "_FILESYSTEMS", {})  # no client made with another test's credentials
+    for name, value in server.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    yield server
+    server.stop()
+
+
 class Server:
     """tests/llm_server.py in its own process (real HTTP on 127.0.0.1); stats() are its request counts."""
 

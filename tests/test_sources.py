@@ -112,6 +112,16 @@ def test_a_parquet_file_without_the_column_or_names_is_one_failure_naming_it(tmp
         bytes_column(pq.ParquetFile(tmp_path / "pq/00000.parquet").schema_arrow, "png")
 
 
+def _changed_and_vanished(reader: ItemReader, changed, vanished) -> None:
+    """Reading an item of a container that changed, and of one that vanished, fails that item with its code."""
+    with pytest.raises(ItemError, match="changed after it was indexed") as err:
+        reader.read(*changed.location)
+    assert err.value.code == "changed"
+    with pytest.raises(ItemError, match="vanished") as err:
+        reader.read(*vanished.location)
+    assert err.value.code == "missing"
+
+
 def test_a_container_that_changes_or_vanishes_after_the_index_fails_its_items_not_the_job(tmp_path):
     pack_files(IMAGES, tmp_path / "tars", "webdataset", per_container=16)
     pack_files(IMAGES, tmp_path / "pq", "parquet", per_container=16)
@@ -122,13 +132,7 @@ def test_a_container_that_changes_or_vanishes_after_the_index_fails_its_items_no
         with open(first.path, "ab") as handle:
             handle.write(b"\0" * 1024)  # appended to: a new size, so a new stamp
         os.remove(second.path)
-        reader = ItemReader()
-        with pytest.raises(ItemError, match="changed after it was indexed") as err:
-            reader.read(*first.location)
-        assert err.value.code == "changed"
-        with pytest.raises(ItemError, match="vanished") as err:
-            reader.read(*second.location)
-        assert err.value.code == "missing"
+        _changed_and_vanished(ItemReader(), first, second)
 
 
 def test_a_reader_handed_to_a_worker_process_opens_its_own_descriptors(tmp_path):
@@ -142,3 +146,92 @@ def test_a_reader_handed_to_a_worker_process_opens_its_own_descriptors(tmp_path)
     assert clone._fds == {} and clone.read(*items[1].location) == reader.read(*items[1].location)
     reader.close()
     assert np.all([len(clone.read(*i.location)) == i.size for i in items])
+
+
+# ---------------------------------------------------------------- object storage (a real local S3 server)
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_containers_in_a_bucket_are_read_with_ranged_gets_and_give_the_same_bytes(tmp_path, s3_server, fmt):
+    from mlprep.storage import count_requests
+
+    pack_files(IMAGES, s3_server.root / "bucket" / "data", fmt, per_container=10)
+    source = Source("s3://bucket/data", fmt, storage=s3_server.storage)
+    catalog = read_catalog(SKU_DATA, source, 4, tmp_path / "cache")
+    assert catalog.failures == [] and len(catalog.items) == 32
+    assert catalog.items[0].path.startswith("s3://bucket/data/0000")
+    reader = ItemReader(what="image file", storage=s3_server.storage)
+    requests = count_requests(s3_server.storage)
+    assert _bytes_of(catalog.items, reader) == _bytes_of(read_catalog(SKU_DATA, IMAGES, 4).items)
+    containers = len({i.path for i in catalog.items})
+    assert requests["HeadObject"] == containers  # each container's ETag checked once
+    if fmt == "webdataset":
+        assert requests["GetObject"] == 32  # one ranged GET per member, nothing more
+        assert reader.bytes_read == sum(i.size for i in catalog.items)
+
+
+def test_a_rerun_over_a_bucket_makes_only_listing_requests(tmp_path, s3_server):
+    from mlprep.storage import count_requests
+
+    pack_files(IMAGES, s3_server.root / "bucket" / "tars", "webdataset", per_container=4)  # 8 tars
+    first = index_dataset("s3://bucket/tars", "webdataset", tmp_path / "cache", storage=s3_server.storage)
+    requests = count_requests(s3_server.storage)
+    again = index_dataset("s3://bucket/tars", "webdataset", tmp_path / "cache", storage=s3_server.storage)
+    pd.testing.assert_frame_equal(first.frame, again.frame)
+    assert dict(requests) == {"ListObjectsV2": 1}
+    # a changed object is read again, and only it
+    (s3_server.root / "bucket/tars/00003.tar").write_bytes((s3_server.root / "bucket/tars/00002.tar").read_bytes())
+    requests.clear()
+    changed = index_dataset("s3://bucket/tars", "webdataset", tmp_path / "cache", storage=s3_server.storage)
+    assert requests["ListObjectsV2"] == 1 and 1 <= requests["GetObject"] <= 2 and set(requests) <= {
+        "ListObjectsV2", "GetObject"}
+    assert changed.stamps["00003.tar"] != first.stamps["00003.tar"]
+    assert {p.reason_code for p in changed.problems} == {"duplicate_key"}  # its members repeat 00002's
+
+
+def test_an_object_that_changes_or_vanishes_after_the_index_fails_its_items(tmp_path, s3_server):
+    pack_files(IMAGES, s3_server.root / "bucket" / "tars", "webdataset", per_container=16)
+    items = read_catalog(SKU_DATA, Source("s3://bucket/tars", "webdataset", storage=s3_server.storage), 1,
+                         tmp_path / "cache").items
+    first = next(i for i in items if i.path.endswith("00000.tar"))
+    second = next(i for i in items if i.path.endswith("00001.tar"))
+    with open(s3_server.root / "bucket/tars/00000.tar", "ab") as handle:
+        handle.write(b"\0" * 512)
+    (s3_server.root / "bucket/tars/00001.tar").unlink()
+    _changed_and_vanished(ItemReader(storage=s3_server.storage), first, second)
+
+
+def test_wrong_credentials_or_a_missing_bucket_are_one_clear_error_naming_the_url(tmp_path, s3_server, monkeypatch):
+    from mlprep.storage import StorageError
+
+    pack_files(IMAGES, s3_server.root / "bucket" / "tars", "webdataset", per_container=16)
+    with pytest.raises(StorageError, match=r"s3://nobucket/tars: no such bucket"):
+        index_dataset("s3://nobucket/tars", "webdataset", None, storage=s3_server.storage)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(StorageError, match=r"s3://bucket/tars: access denied .*AWS_ACCESS_KEY_ID") as err:
+        index_dataset("s3://bucket/tars", "webdataset", None, storage={**s3_server.storage, "max_attempts": 2})
+    assert "not-the-secret" not in str(err.value)
+
+
+class _Members:
+    """A dataset of located items, read in a worker process (as an encode job's readers read)."""
+
+    def __init__(self, items, reader):
+        self.items, self.reader = items, reader
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, k):
+        return self.reader.read(*self.items[k].location)
+
+
+def test_worker_processes_forked_after_the_parent_used_the_store_read_with_clients_of_their_own(tmp_path, s3_server):
+    from mlprep.workers import in_order
+
+    pack_files(IMAGES, s3_server.root / "bucket" / "tars", "webdataset", per_container=16)
+    items = read_catalog(SKU_DATA, Source("s3://bucket/tars", "webdataset", storage=s3_server.storage), 1,
+                         tmp_path / "cache").items
+    reader = ItemReader(storage=s3_server.storage)
+    expected = [reader.read(*i.location) for i in items]  # the parent's client exists before the fork
+    assert list(in_order(_Members(items, reader), workers=2)) == expected

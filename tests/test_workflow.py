@@ -147,9 +147,10 @@ SAME_ARTEFACTS = ["index.faiss", "embeddings.npy", "query_embeddings.npy", "shop
                   "local_features_descriptors.npy", "eval.json"]
 
 
-def test_tars_and_parquet_of_the_images_give_the_artefacts_of_the_files(tmp_path, tiny_clip):
-    """The same images as files, as webdataset tars (with bad containers beside them) and as parquet of bytes:
-    byte-identical index, embeddings and eval; every bad container or member one failure record."""
+def test_tars_parquet_and_a_bucket_of_the_images_give_the_artefacts_of_the_files(tmp_path, tiny_clip, s3_server):
+    """The same images as files, as webdataset tars (with bad containers beside them), as parquet of bytes, and both
+    in a bucket of a real S3 server: byte-identical index, embeddings and eval; every bad container or member one
+    failure record; nothing written outside results/."""
     import io
     import tarfile
 
@@ -157,35 +158,59 @@ def test_tars_and_parquet_of_the_images_give_the_artefacts_of_the_files(tmp_path
 
     make_catalog(tmp_path / "data", 6)
     runs = {}
-    for fmt in ("files", "webdataset", "parquet"):
-        work = tmp_path / fmt
+    for form in ("files", "webdataset", "parquet", "s3-webdataset", "s3-parquet"):
+        fmt = form.removeprefix("s3-")
+        work = tmp_path / form
         (work / "data").mkdir(parents=True)
-        images = tmp_path / "data" / "images"
-        if fmt != "files":
-            images = work / "data" / "containers"
+        images = str(tmp_path / "data" / "images")
+        if form.startswith("s3-"):
+            pack_files(tmp_path / "data" / "images", s3_server.root / "bucket" / fmt, fmt, per_container=5)
+            images = f"s3://bucket/{fmt}"
+        elif fmt != "files":
+            images = str(work / "data" / "containers")
             pack_files(tmp_path / "data" / "images", images, fmt, per_container=5)
-        if fmt == "webdataset":
-            with tarfile.open(images / "evil.tar", "w") as archive:
+        if form == "webdataset":
+            with tarfile.open(f"{images}/evil.tar", "w") as archive:
                 info = tarfile.TarInfo("../../outside.jpg")
                 info.size = 4
                 archive.addfile(info, io.BytesIO(b"evil"))
-            (images / "junk.tar").write_bytes(b"not a tar" * 100)
+            Path(f"{images}/junk.tar").write_bytes(b"not a tar" * 100)
         config = workflow_config(work, tiny_clip, sku_data=str(tmp_path / "data" / "sku_data.json"),
-                                 images_dir=str(images), input_format=fmt)
+                                 images_dir=images, input_format=fmt)
+        config["object_storage"] = s3_server.storage
         run_snakemake(work, config)
-        runs[fmt] = work / "results" / "sku_index"
+        runs[form] = work / "results" / "sku_index"
         assert _files_outside(work) == []
-    for fmt in ("webdataset", "parquet"):
+        logs = "".join(p.read_text(errors="replace") for p in (work / "results" / "logs").rglob("*.log"))
+        assert s3_server.SECRET not in logs
+    for form in ("webdataset", "parquet", "s3-webdataset", "s3-parquet"):
         for name in SAME_ARTEFACTS:
-            assert (runs[fmt] / name).read_bytes() == (runs["files"] / name).read_bytes(), (fmt, name)
-        pd.testing.assert_frame_equal(pd.read_parquet(runs[fmt] / "metadata.parquet"),
+            assert (runs[form] / name).read_bytes() == (runs["files"] / name).read_bytes(), (form, name)
+        pd.testing.assert_frame_equal(pd.read_parquet(runs[form] / "metadata.parquet"),
                                       pd.read_parquet(runs["files"] / "metadata.parquet"))
     failures = pd.read_parquet(runs["webdataset"] / "failures.parquet")
     assert sorted(failures["reason_code"]) == ["bad_container", "unsafe_path"]
     assert failures["path"].str.endswith("evil.tar#../../outside.jpg").any()
-    assert len(pd.read_parquet(runs["files"] / "failures.parquet")) == 0
-    manifest = pd.read_parquet(runs["webdataset"] / "manifest.parquet")
-    assert manifest["path"].str.contains(r"\.tar#sku0\d+_\d\.jpg$").all()
+    for form in ("files", "s3-webdataset", "s3-parquet"):
+        assert len(pd.read_parquet(runs[form] / "failures.parquet")) == 0
+    manifest = pd.read_parquet(runs["s3-webdataset"] / "manifest.parquet")
+    assert manifest["path"].str.match(r"^s3://bucket/webdataset/0000\d\.tar#sku0\d+_\d\.jpg$").all()
+
+
+def test_wrong_credentials_stop_the_run_before_any_job_naming_the_bucket(tmp_path, tiny_clip, s3_server, monkeypatch):
+    from mlprep.demo import pack_files
+
+    make_catalog(tmp_path / "data", 2)
+    pack_files(tmp_path / "data" / "images", s3_server.root / "bucket" / "tars", "webdataset")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+    config = workflow_config(tmp_path, tiny_clip, images_dir="s3://bucket/tars", input_format="webdataset")
+    config["object_storage"] = {**s3_server.storage, "max_attempts": 2}
+    proc = run_snakemake(tmp_path, config, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "s3://bucket/tars: access denied" in out and "AWS_SECRET_ACCESS_KEY" in out
+    assert "wrong-secret-value" not in out
+    assert not (tmp_path / "results" / "sku_index" / "manifest.parquet").exists()
+    assert not (tmp_path / "results" / "sku_index" / "shards").exists()
 
 
 def test_a_truth_table_that_cannot_be_used_stops_the_run_before_any_job(sku_workdir, tiny_clip):

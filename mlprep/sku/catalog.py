@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mlprep.failures import Failure, failures_frame
+from mlprep.failures import Failure, InputError, failures_frame
 from mlprep.files import file_stats
 from mlprep.ids import normalise_paths, shards_of, unsafe_path_reasons
 from mlprep.records import RecordsError, first_value, read_records
 from mlprep.shardlists import CatalogCache, ShardLists, encode_lines, source_key
 from mlprep.sources import LOCATION_COLUMNS, display_path, index_dataset, locate
+from mlprep.storage import is_remote
 
 ID_KEYS = ("sku_id", "id", "sku", "code")
 IMAGE_KEYS = ("images", "image_paths", "image_files", "image_path", "image")
@@ -196,6 +197,7 @@ class Source:
     input_format: str = "files"
     parquet_column: str = "auto"
     parquet_key: str = "auto"
+    storage: dict | None = None  # object_storage settings, for an s3:// images_dir (mlprep.storage)
 
     @classmethod
     def of(cls, source: Source | Path | str) -> Source:
@@ -210,6 +212,9 @@ class Located:
 
     def __init__(self, parsed: ParsedCatalog, source: Source, cache_folder: Path | str | None):
         self.parsed, self.problems, self._frame = parsed, [], None
+        if source.input_format == "files" and is_remote(source.images_dir):
+            raise InputError(f"sku_index.images_dir: {source.images_dir} is in object storage, where images are read "
+                             f"from containers: set input_format to webdataset or parquet (docs/your-data.md)")
         if source.input_format == "files":
             size, mtime = file_stats(parsed.candidates["path"].tolist())
             self._frame = pd.DataFrame({"path": parsed.candidates["path"].to_numpy(), "member": "",
@@ -218,7 +223,7 @@ class Located:
             self.stats = np.stack([size, mtime], axis=1)
         else:
             self.index = index_dataset(source.images_dir, source.input_format, cache_folder, source.parquet_column,
-                                       source.parquet_key)
+                                       source.parquet_key, source.storage)
             self.problems, self.stats = self.index.problems, self.index.stats()
 
     def frame(self) -> pd.DataFrame:

@@ -371,8 +371,10 @@ def encode_shard(
     out_dir: Path | str,
     progress: TextIO | None = None,
     jpeg_decoder: str = "auto",
+    storage: dict | None = None,
 ) -> dict:
-    """Encode the images of one shard list into the shard's folder (written whole or not at all).
+    """Encode the images of one shard list into the shard's folder (written whole or not at all); `storage`: the
+    object_storage settings, for images in object storage.
 
     Start-up overlaps: the readers start (and read ahead) before the model is built, where the model's input
     size is known from its config; `stats.json` says where the start-up time went (`startup_steps`)."""
@@ -385,7 +387,7 @@ def encode_shard(
     batch = resolve_batch_size(cfg["encoding_batch_size"], device)
     size = image_size_of(spec)
     paths, ids = [i.location for i in items], [i.item_id for i in items]
-    reader = ItemReader(cfg.get("parquet_column", "auto"), what="image file")
+    reader = ItemReader(cfg.get("parquet_column", "auto"), what="image file", storage=storage)
     workers = resolve_workers(cfg["decode_workers"], device, threads)
     chunks = None
     if size is not None:

@@ -21,7 +21,8 @@ class SkuWorkflow(ShardedPipeline):
     @property
     def source(self) -> dict:
         """Where the images lie (mlprep.sku.catalog.Source): a folder of files, of tars or of parquet files."""
-        return {k: self.cfg[k] for k in ("images_dir", "input_format", "parquet_column", "parquet_key")}
+        return {**{k: self.cfg[k] for k in ("images_dir", "input_format", "parquet_column", "parquet_key")},
+                "storage": self.config.get("object_storage")}
 
     def encode_settings(self) -> dict:
         """The settings that change a shard's vectors: a change reruns every shard (params trigger)."""
