@@ -115,9 +115,10 @@ class _Blocks:
     def __init__(self, pread, window: int):
         self.pread, self.window, self.start, self.data = pread, window, 0, b""
 
-    def read(self, offset: int, size: int) -> bytes:
+    def read(self, offset: int, size: int, ahead: bool = True) -> bytes:
+        """`size` bytes at `offset`; on a miss, a whole window is read when `ahead` (more headers are near)."""
         if not (self.start <= offset and offset + size <= self.start + len(self.data)):
-            self.start, self.data = offset, self.pread(max(size, self.window), offset)
+            self.start, self.data = offset, self.pread(max(size, self.window) if ahead else size, offset)
         return self.data[offset - self.start : offset - self.start + size]
 
 
@@ -125,9 +126,9 @@ def _headers(path, pread, file_size: int, window: int):
     """(name, type, offset of data, size) of every header of a tar, GNU long names and pax records applied;
     raises ContainerError where the first header is not a tar's, and _BrokenOff where a later one breaks off."""
     blocks = _Blocks(pread, window)
-    offset, pending, n = 0, {}, 0
+    offset, pending, n, ahead = 0, {}, 0, True
     while offset + BLOCK <= file_size:
-        header = blocks.read(offset, BLOCK)
+        header = blocks.read(offset, BLOCK, ahead)
         if header == bytes(BLOCK):
             return
         if header[257:262] != b"ustar" and not _checksum_ok(header):  # ustar, GNU and pax headers say so
@@ -137,6 +138,7 @@ def _headers(path, pread, file_size: int, window: int):
         size, kind = _number(header[124:136]), header[156:157]
         data = offset + BLOCK
         offset = data + -(-size // BLOCK) * BLOCK
+        ahead = size < blocks.window // 4  # after a large member, read the next header alone, not a window of data
         n += 1
         if kind in (b"L", b"K", b"x"):  # the next header's long name, long link or pax records
             if data + size > file_size:

@@ -14,7 +14,6 @@ when some list does.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import importlib
 import json
@@ -128,7 +127,7 @@ class ShardLists:
         bounds = np.searchsorted(np.asarray(list_index)[order], np.arange(len(self.names) + 1))
         ordered = [lines[i] for i in order]
         old = self.fingerprints()
-        new, changed = {}, []
+        new, changed, cleaned = {}, [], set()
         for k, name in enumerate(self.names):
             chunk = sorted(ordered[bounds[k] : bounds[k + 1]])  # a list's text never depends on input order
             data = ("\n".join(chunk) + "\n" if chunk else "").encode("utf-8")
@@ -136,8 +135,10 @@ class ShardLists:
             new[name] = digest
             path = self.path(name)
             if old.get(name) != digest or not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                remove_stale(path.parent, f".{glob.escape(path.name)}.tmp*")
+                if path.parent not in cleaned:  # one scan per folder: per list, 10,000 lists cost minutes
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    remove_stale(path.parent, f".*{SUFFIX}.tmp*")
+                    cleaned.add(path.parent)
                 tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
                 tmp.write_bytes(data)
                 os.replace(tmp, path)
