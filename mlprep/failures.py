@@ -33,6 +33,8 @@ REASON_CODES: dict[str, str] = {
     "duplicate_key": "a container member repeats the key and extension of an earlier member, which is kept",
     "bad_container": "a tar or parquet file of the data set cannot be indexed (not a tar, compressed, unreadable)",
     "changed": "the container changed or vanished between the index and the job (the next run re-indexes it)",
+    "storage_error": "the object store failed the request through every retry (throttled with 503 SlowDown, "
+                     "5xx, dropped connections; object_storage.max_attempts)",
     "not_an_image": "no image decoder recognises the file",
     "not_a_video": "no video demuxer recognises the file",
     "no_video_stream": "the file holds no video stream",

@@ -389,8 +389,8 @@ class ItemReader:
             data = filesystem(self.storage).cat_file(strip_scheme(path), start=offset, end=offset + size)
         except FileNotFoundError as err:
             raise ItemError("missing", f"{path}: the container vanished after it was indexed") from err
-        except OSError as err:
-            raise ItemError("decode_error", f"{path}: member {member!r} cannot be read: {err}") from err
+        except OSError as err:  # throttled or failed through every retry, or unreachable
+            raise ItemError("storage_error", f"{path}: member {member!r} cannot be read: {err}") from err
         if len(data) != size:
             raise ItemError("truncated", f"{path}: member {member!r} ends {size - len(data)} bytes short")
         return data
@@ -447,6 +447,10 @@ class ItemReader:
             raise ItemError("missing", f"{path}: the container vanished after it was indexed") from err
         except ItemError:
             raise
+        except OSError as err:
+            if not is_remote(path):
+                raise ItemError("bad_row_group", f"{path}: row group {group} cannot be read: {err}") from err
+            raise ItemError("storage_error", f"{path}: row group {group} cannot be read: {err}") from err
         except Exception as err:  # noqa: BLE001
             raise ItemError("bad_row_group", f"{path}: row group {group} does not decode: {err}") from err
 

@@ -10,6 +10,7 @@ a changed object changes its stamp and reruns only the shards it feeds.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import threading
 from collections import Counter
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass
 from mlprep.failures import InputError
 
 SCHEMES = ("s3://",)
+log = logging.getLogger(__name__)
 
 
 class StorageError(InputError):
@@ -55,6 +57,25 @@ class StorageOptions:
 
 _FILESYSTEMS: dict = {}
 _LOCK = threading.Lock()
+REFUSED: Counter = Counter()  # this process's attempts the store refused or dropped, by answer ("503 SlowDown")
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+
+
+def _observe_retry(response=None, caught_exception=None, attempts=None, operation=None, **_) -> None:
+    """Counts and logs an attempt that the store throttled, failed or dropped; returns None, so that botocore's
+    own retry handler decides whether to retry it (up to max_attempts in all) and how long to wait."""
+    if caught_exception is not None:
+        what = type(caught_exception).__name__
+    elif response is not None and response[0].status_code in RETRY_STATUSES:
+        what = f"{response[0].status_code} {(response[1] or {}).get('Error', {}).get('Code', '')}".strip()
+    else:
+        return
+    REFUSED[what] += 1
+    total = sum(REFUSED.values())
+    if total <= 5 or total % 100 == 0:
+        name = getattr(operation, "name", "request")
+        log.warning("object storage answered %s to %s (attempt %s); retried with backoff up to max_attempts "
+                    "(%d refused so far in this process)", what, name, attempts, total)
 
 
 def filesystem(options: StorageOptions | dict | None = None):
@@ -67,7 +88,7 @@ def filesystem(options: StorageOptions | dict | None = None):
         if fs is None:
             client = {k: v for k, v in (("endpoint_url", options.endpoint_url), ("region_name", options.region)) if v}
             config = {
-                "retries": {"max_attempts": int(options.max_attempts), "mode": "standard"},
+                "retries": {"total_max_attempts": int(options.max_attempts), "mode": "standard"},
                 "connect_timeout": options.connect_timeout_s,
                 "read_timeout": options.read_timeout_s,
                 # S3-compatible stores do not all send the CRC checksums botocore now asks for by default
@@ -76,6 +97,8 @@ def filesystem(options: StorageOptions | dict | None = None):
             }
             fs = s3fs.S3FileSystem(anon=options.anonymous, profile=options.profile, client_kwargs=client,
                                    config_kwargs=config, skip_instance_cache=True, use_listings_cache=False)
+            fs.retries = 1  # s3fs's own retry loop off: botocore's (max_attempts, with backoff) is the one
+            fs.s3.meta.events.register_first("needs-retry.s3", _observe_retry)
             _FILESYSTEMS[(os.getpid(), options)] = fs
         return fs
 

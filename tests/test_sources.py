@@ -235,3 +235,30 @@ def test_worker_processes_forked_after_the_parent_used_the_store_read_with_clien
     reader = ItemReader(storage=s3_server.storage)
     expected = [reader.read(*i.location) for i in items]  # the parent's client exists before the fork
     assert list(in_order(_Members(items, reader), workers=2)) == expected
+
+
+def test_a_throttling_store_is_retried_with_backoff_and_counted_and_fails_an_item_only_past_max_attempts(
+        tmp_path, s3_server):
+    import mlprep.storage
+    from s3_faults import ThrottlingProxy
+
+    pack_files(IMAGES, s3_server.root / "bucket" / "tars", "webdataset", per_container=16)
+    items = read_catalog(SKU_DATA, Source("s3://bucket/tars", "webdataset", storage=s3_server.storage), 1,
+                         tmp_path / "cache").items[:6]
+    expected = _bytes_of(items, ItemReader(storage=s3_server.storage))
+    proxy = ThrottlingProxy(s3_server.endpoint, every=2)  # every second GET answered 503 SlowDown
+    try:
+        mlprep.storage.REFUSED.clear()
+        reader = ItemReader(storage={"endpoint_url": proxy.endpoint})
+        assert _bytes_of(items, reader) == expected
+        assert proxy.throttled >= 3 and dict(mlprep.storage.REFUSED) == {"503 SlowDown": proxy.throttled}
+    finally:
+        proxy.stop()
+    proxy = ThrottlingProxy(s3_server.endpoint, every=1)  # every GET: past max_attempts, the item fails alone
+    try:
+        reader = ItemReader(storage={"endpoint_url": proxy.endpoint, "max_attempts": 2})
+        with pytest.raises(ItemError, match=r"00000\.tar: member .* cannot be read") as err:
+            reader.read(*items[0].location)
+        assert err.value.code == "storage_error" and proxy.throttled == 2
+    finally:
+        proxy.stop()
