@@ -66,6 +66,9 @@ TABLES: dict[str, pa.Schema] = {
     "sku.query_photos": _schema(("image", TEXT), ("sku_id", TEXT), ("in_catalog", pa.bool_()), ("status", TEXT),
                                 ("reason_code", TEXT), ("error", TEXT), ("embedding_top", pa.list_(TEXT)),
                                 ("reranked_top", pa.list_(TEXT)), ("inliers", I64), ("ranked_by", TEXT)),
+    # the index's rows in the layout autofaiss and clip-retrieval read (embeddings/metadata/metadata_*.parquet)
+    "sku.embedding_metadata": _schema(("image_path", TEXT), ("caption", TEXT), ("sku_id", TEXT), ("item_id", TEXT),
+                                      ("view", pa.int32()), ("category", TEXT)),
     "sku.catalog_checks": _schema(("check", TEXT), ("sku_a", TEXT), ("item_a", TEXT), ("image_a", TEXT),
                                   ("sku_b", TEXT), ("item_b", TEXT), ("image_b", TEXT), ("score", F64),
                                   ("action", TEXT)),

@@ -64,6 +64,7 @@ rule sku_build_index:
     output:
         index=f"{SKU_DIR}/index.faiss",
         embeddings=f"{SKU_DIR}/embeddings.npy",
+        embedding_parts=directory(f"{SKU_DIR}/embedding_parts"),
         metadata=f"{SKU_DIR}/metadata.parquet",
         query_embeddings=f"{SKU_DIR}/query_embeddings.npy",
         query_metadata=f"{SKU_DIR}/query_metadata.parquet",

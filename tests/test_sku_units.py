@@ -324,3 +324,22 @@ def test_query_photo_accuracy_counts_unreadable_photos_as_misses_and_leaves_unkn
                    "embedding": {"top1": 1 / 3, "top2": 2 / 3}, "reranked": {"top1": 2 / 3, "top2": 2 / 3},
                    "verified_first": 1 / 3}
     assert "reranked" not in query_photo_accuracy(rows, [1], reranked=False)
+
+
+def test_embedding_parts_pair_each_vector_with_its_row_in_the_layout_autofaiss_reads(tmp_path):
+    from mlprep.sku.steps import write_embedding_parts
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((12, 4)).astype(np.float32)
+    meta = pd.DataFrame({"image": [f"{k}.jpg" for k in range(12)], "name": "Mug", "sku_id": [f"s{k // 3}" for k in range(12)],
+                         "item_id": [f"s{k // 3}/{k}.jpg" for k in range(12)], "view": np.arange(12, dtype=np.int32) % 3,
+                         "category": "kitchen"})
+    assert write_embedding_parts(vectors, meta, tmp_path / "parts", rows_per_part=5) == 3
+    npys = sorted((tmp_path / "parts" / "img_emb").iterdir())
+    tables = sorted((tmp_path / "parts" / "metadata").iterdir())
+    assert [p.name for p in npys] == ["img_emb_00000.npy", "img_emb_00001.npy", "img_emb_00002.npy"]
+    assert [p.name for p in tables] == ["metadata_00000.parquet", "metadata_00001.parquet", "metadata_00002.parquet"]
+    np.testing.assert_array_equal(np.concatenate([np.load(p) for p in npys]), vectors)
+    rows = pd.concat([pd.read_parquet(p) for p in tables], ignore_index=True)
+    assert rows["image_path"].tolist() == meta["image"].tolist() and rows["caption"].eq("Mug").all()
+    assert [len(np.load(p)) for p in npys] == [len(pd.read_parquet(p)) for p in tables] == [5, 5, 2]

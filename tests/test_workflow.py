@@ -87,6 +87,11 @@ def test_full_run_on_tiny_data(sku_workdir, tiny_clip):
     assert meta.groupby("item_id").size().eq(3).all()
     assert meta["sku_id"].nunique() == 6
     np.testing.assert_array_equal(np.load(folder / "embeddings.npy"), vectors)
+    # the same rows in the layout autofaiss and clip-retrieval read: img_emb/*.npy beside metadata/*.parquet
+    parts = folder / "embedding_parts"
+    np.testing.assert_array_equal(np.load(parts / "img_emb" / "img_emb_00000.npy"), vectors)
+    rows = pd.read_parquet(parts / "metadata" / "metadata_00000.parquet")
+    assert rows["item_id"].tolist() == meta["item_id"].tolist() and rows["image_path"].tolist() == meta["image"].tolist()
     info = json.loads((folder / "index_info.json").read_text())
     assert info["ntotal"] == 36 and info["dim"] == 32 and info["n_failures"] == 0
     result = json.loads((folder / "eval.json").read_text())
@@ -144,7 +149,7 @@ def test_full_run_on_tiny_data(sku_workdir, tiny_clip):
 
 
 SAME_ARTEFACTS = ["index.faiss", "embeddings.npy", "query_embeddings.npy", "shop_floor_embeddings.npy",
-                  "local_features_descriptors.npy", "eval.json"]
+                  "local_features_descriptors.npy", "eval.json", "embedding_parts/img_emb/img_emb_00000.npy"]
 
 
 def test_tars_parquet_and_a_bucket_of_the_images_give_the_artefacts_of_the_files(tmp_path, tiny_clip, s3_server):

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from mlprep.failures import FailureLog, check_failed_share, count_by_code, read_failures, write_failures
-from mlprep.io import atomic_path, load_npy, read_json, save_npy, write_json, write_parquet
+from mlprep.io import atomic_dir, atomic_path, load_npy, read_json, save_npy, write_json, write_parquet
 from mlprep.sku.catalog import Source, load_catalog
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ def build(shard_dirs: list, manifest_path, manifest_failures_path, cfg: dict, se
     }
     write_index(index, outputs["index"])
     save_npy(vectors, outputs["embeddings"])
+    write_embedding_parts(vectors, meta, outputs["embedding_parts"])
     write_parquet(meta, outputs["metadata"], "sku.views")
     save_npy(queries, outputs["query_embeddings"])
     write_parquet(query_meta, outputs["query_metadata"], "sku.views")
@@ -189,6 +190,31 @@ def shard_model(shard_dirs: list[Path]) -> dict | None:
         raise MixedModelsError(f"sku_index: the shards were made by different models and cannot share one index "
                                f"({described}); rerun the shards with one model")
     return found
+
+
+ROWS_PER_PART = 100_000  # an img_emb part of at most 100,000 vectors: 512 MB at 1280 dimensions
+
+
+def write_embedding_parts(vectors: np.ndarray, meta: pd.DataFrame, folder, rows_per_part: int = ROWS_PER_PART) -> int:
+    """The index's vectors and their rows in the layout autofaiss and clip-retrieval read and write:
+    `img_emb/img_emb_<k>.npy` (float32, L2-normalised) and `metadata/metadata_<k>.parquet` (row i of one is row
+    i of the other; `image_path` is the image as sku_data.json names it, `caption` its SKU's name), so that
+    `autofaiss build_index --embeddings=<folder>/img_emb` or clip-retrieval's back end take them as they are.
+    Returns the number of parts; written whole or not at all."""
+    parts = max(1, -(-len(vectors) // rows_per_part))
+    width = max(5, len(str(parts - 1)))  # zero-padded: readers pair the files in name order
+    rows = pd.DataFrame({"image_path": meta["image"], "caption": meta["name"], "sku_id": meta["sku_id"],
+                         "item_id": meta["item_id"], "view": meta["view"], "category": meta["category"]})
+    with atomic_dir(folder) as tmp:
+        (tmp / "img_emb").mkdir()
+        (tmp / "metadata").mkdir()
+        for k in range(parts):
+            part = slice(k * rows_per_part, (k + 1) * rows_per_part)
+            np.save(tmp / "img_emb" / f"img_emb_{k:0{width}d}.npy", np.ascontiguousarray(vectors[part],
+                                                                                         dtype=np.float32))
+            write_parquet(rows.iloc[part], tmp / "metadata" / f"metadata_{k:0{width}d}.parquet",
+                          "sku.embedding_metadata")
+    return parts
 
 
 def _with_names(meta: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
