@@ -79,6 +79,25 @@ def descriptor_rows(j: dict) -> list[Row]:
                 per_s(default["top1"], a["no augmentation (originals only)"]["top1"]), "> 1 (seed's claim)")]
 
 
+def container_rows(j: dict) -> list[Row]:
+    job = j["rows"]["shard job"]
+    ratio, seconds = job["ratio"], job["seconds"]
+    own = j["member_bytes"]
+    return [Row("sku_index", "shard job from local tars", ratio["webdataset"], "x files", "target", 0.9,
+                per_s(ratio["webdataset"], 0.9), ">= 0.9x files"),
+            Row("sku_index", "shard job from parquet of bytes", ratio["parquet"], "x files", "files", 1.0,
+                ratio["parquet"]),
+            Row("sku_index", "shard job from tars on the local S3 server ({:.2f} requests/item)".format(
+                j["requests_per_item"]["s3-webdataset"]), seconds["webdataset"] / seconds["s3-webdataset"],
+                "x local tars", "target", 0.8, per_s(seconds["webdataset"] / seconds["s3-webdataset"], 0.8),
+                ">= 0.8x local tars"),
+            Row("sku_index", "bytes a shard job reads from tars", j["bytes_read"]["webdataset"] / own,
+                "x its members", "target", 1.1, per_s(1.1, j["bytes_read"]["webdataset"] / own), "<= 1.1x"),
+            Row("sku_index", "requests of a no-op index of a bucket",
+                sum(j["noop_index_requests"]["s3-webdataset"].values()), "requests", "listing only", 1, None,
+                "O(containers)")]
+
+
 def video_rows(j: dict) -> list[Row]:
     s = j["s_per_video"]
     job = 1 / s["extract job"]
@@ -183,6 +202,7 @@ BENCHES = {  # name -> (script, extra arguments, rows from its JSON)
     "sku_encode": ("sku_encode.py", [], sku_rows),
     "sku_rerank": ("sku_rerank.py", [], rerank_rows),
     "sku_descriptors": ("sku_descriptors.py", [], descriptor_rows),
+    "containers": ("containers.py", ["--images", "128", "--per-container", "32", "--repeat", "2"], container_rows),
     "video_frames": ("video_frames.py", [], video_rows),
     "speaker": ("speaker.py", ["--copies", "40"], speaker_rows),
     "kline": ("kline.py", [], kline_rows),
