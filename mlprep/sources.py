@@ -8,8 +8,8 @@ A data set (`input_format` in the config) is one of:
               Hugging Face datasets write it): an item is named by the `key` column, else by the struct's `path`
 
 The container is the unit: the index (`index_dataset`) reads each tar's headers and each parquet file's footer and
-name column once, caches them per container (size and mtime), and so costs one stat per container on a rerun, never
-one per item. A located item is (path of its file or container, member, offset, size, group, stamp): a job reads
+name column once, caches them per container (size and mtime; an object's ETag), and so costs one stat per container
+(one listing request per thousand objects) on a rerun, never one per item. A located item is (path of its file or container, member, offset, size, group, stamp): a job reads
 its bytes with one positioned read (tars) or from its row group (parquet), and `stamp` (the container's size and
 mtime when indexed) lets the job tell a container that changed since from the one indexed.
 """
@@ -93,8 +93,9 @@ def bytes_column(schema, column: str) -> str:
     raise KeyError(f"no bytes column: looked for {', '.join(IMAGE_COLUMNS)} (it has {', '.join(names)})")
 
 
-def _parquet_members(path: str, column: str, key: str, storage=None, size: int | None = None):
-    """(name, key, ext, offset = row, size = -1, group) for every row of a parquet file, and its bytes column."""
+def _parquet_members(path: str, column: str, key: str, storage=None, size: int | None = None) -> pd.DataFrame:
+    """(name, key, ext, offset = row, size = -1, group) for every row of a parquet file (KeyError without its
+    bytes column or a name for the rows)."""
     import pyarrow as pa
 
     handle = _open_parquet(path, storage, size)
@@ -118,7 +119,7 @@ def _parquet_members(path: str, column: str, key: str, storage=None, size: int |
     ext = data if data in IMAGE_COLUMNS[:4] else ""
     frame = pd.DataFrame({"name": names, "key": names, "ext": ext,
                           "offset": np.arange(len(names), dtype=np.int64), "size": -1, "group": groups})
-    return frame, data
+    return frame
 
 
 @dataclass
@@ -130,7 +131,6 @@ class DatasetIndex:
     frame: pd.DataFrame
     stamps: dict[str, str]  # container -> stamp
     problems: list[Failure] = field(default_factory=list)
-    columns: dict[str, str] = field(default_factory=dict)  # parquet container -> its bytes column
     settings: dict = field(default_factory=dict)  # what the index was made with (folder, format, column, key)
 
     def stats(self) -> np.ndarray:
@@ -140,8 +140,7 @@ class DatasetIndex:
 
 
 def _problem(root: str, container: str, member: str | None, code: str, reason: str) -> Failure:
-    where = f"{root}/{container}#{member}" if member else f"{root}/{container}"
-    return Failure("", where, "manifest", code, reason)
+    return Failure("", display_path(f"{root}/{container}", member or ""), "manifest", code, reason)
 
 
 def _index_tar(path: str, size: int, storage):
@@ -171,30 +170,30 @@ def _open_parquet(path: str, storage, size: int | None = None):
 
 
 def _index_one(root: str, container: str, fmt: str, column: str, key: str, size: int, storage=None):
-    """(members frame, problems, bytes column) of one container."""
+    """(members frame, or None when the container cannot be indexed, and its problems) of one container."""
     path = f"{root}/{container}"
     if fmt == "webdataset":
         try:
             members, problems = _index_tar(path, size, storage)
         except ContainerError as err:
-            return None, [_problem(root, container, None, "bad_container", str(err))], ""
+            return None, [_problem(root, container, None, "bad_container", str(err))]
         frame = pd.DataFrame({
             "name": [m.name for m in members], "key": [m.key for m in members], "ext": [m.ext for m in members],
             "offset": np.fromiter((m.offset for m in members), np.int64, len(members)),
             "size": np.fromiter((m.size for m in members), np.int64, len(members)), "group": -1,
         })
-        return frame, [_problem(root, container, p.member, p.reason_code, p.reason) for p in problems], ""
+        return frame, [_problem(root, container, p.member, p.reason_code, p.reason) for p in problems]
     try:
-        frame, data = _parquet_members(path, column, key, storage, size)
+        frame = _parquet_members(path, column, key, storage, size)
     except KeyError as err:
-        return None, [_problem(root, container, None, "missing_column", f"{path}: {err.args[0]}")], ""
+        return None, [_problem(root, container, None, "missing_column", f"{path}: {err.args[0]}")]
     except Exception as err:  # noqa: BLE001 - any footer error is this file's problem
         return None, [_problem(root, container, None, "bad_container", f"{path}: not a readable parquet file: "
-                                                                       f"{err}")], ""
+                                                                       f"{err}")]
     unnamed = frame["name"].isna()
     problems = [_problem(root, container, f"row {row}", "unkeyed_member", f"{path}: row {row} has no name")
                 for row in frame["offset"][unnamed]]
-    return frame[~unnamed].reset_index(drop=True), problems, data
+    return frame[~unnamed].reset_index(drop=True), problems
 
 
 def index_dataset(root: Path | str, fmt: str, cache_folder: Path | str | None, column: str = "auto",
@@ -234,7 +233,7 @@ def index_dataset(root: Path | str, fmt: str, cache_folder: Path | str | None, c
     except (OSError, ValueError):
         pass
     reuse = {n for n in names if old.get("stamps", {}).get(n) == stamps[n]}
-    parts, problems, data_columns = [], [], {}
+    parts, problems = [], []
     if reuse:
         cached = pd.read_parquet(cache / "members.parquet")
         cached = cached[cached["container"].isin(reuse)]
@@ -242,16 +241,13 @@ def index_dataset(root: Path | str, fmt: str, cache_folder: Path | str | None, c
         cached_problems = pd.read_parquet(cache / "problems.parquet")
         problems += [Failure(**row) for row in cached_problems[cached_problems["container"].isin(reuse)]
                      .drop(columns="container").to_dict("records")]
-        data_columns.update({n: c for n, c in old.get("columns", {}).items() if n in reuse})
     fresh = [n for n in names if n not in reuse]
     fresh_problems = []
     for name in fresh:
-        frame, found, data = _index_one(root, name, fmt, column, key, sizes[name], storage)
+        frame, found = _index_one(root, name, fmt, column, key, sizes[name], storage)
         fresh_problems += [(name, p) for p in found]
         if frame is not None:
             parts.append(frame.assign(container=name)[INDEX_COLUMNS])
-            if data:
-                data_columns[name] = data
     problems += [p for _, p in fresh_problems]
     frame = (pd.concat(parts, ignore_index=True) if parts
              else pd.DataFrame({c: pd.Series(dtype=object) for c in INDEX_COLUMNS}))
@@ -268,7 +264,7 @@ def index_dataset(root: Path | str, fmt: str, cache_folder: Path | str | None, c
             problem_rows += cached_problems[cached_problems["container"].isin(reuse)].to_dict("records")
         with atomic_path(cache / "problems.parquet") as tmp:
             pd.DataFrame(problem_rows, columns=["container", *Failure.__dataclass_fields__]).to_parquet(tmp, index=False)
-        write_json({"settings": settings, "stamps": stamps, "columns": data_columns}, cache / "key.json")
+        write_json({"settings": settings, "stamps": stamps}, cache / "key.json")
     duplicated = frame["name"].duplicated(keep="first").to_numpy()
     for name, container in zip(frame["name"][duplicated], frame["container"][duplicated]):
         problems.append(_problem(root, container, name, "duplicate_key", f"{root}/{container}: {name!r} is "
@@ -276,7 +272,7 @@ def index_dataset(root: Path | str, fmt: str, cache_folder: Path | str | None, c
     frame = frame[~duplicated].reset_index(drop=True)
     if not names:
         log.warning("%s: no %s files (input_format: %s)", root, SUFFIXES[fmt], fmt)
-    return DatasetIndex(root, fmt, frame, stamps, problems, data_columns, settings)
+    return DatasetIndex(root, fmt, frame, stamps, problems, settings)
 
 
 def locate(index: DatasetIndex, names: list[str], exts: tuple[str, ...]) -> pd.DataFrame:
