@@ -505,12 +505,12 @@ if __name__ == "__main__":
 
 
 def pack_files(folder: Path | str, out: Path | str, input_format: str, per_container: int = 16,
-               key_with_ext: bool = True, struct: bool = False) -> list[Path]:
+               key_with_ext: bool = True, struct: bool | str = False) -> list[Path]:
     """The files of `folder` (sorted, recursively) packed into containers under `out`, as the tools that make
     training sets write them: webdataset tars `00000.tar` of `{name}` members beside a `{key}.json` each, or
     parquet files `00000.parquet` with the bytes in a column named after the format (`jpg`, `wav`, ...) and a
-    `key` column, or (`struct`) an `image` column of `{bytes, path}` structs as Hugging Face `datasets` writes
-    them. `key_with_ext`: a parquet row's key is the file's name (`a.jpg`), else its key (`a`)."""
+    `key` column, or (`struct`) a column of `{bytes, path}` structs as Hugging Face `datasets` writes them, named
+    `struct` (True: `image`). `key_with_ext`: a parquet row's key is the file's name (`a.jpg`), else its key (`a`)."""
     import io
     import tarfile
 
@@ -538,7 +538,7 @@ def pack_files(folder: Path | str, out: Path | str, input_format: str, per_conta
             data = [p.read_bytes() for p in part]
             keys = names if key_with_ext else [name.split(".", 1)[0] for name in names]
             if struct:
-                table = pa.table({"image": pa.array([{"bytes": d, "path": k} for d, k in zip(data, keys)])})
+                table = pa.table({"image" if struct is True else struct: pa.array([{"bytes": d, "path": k} for d, k in zip(data, keys)])})
             else:
                 column = part[0].suffix.lstrip(".").lower() or "bytes"
                 table = pa.table({"key": keys, column: pa.array(data, pa.binary())})

@@ -35,10 +35,15 @@ log = logging.getLogger(__name__)
 FORMATS = ("files", "webdataset", "parquet")
 SUFFIXES = {"webdataset": ".tar", "parquet": ".parquet"}
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img")  # what `column: auto` looks for, in this order
+AUDIO_COLUMNS = ("flac", "wav", "audio")
+VIDEO_COLUMNS = ("mp4", "video")
+GENERIC_COLUMNS = ("image", "img", "audio", "video", "bytes")  # names that say nothing of the format
 KEY_COLUMNS = ("key", "id")
-INDEX_COLUMNS = ["name", "key", "ext", "container", "offset", "size", "group"]
+SIDECAR_EXTS = ("json", "txt")  # a sample's metadata members in a tar (webdataset's `{key}.json`, `{key}.txt`)
+INDEX_COLUMNS = ["name", "key", "ext", "container", "offset", "size", "group", "meta"]
 LOCATION_COLUMNS = ["path", "member", "offset", "size", "group", "stamp"]
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+SIDECAR_GAP = 1 << 20  # remote sidecars closer than this are read in one ranged GET
 REMOTE_WINDOW = 8 << 20  # a remote tar's headers are read in ranged GETs of this size (one GET for many members)
 
 
@@ -80,27 +85,38 @@ def cell_bytes(value) -> bytes:
     raise ItemError("not_an_image", f"the cell holds {type(value).__name__}, not bytes")
 
 
-def bytes_column(schema, column: str) -> str:
-    """The column that holds the bytes (`column`, or the first of IMAGE_COLUMNS when 'auto'); raises KeyError."""
+def bytes_column(schema, column: str, candidates: tuple[str, ...] = IMAGE_COLUMNS) -> str:
+    """The column that holds the bytes (`column`, or the first of `candidates` when 'auto'); raises KeyError."""
     names = schema.names
     if column != "auto":
         if column not in names:
             raise KeyError(f"no column {column!r} (it has {', '.join(names)})")
         return column
-    for name in IMAGE_COLUMNS:
+    for name in candidates:
         if name in names:
             return name
-    raise KeyError(f"no bytes column: looked for {', '.join(IMAGE_COLUMNS)} (it has {', '.join(names)})")
+    raise KeyError(f"no bytes column: looked for {', '.join(candidates)} (it has {', '.join(names)})")
 
 
-def _parquet_members(path: str, column: str, key: str, storage=None, size: int | None = None) -> pd.DataFrame:
-    """(name, key, ext, offset = row, size = -1, group) for every row of a parquet file (KeyError without its
-    bytes column or a name for the rows)."""
+def _meta_text(fields: dict) -> str:
+    """A sample's metadata as stored in the index: compact JSON of the fields asked for, "" when none."""
+    return json.dumps(fields, ensure_ascii=False, sort_keys=True) if fields else ""
+
+
+def sample_meta(text: str) -> dict:
+    """The fields an index's `meta` column holds for one item ({} for none)."""
+    return json.loads(text) if text else {}
+
+
+def _parquet_members(path: str, column: str, key: str, storage=None, size: int | None = None,
+                     candidates: tuple[str, ...] = IMAGE_COLUMNS, meta_fields: tuple[str, ...] = ()) -> pd.DataFrame:
+    """(name, key, ext, offset = row, size = -1, group, meta) for every row of a parquet file (KeyError without its
+    bytes column or a name for the rows); `meta` holds the row's values of the `meta_fields` columns it has."""
     import pyarrow as pa
 
     handle = _open_parquet(path, storage, size)
     schema = handle.schema_arrow
-    data = bytes_column(schema, column)
+    data = bytes_column(schema, column, candidates)
     if key == "auto":
         key = next((k for k in KEY_COLUMNS if k in schema.names), None)
         if key is None and pa.types.is_struct(schema.field(data).type) and \
@@ -116,9 +132,17 @@ def _parquet_members(path: str, column: str, key: str, storage=None, size: int |
     names = pd.Series([None if v is None else str(v) for v in names.to_pylist()], dtype=object)
     counts = [handle.metadata.row_group(k).num_rows for k in range(handle.metadata.num_row_groups)]
     groups = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-    ext = data if data in IMAGE_COLUMNS[:4] else ""
+    ext = "" if data in GENERIC_COLUMNS else data
+    present = [f for f in meta_fields if f in schema.names and f != data and f != key]
+    if present:
+        values = handle.read(columns=present).to_pydict()
+        meta = [_meta_text({f: values[f][row] for f in present if values[f][row] is not None})
+                for row in range(len(names))]
+    else:
+        meta = ""
     frame = pd.DataFrame({"name": names, "key": names, "ext": ext,
-                          "offset": np.arange(len(names), dtype=np.int64), "size": -1, "group": groups})
+                          "offset": np.arange(len(names), dtype=np.int64), "size": -1, "group": groups,
+                          "meta": meta})
     return frame
 
 
@@ -169,22 +193,79 @@ def _open_parquet(path: str, storage, size: int | None = None):
     return pq.ParquetFile(RangedObject(fs, key, size))
 
 
-def _index_one(root: str, container: str, fmt: str, column: str, key: str, size: int, storage=None):
+def _read_ranges(path: str, spans: list[tuple[int, int]], storage) -> list[bytes]:
+    """The bytes of each (offset, size) span of a container: positioned reads of a local file, or ranged GETs of an
+    object, spans less than SIDECAR_GAP apart read in one."""
+    if not is_remote(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return [os.pread(fd, size, offset) for offset, size in spans]
+        finally:
+            os.close(fd)
+    fs, key, out = filesystem(storage), strip_scheme(path), []
+    k = 0
+    while k < len(spans):
+        start, end, last = spans[k][0], spans[k][0] + spans[k][1], k
+        while last + 1 < len(spans) and spans[last + 1][0] - end < SIDECAR_GAP:
+            last += 1
+            end = spans[last][0] + spans[last][1]
+        data = fs.cat_file(key, start=start, end=end)
+        out += [data[o - start : o - start + n] for o, n in spans[k : last + 1]]
+        k = last + 1
+    return out
+
+
+def _tar_meta(root: str, container: str, members: list[Member], meta_fields: tuple[str, ...], storage):
+    """key -> the `meta_fields` its sample's `{key}.json` (an object) and `{key}.txt` (field `txt`) give, and a
+    problem for each sidecar that does not parse."""
+    path = f"{root}/{container}"
+    sidecars = [m for m in members if m.ext in SIDECAR_EXTS]
+    fields: dict[str, dict] = {}
+    problems = []
+    if not sidecars or not meta_fields:
+        return fields, problems
+    try:
+        texts = _read_ranges(path, [(m.offset, m.size) for m in sidecars], storage)
+    except OSError as err:
+        raise ContainerError(f"{path}: cannot be read: {err}") from err
+    for member, data in zip(sidecars, texts):
+        sample = fields.setdefault(member.key, {})
+        try:
+            text = data.decode("utf-8")
+            if member.ext == "txt":
+                if "txt" in meta_fields:
+                    sample["txt"] = text.strip()
+                continue
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ValueError(f"a JSON {type(value).__name__}, not an object")
+        except ValueError as err:
+            problems.append(_problem(root, container, member.name, "bad_record", f"{path}: {member.name!r} does not "
+                                                                                  f"parse: {err}"))
+            continue
+        sample.update({f: value[f] for f in meta_fields if f in value and value[f] is not None and f not in sample})
+    return fields, problems
+
+
+def _index_one(root: str, container: str, fmt: str, column: str, key: str, size: int, storage=None,
+               candidates: tuple[str, ...] = IMAGE_COLUMNS, meta_fields: tuple[str, ...] = ()):
     """(members frame, or None when the container cannot be indexed, and its problems) of one container."""
     path = f"{root}/{container}"
     if fmt == "webdataset":
         try:
             members, problems = _index_tar(path, size, storage)
+            meta, bad = _tar_meta(root, container, members, meta_fields, storage)
         except ContainerError as err:
             return None, [_problem(root, container, None, "bad_container", str(err))]
         frame = pd.DataFrame({
             "name": [m.name for m in members], "key": [m.key for m in members], "ext": [m.ext for m in members],
             "offset": np.fromiter((m.offset for m in members), np.int64, len(members)),
             "size": np.fromiter((m.size for m in members), np.int64, len(members)), "group": -1,
+            "meta": [_meta_text(meta.get(m.key, {})) for m in members],
         })
-        return frame, [_problem(root, container, p.member, p.reason_code, p.reason) for p in problems]
+        return frame, [_problem(root, container, p.member, p.reason_code, p.reason) for p in problems] + bad
     try:
-        frame = _parquet_members(path, column, key, storage, size)
+        frame = _parquet_members(path, column, key, storage, size, candidates, meta_fields)
     except KeyError as err:
         return None, [_problem(root, container, None, "missing_column", f"{path}: {err.args[0]}")]
     except Exception as err:  # noqa: BLE001 - any footer error is this file's problem
@@ -197,11 +278,14 @@ def _index_one(root: str, container: str, fmt: str, column: str, key: str, size:
 
 
 def index_dataset(root: Path | str, fmt: str, cache_folder: Path | str | None, column: str = "auto",
-                  key: str = "auto", storage: dict | None = None) -> DatasetIndex:
+                  key: str = "auto", storage: dict | None = None, candidates: tuple[str, ...] = IMAGE_COLUMNS,
+                  meta_fields: tuple[str, ...] = ()) -> DatasetIndex:
     """The items of every container under root (a folder, or an s3:// URL read with `storage`'s settings);
     containers unchanged since the last call (same size and mtime, or ETag) are taken from the cache in
     `cache_folder` (None: no cache) instead of being read again: a rerun over object storage makes listing
-    requests only."""
+    requests only. A parquet file's bytes are in `column` (auto: the first of `candidates` it has); each item's
+    `meta` holds the `meta_fields` its sample's `.json` / `.txt` members (tars) or its row's columns (parquet)
+    give, read once with the index."""
     from mlprep.io import atomic_path, write_json
 
     sizes = {}
@@ -224,7 +308,8 @@ def index_dataset(root: Path | str, fmt: str, cache_folder: Path | str | None, c
             stamps[name] = stamp_of(st.st_size, st.st_mtime_ns)
             sizes[name] = st.st_size
     cache = Path(cache_folder) / "containers" if cache_folder is not None else None
-    settings = {"version": CACHE_VERSION, "root": str(root), "format": fmt, "column": column, "key": key}
+    settings = {"version": CACHE_VERSION, "root": str(root), "format": fmt, "column": column, "key": key,
+                "candidates": list(candidates), "meta": list(meta_fields)}
     old: dict = {}
     try:
         saved = json.loads((cache / "key.json").read_text()) if cache is not None else {}
@@ -244,7 +329,7 @@ def index_dataset(root: Path | str, fmt: str, cache_folder: Path | str | None, c
     fresh = [n for n in names if n not in reuse]
     fresh_problems = []
     for name in fresh:
-        frame, found = _index_one(root, name, fmt, column, key, sizes[name], storage)
+        frame, found = _index_one(root, name, fmt, column, key, sizes[name], storage, candidates, meta_fields)
         fresh_problems += [(name, p) for p in found]
         if frame is not None:
             parts.append(frame.assign(container=name)[INDEX_COLUMNS])
@@ -325,8 +410,9 @@ class ItemReader:
 
     ROW_GROUPS_KEPT = 4
 
-    def __init__(self, parquet_column: str = "auto", what: str = "file", storage: dict | None = None):
-        self.parquet_column, self.what, self.storage = parquet_column, what, storage
+    def __init__(self, parquet_column: str = "auto", what: str = "file", storage: dict | None = None,
+                 candidates: tuple[str, ...] = IMAGE_COLUMNS):
+        self.parquet_column, self.what, self.storage, self.candidates = parquet_column, what, storage, candidates
         self._fds: dict[str, int] = {}
         self._checked: dict[str, int] = {}  # object -> its size, once its stamp was checked
         self._tables: dict[str, tuple] = {}  # parquet path -> (file, bytes column, first row of each row group)
@@ -334,7 +420,8 @@ class ItemReader:
         self.bytes_read = 0
 
     def __getstate__(self):
-        return {"parquet_column": self.parquet_column, "what": self.what, "storage": self.storage}
+        return {"parquet_column": self.parquet_column, "what": self.what, "storage": self.storage,
+                "candidates": self.candidates}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -432,7 +519,7 @@ class ItemReader:
                     self._check(path, stamp, os.stat(path))
                 handle = _open_parquet(path, self.storage, self._checked.get(path))
                 rows = [handle.metadata.row_group(k).num_rows for k in range(handle.metadata.num_row_groups)]
-                self._tables[path] = handle, bytes_column(handle.schema_arrow, self.parquet_column), \
+                self._tables[path] = handle, bytes_column(handle.schema_arrow, self.parquet_column, self.candidates), \
                     np.concatenate([[0], np.cumsum(rows)]).tolist()
             handle, column, firsts = self._tables[path]
             first = firsts[group]

@@ -81,7 +81,7 @@ TABLES: dict[str, pa.Schema] = {
                              ("attempts", I64), ("model", TEXT), ("backend", TEXT), ("prompt_hash", TEXT)),
     # speaker_embed
     "speaker.manifest": _schema(("item_id", TEXT), ("dataset", TEXT), ("speaker_id", TEXT), ("utterance_id", TEXT),
-                                ("path", TEXT), ("shard", I64), ("size", I64), ("mtime_ns", I64),
+                                ("path", TEXT), ("shard", I64), ("size", I64), ("stamp", TEXT),
                                 ("duration_s", F64)),
     "speaker.utterances": _schema(("item_id", TEXT), ("dataset", TEXT), ("speaker_id", TEXT), ("utterance_id", TEXT),
                                   ("speaker_key", TEXT), ("path", TEXT), ("duration_s", F64)),

@@ -31,6 +31,7 @@ rule speaker_manifest:
     params:
         shards=SPEAKER_FLOW.shard_count_param,
         catalog=SPEAKER_FLOW.catalog_fingerprint,
+        lists=SPEAKER_FLOW.lists_dir,
     script:
         "../scripts/speaker_manifest.py"
 

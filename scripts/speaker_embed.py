@@ -19,4 +19,5 @@ embed_shard(
     threads=sm.threads,
     out_dir=sm.output[0],
     progress=progress,
+    storage=sm.config.get("object_storage"),
 )

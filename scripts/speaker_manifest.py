@@ -15,4 +15,6 @@ steps.manifest(
     n_shards=sm.params.shards,
     continue_on_error=sm.config["continue_on_error"],
     outputs=dict(sm.output.items()),
+    storage=sm.config.get("object_storage"),
+    lists_folder=sm.params.lists,
 )

@@ -537,3 +537,85 @@ def test_the_operating_threshold_sits_inside_the_gap_not_on_the_lowest_target_sc
     fixed = verification_metrics(scores, target, threshold=0.95)
     assert fixed["threshold"] == 0.95 and fixed["threshold_rule"] == "config"
     assert fixed["miss_rate"] == pytest.approx(2 / 3)
+
+
+# ---------------------------------------------------------------- containers (tars, parquet, object storage)
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def test_a_container_sample_takes_its_ids_from_its_metadata_else_from_its_key(tmp_path):
+    from mlprep.speaker.corpus import ids_from_key
+
+    assert ids_from_key("vox/id10001/abc/00001", {}, "corpus", "-") == ("vox", "id10001", "abc/00001")
+    assert ids_from_key("id10001/00001", {}, "corpus", "-") == ("corpus", "id10001", "00001")
+    assert ids_from_key("103-1240-0000", {}, "corpus", "-") == ("corpus", "103", "103-1240-0000")
+    assert ids_from_key("0001", {}, "corpus", "-") is None
+    assert ids_from_key("0001", {"speaker": "s9", "dataset": "d"}, "corpus", "-") == ("d", "s9", "0001")
+    wav = (DEMO / "phone" / "dana" / "utt0.wav").read_bytes()
+    folder = tmp_path / "tars"
+    folder.mkdir()
+    _tar(folder / "a.tar", {
+        "103-1240-0000.wav": wav,  # LibriSpeech's naming: speaker 103
+        "0001.wav": wav, "0001.json": json.dumps({"speaker_id": "s9", "utterance_id": "u1"}).encode(),
+        "0002.flac": wav,  # no speaker anywhere
+        "0003.json": b"{}",  # a sample without audio
+        "0004.wav": wav, "0004.json": b"[not json",
+        "phone/dana/utt0.wav": wav,
+    })
+    _tar(folder / "b.tar", {"phone/dana/utt0.wav": wav})  # the same member again: the first is kept
+    corpus = list_corpus(_cfg(corpus_dir=str(folder), input_format="webdataset"), 2, cache_folder=tmp_path / "c")
+    assert corpus.frame["item_id"].tolist() == ["phone/dana/utt0", "tars/103/103-1240-0000", "tars/s9/u1"]
+    assert set(corpus.frame["path"]) == {str(folder / "a.tar")}
+    codes = sorted((f.reason_code, f.path.rsplit("#", 1)[-1]) for f in corpus.failures)
+    assert codes == [("bad_record", "0002.flac"), ("bad_record", "0004.json"), ("bad_record", "0004.wav"),
+                     ("duplicate_key", "phone/dana/utt0.wav"), ("missing", "0003.json")]
+    assert all(set(f.reason_code) and f.reason_code in REASON_CODES for f in corpus.failures)
+    with pytest.raises(Exception, match="input_format: webdataset reads audio"):
+        list_corpus(_cfg(corpus_dir=str(folder), input_format="webdataset", input="embeddings"), 2)
+
+
+def test_tars_parquet_and_a_bucket_of_the_speech_give_the_embeddings_of_the_files(tmp_path, s3_server):
+    """The demo corpus as files, as webdataset tars (bad members beside it) and as parquet of `{bytes, path}` structs
+    in a bucket of the real local S3 server: the same speakers and byte-identical embeddings and evaluation."""
+    from mlprep.demo import pack_files
+
+    runs = {}
+    for form in ("files", "webdataset", "s3-parquet"):
+        work = tmp_path / form
+        work.mkdir()
+        corpus = str(DEMO)
+        if form == "webdataset":
+            corpus = str(work / "data" / "tars")
+            pack_files(DEMO, corpus, "webdataset", per_container=6)
+            _tar(work / "data" / "tars" / "bad.tar", {"nospeaker.wav": b"RIFF", "phone/zed/junk.wav": b"not audio",
+                                                     "../../outside.wav": b"evil"})
+            (work / "data" / "tars" / "junk.tar").write_bytes(b"not a tar" * 100)
+        elif form == "s3-parquet":
+            pack_files(DEMO, s3_server.root / "bucket" / "speech", "parquet", per_container=6, struct="audio")
+            corpus = "s3://bucket/speech"
+        config = {"device": "cpu", **only("speaker_embed"), "object_storage": s3_server.storage,
+                  "speaker_embed": {"corpus_dir": corpus, "input_format": form.removeprefix("s3-"), "shards": 2,
+                                    "decode_workers": 1}}
+        run_snakemake(work, config)
+        runs[form] = work / "results" / "speaker_embed"
+        assert [p for p in work.rglob("*") if p.is_file() and p.relative_to(work).parts[0] not in
+                ("results", ".snakemake", "data", "config.yaml")] == []
+    for form in ("webdataset", "s3-parquet"):
+        for name in ("speaker_embeddings.npy", "utterance_embeddings.npy", "speaker_ids.txt", "eval.json"):
+            assert (runs[form] / name).read_bytes() == (runs["files"] / name).read_bytes(), (form, name)
+    utterances = pd.read_parquet(runs["webdataset"] / "utterances.parquet")
+    assert utterances["path"].str.contains(r"\.tar#", regex=True).all()
+    failures = pd.read_parquet(runs["webdataset"] / "failures.parquet")
+    assert sorted(failures["reason_code"]) == ["bad_container", "bad_record", "not_audio", "unsafe_path"]
+    assert failures["path"].str.endswith("bad.tar#phone/zed/junk.wav").any()
+    assert len(pd.read_parquet(runs["s3-parquet"] / "failures.parquet")) == 0

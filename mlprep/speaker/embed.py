@@ -28,7 +28,8 @@ from mlprep.sharding import ShardId
 from mlprep.shardlists import ShardLists
 from mlprep.speaker.audio import load_audio
 from mlprep.speaker.backends import load_backend
-from mlprep.speaker.corpus import LIST_COLUMNS, rows_from_list, speaker_keys
+from mlprep.sources import AUDIO_COLUMNS, LOCATION_COLUMNS, ItemReader
+from mlprep.speaker.corpus import LIST_COLUMNS, manifest_paths, rows_from_list, speaker_keys
 from mlprep.speaker.speakers import aggregate, speakers_arrow
 from mlprep.stats import ShardStats, scheduler_ids
 from mlprep.workers import in_order, resolve_workers
@@ -58,31 +59,45 @@ class Prepared:
 
 
 class _Utterances(torch.utils.data.Dataset):
-    def __init__(self, paths: list[str], backend, min_seconds: float):
-        self.paths, self.backend, self.min_seconds = paths, backend, min_seconds
+    """Utterances by position: a file is read by its path, a container's member through `reader`."""
+
+    def __init__(self, locations: list[tuple], backend, min_seconds: float, reader: ItemReader | None = None):
+        self.locations, self.backend, self.min_seconds = locations, backend, min_seconds
+        self.reader = reader or ItemReader(what="audio file")
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.locations)
 
     def __getitem__(self, position: int) -> Prepared:
+        location = self.locations[position]
         try:
-            wav = load_audio(self.paths[position], self.backend.sample_rate, self.min_seconds)
+            source = self.reader.read(*location) if location[1] else location[0]
+            wav = load_audio(source, self.backend.sample_rate, self.min_seconds)
             return Prepared(position, self.backend.prepare(wav), len(wav) / self.backend.sample_rate)
         except Exception as err:  # noqa: BLE001 - any reader error is this utterance's failure
             return Prepared(position, None, error=describe_error(err, "not_audio"))
 
 
-def iter_prepared(paths: list[str], backend, min_seconds: float, workers: int):
+def iter_prepared(locations: list, backend, min_seconds: float, workers: int, reader: ItemReader | None = None):
+    """Prepared utterances in order; `locations` are paths, or mlprep.sources locations read through `reader`."""
+    locations = [loc if isinstance(loc, tuple) else (loc, "") for loc in locations]
     # A whole group of batches read ahead (an utterance is >= 1 window): the readers keep working while the
     # model encodes the previous group. Bounded: ~80 MB of mel windows, ~160 MB of 10 s waveforms.
-    return in_order(_Utterances(paths, backend, min_seconds), workers,
+    return in_order(_Utterances(locations, backend, min_seconds, reader), workers,
                     ahead=backend.pending_factor * backend.batch_size)
 
 
 def embed_audio(frame: pd.DataFrame, backend, failures: FailureLog, workers: int, min_seconds: float,
-                progress: TextIO | None = None, on_encoded=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(embeddings [n_ok, dim], positions of the ok rows in `frame`, seconds of audio per ok row)."""
-    paths, item_ids = frame["path"].tolist(), frame["item_id"].tolist()
+                progress: TextIO | None = None, on_encoded=None,
+                reader: ItemReader | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(embeddings [n_ok, dim], positions of the ok rows in `frame` (path, or LOCATION_COLUMNS), seconds of audio
+    per ok row)."""
+    item_ids = frame["item_id"].tolist()
+    if "member" in frame:
+        locations = list(frame[LOCATION_COLUMNS].itertuples(index=False, name=None))
+        paths = manifest_paths(frame).tolist()
+    else:
+        locations = paths = frame["path"].tolist()
     pending: list[Prepared] = []
     out_vectors: list[np.ndarray] = []
     positions: list[int] = []
@@ -99,7 +114,7 @@ def embed_audio(frame: pd.DataFrame, backend, failures: FailureLog, workers: int
 
     bar = tqdm(total=len(paths), desc="embed utterances", unit="utt", file=progress, mininterval=2.0)
     n_windows = 0
-    for prepared in iter_prepared(paths, backend, min_seconds, workers):
+    for prepared in iter_prepared(locations, backend, min_seconds, workers, reader):
         bar.update(1)
         if prepared.error is not None:
             failures.record(item_ids[prepared.position], paths[prepared.position], "embed", *prepared.error)
@@ -160,16 +175,17 @@ def read_embeddings(frame: pd.DataFrame, failures: FailureLog, dim: int | None, 
 
 
 def embed_shard(shard_text: str, list_path: Path | str, cfg: dict, device_spec: str, continue_on_error: bool,
-                threads: int, out_dir: Path | str, progress: TextIO | None = None) -> dict:
+                threads: int, out_dir: Path | str, progress: TextIO | None = None, storage: dict | None = None) -> dict:
     """Embed one shard's utterances and make its speakers' embeddings (the folder is written whole or not at all)."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(max(1, threads)):  # numpy's BLAS too keeps to the job's cores
-        return _embed_shard(shard_text, list_path, cfg, device_spec, continue_on_error, threads, out_dir, progress)
+        return _embed_shard(shard_text, list_path, cfg, device_spec, continue_on_error, threads, out_dir, progress,
+                            storage)
 
 
 def _embed_shard(shard_text: str, list_path: Path | str, cfg: dict, device_spec: str, continue_on_error: bool,
-                 threads: int, out_dir: Path | str, progress: TextIO | None) -> dict:
+                 threads: int, out_dir: Path | str, progress: TextIO | None, storage: dict | None) -> dict:
     shard = ShardId.parse(shard_text)
     stats = ShardStats(str(shard))
     stats.mark("imports")
@@ -188,8 +204,9 @@ def _embed_shard(shard_text: str, list_path: Path | str, cfg: dict, device_spec:
         if context is not None:
             context.join()
         stats.mark("model_built")
+        reader = ItemReader(cfg.get("parquet_column", "auto"), "audio file", storage, AUDIO_COLUMNS)
         vectors, positions, seconds = embed_audio(frame, backend, failures, workers, cfg["min_seconds"], progress,
-                                                  stats.first_item_done)
+                                                  stats.first_item_done, reader)
         extra = {"backend": backend.name, "device": str(device), "batch_size": batch,
                  "audio_seconds": round(float(seconds.sum()), 3),
                  "model_config": {k: cfg.get(k) for k in ("backend", "weights", "source", "length_quantum_s",
@@ -200,6 +217,7 @@ def _embed_shard(shard_text: str, list_path: Path | str, cfg: dict, device_spec:
         seconds = np.full(len(positions), np.nan)
         stats.first_item_done()
     ok = frame.iloc[positions].reset_index(drop=True).assign(duration_s=seconds)
+    ok["path"] = manifest_paths(ok)
     failed_ids = {f.item_id for f in failures.records}
     failed = frame[frame["item_id"].isin(failed_ids)]
     speakers = aggregate(ok, vectors, failed, min_utterances=cfg["min_utterances"], normalize=cfg["normalize"],

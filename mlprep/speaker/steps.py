@@ -14,21 +14,27 @@ import pyarrow as pa
 from mlprep.failures import FailureLog, check_failed_share, count_by_code, read_failures, write_failures
 from mlprep.ids import safe_filename
 from mlprep.io import atomic_dir, atomic_path, load_npy, read_json, save_npy, write_json, write_parquet, write_table
-from mlprep.speaker.corpus import durations, list_corpus
+from mlprep.speaker.corpus import UTTERANCE_COLUMNS, durations, list_corpus, manifest_paths
 from mlprep.speaker.embed import SHARD_FILES
 from mlprep.speaker.speakers import SKIPPED_COLUMNS, speakers_arrow
 
 log = logging.getLogger(__name__)
 
 
-def manifest(cfg: dict, n_shards: int, continue_on_error: bool, outputs: dict) -> None:
-    """Every utterance with its ids, shard, file size and (audio) duration from the header."""
-    corpus = list_corpus(cfg, n_shards)
+def manifest(cfg: dict, n_shards: int, continue_on_error: bool, outputs: dict, storage: dict | None = None,
+             lists_folder: str | None = None) -> None:
+    """Every utterance with its ids, shard, file size and (audio files) duration from the header. In containers
+    the duration is left null (reading every member's header here would read the data set in one job; the shard
+    jobs record each utterance's duration in utterances.parquet)."""
+    corpus = list_corpus(cfg, n_shards, storage=storage, cache_folder=lists_folder)
     failures = FailureLog(continue_on_error)
     failures.extend(corpus.failures)
     frame = corpus.frame
+    files = cfg["input"] == "audio" and cfg.get("input_format", "files") == "files"
     # precomputed embeddings have no duration: null, in the one manifest schema
-    frame = frame.assign(duration_s=durations(frame["path"].tolist()) if cfg["input"] == "audio" else float("nan"))
+    frame = frame.assign(duration_s=durations(frame["path"].tolist()) if files else float("nan"),
+                         path=manifest_paths(frame))
+    frame = frame[[*UTTERANCE_COLUMNS, "size", "stamp", "duration_s"]]
     write_parquet(frame, outputs["manifest"], "speaker.manifest")
     write_failures(failures.records, outputs["failures"])
     log.info("%d utterances of %d speakers in %d shards, %d failures", len(frame),

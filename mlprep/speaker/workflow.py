@@ -8,7 +8,7 @@ from mlprep.shardwork import ShardedPipeline
 from mlprep.speaker.corpus import LIST_COLUMNS, count_utterances
 
 # Keys that change a shard's embeddings: a change reruns every shard.
-EMBED_KEYS = ("input", "backend", "weights", "source", "length_quantum_s", "batch_size", "min_seconds",
+EMBED_KEYS = ("input", "parquet_column", "backend", "weights", "source", "length_quantum_s", "batch_size", "min_seconds",
               "embedding_dim", "trust_pickles", "min_utterances", "normalize", "outlier_std")
 
 
@@ -19,10 +19,15 @@ class SpeakerWorkflow(ShardedPipeline):
     def count_items(self) -> int:
         if self.cfg.get("manifest"):  # remembered while the manifest file is unchanged
             return cached_count(self.lists_dir, self.cfg["manifest"], lambda _: count_utterances(self.cfg))
-        return count_utterances(self.cfg)  # a folder: scanned (a million files: seconds)
+        # a folder: scanned (a million files: seconds); containers: their index, cached per container
+        return count_utterances(self.cfg, self.storage, self.lists_dir)
+
+    @property
+    def storage(self) -> dict | None:
+        return self.config.get("object_storage")
 
     def sync_payload(self) -> dict:
-        return {"cfg": self.cfg}
+        return {"cfg": self.cfg, "storage": self.storage}
 
     def embed_settings(self) -> dict:
         return {k: self.cfg.get(k) for k in EMBED_KEYS}
