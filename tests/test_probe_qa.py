@@ -248,7 +248,10 @@ def test_datasets_as_users_hold_them_empty_files_missing_columns_own_ids_null_ce
     pq.write_table(pa.table({"id": ["n0"], "picture": [cells[0]], "label": labels[:1]}), data / "c_no_image.parquet")
     pq.write_table(pa.table({"id": ["z0", None], "image": pa.array([cells[1], None], pa.binary()),
                              "label": labels[:2]}), data / "d_null_cell.parquet")
-    config = probe_config(tmp_path, tiny_clip, shards=1)
+    # img2dataset's parquet: the image in `jpg`, its name in `key`, no `id` (image_column auto finds `jpg`)
+    pq.write_table(pa.table({"key": ["000000", "000001"], "jpg": cells[2:4], "label": labels[2:4]}),
+                   data / "e_img2dataset.parquet")
+    config = probe_config(tmp_path, tiny_clip, shards=1, image_column="auto")
     run_snakemake(tmp_path, config)
     out = tmp_path / "results" / "probe_qa"
     failures = {r.item_id: (r.reason_code, r.reason) for r in pd.read_parquet(out / "failures.parquet").itertuples()}
@@ -259,11 +262,12 @@ def test_datasets_as_users_hold_them_empty_files_missing_columns_own_ids_null_ce
     own_ids = dict(zip(*pd.read_parquet(out / "failures.parquet", columns=["item_id", "id"]).to_dict("list").values()))
     assert own_ids["a1_no_usable_image.parquet:1"] == "x1" and pd.isna(own_ids["d_null_cell.parquet:1"])
     probe = pd.read_parquet(out / "probe.parquet")
-    assert sorted(probe["id"]) == sorted([*ids, "z0"])  # the dataset's own ids, beside mlprep's item ids
+    assert sorted(probe["id"].dropna()) == sorted([*ids, "z0"])  # the dataset's own ids, beside mlprep's item ids
+    assert probe["item_id"].str.startswith("e_img2dataset.parquet:").sum() == 2
     assert dict(zip(probe["item_id"], probe["id"]))["b_ok.parquet:4"] == "user-4"
     cases = pd.read_parquet(out / "failure_cases.parquet")
     assert cases["id"].tolist() == probe.loc[~probe["correct"], "id"].tolist()
-    own = dict(zip(probe["item_id"], probe["id"]))
+    own = {k: None if pd.isna(v) else v for k, v in zip(probe["item_id"], probe["id"])}
     assert all(s["id"] == own[s["item_id"]] for s in read_jsonl(out / "samples.jsonl"))
     qa = read_jsonl(out / "qa.jsonl")
     assert qa and all(r["id"] == own[r["item_id"]] for r in qa)
@@ -273,4 +277,4 @@ def test_datasets_as_users_hold_them_empty_files_missing_columns_own_ids_null_ce
     (data / "d_null_cell.parquet").unlink()
     done = run_snakemake(tmp_path, config, "--forceall", check=False)
     assert done.returncode != 0
-    assert "c_no_image.parquet" in done.stdout + done.stderr and "'image'" in done.stdout + done.stderr
+    assert "c_no_image.parquet" in done.stdout + done.stderr and "no image column" in done.stdout + done.stderr

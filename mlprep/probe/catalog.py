@@ -23,8 +23,8 @@ from mlprep.failures import Failure
 from mlprep.files import file_stats
 from mlprep.ids import shards_of
 from mlprep.io import write_json
-from mlprep.probe.reader import row_group_frame
-from mlprep.sources import group_rows, parquet_files
+from mlprep.probe.reader import AUTO, row_group_frame
+from mlprep.sources import IMAGE_COLUMNS, group_rows, parquet_files
 from mlprep.shardlists import ShardLists, encode_lines, file_digest
 
 log = logging.getLogger(__name__)
@@ -101,11 +101,13 @@ def scan(cfg: dict, folder: Path | str | None = None) -> Catalog:
         if entry["error"]:
             failures.append(Failure(name, str(path), "manifest", "unreadable_table", entry["error"]))
             continue
-        lacking = [c for c in required_columns(cfg) if c not in entry["columns"]]
+        lacking = [c for c in required_columns(cfg) if c not in entry["columns"] and not (
+            c == AUTO and set(IMAGE_COLUMNS) & set(entry["columns"]))]
         if lacking:
+            named = [f"image column ({' / '.join(IMAGE_COLUMNS)}: image_column is auto)" if c == AUTO
+                     else f"column {c!r}" for c in lacking]
             failures.append(Failure(name, str(path), "manifest", "missing_column",
-                                    f"no column {', '.join(map(repr, lacking))} (columns: "
-                                    f"{', '.join(entry['columns'])})"))
+                                    f"no {', '.join(named)} (columns: {', '.join(entry['columns'])})"))
             continue
         if not sum(entry["rows"]):
             log.warning("%s: the parquet file holds no rows (no item of it to probe)", path)

@@ -22,11 +22,12 @@ import pandas as pd
 
 from mlprep.failures import Failure, ItemError, decoder_message
 from mlprep.ids import UnsafePathError, resolve_inside
-from mlprep.sources import group_rows, parquet_files
+from mlprep.sources import bytes_column, group_rows, parquet_files
 
 log = logging.getLogger(__name__)
 
 ROW_GROUP_COLUMNS = ["item_id", "file", "row_group", "first_row", "rows"]
+AUTO = "auto"  # image_column: auto, the first of IMAGE_COLUMNS a file has
 IMAGE_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
 
 
@@ -77,17 +78,24 @@ def list_row_groups(root: Path | str) -> RowGroups:
 
 def read_row_group(root: Path | str, file: str, row_group: int, columns: list[str] | None = None,
                    optional: tuple[str, ...] = ()) -> pd.DataFrame:
-    """One row group as a DataFrame (`columns`, and those of `optional` the file has), or ItemError(bad_row_group)."""
+    """One row group as a DataFrame (`columns`, and those of `optional` the file has), or ItemError(bad_row_group).
+    A column asked for as `auto` is the first image column the file has (mlprep.sources.IMAGE_COLUMNS), returned under the name
+    `auto` (img2dataset's parquet calls it `jpg`, Hugging Face's `image`)."""
     import pyarrow.parquet as pq
 
     try:
         handle = pq.ParquetFile(Path(root) / file)
         if optional:
             columns = [*columns, *(c for c in optional if c in handle.schema_arrow.names and c not in columns)]
-        table = handle.read_row_group(row_group, columns=columns)
+        auto = bytes_column(handle.schema_arrow, AUTO) if columns and AUTO in columns else None
+        table = handle.read_row_group(row_group, columns=[auto if c == AUTO else c for c in columns]
+                                      if auto else columns)
+    except KeyError as err:
+        raise ItemError("missing_column", f"{file}: {err.args[0]}") from err
     except Exception as err:  # noqa: BLE001
         raise ItemError("bad_row_group", f"row group {row_group} does not decode: {err}") from err
-    return table.to_pandas()
+    frame = table.to_pandas()
+    return frame.rename(columns={auto: AUTO}) if auto else frame  # the caller asked for the column `auto`
 
 
 def iter_row_groups(root: Path | str, groups: pd.DataFrame, columns: list[str] | None,
