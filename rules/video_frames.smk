@@ -38,6 +38,7 @@ rule video_manifest:
 
 rule video_extract_shard:
     output:
+        **VIDEO_FLOW.webdataset_output,
         pkl=f"{VIDEO_DIR}/{{split}}/{{shard}}.pkl",
         index=f"{VIDEO_DIR}/{{split}}/{{shard}}.index.parquet",
     log:
@@ -64,6 +65,7 @@ rule video_gather:
         manifest_failures=f"{VIDEO_DIR}/manifest_failures.parquet",
         pkl=VIDEO_FLOW.shard_files(".pkl"),
         index=VIDEO_FLOW.shard_files(".index.parquet"),
+        tars=VIDEO_FLOW.tar_files,
     output:
         summary=f"{VIDEO_DIR}/summary.json",
         index=f"{VIDEO_DIR}/index.parquet",

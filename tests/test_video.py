@@ -314,7 +314,7 @@ def test_video_workflow_end_to_end(tmp_path, clips):
     pairs = json.loads((tmp_path / "data" / "train_pairs.json").read_text())
     pairs.append({"clip": "nope.mp4", "text": "missing"})
     (tmp_path / "data" / "train_pairs.json").write_text(json.dumps(pairs))
-    run_snakemake(tmp_path, _video_config(tmp_path))
+    run_snakemake(tmp_path, _video_config(tmp_path, webdataset="npy"))
     out = tmp_path / "results" / "video_frames"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["clips_ok"] == 8 and summary["clips_failed"] == 4 and summary["frames"] == 64
@@ -332,6 +332,56 @@ def test_video_workflow_end_to_end(tmp_path, clips):
     index = pd.read_parquet(out / "index.parquet")
     assert len(index) == 11 and set(index["status"]) == {"ok", "failed"}
     assert (out / "contact_sheet.png").stat().st_size > 1000
+    # the same clips as webdataset tars beside the pkls: every sample's frames, text and id as in the pkl
+    samples = _webdataset_samples(sorted(out.glob("*/*.tar")))
+    assert sorted(s["json"]["id"] for s in samples.values()) == sorted(GOOD)
+    for key, sample in samples.items():
+        record = records[sample["json"]["id"]]
+        assert np.array_equal(sample["npy"], record["frames"]) and sample["txt"] == record["text"]
+        assert sample["json"]["frame_indices"] == list(record["frame_indices"]) and "." not in key
+
+
+def _webdataset_samples(tars: list[Path]) -> dict[str, dict]:
+    """key -> {extension: decoded value} of every sample in `tars`, read as webdataset does (key: the member's
+    name up to the first dot of its file name)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    out: dict[str, dict] = {}
+    for tar in tars:
+        with tarfile.open(tar) as archive:
+            for member in archive.getmembers():
+                key, ext = member.name.split(".", 1)
+                data = archive.extractfile(member).read()
+                value = {"npy": lambda d: np.load(io.BytesIO(d), allow_pickle=False), "txt": bytes.decode,
+                         "json": json.loads}.get(ext, lambda d: np.asarray(Image.open(io.BytesIO(d))))(data)
+                out.setdefault(key, {})[ext] = value
+    return out
+
+
+def test_frame_shards_as_webdataset_jpegs_decode_to_the_frames(tmp_path):
+    from mlprep.video.extract import write_webdataset
+
+    y, x = np.mgrid[0:40, 0:64]
+    base = np.stack([np.stack([np.stack([(x * 4 + 40 * k) % 256, y * 6, np.full_like(x, 60 * t)], -1)  # smooth
+                               for t in range(4)]) for k in range(3)]).astype(np.uint8)
+    records = [{"id": f"clip/{k}.mp4", "text": f"text {k}", "frames": base[k], "fps": 25.0,
+                "frame_indices": np.arange(4), "duration": 1.0, "start": None, "end": float("nan"),
+                "source_frames": 25, "container_frames": 25, "repeated": False, "note": ""} for k in range(3)]
+    write_webdataset(records, tmp_path / "a.tar", "val/001-of-004", "jpg")
+    first = (tmp_path / "a.tar").read_bytes()
+    write_webdataset(records, tmp_path / "a.tar", "val/001-of-004", "jpg")
+    assert (tmp_path / "a.tar").read_bytes() == first  # no time or owner in the members: reproducible
+    samples = _webdataset_samples([tmp_path / "a.tar"])
+    assert sorted(samples) == ["val-00001-000000", "val-00001-000001", "val-00001-000002"]
+    for k, key in enumerate(sorted(samples)):
+        sample = samples[key]
+        frames = np.stack([sample[f"frame{i:02d}.jpg"] for i in range(4)])
+        assert frames.shape == (4, 40, 64, 3) and np.abs(frames.astype(int) - base[k]).mean() < 4
+        assert sample["txt"] == f"text {k}" and sample["json"]["id"] == f"clip/{k}.mp4"
+        assert sample["json"]["end"] is None and sample["json"]["frame_indices"] == [0, 1, 2, 3]
 
 
 @pytest.mark.slow

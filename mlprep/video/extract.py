@@ -3,6 +3,7 @@
 The pkl shard is a list of records, the CLIP4MC format a training loader streams:
 {"id", "text", "frames" (uint8 [num_frames, H, W, 3] RGB), "fps", "frame_indices", "duration",
  "start", "end", "source_frames", "container_frames", "repeated", "note"}.
+With `webdataset` set, the same records also go to a webdataset tar beside it (write_webdataset).
 """
 
 from __future__ import annotations
@@ -101,6 +102,66 @@ def extract_items(
     return records, index
 
 
+WEBDATASET_META = ("id", "fps", "frame_indices", "duration", "start", "end", "source_frames", "container_frames",
+                    "repeated", "note")
+
+
+def sample_key(shard: str, position: int) -> str:
+    """A clip's key in its shard's tar: `<split>-<shard index>-<position>`, no dots or slashes (webdataset's key
+    ends at the first dot of a member's name); the clip's own id is in its `.json`."""
+    split, name = shard.split("/")
+    return f"{split}-{ShardId.parse(name).index:05d}-{position:06d}"
+
+
+def _jpeg(frame, quality: int = 95) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(frame).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def write_webdataset(records: list[dict], path: Path | str, shard: str, frames_as: str) -> int:
+    """The shard's clips as a webdataset tar, one sample per clip: `{key}.npy` (the uint8 [num_frames, H, W, 3]
+    array) or `{key}.frame00.jpg` ... (one JPEG per frame, quality 95), `{key}.txt` (the text) and `{key}.json`
+    (id and WEBDATASET_META); what webdataset, video2dataset's readers and `tar` read. Members carry no time or
+    owner, so the same records give the same bytes."""
+    import io
+    import json
+    import tarfile
+
+    import numpy as np
+
+    def add(archive, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        archive.addfile(info, io.BytesIO(data))
+
+    def plain(value):
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+        if isinstance(value, np.generic):
+            return value.item()
+        return None if isinstance(value, float) and value != value else value
+
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as archive:
+        for position, record in enumerate(records):
+            key = sample_key(shard, position)
+            if frames_as == "npy":
+                buffer = io.BytesIO()
+                np.save(buffer, np.ascontiguousarray(record["frames"]), allow_pickle=False)
+                add(archive, f"{key}.npy", buffer.getvalue())
+            else:
+                for k, frame in enumerate(record["frames"]):
+                    add(archive, f"{key}.frame{k:02d}.jpg", _jpeg(frame))
+            add(archive, f"{key}.txt", str(record["text"]).encode("utf-8"))
+            meta = {k: plain(record[k]) for k in WEBDATASET_META}
+            add(archive, f"{key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+    return Path(path).stat().st_size
+
+
 def write_pkl(records: list[dict], path: Path | str) -> int:
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         pickle.dump(records, handle, protocol=pickle.HIGHEST_PROTOCOL)
@@ -125,6 +186,8 @@ def extract_shard(
     failures = FailureLog(continue_on_error)
     records, index = extract_items(clip_items, settings, failures, progress, on_item=stats.first_item_done)
     size = write_pkl(records, outputs["pkl"])
+    if outputs.get("tar"):
+        size += write_webdataset(records, outputs["tar"], shard, cfg["webdataset"])
     stats.ok, stats.failed = len(records), len(failures)
     stats.counts = {"frames": sum(len(r["frames"]) for r in records)}
     stats.extra = {"bytes": size, "backend": settings.backend, "repeated": int(index["repeated"].sum()),

@@ -73,7 +73,18 @@ class VideoWorkflow:
 
     def frame_settings(self) -> dict:
         """Settings that change the frames; the decoder backend does not (all give the same frames)."""
-        return {k: self.cfg[k] for k in ("num_frames", "width", "height")}
+        return {k: self.cfg[k] for k in ("num_frames", "width", "height", "webdataset")}
+
+    @property
+    def webdataset_output(self) -> dict:
+        """The shard job's webdataset tar beside its pkl, where `webdataset` asks for one."""
+        if self.cfg["webdataset"] == "none":
+            return {}
+        return {"tar": f"{self.dir}/{{split}}/{{shard}}.tar"}
+
+    def tar_files(self, wildcards=None) -> list[str]:
+        """The gather's inputs: every shard's tar (none without `webdataset`), so that a lost one is made again."""
+        return self.shard_files(".tar")(wildcards) if self.webdataset_output else []
 
     def shard_prefixes(self, wildcards=None) -> list[tuple[str, str]]:
         return [(name.split("/")[0], f"{self.dir}/{name}") for name in self.lists.names]
