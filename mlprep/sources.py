@@ -397,6 +397,20 @@ def display_path(path: str, member: str) -> str:
     return f"{path}#{member}" if member else path
 
 
+class LocatedItem:
+    """For an item dataclass with fields path, member, offset, size, group and stamp (LOCATION_COLUMNS)."""
+
+    @property
+    def location(self) -> tuple:
+        """What ItemReader.read takes."""
+        return self.path, self.member, self.offset, self.size, self.group, self.stamp
+
+    @property
+    def where(self) -> str:
+        """The file, or `<container>#<member>`: how failure records name the item."""
+        return display_path(self.path, self.member)
+
+
 # ---------------------------------------------------------------- reading located items in a job
 
 

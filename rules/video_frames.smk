@@ -20,7 +20,7 @@ localrules:
 
 rule video_manifest:
     input:
-        pairs=VIDEO["pairs"],
+        pairs=[VIDEO["pairs"]] if VIDEO["pairs"] else [],
     output:
         manifest=f"{VIDEO_DIR}/manifest.parquet",
         failures=f"{VIDEO_DIR}/manifest_failures.parquet",

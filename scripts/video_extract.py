@@ -17,5 +17,6 @@ extract_shard(
     continue_on_error=sm.config["continue_on_error"],
     threads=sm.threads,
     outputs=dict(sm.output.items()),
+    storage=sm.config.get("object_storage"),
     progress=progress,
 )

@@ -17,4 +17,5 @@ steps.manifest(
     lists_folder=sm.params.lists,
     continue_on_error=sm.config["continue_on_error"],
     outputs=dict(sm.output.items()),
+    storage=sm.config.get("object_storage"),
 )

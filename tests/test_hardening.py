@@ -337,7 +337,8 @@ def test_a_split_without_usable_clips_is_warned_about(tmp_path):
     for split, path in [("train", good), ("val", tmp_path / "broken.mp4")]:
         prefix = tmp_path / "out" / split / "000-of-001"
         row = pd.DataFrame({"clip_id": [path.stem], "clip": [path.name], "path": [str(path)], "start": [None],
-                            "end": [None], "text": ["t"], "size": [path.stat().st_size], "mtime_ns": [0]})
+                            "end": [None], "text": ["t"], "size": [path.stat().st_size], "member": [""],
+                            "offset": [-1], "group": [-1], "stamp": ["0"]})
         list_path = tmp_path / "lists" / f"{split}.jsonl"
         list_path.parent.mkdir(exist_ok=True)
         list_path.write_text("\n".join(shard_list_lines(row)) + "\n")

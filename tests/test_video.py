@@ -341,6 +341,65 @@ def test_video_workflow_end_to_end(tmp_path, clips):
         assert sample["json"]["frame_indices"] == list(record["frame_indices"]) and "." not in key
 
 
+@pytest.mark.slow
+def test_clips_in_tars_and_in_a_bucket_give_the_frames_of_the_files(tmp_path, clips, s3_server):
+    """The same clips as files, as webdataset tars named by a pairs file (with a bad container and members beside
+    them), and as tars in a bucket of the real local S3 server with no pairs file (texts from the samples' .txt):
+    the same records, frames byte for byte; every bad container or member one failure record."""
+    import io
+    import tarfile
+
+    from mlprep.demo import pack_files
+
+    names = ["plain-1", "odd-1", "red-1", "plain-2", "plain-3"]
+    runs = {}
+    for form in ("files", "webdataset", "s3-webdataset"):
+        work = tmp_path / form
+        _write_video_data(work, clips, names)
+        overrides = {}
+        if form == "webdataset":
+            pack_files(work / "data" / "clips", work / "data" / "tars", "webdataset", per_container=2)
+            with tarfile.open(work / "data" / "tars" / "bad.tar", "w") as archive:
+                for name, data in (("../escape.mp4", b"evil"), ("junk-1.mp4", b"not a video at all")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+            (work / "data" / "tars" / "cut.tar").write_bytes((work / "data" / "tars" / "00000.tar").read_bytes()[:700])
+            pairs = json.loads((work / "data" / "train_pairs.json").read_text())
+            pairs += [{"clip": "junk-1", "text": "junk"}, {"clip": "gone-1.mp4", "text": "gone"}]
+            (work / "data" / "train_pairs.json").write_text(json.dumps(pairs))
+            overrides = {"clips_dir": str(work / "data" / "tars"), "input_format": "webdataset"}
+        elif form == "s3-webdataset":
+            bucket = s3_server.root / "bucket" / "clips"
+            bucket.mkdir(parents=True)
+            with tarfile.open(bucket / "00000.tar", "w") as archive:
+                for name in names:
+                    for member, data in ((f"{name}.mp4", (work / "data" / "clips" / f"{name}.mp4").read_bytes()),
+                                         (f"{name}.txt", f"pair {name}".encode())):
+                        info = tarfile.TarInfo(member)
+                        info.size = len(data)
+                        archive.addfile(info, io.BytesIO(data))
+            overrides = {"clips_dir": "s3://bucket/clips", "input_format": "webdataset", "pairs": None}
+        config = _video_config(work, **overrides)
+        config["object_storage"] = s3_server.storage
+        run_snakemake(work, config)
+        runs[form] = _load_pkls(work)
+        assert [p for p in work.rglob("*") if p.is_file() and p.relative_to(work).parts[0] not in
+                ("results", ".snakemake", "data", "config.yaml")] == []
+    assert sorted(runs["files"]) == sorted(names)
+    for form in ("webdataset", "s3-webdataset"):
+        assert sorted(runs[form]) == sorted(names), form
+        for clip_id, record in runs["files"].items():
+            other = runs[form][clip_id]
+            assert other["text"] == record["text"] and np.array_equal(other["frames"], record["frames"]), clip_id
+            assert list(other["frame_indices"]) == list(record["frame_indices"])
+    failures = pd.read_parquet(tmp_path / "webdataset" / "results" / "video_frames" / "failures.parquet")
+    codes = dict(zip(failures["item_id"].where(failures["item_id"] != "", failures["path"]), failures["reason_code"]))
+    assert codes.pop("junk-1") == "not_a_video" and codes.pop("gone-1") == "missing"
+    assert sorted(codes.values()) == ["truncated", "unsafe_path"], codes  # cut.tar breaks off in its first member
+    assert failures["path"].str.endswith("bad.tar#junk-1.mp4").any()
+
+
 def _webdataset_samples(tars: list[Path]) -> dict[str, dict]:
     """key -> {extension: decoded value} of every sample in `tars`, read as webdataset does (key: the member's
     name up to the first dot of its file name)."""

@@ -22,7 +22,7 @@ from mlprep.files import file_stats
 from mlprep.ids import normalise_paths, shards_of, unsafe_path_reasons
 from mlprep.records import RecordsError, first_value, read_records
 from mlprep.shardlists import CatalogCache, ShardLists, encode_lines, source_key
-from mlprep.sources import LOCATION_COLUMNS, display_path, index_dataset, locate
+from mlprep.sources import LOCATION_COLUMNS, LocatedItem, display_path, index_dataset, locate
 from mlprep.storage import is_remote
 
 ID_KEYS = ("sku_id", "id", "sku", "code")
@@ -43,7 +43,7 @@ def item_id_for(sku_id: str, image: str) -> str:
 
 
 @dataclass(frozen=True)
-class ImageItem:
+class ImageItem(LocatedItem):
     """One (SKU, image) pair: the unit of work of an encode shard."""
 
     item_id: str
@@ -58,16 +58,6 @@ class ImageItem:
     size: int = -1
     group: int = -1
     stamp: str = ""
-
-    @property
-    def location(self) -> tuple:
-        """What mlprep.sources.ItemReader.read takes."""
-        return self.path, self.member, self.offset, self.size, self.group, self.stamp
-
-    @property
-    def where(self) -> str:
-        """The file, or `<container>#<member>`: how failure records name the image."""
-        return display_path(self.path, self.member)
 
 
 # What a shard's list holds per image: what its encode job needs and where its bytes lie (mlprep.sources: the

@@ -9,7 +9,9 @@ With `webdataset` set, the same records also go to a webdataset tar beside it (w
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from tqdm import tqdm
 from mlprep.failures import Failure, FailureLog, describe_error, failures_frame
 from mlprep.io import atomic_path, write_parquet
 from mlprep.sharding import ShardId
+from mlprep.sources import VIDEO_COLUMNS, ItemReader
 from mlprep.shardlists import ShardLists
 from mlprep.stats import ShardStats, scheduler_ids
 from mlprep.video.decode import extract_clip
@@ -57,23 +60,31 @@ def extract_items(
     progress: TextIO | None = None,
     decode=extract_clip,
     on_item: Callable[[], None] | None = None,
+    reader: ItemReader | None = None,
 ) -> tuple[list[dict], pd.DataFrame]:
     """Records for the clips that decode; a failure row for each that does not (or hangs).
 
-    `on_item` is called after each clip (the job's stats time the first one)."""
+    A clip in a container is read through `reader` (mlprep.sources) into one scratch file, which every decoder
+    backend opens as it opens a clip file. `on_item` is called after each clip (the job's stats time the first
+    one)."""
     records, rows = [], []
-    with Watchdog(settings.timeout_s) as watchdog:
+    reader = reader or ItemReader(what="clip file")
+    with Watchdog(settings.timeout_s) as watchdog, tempfile.TemporaryDirectory(prefix="mlprep-clip-") as scratch:
         for item in tqdm(items, desc="extract clips", unit="clip", file=progress, mininterval=2.0):
             try:
+                path = item.path
+                if item.member:
+                    path = f"{scratch}/clip{os.path.splitext(item.member)[1][:8]}"
+                    Path(path).write_bytes(reader.read(*item.location))
                 clip = watchdog.call(
-                    decode, item.path, settings.num_frames, settings.width, settings.height, settings.backend,
+                    decode, path, settings.num_frames, settings.width, settings.height, settings.backend,
                     item.start, item.end, settings.threads, settings.hwaccel,
                 )
             except Exception as err:  # noqa: BLE001 - decode errors, timeouts and crashes are this clip's failure
                 code, reason = describe_error(err)
-                failures.record(item.clip_id, item.path, "decode", code, reason)
+                failures.record(item.clip_id, item.where, "decode", code, reason)
                 rows.append({"clip_id": item.clip_id, "text": item.text, "n_frames": 0, "status": "failed",
-                             "repeated": False, "note": reason, "reason_code": code, "path": item.path})
+                             "repeated": False, "note": reason, "reason_code": code, "path": item.where})
                 clip = None
             if on_item is not None:
                 on_item()
@@ -94,7 +105,7 @@ def extract_items(
                 "note": clip.note,
             })
             rows.append({"clip_id": item.clip_id, "text": item.text, "n_frames": len(clip.frames), "status": "ok",
-                         "repeated": clip.repeated, "note": clip.note, "reason_code": "", "path": item.path})
+                         "repeated": clip.repeated, "note": clip.note, "reason_code": "", "path": item.where})
     index = pd.DataFrame(rows, columns=INDEX_COLUMNS).astype(
         {"clip_id": "string", "text": "string", "n_frames": "int32", "status": "string", "repeated": "bool",
          "note": "string", "reason_code": "string", "path": "string"}
@@ -176,6 +187,7 @@ def extract_shard(
     threads: int,
     outputs: dict,
     progress: TextIO | None = None,
+    storage: dict | None = None,
 ) -> dict:
     """Extract the clips of one shard list into its pkl and its index (with the failures and stats)."""
     stats = ShardStats(shard)
@@ -184,7 +196,10 @@ def extract_shard(
     clip_items = items_from_list(ShardLists.read(list_path, LIST_COLUMNS), split, ShardId.parse(name).index)
     settings = ExtractSettings.from_config(cfg, threads)
     failures = FailureLog(continue_on_error)
-    records, index = extract_items(clip_items, settings, failures, progress, on_item=stats.first_item_done)
+    reader = ItemReader(cfg.get("parquet_column", "auto"), "clip file", storage, VIDEO_COLUMNS)
+    records, index = extract_items(clip_items, settings, failures, progress, on_item=stats.first_item_done,
+                                   reader=reader)
+    reader.close()
     size = write_pkl(records, outputs["pkl"])
     if outputs.get("tar"):
         size += write_webdataset(records, outputs["tar"], shard, cfg["webdataset"])

@@ -7,6 +7,10 @@ file | clip_path | vid (relative to clips_dir; a bare id gets `clip_ext` appende
 exists), the id from id | clip_id | video_id | uid (default: the clip path without extension), the
 text from text | caption | transcript | utterance | description, and an optional window from
 start | start_time | begin and end | end_time | stop (seconds).
+
+With `input_format` webdataset or parquet the clips lie in containers (mlprep.sources): a pair names a member
+(`a.mp4`) or its key (`a`); without a pairs file, every video member (or row) is a pair of its own, its id the
+key, its text and window from its sample's `.txt` / `.json` (or its row's columns).
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mlprep.failures import Failure, failures_frame
+from mlprep.failures import Failure, InputError, failures_frame
 from mlprep.files import file_stats
 from mlprep.ids import normalise_paths, shards_of, unsafe_path_reasons
 from mlprep.records import RecordsError, coalesce, read_records
 from mlprep.rng import derive_seed
 from mlprep.sharding import ShardId
 from mlprep.shardlists import CatalogCache, ShardLists, encode_lines, source_key
+from mlprep.sources import (LOCATION_COLUMNS, VIDEO_COLUMNS, LocatedItem, display_path, index_dataset, locate,
+                            sample_meta)
+from mlprep.storage import is_remote
 
 LIST_KEYS = ("pairs", "data", "items", "clips")
 PATH_KEYS = ("clip", "path", "video", "video_path", "file", "clip_path", "vid")
@@ -33,49 +40,58 @@ TEXT_KEYS = ("text", "caption", "transcript", "utterance", "description")
 START_KEYS = ("start", "start_time", "begin")
 END_KEYS = ("end", "end_time", "stop")
 COLUMNS = ["clip_id", "text", "clip", "path", "start", "end", "split", "shard"]
+VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")  # a video member a key names, in this order
+META_FIELDS = ("txt", *TEXT_KEYS, *START_KEYS, *END_KEYS)  # what a sample's .txt / .json or row may give
 
 
 @dataclass(frozen=True)
-class ClipItem:
+class ClipItem(LocatedItem):
     clip_id: str
     text: str
     clip: str  # as written, relative to clips_dir
-    path: str  # resolved absolute path
+    path: str  # resolved absolute path of the file, or of the container that holds the clip
     start: float | None
     end: float | None
     split: str
     shard: int
+    member: str = ""  # in a container: the member (tar) or the row's name (parquet); "" for a file
+    offset: int = -1
+    size: int = -1
+    group: int = -1
+    stamp: str = ""
 
 
-# What a shard's list holds per clip: all a decode job needs, and the file's size and mtime.
-LIST_COLUMNS = ["clip_id", "clip", "path", "start", "end", "text", "size", "mtime_ns"]
+# What a shard's list holds per clip: all a decode job needs and where its bytes lie (mlprep.sources: the file, or
+# the container, member, offset, size and row group), with a stamp (a file's mtime, a container's size and mtime or
+# ETag) so that an edited clip or container changes its line and reruns its shard.
+LIST_COLUMNS = ["clip_id", "clip", *LOCATION_COLUMNS, "start", "end", "text"]
 
 
 def shard_list_lines(frame: pd.DataFrame) -> list[str]:
-    return encode_lines({
-        "clip_id": ("str", frame["clip_id"]), "clip": ("str", frame["clip"]), "path": ("str", frame["path"]),
-        "start": ("num", frame["start"]), "end": ("num", frame["end"]), "text": ("str", frame["text"]),
-        "size": ("int", frame["size"]), "mtime_ns": ("int", frame["mtime_ns"]),
-    })
+    kinds = {"offset": "int", "size": "int", "group": "int", "start": "num", "end": "num"}
+    return encode_lines({c: (kinds.get(c, "str"), frame[c]) for c in LIST_COLUMNS})
 
 
 def items_from_list(rows: list[dict], split: str, shard: int) -> list[ClipItem]:
-    return [ClipItem(r["clip_id"], r["text"], r["clip"], r["path"], r["start"], r["end"], split, shard) for r in rows]
+    return [ClipItem(r["clip_id"], r["text"], r["clip"], r["path"], r["start"], r["end"], split, shard, r["member"],
+                     r["offset"], r["size"], r["group"], r["stamp"]) for r in rows]
 
 
 @dataclass(frozen=True)
 class PairCatalog:
-    table: pd.DataFrame  # valid pairs in file order: COLUMNS + size, mtime_ns
+    table: pd.DataFrame  # valid pairs in file order: COLUMNS + LOCATION_COLUMNS[1:]
     failures: list[Failure]
 
     @cached_property
     def items(self) -> list[ClipItem]:
         """The valid pairs, sorted by clip id."""
-        return [ClipItem(*row) for row in self.frame().itertuples(index=False)]
+        table = self.table.sort_values("clip_id", kind="stable")
+        return [ClipItem(*row) for row in table[[*COLUMNS, *LOCATION_COLUMNS[1:]]].itertuples(index=False)]
 
     def frame(self) -> pd.DataFrame:
-        """The manifest, sorted by clip id."""
-        return self.table[COLUMNS].sort_values("clip_id", kind="stable").astype(
+        """The manifest, sorted by clip id (a clip in a container: `path` is `<container>#<member>`)."""
+        table = self.table.assign(path=[display_path(p, m) for p, m in zip(self.table["path"], self.table["member"])])
+        return table[COLUMNS].sort_values("clip_id", kind="stable").astype(
             {"clip_id": "string", "text": "string", "clip": "string", "path": "string", "split": "string",
              "start": "Float64", "end": "Float64", "shard": "int64"}
         ).reset_index(drop=True)
@@ -136,17 +152,22 @@ def parse_pairs(
     split_mode: str = "all_train",
     val_ratio: float = 0.1,
     seed: int = 0,
+    records: list | None = None,
+    contained: bool = False,
 ) -> ParsedPairs:
-    """Every pair the file names, with ids, splits, shards and paths; record problems become failures.
+    """Every pair the file names (or `records`, (key, record) pairs as read_records gives them), with ids, splits,
+    shards and paths; record problems become failures. `contained`: the clips lie in containers, `path` is the
+    clip's name there (located by check_contained).
 
     Whole columns at a time: a million pairs take seconds."""
-    pairs_json = Path(pairs_json)
     empty = pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS}).astype(
         {"start": "float64", "end": "float64", "shard": "int64"})
-    try:
-        records = read_records(pairs_json, LIST_KEYS)
-    except RecordsError as err:
-        return ParsedPairs(empty, [Failure("", str(pairs_json), "manifest", "unreadable_list", str(err))])
+    if records is None:
+        pairs_json = Path(pairs_json)
+        try:
+            records = read_records(pairs_json, LIST_KEYS)
+        except RecordsError as err:
+            return ParsedPairs(empty, [Failure("", str(pairs_json), "manifest", "unreadable_list", str(err))])
     if not records:
         return ParsedPairs(empty, [Failure("", str(pairs_json), "manifest", "empty_list", "pairs file holds no pairs")])
     failures: list[Failure] = []
@@ -199,13 +220,17 @@ def parse_pairs(
     frame["start"], frame["end"] = starts, ends
     frame = frame.drop(index=sorted(bad)).reset_index(drop=True)
 
-    root = Path(clips_dir).resolve()
     frame["normal"] = normalise_paths(frame["clip"].tolist())
-    unsafe = unsafe_path_reasons(frame["normal"].tolist(), root)
-    for row, reason in unsafe:
-        failures.append(Failure(frame.at[row, "clip_id"], frame.at[row, "clip"], "manifest", "unsafe_path", reason))
-    frame = frame.drop(index=[r for r, _ in unsafe]).reset_index(drop=True)
-    frame["path"] = f"{root}/" + frame["normal"]
+    if contained:  # a member's name, looked up in the index (whose members were checked for safety)
+        frame["path"] = frame["normal"]
+    else:
+        root = Path(clips_dir).resolve()
+        unsafe = unsafe_path_reasons(frame["normal"].tolist(), root)
+        for row, reason in unsafe:
+            failures.append(Failure(frame.at[row, "clip_id"], frame.at[row, "clip"], "manifest", "unsafe_path",
+                                    reason))
+        frame = frame.drop(index=[r for r, _ in unsafe]).reset_index(drop=True)
+        frame["path"] = f"{root}/" + frame["normal"]
 
     clip_ids = frame["clip_id"].tolist()
     if split_mode == "all_train":
@@ -221,6 +246,50 @@ def parse_pairs(
     return ParsedPairs(frame[COLUMNS], failures)
 
 
+def _usable(frame: pd.DataFrame, failures: list[Failure], missing: np.ndarray, reason: str) -> PairCatalog:
+    """The catalog of the located candidates: one without its clip or without text is a failure."""
+    for clip_id, path in zip(frame["clip_id"][missing], frame["path"][missing]):
+        failures.append(Failure(clip_id, path, "manifest", "missing", reason))
+    no_text = ~missing & frame["text"].isna().to_numpy()
+    for clip_id, path, member in zip(frame["clip_id"][no_text], frame["path"][no_text], frame["member"][no_text]):
+        reason = f"pair has no text (looked for {', '.join(TEXT_KEYS)})"
+        failures.append(Failure(clip_id, display_path(path, member), "manifest", "bad_record", reason))
+    frame = frame[~missing & ~no_text].copy()
+    frame["text"] = frame["text"].astype(str)
+    frame["start"] = frame["start"].astype(object).where(frame["start"].notna(), None)
+    frame["end"] = frame["end"].astype(object).where(frame["end"].notna(), None)
+    return PairCatalog(frame[[*COLUMNS, *LOCATION_COLUMNS[1:]]].reset_index(drop=True), failures)
+
+
+def check_contained(parsed: ParsedPairs, index) -> PairCatalog:
+    """The catalog of pairs whose clips lie in the containers of `index` (mlprep.sources.DatasetIndex): each clip
+    is a member's name or a key with a video member."""
+    located = locate(index, parsed.candidates["path"].tolist(), VIDEO_EXTS)
+    frame = parsed.candidates.assign(**{c: located[c].to_numpy() for c in LOCATION_COLUMNS})
+    frame["path"] = frame["path"].where(frame["path"] != "", parsed.candidates["clip"])
+    missing = (frame["size"] < 0).to_numpy()
+    return _usable(frame, list(parsed.failures) + list(index.problems), missing,
+                   "no container member or key of that name")
+
+
+def container_records(index) -> list[tuple[None, dict]]:
+    """A pair per video member (tars) or row (parquet) of the containers, for a data set without a pairs file: the
+    key is its id, its sample's `.txt` (or a text field of its `.json` or row) its text."""
+    frame = index.frame
+    if index.fmt == "webdataset":
+        frame = frame[frame["ext"].isin(VIDEO_EXTS)]
+    records = []
+    for name, key, meta in zip(frame["name"], frame["key"], frame["meta"]):
+        fields = sample_meta(meta)
+        if index.fmt == "parquet":
+            key = key.rsplit(".", 1)[0] if key.rsplit(".", 1)[-1].lower() in VIDEO_EXTS else key
+        record = {"clip": name, "id": key, **{k: v for k, v in fields.items() if k != "txt"}}
+        if "txt" in fields and not any(k in fields for k in TEXT_KEYS):
+            record["text"] = fields["txt"]
+        records.append((None, record))
+    return records
+
+
 def check_clip_files(parsed: ParsedPairs, size: np.ndarray, mtime_ns: np.ndarray, clip_ext: str) -> PairCatalog:
     """The catalog, given each candidate's file stats. A bare id whose file is missing is tried with
     `clip_ext` appended; pairs without a clip file or without text become failures."""
@@ -233,35 +302,25 @@ def check_clip_files(parsed: ParsedPairs, size: np.ndarray, mtime_ns: np.ndarray
         frame.loc[retry[found], "path"] = np.asarray(with_ext, dtype=object)[found]
         frame.loc[retry[found], "size"] = ext_size[found]
         frame.loc[retry[found], "mtime_ns"] = ext_mtime[found]
-    failures = list(parsed.failures)
-    missing = (frame["size"] < 0).to_numpy()
-    for clip_id, path in zip(frame["clip_id"][missing], frame["path"][missing]):
-        failures.append(Failure(clip_id, path, "manifest", "missing", "clip file not found"))
-    no_text = ~missing & frame["text"].isna().to_numpy()
-    for clip_id, path in zip(frame["clip_id"][no_text], frame["path"][no_text]):
-        reason = f"pair has no text (looked for {', '.join(TEXT_KEYS)})"
-        failures.append(Failure(clip_id, path, "manifest", "bad_record", reason))
-    frame = frame[~missing & ~no_text].copy()
-    frame["text"] = frame["text"].astype(str)
-    frame["start"] = frame["start"].astype(object).where(frame["start"].notna(), None)
-    frame["end"] = frame["end"].astype(object).where(frame["end"].notna(), None)
-    return PairCatalog(frame[[*COLUMNS, "size", "mtime_ns"]], failures)
+    frame = frame.assign(member="", offset=np.int64(-1), group=np.int64(-1), stamp=frame["mtime_ns"].astype(str))
+    return _usable(frame, list(parsed.failures), (frame["size"] < 0).to_numpy(), "clip file not found")
 
 
-def _cache(pairs_json, clips_dir, shards, split_mode, val_ratio, seed, folder) -> CatalogCache:
-    return CatalogCache(folder, {"pairs": source_key(pairs_json), "clips_dir": str(Path(clips_dir).resolve()),
+def _cache(pairs_json, clips_dir, shards, split_mode, val_ratio, seed, folder, contained=False) -> CatalogCache:
+    where = str(clips_dir) if is_remote(clips_dir) else str(Path(clips_dir).resolve())
+    return CatalogCache(folder, {"pairs": source_key(pairs_json), "clips_dir": where, "contained": contained,
                                  "shards": shards, "split_mode": split_mode, "val_ratio": val_ratio, "seed": seed})
 
 
-def cached_parse(pairs_json, clips_dir, shards, split_mode, val_ratio, seed, folder):
+def cached_parse(pairs_json, clips_dir, shards, split_mode, val_ratio, seed, folder, contained=False):
     """parse_pairs through the catalog cache in `folder` (the shard lists' folder)."""
-    cache = _cache(pairs_json, clips_dir, shards, split_mode, val_ratio, seed, folder)
+    cache = _cache(pairs_json, clips_dir, shards, split_mode, val_ratio, seed, folder, contained)
     hit = cache.load()
     if hit is not None:
         candidates, failures = hit
         candidates = candidates.astype({"start": "float64", "end": "float64"})
         return ParsedPairs(candidates, [Failure(**row) for row in failures.to_dict("records")]), cache
-    parsed = parse_pairs(pairs_json, clips_dir, shards, split_mode, val_ratio, seed)
+    parsed = parse_pairs(pairs_json, clips_dir, shards, split_mode, val_ratio, seed, contained=contained)
     cache.save(parsed.candidates, failures_frame(parsed.failures), "video.catalog")
     return parsed, cache
 
@@ -284,6 +343,57 @@ def read_pairs(
     return check_clip_files(parsed, *file_stats(parsed.candidates["path"].tolist()), clip_ext)
 
 
+def contained(cfg: dict) -> bool:
+    """Whether the clips lie in containers (input_format webdataset or parquet); files need a pairs file."""
+    if cfg.get("input_format", "files") != "files":
+        return True
+    if not cfg.get("pairs"):
+        raise InputError("video_frames.pairs: a pairs file is needed with input_format: files (only containers "
+                         "carry their own texts)")
+    if is_remote(cfg["clips_dir"]):
+        raise InputError(f"video_frames.clips_dir: {cfg['clips_dir']} is in object storage, where clips are read "
+                         f"from containers: set input_format to webdataset or parquet (docs/your-data.md)")
+    return False
+
+
+def clip_index(cfg: dict, folder, storage: dict | None = None):
+    """The containers' index (mlprep.sources.index_dataset), cached in `folder`, with each sample's text and
+    window fields."""
+    return index_dataset(cfg["clips_dir"], cfg["input_format"], folder, cfg.get("parquet_column", "auto"),
+                         cfg.get("parquet_key", "auto"), storage, VIDEO_COLUMNS, META_FIELDS)
+
+
+def _contained_catalog(cfg: dict, seed: int, shards: dict[str, int], folder, storage, lists_complete=False):
+    """(catalog, or None when nothing changed since the lists were written, what changes when an input changes,
+    and the catalog cache where there is a pairs file)."""
+    index = clip_index(cfg, folder, storage)
+    stats = index.stats()
+    if cfg.get("pairs"):
+        parsed, cache = cached_parse(cfg["pairs"], cfg["clips_dir"], shards, cfg["split_mode"], cfg["val_ratio"],
+                                     seed, folder, contained=True)
+        if lists_complete and cache.same_stats(stats):
+            return None, stats, cache
+    else:
+        parsed, cache = parse_pairs(str(cfg["clips_dir"]), cfg["clips_dir"], shards, cfg["split_mode"],
+                                    cfg["val_ratio"], seed, records=container_records(index), contained=True), None
+    return check_contained(parsed, index), stats, cache
+
+
+def load_catalog(cfg: dict, seed: int, shards: dict[str, int], folder, storage: dict | None = None) -> PairCatalog:
+    """Every usable pair of the config's clips (files or containers), a failure for every other (the manifest)."""
+    if contained(cfg):
+        return _contained_catalog(cfg, seed, shards, folder, storage)[0]
+    return read_pairs(cfg["pairs"], cfg["clips_dir"], shards, cfg["split_mode"], cfg["val_ratio"], seed,
+                      cfg["clip_ext"], cache_folder=folder)
+
+
+def count_clips(cfg: dict, folder, storage: dict | None = None) -> int:
+    """How many pairs there are before any check (what items_per_shard sizes shards by)."""
+    if cfg.get("pairs"):
+        return count_pairs(cfg["pairs"])
+    return len(container_records(clip_index(cfg, folder, storage)))
+
+
 def count_pairs(pairs_json: Path | str) -> int:
     """How many records the pairs file holds, before any check (what items_per_shard sizes shards by)."""
     try:
@@ -296,15 +406,21 @@ def list_name(split: str, shard: int, count: int) -> str:
     return f"{split}/{ShardId(shard, count)}"
 
 
-def sync_lists(cfg: dict, seed: int, shards: dict[str, int], lists: ShardLists) -> dict[str, str]:
-    """Bring the shard lists ('train/000-of-002', ...) in step with the pairs and clip files."""
-    parsed, cache = cached_parse(cfg["pairs"], cfg["clips_dir"], shards, cfg["split_mode"], cfg["val_ratio"], seed,
-                                 lists.folder)
-    size, mtime = file_stats(parsed.candidates["path"].tolist())
-    stats = np.stack([size, mtime], axis=1)
-    if cache.same_stats(stats) and lists.complete():
-        return lists.fingerprints()
-    catalog = check_clip_files(parsed, size, mtime, cfg["clip_ext"])
+def sync_lists(cfg: dict, seed: int, shards: dict[str, int], lists: ShardLists,
+               storage: dict | None = None) -> dict[str, str]:
+    """Bring the shard lists ('train/000-of-002', ...) in step with the pairs and clip files (or containers)."""
+    if contained(cfg):
+        catalog, stats, cache = _contained_catalog(cfg, seed, shards, lists.folder, storage, lists.complete())
+        if catalog is None:
+            return lists.fingerprints()
+    else:
+        parsed, cache = cached_parse(cfg["pairs"], cfg["clips_dir"], shards, cfg["split_mode"], cfg["val_ratio"],
+                                     seed, lists.folder)
+        size, mtime = file_stats(parsed.candidates["path"].tolist())
+        stats = np.stack([size, mtime], axis=1)
+        if cache.same_stats(stats) and lists.complete():
+            return lists.fingerprints()
+        catalog = check_clip_files(parsed, size, mtime, cfg["clip_ext"])
     table = catalog.table
     position = {name: k for k, name in enumerate(lists.names)}
     split = table["split"].to_numpy(dtype=object)
@@ -312,10 +428,12 @@ def sync_lists(cfg: dict, seed: int, shards: dict[str, int], lists: ShardLists) 
     for name, count in shards.items():  # a split's lists are consecutive in `names`, from its shard 0 on
         index[split == name] += position[list_name(name, 0, count)]
     lists.sync(index, shard_list_lines(table))
-    cache.save_stats(stats)
+    if cache is not None:
+        cache.save_stats(stats)
     return lists.fingerprints()
 
 
-def sync_lists_from(cfg: dict, seed: int, shards: dict[str, int], folder: str, names: list[str]) -> None:
+def sync_lists_from(cfg: dict, seed: int, shards: dict[str, int], folder: str, names: list[str],
+                    storage: dict | None = None) -> None:
     """sync_lists from plain arguments (what mlprep.shardlists.ListSync passes to its process)."""
-    sync_lists(cfg, seed, shards, ShardLists(folder, names, LIST_COLUMNS))
+    sync_lists(cfg, seed, shards, ShardLists(folder, names, LIST_COLUMNS), storage)

@@ -8,14 +8,14 @@ import pandas as pd
 
 from mlprep.failures import FailureLog, check_failed_share, write_failures
 from mlprep.io import read_json, write_json, write_parquet
-from mlprep.video.pairs import read_pairs
+from mlprep.video.pairs import load_catalog
 
 log = logging.getLogger(__name__)
 
 
-def manifest(cfg: dict, seed: int, shard_counts: dict, lists_folder, continue_on_error: bool, outputs: dict) -> None:
-    catalog = read_pairs(cfg["pairs"], cfg["clips_dir"], shard_counts, cfg["split_mode"], cfg["val_ratio"], seed,
-                         cfg["clip_ext"], cache_folder=lists_folder)
+def manifest(cfg: dict, seed: int, shard_counts: dict, lists_folder, continue_on_error: bool, outputs: dict,
+             storage: dict | None = None) -> None:
+    catalog = load_catalog(cfg, seed, shard_counts, lists_folder, storage)
     failures = FailureLog(continue_on_error)
     failures.extend(catalog.failures)
     frame = catalog.frame()

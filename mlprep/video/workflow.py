@@ -13,7 +13,7 @@ from functools import cached_property
 
 from mlprep.sharding import shard_count, shard_names
 from mlprep.shardlists import ListSync, ShardLists, cached_count, file_digest, list_path
-from mlprep.video.pairs import LIST_COLUMNS, count_pairs
+from mlprep.video.pairs import LIST_COLUMNS, count_clips, count_pairs
 
 
 class VideoWorkflow:
@@ -32,7 +32,10 @@ class VideoWorkflow:
         per_shard = self.cfg.get("items_per_shard")
         if not per_shard:
             return {split: int(self.cfg["shards"][split]) for split in self.splits}
-        n = cached_count(self.lists_dir, self.cfg["pairs"], count_pairs)
+        if self.cfg.get("pairs"):
+            n = cached_count(self.lists_dir, self.cfg["pairs"], count_pairs)
+        else:  # the containers' own samples: their index, cached per container
+            n = count_clips(self.cfg, self.lists_dir, self.config.get("object_storage"))
         share = {"train": 1.0 - self.cfg["val_ratio"], "val": self.cfg["val_ratio"]} if len(self.splits) > 1 \
             else {"train": 1.0}
         return {split: shard_count(round(n * share[split]), int(per_shard)) for split in self.splits}
@@ -49,7 +52,7 @@ class VideoWorkflow:
     def sync(self) -> ListSync:
         return ListSync("video_frames", self.lists, {
             "cfg": self.cfg, "seed": self.config["seed"], "shards": self.shard_counts,
-            "folder": self.lists_dir, "names": self.lists.names,
+            "folder": self.lists_dir, "names": self.lists.names, "storage": self.config.get("object_storage"),
         })
 
     def fingerprints(self) -> dict[str, str]:
