@@ -70,6 +70,25 @@ def group_rows(path: Path | str) -> list[int]:
     return [meta.row_group(k).num_rows for k in range(meta.num_row_groups)]
 
 
+def dataset_files(root: Path | str, fmt: str, storage: dict | None = None) -> tuple[str, dict[str, dict]]:
+    """(root as a string: an absolute folder or an s3:// URL, {name under root: {size, stamp}}) of every `*.tar` or
+    `*.parquet` of a data set, sorted: one stat per local file, listing requests only for a bucket."""
+    if is_remote(root):
+        root = str(root).rstrip("/")
+        return root, list_objects(root, SUFFIXES[fmt], storage)
+    folder = Path(root).resolve()
+    listed = {}
+    for path in container_files(folder, fmt):
+        st = path.stat()
+        listed[str(path.relative_to(folder))] = {"size": st.st_size, "stamp": stamp_of(st.st_size, st.st_mtime_ns)}
+    return str(folder), listed
+
+
+def join(root: str, name: str) -> str:
+    """A file of a data set: `root/name`, for a folder or an s3:// URL alike."""
+    return f"{str(root).rstrip('/')}/{name}"
+
+
 def stamp_of(size: int, mtime_ns: int) -> str:
     return f"{int(size)}-{int(mtime_ns)}"
 
@@ -114,7 +133,7 @@ def _parquet_members(path: str, column: str, key: str, storage=None, size: int |
     bytes column or a name for the rows); `meta` holds the row's values of the `meta_fields` columns it has."""
     import pyarrow as pa
 
-    handle = _open_parquet(path, storage, size)
+    handle = open_parquet(path, storage, size)
     schema = handle.schema_arrow
     data = bytes_column(schema, column, candidates)
     if key == "auto":
@@ -181,7 +200,7 @@ def _index_tar(path: str, size: int, storage):
         raise ContainerError(f"{path}: cannot be read: {err}") from err
 
 
-def _open_parquet(path: str, storage, size: int | None = None):
+def open_parquet(path: str, storage=None, size: int | None = None):
     """A parquet file's footer, local or remote (each read of a remote one a ranged GET of just its bytes)."""
     import pyarrow.parquet as pq
 
@@ -288,25 +307,12 @@ def index_dataset(root: Path | str, fmt: str, cache_folder: Path | str | None, c
     give, read once with the index."""
     from mlprep.io import atomic_path, write_json
 
-    sizes = {}
-    if is_remote(root):
-        root = str(root).rstrip("/")
-        listed = list_objects(root, SUFFIXES[fmt], storage)
-        names = list(listed)
-        stamps = {n: info["stamp"] for n, info in listed.items()}
-        sizes = {n: info["size"] for n, info in listed.items()}
-    else:
-        folder = Path(root).resolve()
-        if not folder.is_dir():
-            raise ContainerError(f"{folder}: the data set's folder does not exist")
-        root = str(folder)
-        files = container_files(folder, fmt)
-        names = [str(p.relative_to(folder)) for p in files]
-        stamps = {}
-        for name, path in zip(names, files):
-            st = path.stat()
-            stamps[name] = stamp_of(st.st_size, st.st_mtime_ns)
-            sizes[name] = st.st_size
+    if not is_remote(root) and not Path(root).resolve().is_dir():
+        raise ContainerError(f"{Path(root).resolve()}: the data set's folder does not exist")
+    root, listed = dataset_files(root, fmt, storage)
+    names = list(listed)
+    stamps = {n: info["stamp"] for n, info in listed.items()}
+    sizes = {n: info["size"] for n, info in listed.items()}
     cache = Path(cache_folder) / "containers" if cache_folder is not None else None
     settings = {"version": CACHE_VERSION, "root": str(root), "format": fmt, "column": column, "key": key,
                 "candidates": list(candidates), "meta": list(meta_fields)}
@@ -531,7 +537,7 @@ class ItemReader:
                     self._check_object(path, stamp)
                 else:
                     self._check(path, stamp, os.stat(path))
-                handle = _open_parquet(path, self.storage, self._checked.get(path))
+                handle = open_parquet(path, self.storage, self._checked.get(path))
                 rows = [handle.metadata.row_group(k).num_rows for k in range(handle.metadata.num_row_groups)]
                 self._tables[path] = handle, bytes_column(handle.schema_arrow, self.parquet_column, self.candidates), \
                     np.concatenate([[0], np.cumsum(rows)]).tolist()

@@ -74,7 +74,7 @@ TABLES: dict[str, pa.Schema] = {
                                   ("action", TEXT)),
     # probe_qa
     "probe.manifest": _schema(("item_id", TEXT), ("file", TEXT), ("row_group", I64), ("first_row", I64),
-                              ("rows", I64), ("size", I64), ("mtime_ns", I64)),
+                              ("rows", I64), ("size", I64), ("stamp", TEXT)),
     "probe.probe": PROBE_ROWS,
     "probe.factors": _schema(*zip(PROBE_ROWS.names, PROBE_ROWS.types), ("factor", TEXT), ("explanation", TEXT),
                              ("verified", pa.bool_()), ("verify_reason", TEXT), ("factor_status", TEXT),

@@ -6,12 +6,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - the repo root, for conda envs
 
 from mlprep.logs import log_to_file  # noqa: E402
+from mlprep.probe.catalog import with_storage  # noqa: E402
 from mlprep.probe import steps  # noqa: E402
 
 sm = snakemake  # noqa: F821
 log_to_file(sm.log[0])
 steps.manifest(
-    cfg=sm.config["probe_qa"],
+    cfg=with_storage(sm.config),
     n_shards=sm.params.shards,
     continue_on_error=sm.config["continue_on_error"],
     outputs=dict(sm.output.items()),

@@ -6,13 +6,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - the repo root, for conda envs
 
 from mlprep.logs import log_to_file  # noqa: E402
+from mlprep.probe.catalog import with_storage  # noqa: E402
 from mlprep.probe.samples import sample  # noqa: E402
 
 sm = snakemake  # noqa: F821
 log_to_file(sm.log[0])
 sample(
     cases_path=sm.input.cases,
-    cfg=sm.config["probe_qa"],
+    cfg=with_storage(sm.config),
     seed=sm.config["seed"],
     continue_on_error=sm.config["continue_on_error"],
     outputs=dict(sm.output.items()),

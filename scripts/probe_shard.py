@@ -6,6 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - the repo root, for conda envs
 
 from mlprep.logs import log_to_file  # noqa: E402
+from mlprep.probe.catalog import with_storage  # noqa: E402
 from mlprep.probe.probe import probe_shard  # noqa: E402
 
 sm = snakemake  # noqa: F821
@@ -14,7 +15,7 @@ probe_shard(
     shard_text=sm.wildcards.shard,
     list_path=sm.params.shard_list,
     labels_path=sm.params.labels,
-    cfg=sm.config["probe_qa"],
+    cfg=with_storage(sm.config),
     continue_on_error=sm.config["continue_on_error"],
     out_dir=sm.output[0],
     cache_path=sm.params.cache,

@@ -6,6 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - the repo root, for conda envs
 
 from mlprep.logs import log_to_file  # noqa: E402
+from mlprep.probe.catalog import with_storage  # noqa: E402
 from mlprep.probe import steps  # noqa: E402
 
 sm = snakemake  # noqa: F821
@@ -17,6 +18,6 @@ steps.summary(
     sample_stats=sm.input.sample_stats,
     qa_dirs=list(sm.input.qa),
     top=sm.params.top_confusions,
-    dataset=steps.dataset_info(sm.config["probe_qa"]),
+    dataset=steps.dataset_info(with_storage(sm.config)),
     outputs=dict(sm.output.items()),
 )

@@ -278,3 +278,28 @@ def test_datasets_as_users_hold_them_empty_files_missing_columns_own_ids_null_ce
     done = run_snakemake(tmp_path, config, "--forceall", check=False)
     assert done.returncode != 0
     assert "c_no_image.parquet" in done.stdout + done.stderr and "no image column" in done.stdout + done.stderr
+
+
+def test_a_dataset_in_a_bucket_gives_the_probe_and_qa_of_the_folder(tmp_path, tiny_clip, s3_server):
+    """The hostile dataset (structs, a bad row group, a file that is not parquet) from a folder and from a bucket of
+    the real local S3 server: the same probe, failures and QA."""
+    import shutil
+
+    expected = make_dataset(tmp_path / "folder")
+    shutil.copytree(tmp_path / "folder" / "data", s3_server.root / "bucket" / "probe")
+    runs = {}
+    for form, data_dir in (("folder", str(tmp_path / "folder" / "data")), ("bucket", "s3://bucket/probe")):
+        work = tmp_path / form
+        work.mkdir(exist_ok=True)
+        config = probe_config(work, tiny_clip, data_dir=data_dir, images_dir=str(tmp_path / "folder" / "images"))
+        config["object_storage"] = s3_server.storage
+        run_snakemake(work, config)
+        runs[form] = work / "results" / "probe_qa"
+    for name in ("probe.parquet", "failure_cases.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(runs["bucket"] / name), pd.read_parquet(runs["folder"] / name))
+    failures = pd.read_parquet(runs["bucket"] / "failures.parquet")
+    assert dict(zip(failures["item_id"], failures["reason_code"])) == expected
+    assert failures["path"].str.startswith("s3://bucket/probe/").all()
+    assert read_jsonl(runs["bucket"] / "qa.jsonl") == read_jsonl(runs["folder"] / "qa.jsonl")
+    summary = json.loads((runs["bucket"] / "summary.json").read_text())
+    assert summary["dataset"]["data_dir"] == "s3://bucket/probe"

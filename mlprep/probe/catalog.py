@@ -20,16 +20,15 @@ from pathlib import Path
 import pandas as pd
 
 from mlprep.failures import Failure
-from mlprep.files import file_stats
 from mlprep.ids import shards_of
 from mlprep.io import write_json
 from mlprep.probe.reader import AUTO, row_group_frame
-from mlprep.sources import IMAGE_COLUMNS, group_rows, parquet_files
+from mlprep.sources import IMAGE_COLUMNS, dataset_files, join, open_parquet
 from mlprep.shardlists import ShardLists, encode_lines, file_digest
 
 log = logging.getLogger(__name__)
 
-LIST_COLUMNS = ["item_id", "file", "row_group", "first_row", "rows", "size", "mtime_ns"]
+LIST_COLUMNS = ["item_id", "file", "row_group", "first_row", "rows", "size", "stamp"]
 LABELS_FILE = "labels.json"
 SCAN_FILE = "scan.json"
 
@@ -42,12 +41,6 @@ class Catalog:
     empty_files: list[str]  # files of no rows: no item, a warning
 
 
-def file_columns(path: Path) -> list[str]:
-    import pyarrow.parquet as pq
-
-    return list(pq.ParquetFile(path).schema_arrow.names)
-
-
 def required_columns(cfg: dict) -> list[str]:
     """The columns every file of the dataset must have: the image and label columns, and `id_column` if set."""
     return [cfg["image_column"], cfg["label_column"], *([cfg["id_column"]] if cfg.get("id_column") else [])]
@@ -58,12 +51,15 @@ def id_column(cfg: dict) -> str:
     return cfg.get("id_column") or "id"
 
 
-def _file_labels(path: Path, column: str) -> list[str]:
+def with_storage(config: dict) -> dict:
+    """The probe_qa section with the workflow's `object_storage` settings beside it (a `data_dir` in a bucket)."""
+    return {**config["probe_qa"], "object_storage": config.get("object_storage")}
+
+
+def _file_labels(handle, column: str) -> list[str]:
     """The distinct values of one file's label column (that column only, row group by row group)."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    handle = pq.ParquetFile(path)
     if column not in handle.schema_arrow.names:
         raise ValueError(f"no column {column!r} (columns: {', '.join(handle.schema_arrow.names)})")
     seen: set[str] = set()
@@ -74,39 +70,42 @@ def _file_labels(path: Path, column: str) -> list[str]:
 
 
 def scan(cfg: dict, folder: Path | str | None = None) -> Catalog:
-    """Row groups and label set of the dataset (footers and label columns cached in `folder`)."""
-    root = Path(cfg["data_dir"])
+    """Row groups and label set of the dataset, a folder or an s3:// URL (footers and label columns cached in
+    `folder`, per file's size and mtime or ETag: a rerun reads no file again, and lists a bucket only)."""
+    storage = cfg.get("object_storage")
+    root, listed = dataset_files(cfg["data_dir"], "parquet", storage)
     want_labels = not cfg.get("labels")
     cache_path = Path(folder) / SCAN_FILE if folder else None
     try:
         cache = json.loads(cache_path.read_text()) if cache_path else {}
     except (OSError, ValueError):
         cache = {}
-    paths = parquet_files(root)
-    sizes, mtimes = file_stats([str(p) for p in paths])
     names, counts, failures, labels, fresh, empty = [], [], [], set(), {}, []
-    for path, size, mtime in zip(paths, sizes, mtimes):
-        name = str(path.relative_to(root))
+    for name, info in listed.items():
+        path, stat = join(root, name), [int(info["size"]), info["stamp"]]
         entry = cache.get(name)
-        if (not entry or entry["stat"] != [int(size), int(mtime)] or "columns" not in entry
+        if (not entry or entry["stat"] != stat or "columns" not in entry
                 or (want_labels and entry.get("labels") is None and not entry.get("error"))):
-            entry = {"stat": [int(size), int(mtime)], "rows": None, "labels": None, "error": None}
+            entry = {"stat": stat, "rows": None, "labels": None, "error": None}
             try:
-                entry["rows"], entry["columns"] = group_rows(path), file_columns(path)
+                handle = open_parquet(path, storage, info["size"])
+                meta = handle.metadata
+                entry["rows"] = [meta.row_group(k).num_rows for k in range(meta.num_row_groups)]
+                entry["columns"] = list(handle.schema_arrow.names)
                 if want_labels and cfg["label_column"] in entry["columns"]:
-                    entry["labels"] = _file_labels(path, cfg["label_column"])
+                    entry["labels"] = _file_labels(handle, cfg["label_column"])
             except Exception as err:  # noqa: BLE001 - any footer or column error is this file's failure
                 entry["error"] = f"not a readable parquet file: {err}"
         fresh[name] = entry
         if entry["error"]:
-            failures.append(Failure(name, str(path), "manifest", "unreadable_table", entry["error"]))
+            failures.append(Failure(name, path, "manifest", "unreadable_table", entry["error"]))
             continue
         lacking = [c for c in required_columns(cfg) if c not in entry["columns"] and not (
             c == AUTO and set(IMAGE_COLUMNS) & set(entry["columns"]))]
         if lacking:
             named = [f"image column ({' / '.join(IMAGE_COLUMNS)}: image_column is auto)" if c == AUTO
                      else f"column {c!r}" for c in lacking]
-            failures.append(Failure(name, str(path), "manifest", "missing_column",
+            failures.append(Failure(name, path, "manifest", "missing_column",
                                     f"no {', '.join(named)} (columns: {', '.join(entry['columns'])})"))
             continue
         if not sum(entry["rows"]):
@@ -119,9 +118,8 @@ def scan(cfg: dict, folder: Path | str | None = None) -> Catalog:
     if cache_path and fresh != cache:
         write_json(fresh, cache_path)
     frame = row_group_frame(names, counts)
-    stat = dict(zip([str(p.relative_to(root)) for p in paths], zip(sizes, mtimes)))
-    frame["size"] = [int(stat[f][0]) for f in frame["file"]]
-    frame["mtime_ns"] = [int(stat[f][1]) for f in frame["file"]]
+    frame["size"] = [int(listed[f]["size"]) for f in frame["file"]]
+    frame["stamp"] = [listed[f]["stamp"] for f in frame["file"]]
     label_list = [str(v) for v in cfg["labels"]] if cfg.get("labels") else sorted(labels)
     return Catalog(frame, failures, label_list, empty)
 
@@ -133,7 +131,7 @@ def count_row_groups(cfg: dict, folder: Path | str | None = None) -> int:
 def sync_lists(cfg: dict, lists: ShardLists) -> dict[str, str]:
     catalog = scan(cfg, lists.folder)
     frame = catalog.frame
-    lines = encode_lines({c: ("str" if c in ("item_id", "file") else "int", frame[c]) for c in LIST_COLUMNS})
+    lines = encode_lines({c: ("str" if c in ("item_id", "file", "stamp") else "int", frame[c]) for c in LIST_COLUMNS})
     lists.sync(shards_of(frame["item_id"].tolist(), len(lists.names)), lines)
     from mlprep.probe.labels import check_label_mapping
 

@@ -24,6 +24,7 @@ from mlprep.probe.probe import SHARD_FILES as PROBE_FILES
 from mlprep.probe.probe import llm_settings
 from mlprep.probe.reader import data_uri, group_images
 from mlprep.probe.zero_shot import PROBE_COLUMNS
+from mlprep.sources import join
 from mlprep.stats import ShardStats, scheduler_ids
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ def _with_images(cases: pd.DataFrame, cfg: dict, failures: FailureLog, send: boo
     if not send:
         yield from ((k, None) for k in cases.index)
         return
-    for k, data in group_images(Path(cfg["data_dir"]), cases, cfg["image_column"], cfg.get("images_dir"), failures):
+    for k, data in group_images(cfg["data_dir"], cases, cfg["image_column"], cfg.get("images_dir"), failures,
+                                cfg.get("object_storage")):
         yield k, data_uri(data)
 
 
@@ -72,7 +74,7 @@ def factor_shard(shard_text: str, probe_dir: Path | str, cfg: dict, continue_on_
         def failed(step):
             def record(k, err):
                 out.loc[k, "factor_status"] = "failed"
-                failures.record(cases.at[k, "item_id"], str(Path(cfg["data_dir"]) / cases.at[k, "file"]), step,
+                failures.record(cases.at[k, "item_id"], join(cfg["data_dir"], cases.at[k, "file"]), step,
                                 prompts.llm_failure_code(err), str(err), cases.at[k, "id"])
             return record
 

@@ -26,6 +26,7 @@ from mlprep.probe.reader import data_uri, image_bytes, iter_row_groups, row_id
 from mlprep.probe.zero_shot import (PROBE_COLUMNS, PROBE_DTYPES, Classifier, ZeroShot, dataset_id, probe_chunks,
                                     probe_rows, probe_table)
 from mlprep.sharding import ShardId
+from mlprep.sources import join
 from mlprep.shardlists import ShardLists
 from mlprep.stats import ShardStats, scheduler_ids
 
@@ -45,7 +46,7 @@ def llm_settings(cfg: dict, model: str | None = None) -> LLMSettings:
     return LLMSettings.from_config(settings)
 
 
-def _llm_probe_requests(root: Path, groups: pd.DataFrame, cfg: dict, labels: list[str], failures: FailureLog,
+def _llm_probe_requests(root: str, groups: pd.DataFrame, cfg: dict, labels: list[str], failures: FailureLog,
                         pending: dict) -> Iterator[tuple]:
     """One request per image, produced row group by row group as the client takes them."""
     index = set(labels)
@@ -53,7 +54,8 @@ def _llm_probe_requests(root: Path, groups: pd.DataFrame, cfg: dict, labels: lis
     schema = prompts.probe_schema(labels)
     image_column, label_column, own = cfg["image_column"], cfg["label_column"], id_column(cfg)
     first_rows = dict(zip(zip(groups["file"], groups["row_group"]), groups["first_row"]))
-    for file, group, frame in iter_row_groups(root, groups, [image_column, label_column], failures, optional=(own,)):
+    for file, group, frame in iter_row_groups(root, groups, [image_column, label_column], failures, (own,),
+                                              cfg.get("object_storage")):
         first = int(first_rows[(file, group)])
         ids = frame[own] if own in frame else [None] * len(frame)
         for row, (cell, label, own_id) in enumerate(zip(frame[image_column], frame[label_column], ids)):
@@ -62,7 +64,7 @@ def _llm_probe_requests(root: Path, groups: pd.DataFrame, cfg: dict, labels: lis
                     raise ItemError("bad_record", f"label {label!r} is not in the label set")
                 uri = data_uri(image_bytes(cell, cfg.get("images_dir")))
             except ItemError as err:
-                failures.record(row_id(file, first + row), str(root / file), "probe", err.code, str(err),
+                failures.record(row_id(file, first + row), join(root, file), "probe", err.code, str(err),
                                 dataset_id(own_id))
                 continue
             tag = (file, group, first, row)
@@ -70,7 +72,7 @@ def _llm_probe_requests(root: Path, groups: pd.DataFrame, cfg: dict, labels: lis
             yield tag, prompts.messages(text, schema, uri)
 
 
-def llm_probe(root: Path, groups: pd.DataFrame, cfg: dict, labels: list[str], failures: FailureLog,
+def llm_probe(root: str, groups: pd.DataFrame, cfg: dict, labels: list[str], failures: FailureLog,
               cache_path: Path | str, progress: TextIO | None) -> tuple[pd.DataFrame, dict]:
     """PROBE_COLUMNS for the shard's images, asked of the `llm` endpoint (model `probe.llm_model`, if set)."""
     pending: dict = {}
@@ -91,7 +93,7 @@ def llm_probe(root: Path, groups: pd.DataFrame, cfg: dict, labels: list[str], fa
     return (table if len(table) else empty_probe()), summary
 
 
-def image_probe(root: Path, groups: pd.DataFrame, labels: list[str], cfg: dict, failures: FailureLog,
+def image_probe(root: str, groups: pd.DataFrame, labels: list[str], cfg: dict, failures: FailureLog,
                 stats: ShardStats, progress: TextIO | None, seed: int, device_spec: str, precision_spec: str,
                 threads: int, jpeg_decoder: str) -> pd.DataFrame:
     """PROBE_COLUMNS of the shard's images by a local model: `clip_zero_shot` or `classifier`. The readers start
@@ -108,7 +110,7 @@ def image_probe(root: Path, groups: pd.DataFrame, labels: list[str], cfg: dict, 
     spec = ModelSpec.from_config(pcfg["model"], seed)
     batch = resolve_batch_size(pcfg["batch_size"], device)
     reader = dict(image_column=cfg["image_column"], label_column=cfg["label_column"], images_dir=cfg.get("images_dir"),
-                  id_column=id_column(cfg))
+                  id_column=id_column(cfg), storage=cfg.get("object_storage"))
     size = image_size_of(spec)
     workers = resolve_workers(pcfg["decode_workers"], device, threads)
     chunks = None
@@ -149,7 +151,7 @@ def probe_shard(shard_text: str, list_path: Path | str, labels_path: Path | str,
     stats = ShardStats(str(shard))
     groups = pd.DataFrame(ShardLists.read(list_path, LIST_COLUMNS), columns=LIST_COLUMNS)
     labels = read_labels(labels_path)
-    root = Path(cfg["data_dir"])
+    root = str(cfg["data_dir"])  # a folder or an s3:// URL (read with cfg's object_storage)
     failures = FailureLog(continue_on_error)
     backend = cfg["probe"]["backend"]
     llm_summary = None

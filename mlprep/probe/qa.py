@@ -58,8 +58,8 @@ def _image_uris(samples: list[dict], cfg: dict, failures: FailureLog, send: bool
             refs.append((k, source["file"], source["row_group"], source["group_row"], source["row"]))
     if refs:
         frame = pd.DataFrame(refs, columns=["k", "file", "row_group", "group_row", "row"]).set_index("k")
-        for k, data in group_images(Path(cfg["data_dir"]), frame, cfg["image_column"], cfg.get("images_dir"),
-                                    failures):
+        for k, data in group_images(cfg["data_dir"], frame, cfg["image_column"], cfg.get("images_dir"),
+                                    failures, cfg.get("object_storage")):
             yield k, data_uri(data)
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 
 from mlprep.failures import Failure, ItemError, decoder_message
 from mlprep.ids import UnsafePathError, resolve_inside
-from mlprep.sources import bytes_column, group_rows, parquet_files
+from mlprep.sources import bytes_column, dataset_files, group_rows, join, open_parquet
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,14 @@ def row_group_frame(files: list[str], rows_per_group: list[list[int]]) -> pd.Dat
 
 def list_row_groups(root: Path | str) -> RowGroups:
     """Every row group of every `*.parquet` under root (footers only: no data is read)."""
-    root = Path(root)
     names, counts, failures = [], [], []
-    for path in parquet_files(root):
-        name = str(path.relative_to(root))
+    root, listed = dataset_files(root, "parquet")
+    for name in listed:
+        path = join(root, name)
         try:
             rows = group_rows(path)
         except Exception as err:  # noqa: BLE001 - any footer error is this file's failure
-            failures.append(Failure(name, str(path), "manifest", "unreadable_table",
+            failures.append(Failure(name, path, "manifest", "unreadable_table",
                                     f"not a readable parquet file: {err}"))
             continue
         if not sum(rows):
@@ -77,14 +77,13 @@ def list_row_groups(root: Path | str) -> RowGroups:
 
 
 def read_row_group(root: Path | str, file: str, row_group: int, columns: list[str] | None = None,
-                   optional: tuple[str, ...] = ()) -> pd.DataFrame:
+                   optional: tuple[str, ...] = (), storage: dict | None = None) -> pd.DataFrame:
     """One row group as a DataFrame (`columns`, and those of `optional` the file has), or ItemError(bad_row_group).
     A column asked for as `auto` is the first image column the file has (mlprep.sources.IMAGE_COLUMNS), returned under the name
-    `auto` (img2dataset's parquet calls it `jpg`, Hugging Face's `image`)."""
-    import pyarrow.parquet as pq
-
+    `auto` (img2dataset's parquet calls it `jpg`, Hugging Face's `image`). `root` may be an s3:// URL, read with
+    `storage`'s settings (mlprep.storage): the footer and the row group's columns, one ranged GET each."""
     try:
-        handle = pq.ParquetFile(Path(root) / file)
+        handle = open_parquet(join(root, file), storage)
         if optional:
             columns = [*columns, *(c for c in optional if c in handle.schema_arrow.names and c not in columns)]
         auto = bytes_column(handle.schema_arrow, AUTO) if columns and AUTO in columns else None
@@ -99,27 +98,28 @@ def read_row_group(root: Path | str, file: str, row_group: int, columns: list[st
 
 
 def iter_row_groups(root: Path | str, groups: pd.DataFrame, columns: list[str] | None,
-                    failures, optional: tuple[str, ...] = ()) -> Iterator[tuple[str, int, pd.DataFrame]]:
+                    failures, optional: tuple[str, ...] = (),
+                    storage: dict | None = None) -> Iterator[tuple[str, int, pd.DataFrame]]:
     """(file, row group, rows) for each readable row group of `groups`; a bad one is recorded in `failures`
     (a FailureLog) and skipped."""
     for file, group in zip(groups["file"], groups["row_group"]):
         try:
-            frame = read_row_group(root, file, int(group), columns, optional)
+            frame = read_row_group(root, file, int(group), columns, optional, storage)
         except ItemError as err:
-            failures.record(row_group_id(file, int(group)), str(Path(root) / file), "read", err.code, str(err))
+            failures.record(row_group_id(file, int(group)), join(root, file), "read", err.code, str(err))
             continue
         yield file, int(group), frame
 
 
 def group_images(root: Path | str, rows: pd.DataFrame, image_column: str, images_dir,
-                 failures=None) -> Iterator[tuple[int, bytes]]:
+                 failures=None, storage: dict | None = None) -> Iterator[tuple[int, bytes]]:
     """(position in `rows`, encoded image) for rows (columns file, row_group, group_row), reading each row
     group's image column once, in file and group order: only one row group's images are held at a time.
     A row group or image that cannot be read is recorded in `failures` (stage "image") and skipped."""
     order = rows.sort_values(["file", "row_group", "group_row"], kind="stable")
     for (file, group), part in order.groupby(["file", "row_group"], sort=False):
         try:
-            cells = read_row_group(root, file, int(group), [image_column])[image_column]
+            cells = read_row_group(root, file, int(group), [image_column], storage=storage)[image_column]
         except ItemError as err:
             for k in part.index:
                 _record(failures, rows, k, root, err)
@@ -134,7 +134,7 @@ def group_images(root: Path | str, rows: pd.DataFrame, image_column: str, images
 def _record(failures, rows: pd.DataFrame, k, root, err: ItemError) -> None:
     if failures is None:
         raise err
-    failures.record(row_id(rows.at[k, "file"], int(rows.at[k, "row"])), str(Path(root) / rows.at[k, "file"]),
+    failures.record(row_id(rows.at[k, "file"], int(rows.at[k, "row"])), join(root, rows.at[k, "file"]),
                     "image", err.code, str(err), rows.at[k, "id"] if "id" in rows else None)
 
 

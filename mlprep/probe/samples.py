@@ -69,8 +69,8 @@ def sample(cases_path: Path | str, cfg: dict, seed: int, continue_on_error: bool
     failures = FailureLog(continue_on_error)
     images: dict[int, dict] = {}
     if scfg["embed_images"] and len(rows):
-        for k, data in group_images(Path(cfg["data_dir"]), rows, cfg["image_column"], cfg.get("images_dir"),
-                                    failures):
+        for k, data in group_images(cfg["data_dir"], rows, cfg["image_column"], cfg.get("images_dir"),
+                                    failures, cfg.get("object_storage")):
             images[k] = {"base64": base64.b64encode(data).decode("ascii")}
     lines = []
     for k, row in zip(rows.index, rows.itertuples(index=False)):

@@ -16,6 +16,7 @@ from mlprep.probe.factors import SHARD_FILES as FACTOR_FILES
 from mlprep.probe.probe import SHARD_FILES as PROBE_FILES
 from mlprep.probe.qa import SHARD_FILES as QA_FILES
 from mlprep.probe.zero_shot import PROBE_COLUMNS
+from mlprep.storage import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +97,11 @@ def _merge_jsonl(paths: list[Path], out: Path | str) -> int:
 def dataset_info(cfg: dict) -> dict:
     """Where the dataset is and how it is read: what `mlprep serve` needs to show a failure case's image."""
     def resolved(value):
-        return str(Path(value).resolve()) if value else None
+        return (value if is_remote(value) else str(Path(value).resolve())) if value else None
 
     return {"data_dir": resolved(cfg["data_dir"]), "images_dir": resolved(cfg.get("images_dir")),
             "image_column": cfg["image_column"], "label_column": cfg["label_column"],
-            "id_column": cfg.get("id_column")}
+            "id_column": cfg.get("id_column"), "object_storage": cfg.get("object_storage")}
 
 
 def summary(probe_path, cases_path, probe_stats, sample_stats, qa_dirs: list[str], top: int, outputs: dict,

@@ -4,7 +4,7 @@ fingerprint. The QA shards are cut by the sampler (their count is `qa.shards`), 
 
 from __future__ import annotations
 
-from mlprep.probe.catalog import LABELS_FILE, LIST_COLUMNS, count_row_groups, labels_digest
+from mlprep.probe.catalog import LABELS_FILE, LIST_COLUMNS, count_row_groups, labels_digest, with_storage
 from mlprep.sharding import shard_names
 from mlprep.shardlists import file_digest, list_path
 from mlprep.shardwork import ShardedPipeline
@@ -20,10 +20,10 @@ class ProbeWorkflow(ShardedPipeline):
     columns = LIST_COLUMNS
 
     def count_items(self) -> int:
-        return count_row_groups(self.cfg, self.lists_dir)
+        return count_row_groups(with_storage(self.config), self.lists_dir)
 
     def sync_payload(self) -> dict:
-        return {"cfg": self.cfg}
+        return {"cfg": with_storage(self.config)}
 
     @property
     def labels_path(self) -> str:

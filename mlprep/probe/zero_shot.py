@@ -28,6 +28,7 @@ from mlprep.failures import FailureLog, ItemError
 from mlprep.probe.labels import label_classes
 from mlprep.probe.reader import image_bytes, read_row_group, row_group_id, row_id
 from mlprep.sku.augment import original_view, view_transforms
+from mlprep.sources import join
 from mlprep.views import PreparedChunk, PreparedImage, ViewStage, iter_chunks, pack, prepare_image
 
 PROBE_COLUMNS = ["item_id", "id", "file", "row_group", "group_row", "row", "label", "prediction", "score", "correct"]
@@ -115,8 +116,9 @@ class ProbeImages(torch.utils.data.IterableDataset):
 
     def __init__(self, root: Path | str, groups: pd.DataFrame, labels: list[str], size: int, chunk: int,
                  device_decode: bool, image_column: str = "image", label_column: str = "label", images_dir=None,
-                 id_column: str = "id"):
-        self.root, self.size, self.chunk, self.device_decode = Path(root), size, chunk, device_decode
+                 id_column: str = "id", storage: dict | None = None):
+        self.root, self.size, self.chunk, self.device_decode = str(root), size, chunk, device_decode
+        self.storage = storage
         self.groups = list(zip(groups["file"], groups["row_group"].astype(int), groups["first_row"].astype(int)))
         self.labels = set(labels)
         self.columns, self.images_dir, self.id_column = [image_column, label_column], images_dir, id_column
@@ -139,7 +141,7 @@ class ProbeImages(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for file, group, first in self.groups[worker::workers]:
             try:
-                frame = read_row_group(self.root, file, group, self.columns, optional=(self.id_column,))
+                frame = read_row_group(self.root, file, group, self.columns, (self.id_column,), self.storage)
             except ItemError as err:
                 chunk = pack([])
                 chunk.items, chunk.error = [PreparedImage((file, group, first, None))], (err.code, str(err))
@@ -156,21 +158,22 @@ class ProbeImages(torch.utils.data.IterableDataset):
 def probe_rows(root: Path | str, groups: pd.DataFrame, probe: ZeroShot | Classifier, failures: FailureLog,
                image_column: str = "image", label_column: str = "label", images_dir=None, workers: int = 0,
                jpeg_decoder: str = "auto", chunks: Iterator[PreparedChunk] | None = None,
-               on_encoded=None, id_column: str = "id") -> Iterator[pd.DataFrame]:
+               on_encoded=None, id_column: str = "id", storage: dict | None = None) -> Iterator[pd.DataFrame]:
     """PROBE_COLUMNS of the probed rows of `groups`, part by part (streamed: memory stays bounded); bad row
     groups and images are recorded in `failures`, a label outside the label set as `bad_record`."""
     encoder = probe.encoder
     if chunks is None:
         chunks = probe_chunks(root, groups, probe.labels, encoder.image_size, encoder.batch_size, workers,
-                              encoder.device, jpeg_decoder, image_column, label_column, images_dir, id_column)
+                              encoder.device, jpeg_decoder, image_column, label_column, images_dir, id_column,
+                              storage)
     stage = ViewStage(encoder, 1, encoder.batch_size, forward=probe.forward)
     for part in stage.stream(chunks, on_encoded=on_encoded):
         for item in part.failed:
             file, group, first, row = item.tag
             if row is None:
-                failures.record(row_group_id(file, group), str(Path(root) / file), "read", *item.error)
+                failures.record(row_group_id(file, group), join(root, file), "read", *item.error)
             else:
-                failures.record(row_id(file, first + row), str(Path(root) / file), "probe", *item.error,
+                failures.record(row_id(file, first + row), join(root, file), "probe", *item.error,
                                 own_id=item.extra[1] if item.extra else None)
         best, score = probe.classify(part.vectors)
         yield probe_table([i.tag for i in part.items], [i.extra[0] for i in part.items],
@@ -179,10 +182,11 @@ def probe_rows(root: Path | str, groups: pd.DataFrame, probe: ZeroShot | Classif
 
 def probe_chunks(root: Path | str, groups: pd.DataFrame, labels: list[str], size: int, batch_size: int,
                  workers: int, device: torch.device, jpeg_decoder: str = "auto", image_column: str = "image",
-                 label_column: str = "label", images_dir=None, id_column: str = "id") -> Iterator[PreparedChunk]:
+                 label_column: str = "label", images_dir=None, id_column: str = "id",
+                 storage: dict | None = None) -> Iterator[PreparedChunk]:
     """The shard's images as prepared chunks of one encoder batch each; the workers start at once."""
     from mlprep.views import choose_device_decode
 
     dataset = ProbeImages(root, groups, labels, size, batch_size, choose_device_decode(jpeg_decoder, device),
-                          image_column, label_column, images_dir, id_column)
+                          image_column, label_column, images_dir, id_column, storage)
     return iter_chunks(dataset, workers, pin=device.type == "cuda")

@@ -368,7 +368,8 @@ class ProbeSnapshot:
         row = self.cases.iloc[case]
         try:  # the dataset file and row the workflow's own records name
             cells = read_row_group(self.dataset["data_dir"], row["file"], int(row["row_group"]),
-                                   [self.dataset["image_column"]])[self.dataset["image_column"]]
+                                   [self.dataset["image_column"]], storage=self.dataset.get("object_storage"))[
+                                       self.dataset["image_column"]]
             data = image_bytes(cells.iloc[int(row["group_row"])], self.dataset.get("images_dir"))
         except (ItemError, IndexError, OSError) as err:
             raise RequestError(404, "image_gone", f"the image of case {case} cannot be read now: {err}") from err
