@@ -344,7 +344,7 @@ def test_video_workflow_end_to_end(tmp_path, clips):
 @pytest.mark.slow
 def test_clips_in_tars_and_in_a_bucket_give_the_frames_of_the_files(tmp_path, clips, s3_server):
     """The same clips as files, as webdataset tars named by a pairs file (with a bad container and members beside
-    them), and as tars in a bucket of the real local S3 server with no pairs file (texts from the samples' .txt):
+    them), as parquet of bytes, and as tars in a bucket of the real local S3 server with no pairs file (texts from the samples' .txt):
     the same records, frames byte for byte; every bad container or member one failure record."""
     import io
     import tarfile
@@ -353,7 +353,7 @@ def test_clips_in_tars_and_in_a_bucket_give_the_frames_of_the_files(tmp_path, cl
 
     names = ["plain-1", "odd-1", "red-1", "plain-2", "plain-3"]
     runs = {}
-    for form in ("files", "webdataset", "s3-webdataset"):
+    for form in ("files", "webdataset", "parquet", "s3-webdataset"):
         work = tmp_path / form
         _write_video_data(work, clips, names)
         overrides = {}
@@ -369,6 +369,9 @@ def test_clips_in_tars_and_in_a_bucket_give_the_frames_of_the_files(tmp_path, cl
             pairs += [{"clip": "junk-1", "text": "junk"}, {"clip": "gone-1.mp4", "text": "gone"}]
             (work / "data" / "train_pairs.json").write_text(json.dumps(pairs))
             overrides = {"clips_dir": str(work / "data" / "tars"), "input_format": "webdataset"}
+        elif form == "parquet":  # an `mp4` column of bytes, a `key` column of the clips' names
+            pack_files(work / "data" / "clips", work / "data" / "parquet", "parquet", per_container=3)
+            overrides = {"clips_dir": str(work / "data" / "parquet"), "input_format": "parquet"}
         elif form == "s3-webdataset":
             bucket = s3_server.root / "bucket" / "clips"
             bucket.mkdir(parents=True)
@@ -387,7 +390,7 @@ def test_clips_in_tars_and_in_a_bucket_give_the_frames_of_the_files(tmp_path, cl
         assert [p for p in work.rglob("*") if p.is_file() and p.relative_to(work).parts[0] not in
                 ("results", ".snakemake", "data", "config.yaml")] == []
     assert sorted(runs["files"]) == sorted(names)
-    for form in ("webdataset", "s3-webdataset"):
+    for form in ("webdataset", "parquet", "s3-webdataset"):
         assert sorted(runs[form]) == sorted(names), form
         for clip_id, record in runs["files"].items():
             other = runs[form][clip_id]
