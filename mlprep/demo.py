@@ -538,7 +538,8 @@ def pack_files(folder: Path | str, out: Path | str, input_format: str, per_conta
             data = [p.read_bytes() for p in part]
             keys = names if key_with_ext else [name.split(".", 1)[0] for name in names]
             if struct:
-                table = pa.table({"image" if struct is True else struct: pa.array([{"bytes": d, "path": k} for d, k in zip(data, keys)])})
+                cells = pa.array([{"bytes": d, "path": k} for d, k in zip(data, keys)])
+                table = pa.table({"image" if struct is True else struct: cells})
             else:
                 column = part[0].suffix.lstrip(".").lower() or "bytes"
                 table = pa.table({"key": keys, column: pa.array(data, pa.binary())})

@@ -62,12 +62,17 @@ def parquet_files(root: Path | str) -> list[Path]:
     return container_files(root, "parquet")
 
 
+def row_counts(handle) -> list[int]:
+    """Rows per row group of an open parquet file, from its footer."""
+    meta = handle.metadata
+    return [meta.row_group(k).num_rows for k in range(meta.num_row_groups)]
+
+
 def group_rows(path: Path | str) -> list[int]:
     """Rows per row group, from the footer (raises on an unreadable file)."""
     import pyarrow.parquet as pq
 
-    meta = pq.ParquetFile(path).metadata
-    return [meta.row_group(k).num_rows for k in range(meta.num_row_groups)]
+    return row_counts(pq.ParquetFile(path))
 
 
 def dataset_files(root: Path | str, fmt: str, storage: dict | None = None) -> tuple[str, dict[str, dict]]:
@@ -149,7 +154,7 @@ def _parquet_members(path: str, column: str, key: str, storage=None, size: int |
     if pa.types.is_struct(names.type):
         names = names.combine_chunks().field(0)
     names = pd.Series([None if v is None else str(v) for v in names.to_pylist()], dtype=object)
-    counts = [handle.metadata.row_group(k).num_rows for k in range(handle.metadata.num_row_groups)]
+    counts = row_counts(handle)
     groups = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
     ext = "" if data in GENERIC_COLUMNS else data
     present = [f for f in meta_fields if f in schema.names and f != data and f != key]
@@ -280,7 +285,7 @@ def _index_one(root: str, container: str, fmt: str, column: str, key: str, size:
             "name": [m.name for m in members], "key": [m.key for m in members], "ext": [m.ext for m in members],
             "offset": np.fromiter((m.offset for m in members), np.int64, len(members)),
             "size": np.fromiter((m.size for m in members), np.int64, len(members)), "group": -1,
-            "meta": [_meta_text(meta.get(m.key, {})) for m in members],
+            "meta": [_meta_text(meta.get(m.key, {})) for m in members] if meta else "",
         })
         return frame, [_problem(root, container, p.member, p.reason_code, p.reason) for p in problems] + bad
     try:
@@ -401,6 +406,17 @@ def locate(index: DatasetIndex, names: list[str], exts: tuple[str, ...]) -> pd.D
 def display_path(path: str, member: str) -> str:
     """How a located item is named in failure records and logs: the file, or `<container>#<member>`."""
     return f"{path}#{member}" if member else path
+
+
+def display_paths(frame: pd.DataFrame) -> pd.Series:
+    """display_path of each row of a frame with `path` and `member` columns."""
+    return frame["path"].where(frame["member"] == "", frame["path"] + "#" + frame["member"])
+
+
+def media_key(name: str, exts: tuple[str, ...]) -> str:
+    """A parquet row's name without a media extension it may carry (`a.wav` -> `a`): its key, as in a tar."""
+    stem, dot, ext = name.rpartition(".")
+    return stem if dot and ext.lower() in exts else name
 
 
 class LocatedItem:
@@ -538,7 +554,7 @@ class ItemReader:
                 else:
                     self._check(path, stamp, os.stat(path))
                 handle = open_parquet(path, self.storage, self._checked.get(path))
-                rows = [handle.metadata.row_group(k).num_rows for k in range(handle.metadata.num_row_groups)]
+                rows = row_counts(handle)
                 self._tables[path] = handle, bytes_column(handle.schema_arrow, self.parquet_column, self.candidates), \
                     np.concatenate([[0], np.cumsum(rows)]).tolist()
             handle, column, firsts = self._tables[path]

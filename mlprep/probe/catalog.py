@@ -23,7 +23,7 @@ from mlprep.failures import Failure
 from mlprep.ids import shards_of
 from mlprep.io import write_json
 from mlprep.probe.reader import AUTO, row_group_frame
-from mlprep.sources import IMAGE_COLUMNS, dataset_files, join, open_parquet
+from mlprep.sources import IMAGE_COLUMNS, dataset_files, join, open_parquet, row_counts
 from mlprep.shardlists import ShardLists, encode_lines, file_digest
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,7 @@ def scan(cfg: dict, folder: Path | str | None = None) -> Catalog:
             entry = {"stat": stat, "rows": None, "labels": None, "error": None}
             try:
                 handle = open_parquet(path, storage, info["size"])
-                meta = handle.metadata
-                entry["rows"] = [meta.row_group(k).num_rows for k in range(meta.num_row_groups)]
+                entry["rows"] = row_counts(handle)
                 entry["columns"] = list(handle.schema_arrow.names)
                 if want_labels and cfg["label_column"] in entry["columns"]:
                     entry["labels"] = _file_labels(handle, cfg["label_column"])

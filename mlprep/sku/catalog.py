@@ -22,7 +22,7 @@ from mlprep.files import file_stats
 from mlprep.ids import normalise_paths, shards_of, unsafe_path_reasons
 from mlprep.records import RecordsError, first_value, read_records
 from mlprep.shardlists import CatalogCache, ShardLists, encode_lines, source_key
-from mlprep.sources import LOCATION_COLUMNS, LocatedItem, display_path, index_dataset, locate
+from mlprep.sources import LOCATION_COLUMNS, LocatedItem, display_paths, index_dataset, locate
 from mlprep.storage import is_remote
 
 ID_KEYS = ("sku_id", "id", "sku", "code")
@@ -94,9 +94,7 @@ class Catalog:
         """The manifest, sorted by item id: ITEM_COLUMNS and `listed`, each image's position among the
         valid images of sku_data.json (first = 0)."""
         frame = self.frame[[*ITEM_COLUMNS, "listed"]].sort_values("item_id", kind="stable")
-        where = [display_path(p, m) for p, m in zip(self.frame["path"], self.frame["member"])] \
-            if (self.frame["member"] != "").any() else self.frame["path"]
-        return frame.assign(path=pd.Series(where, index=self.frame.index)).reset_index(drop=True)
+        return frame.assign(path=display_paths(self.frame)).reset_index(drop=True)
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,11 @@ from mlprep.failures import Failure, InputError
 from mlprep.files import file_stats
 from mlprep.ids import normalise_paths, shards_of, unsafe_path_reasons
 from mlprep.shardlists import ShardLists, encode_lines
-from mlprep.sources import AUDIO_COLUMNS, LOCATION_COLUMNS, display_path, index_dataset, sample_meta
+from mlprep.sources import AUDIO_COLUMNS, LOCATION_COLUMNS, display_path, index_dataset, media_key, sample_meta
 from mlprep.storage import is_remote
 
 AUDIO_EXTS = (".wav", ".flac")
+AUDIO_NAMES = tuple(e.lstrip(".") for e in AUDIO_EXTS)  # as a tar member's or parquet name's extension
 EMBEDDING_EXTS = (".npy",)
 PICKLE_EXTS = (".pkl",)  # only with trust_pickles: unpickling runs code from the file
 MANIFEST_COLUMNS = ["dataset", "speaker_id", "utterance_id", "path"]
@@ -139,7 +140,7 @@ def _container_utterances(cfg: dict, storage: dict | None, cache_folder) -> tupl
     separator = cfg.get("speaker_separator", "-")
     failures = list(index.problems)
     if cfg["input_format"] == "webdataset":
-        audio = frame["ext"].isin([e.lstrip(".") for e in AUDIO_EXTS])
+        audio = frame["ext"].isin(AUDIO_NAMES)
         has_audio = set(zip(frame["container"][audio], frame["key"][audio]))
         orphans = frame[~audio].drop_duplicates(["container", "key"])
         for container, key, name in zip(orphans["container"], orphans["key"], orphans["name"]):
@@ -149,8 +150,7 @@ def _container_utterances(cfg: dict, storage: dict | None, cache_folder) -> tupl
         frame = frame[audio]
         keys = frame["key"]
     else:  # a row's name may carry the file's extension (`a.wav`): the key is what is left
-        keys = frame["key"].map(lambda k: k[: -len(ext)] if (ext := os.path.splitext(k)[1]).lower() in AUDIO_EXTS
-                                else k)
+        keys = frame["key"].map(lambda k: media_key(k, AUDIO_NAMES))
     rows, kept = [], []
     for position, (key, meta, container, name) in enumerate(zip(keys, frame["meta"], frame["container"],
                                                                 frame["name"])):
@@ -237,11 +237,6 @@ def list_corpus(cfg: dict, n_shards: int, with_stats: bool = True, storage: dict
 def count_utterances(cfg: dict, storage: dict | None = None, cache_folder: Path | str | None = None) -> int:
     """How many utterances the corpus lists (what items_per_shard sizes shards by)."""
     return len(list_corpus(cfg, 1, with_stats=False, storage=storage, cache_folder=cache_folder).frame)
-
-
-def manifest_paths(frame: pd.DataFrame) -> pd.Series:
-    """Each utterance's file, or `<container>#<member>`: how the manifest and failure records name it."""
-    return frame["path"].where(frame["member"] == "", frame["path"] + "#" + frame["member"])
 
 
 def shard_list_lines(frame: pd.DataFrame) -> list[str]:

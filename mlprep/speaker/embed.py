@@ -28,8 +28,8 @@ from mlprep.sharding import ShardId
 from mlprep.shardlists import ShardLists
 from mlprep.speaker.audio import load_audio
 from mlprep.speaker.backends import load_backend
-from mlprep.sources import AUDIO_COLUMNS, LOCATION_COLUMNS, ItemReader
-from mlprep.speaker.corpus import LIST_COLUMNS, manifest_paths, rows_from_list, speaker_keys
+from mlprep.sources import AUDIO_COLUMNS, LOCATION_COLUMNS, ItemReader, display_paths
+from mlprep.speaker.corpus import LIST_COLUMNS, rows_from_list, speaker_keys
 from mlprep.speaker.speakers import aggregate, speakers_arrow
 from mlprep.stats import ShardStats, scheduler_ids
 from mlprep.workers import in_order, resolve_workers
@@ -79,8 +79,7 @@ class _Utterances(torch.utils.data.Dataset):
 
 
 def iter_prepared(locations: list, backend, min_seconds: float, workers: int, reader: ItemReader | None = None):
-    """Prepared utterances in order; `locations` are paths, or mlprep.sources locations read through `reader`."""
-    locations = [loc if isinstance(loc, tuple) else (loc, "") for loc in locations]
+    """Prepared utterances in order; `locations` are mlprep.sources locations ((path, "") for a file)."""
     # A whole group of batches read ahead (an utterance is >= 1 window): the readers keep working while the
     # model encodes the previous group. Bounded: ~80 MB of mel windows, ~160 MB of 10 s waveforms.
     return in_order(_Utterances(locations, backend, min_seconds, reader), workers,
@@ -95,9 +94,10 @@ def embed_audio(frame: pd.DataFrame, backend, failures: FailureLog, workers: int
     item_ids = frame["item_id"].tolist()
     if "member" in frame:
         locations = list(frame[LOCATION_COLUMNS].itertuples(index=False, name=None))
-        paths = manifest_paths(frame).tolist()
+        paths = display_paths(frame).tolist()
     else:
-        locations = paths = frame["path"].tolist()
+        paths = frame["path"].tolist()
+        locations = [(path, "") for path in paths]
     pending: list[Prepared] = []
     out_vectors: list[np.ndarray] = []
     positions: list[int] = []
@@ -217,7 +217,7 @@ def _embed_shard(shard_text: str, list_path: Path | str, cfg: dict, device_spec:
         seconds = np.full(len(positions), np.nan)
         stats.first_item_done()
     ok = frame.iloc[positions].reset_index(drop=True).assign(duration_s=seconds)
-    ok["path"] = manifest_paths(ok)
+    ok["path"] = display_paths(ok)
     failed_ids = {f.item_id for f in failures.records}
     failed = frame[frame["item_id"].isin(failed_ids)]
     speakers = aggregate(ok, vectors, failed, min_utterances=cfg["min_utterances"], normalize=cfg["normalize"],

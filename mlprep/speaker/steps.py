@@ -14,7 +14,8 @@ import pyarrow as pa
 from mlprep.failures import FailureLog, check_failed_share, count_by_code, read_failures, write_failures
 from mlprep.ids import safe_filename
 from mlprep.io import atomic_dir, atomic_path, load_npy, read_json, save_npy, write_json, write_parquet, write_table
-from mlprep.speaker.corpus import UTTERANCE_COLUMNS, durations, list_corpus, manifest_paths
+from mlprep.sources import display_paths
+from mlprep.speaker.corpus import UTTERANCE_COLUMNS, durations, list_corpus
 from mlprep.speaker.embed import SHARD_FILES
 from mlprep.speaker.speakers import SKIPPED_COLUMNS, speakers_arrow
 
@@ -33,7 +34,7 @@ def manifest(cfg: dict, n_shards: int, continue_on_error: bool, outputs: dict, s
     files = cfg["input"] == "audio" and cfg.get("input_format", "files") == "files"
     # precomputed embeddings have no duration: null, in the one manifest schema
     frame = frame.assign(duration_s=durations(frame["path"].tolist()) if files else float("nan"),
-                         path=manifest_paths(frame))
+                         path=display_paths(frame))
     frame = frame[[*UTTERANCE_COLUMNS, "size", "stamp", "duration_s"]]
     write_parquet(frame, outputs["manifest"], "speaker.manifest")
     write_failures(failures.records, outputs["failures"])

@@ -29,8 +29,8 @@ from mlprep.records import RecordsError, coalesce, read_records
 from mlprep.rng import derive_seed
 from mlprep.sharding import ShardId
 from mlprep.shardlists import CatalogCache, ShardLists, encode_lines, source_key
-from mlprep.sources import (LOCATION_COLUMNS, VIDEO_COLUMNS, LocatedItem, display_path, index_dataset, locate,
-                            sample_meta)
+from mlprep.sources import (LOCATION_COLUMNS, VIDEO_COLUMNS, LocatedItem, display_path, display_paths,
+                            index_dataset, locate, media_key, sample_meta)
 from mlprep.storage import is_remote
 
 LIST_KEYS = ("pairs", "data", "items", "clips")
@@ -90,7 +90,7 @@ class PairCatalog:
 
     def frame(self) -> pd.DataFrame:
         """The manifest, sorted by clip id (a clip in a container: `path` is `<container>#<member>`)."""
-        table = self.table.assign(path=[display_path(p, m) for p, m in zip(self.table["path"], self.table["member"])])
+        table = self.table.assign(path=display_paths(self.table))
         return table[COLUMNS].sort_values("clip_id", kind="stable").astype(
             {"clip_id": "string", "text": "string", "clip": "string", "path": "string", "split": "string",
              "start": "Float64", "end": "Float64", "shard": "int64"}
@@ -282,7 +282,7 @@ def container_records(index) -> list[tuple[None, dict]]:
     for name, key, meta in zip(frame["name"], frame["key"], frame["meta"]):
         fields = sample_meta(meta)
         if index.fmt == "parquet":
-            key = key.rsplit(".", 1)[0] if key.rsplit(".", 1)[-1].lower() in VIDEO_EXTS else key
+            key = media_key(key, VIDEO_EXTS)
         record = {"clip": name, "id": key, **{k: v for k, v in fields.items() if k != "txt"}}
         if "txt" in fields and not any(k in fields for k in TEXT_KEYS):
             record["text"] = fields["txt"]
