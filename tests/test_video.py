@@ -111,6 +111,38 @@ def test_hwaccel_cuda_gives_the_cpu_frames_or_says_why_not(clips, name, backend,
             assert gpu.note.startswith("NVDEC unavailable (") and "0x" not in gpu.note, gpu.note
 
 
+@pytest.mark.parametrize("name", ["plain", "long_gop", "odd"])
+def test_frames_that_leave_the_decoder_as_nv12_convert_to_the_cpu_frames(clips, name):
+    """NVDEC hands its frames back as nv12, a CPU decoder as the stream's yuv420p: the same samples, laid out
+    differently. Both go through one conversion to RGB (PyAV's rgb_frame, ffmpeg's as_stream_format), so the
+    frames are equal; FFmpeg's direct nv12 -> RGB path is not (the 3-5 levels measured on an H200)."""
+    import av
+    import ffmpeg
+
+    from mlprep.video.decode import _ffmpeg_frames, as_stream_format, ffmpeg_exe, probe, rgb_frame
+
+    info = probe(clips[name])
+    assert info.pix_fmt == "yuv420p"
+    direct = []
+    with av.open(str(clips[name])) as container:
+        for frame in container.decode(container.streams.video[0]):
+            nv12 = frame.reformat(format="nv12")
+            assert np.array_equal(rgb_frame(nv12, info.pix_fmt), rgb_frame(frame, info.pix_fmt))
+            direct.append(np.abs(nv12.to_ndarray(format="rgb24").astype(int) - rgb_frame(frame, info.pix_fmt)).max())
+    assert max(direct) > 2  # what the shared conversion removes
+
+    indices = np.array([0, 7, 30])
+    cpu, _ = _ffmpeg_frames(clips[name], indices, info, 1, None)
+    select = "+".join(f"eq(n,{i})" for i in indices)
+    for shared in (True, False):
+        video = ffmpeg.input(str(clips[name])).video.filter("format", "nv12").filter("select", select)
+        video = as_stream_format(video, info) if shared else video
+        raw, _ = video.output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough").run(
+            cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True, quiet=True)
+        frames = np.frombuffer(raw, np.uint8).reshape(cpu.shape)
+        assert np.array_equal(frames, cpu) == shared, shared
+
+
 def test_hwaccel_cuda_needs_a_backend_that_has_it(tmp_path):
     from mlprep.config import ConfigError, load_schema, validate
 

@@ -43,6 +43,7 @@ class StreamInfo:
     width: int
     height: int
     container_frames: int  # what the container header claims (0 when it does not say)
+    pix_fmt: str = ""  # the stream's own pixel format (what a CPU decoder gives), '' when not known
 
     @property
     def n_frames(self) -> int:
@@ -54,7 +55,7 @@ class StreamInfo:
     def truncated(self, n: int) -> StreamInfo:
         pts = self.pts[:n]
         return StreamInfo(pts, self.keyframe_pts[self.keyframe_pts <= pts[-1]], self.time_base, self.fps,
-                          self.width, self.height, self.container_frames)
+                          self.width, self.height, self.container_frames, self.pix_fmt)
 
 
 @dataclass
@@ -114,7 +115,8 @@ def probe(path) -> StreamInfo:
         pts_sorted = np.unique(np.asarray(pts, dtype=np.int64))
         fps = float(rate) if rate else (len(pts_sorted) - 1) / max((pts_sorted[-1] - pts_sorted[0]) * time_base, 1e-9)
         return StreamInfo(pts_sorted, np.unique(np.asarray(keys or pts[:1], dtype=np.int64)), time_base, fps,
-                          stream.codec_context.width, stream.codec_context.height, int(stream.frames or 0))
+                          stream.codec_context.width, stream.codec_context.height, int(stream.frames or 0),
+                          stream.codec_context.pix_fmt or "")
 
 
 def frame_window(info: StreamInfo, start: float | None, end: float | None) -> tuple[int, int]:
@@ -179,9 +181,19 @@ def _open_pyav(path, hwaccel: str | None):
         raise NoGpuDecoder(f"PyAV cannot open a {hwaccel} device: {err}") from err
 
 
+def rgb_frame(frame, pix_fmt: str) -> np.ndarray:
+    """A decoded frame as RGB through the one conversion every decoder shares: a frame that leaves its decoder in
+    another layout than the stream's own (NVDEC hands back nv12 / p010) is first re-laid out in the stream's
+    format (a lossless move of the same samples), then converted to RGB as the CPU decoder's frames are. FFmpeg's
+    direct nv12 -> RGB conversion interpolates chroma differently (up to 81 levels apart on the demo's clips)."""
+    if pix_fmt and frame.format.name != pix_fmt:
+        frame = frame.reformat(format=pix_fmt)
+    return frame.to_ndarray(format="rgb24")
+
+
 def read_pyav(path, indices: np.ndarray, info: StreamInfo, threads: int = 1, hwaccel=None, reader=None):
     """Seek to the keyframe before each wanted frame only when that is ahead of the decoder: exact and minimal.
-    `hwaccel='cuda'`: decoded on NVDEC, frames copied back to the host."""
+    `hwaccel='cuda'`: decoded on NVDEC, frames copied back to the host and converted as the CPU's (rgb_frame)."""
     out = []
     with _open_pyav(path, hwaccel) as container:
         stream = container.streams.video[0]
@@ -198,7 +210,7 @@ def read_pyav(path, indices: np.ndarray, info: StreamInfo, threads: int = 1, hwa
                 if frame.pts is None or frame.pts < target:
                     continue
                 if frame.pts == target:
-                    found = frame.to_ndarray(format="rgb24")
+                    found = rgb_frame(frame, info.pix_fmt)
                 break
             if found is None:
                 raise ShortStreamError(f"frame at pts {int(target)} did not decode")
@@ -211,13 +223,19 @@ def read_ffmpeg(path, indices: np.ndarray, info: StreamInfo, threads: int = 1, h
     return _ffmpeg_frames(path, indices, info, threads, hwaccel)[0]
 
 
+def as_stream_format(video, info: StreamInfo):
+    """ffmpeg's frames in the stream's own pixel format before the conversion to RGB (see rgb_frame): NVDEC's
+    frames come down as nv12; a CPU decoder's are in that format already, and ffmpeg adds no step for them."""
+    return video.filter("format", info.pix_fmt) if info.pix_fmt else video
+
+
 def _ffmpeg_frames(path, indices: np.ndarray, info: StreamInfo, threads: int, hwaccel: str | None):
     """(frames, ffmpeg's warnings) for the frames `indices`, decoded by an ffmpeg binary."""
     import ffmpeg
 
     select = "+".join(f"eq(n,{int(i)})" for i in indices)
     source = ffmpeg.input(str(path), threads=threads, **({"hwaccel": hwaccel} if hwaccel else {}))
-    stream = source.video.filter("select", select).output(
+    stream = as_stream_format(source.video.filter("select", select), info).output(
         "pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough", threads=threads
     ).global_args("-loglevel", "warning")
     try:
@@ -250,8 +268,8 @@ def _first_line(text: str, words) -> str:
 
 def read_nvdec(path, indices: np.ndarray, info: StreamInfo, backend: str, threads: int = 1) -> tuple[np.ndarray, str]:
     """(frames, note): the frames decoded on NVDEC (PyAV's CUDA hwaccel, or ffmpeg's `-hwaccel cuda`), the same
-    frames as the CPU decoders give (H.264/HEVC decoding is exact; the conversion to RGB is FFmpeg's, as on the
-    CPU). Where the GPU decoder refuses the stream, or there is no GPU, the clip is decoded on the CPU by the
+    frames as the CPU decoders give (H.264/HEVC decoding is exact; NVDEC's nv12 frames are re-laid out in the
+    stream's own format first, so the conversion to RGB is the CPU's, step for step). Where the GPU decoder refuses the stream, or there is no GPU, the clip is decoded on the CPU by the
     same backend and the note says so; a clip the CPU cannot decode either raises the CPU's error."""
     global _nvdec_missing
     read = READERS[backend]
