@@ -2,7 +2,9 @@
 
 Utterance embedding (the demo corpus's utterances, `--copies` times over, per backend):
   model only       the backend's encoder on pre-loaded, pre-cut model input, in the same batches as the job
-  shard job        mlprep's embed loop: read + downmix + resample + cut in a worker, batched encoding
+  shard job        mlprep's embed loop: read + downmix + resample + cut in a worker, batched encoding; beside the
+                   whole run's rate, the steady state after the first group and when that group was queued
+                   (the readers' start-up), so a short run does not pass its start-up off as the feed's speed
   shard job inline the same with reading in the encoding process (no overlap)
   1 vs 2 jobs      one job alone against two at once (one thread each), throughput ratio
 Speaker step (`--utterances` random 256-dim utterance embeddings of `--speakers` speakers):
@@ -31,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mlprep.devices import cpu_summary
+from mlprep.devices import cpu_summary, to_host
 from mlprep.failures import FailureLog
 from mlprep.speaker.audio import load_audio
 from mlprep.speaker.backends import load_backend
@@ -71,17 +73,38 @@ def model_only(backend, frame: pd.DataFrame) -> float:
             current, windows = [], 0
     groups.append(current)
     started = time.perf_counter()
-    for group in groups:
-        backend.encode(group)  # each group's embeddings come back to the host: the job waits for them too
+    on_device = [backend.encode_device(group) for group in groups]  # queued, as the job queues them
+    to_host(on_device)  # and back to the host at the end: the encoder's time, nothing waits in between
     return time.perf_counter() - started
 
 
-def shard_job(backend, frame: pd.DataFrame, workers: int) -> float:
+def shard_job(backend, frame: pd.DataFrame, workers: int, marks: list | None = None) -> float:
+    """Seconds for mlprep's embed loop over `frame`; `marks` gets (seconds since the start, utterances) for each
+    group the loop queued on the model, so start-up and the steady state can be told apart (steady_rate)."""
+    encode, marks = backend.encode_device, marks if marks is not None else []
+
+    def counted(windows):
+        out = encode(windows)
+        marks.append((time.perf_counter() - started, len(windows)))
+        return out
+
+    backend.encode_device = counted
     started = time.perf_counter()
-    with open(os.devnull, "w") as quiet:
-        vectors, _, _ = embed_audio(frame, backend, FailureLog(False), workers, 0.5, quiet)
+    try:
+        with open(os.devnull, "w") as quiet:
+            vectors, _, _ = embed_audio(frame, backend, FailureLog(False), workers, 0.5, quiet)
+    finally:
+        del backend.encode_device  # the class's own again
     assert len(vectors) == len(frame)
     return time.perf_counter() - started
+
+
+def steady_rate(marks: list, seconds: float) -> float | None:
+    """Utterances per second after the first group was queued (readers started, first batches read): None when
+    the whole run was one group, too few utterances to tell the steady state from start-up."""
+    if len(marks) < 2:
+        return None
+    return sum(n for _, n in marks[1:]) / max(seconds - marks[0][0], 1e-9)
 
 
 def jobs_in_parallel(backend_name: str, frame: pd.DataFrame, n_jobs: int, batch_size: int) -> float:
@@ -262,13 +285,17 @@ def main() -> None:
         backend = make_backend(name, args.batch_size, args.device)
         model_only(backend, frame.iloc[:20])  # warm-up
         rows = {"model only": len(frame) / model_only(backend, frame)}
-        for w in args.workers:
-            rows[f"shard job ({w} worker{'s' * (w > 1)})"] = len(frame) / shard_job(backend, frame, w)
-        rows["shard job inline"] = len(frame) / shard_job(backend, frame, 0)
+        steady, first = {}, {}
+        for w in [*args.workers, 0]:
+            setup, marks = f"shard job ({w} worker{'s' * (w > 1)})" if w else "shard job inline", []
+            seconds = shard_job(backend, frame, w, marks)
+            rows[setup], steady[setup], first[setup] = len(frame) / seconds, steady_rate(marks, seconds), marks[0][0]
         for setup, rate in rows.items():
-            print(f"{name:<12} {setup:<22} {rate:8.1f} {rate / rows['model only']:14.2f}")
+            after = f"  steady {steady[setup]:8.1f} ({steady[setup] / rows['model only']:.2f}x), first group at " \
+                    f"{first[setup]:.2f} s" if steady.get(setup) else ""
+            print(f"{name:<12} {setup:<22} {rate:8.1f} {rate / rows['model only']:14.2f}{after}")
         if gpu:
-            figures[name] = {"utt_per_s": rows}
+            figures[name] = {"utt_per_s": rows, "steady_utt_per_s": steady, "first_group_s": first}
             continue
         if threads > 1:  # the model on one core, the reader on the other: no core shared
             torch.set_num_threads(1)

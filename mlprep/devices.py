@@ -71,6 +71,29 @@ def resolve_batch_size(value: int | str, device: torch.device, auto: dict[str, i
     return table.get(device.type, table["cpu"]) if value == "auto" else int(value)
 
 
+def to_device(host, device: torch.device) -> torch.Tensor:
+    """The one way a job's loop moves host data (a tensor or a numpy array) to its model's device: from
+    page-locked memory, without waiting (the caching host allocator keeps the buffer until the copy is done).
+    Marked for the profiler, so tests count a loop's transfers."""
+    with torch.profiler.record_function("mlprep::host_to_device"):
+        if not isinstance(host, torch.Tensor):
+            import numpy as np
+
+            host = torch.from_numpy(np.ascontiguousarray(host))
+        if device.type == "cpu":
+            return host
+        if not host.is_pinned():
+            host = host.pin_memory()
+        return host.to(device, non_blocking=True)
+
+
+def to_host(tensors: list[torch.Tensor]):
+    """Results left on the device, concatenated and brought back as one float32 numpy array: the point where
+    a loop waits for the device, marked for the profiler so tests count how often it does."""
+    with torch.profiler.record_function("mlprep::device_to_host"):
+        return torch.cat(tensors).float().cpu().numpy()
+
+
 def start_context(device: torch.device):
     """On CUDA, create the device's context in a thread and return the thread (join it when the context must
     be there), so the 1-3 s it takes overlap with the model's build on the CPU; None on a CPU."""

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mlprep.devices import to_device, to_host
 from mlprep.failures import ItemError, decoder_message, describe_error
 
 DECODERS = ("auto", "cpu", "device")
@@ -315,18 +316,6 @@ def choose_device_decode(spec: str, device: torch.device) -> bool:
     if spec not in DECODERS:
         raise ValueError(f"jpeg_decoder must be one of {', '.join(DECODERS)}; got {spec!r}")
     return spec == "device" or (spec == "auto" and device.type == "cuda")
-
-
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The one way the render loop moves host data to the device: from page-locked memory, without waiting
-    (the caching host allocator keeps the buffer until the copy is done). Marked for the profiler, so a test
-    counts the transfers of a chunk."""
-    with torch.profiler.record_function("mlprep::host_to_device"):
-        if device.type == "cpu":
-            return host
-        if not host.is_pinned():
-            host = host.pin_memory()
-        return host.to(device, non_blocking=True)
 
 
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -716,7 +705,7 @@ class ViewStage:
 
         def hand_out() -> EncodedViews:
             nonlocal spare, failed
-            rows = torch.cat(on_device).cpu().numpy() if on_device else np.zeros((0, 0), np.float32)
+            rows = to_host(on_device) if on_device else np.zeros((0, 0), np.float32)
             on_device.clear()
             rows = np.concatenate([spare, rows]) if len(spare) else rows
             taken, used = 0, 0

@@ -192,6 +192,39 @@ def test_batched_resemblyzer_embeddings_equal_one_at_a_time():
     assert cosine.min() > 1 - 1e-3, cosine
 
 
+def test_the_speaker_loop_queues_each_group_in_three_copies_and_waits_only_to_bring_embeddings_back(monkeypatch):
+    """The speaker feed's shape, counted with torch.profiler on the CPU: a group of utterances goes to the device
+    in three marked copies whatever its size (waveforms, window rows, owners), the embeddings come back in one
+    marked copy per GROUPS_PER_COPY groups and at the end, and nothing in the loop reads a device value back
+    (no item, nonzero): on a GPU the host reads the next group while the device encodes. The embeddings are
+    those of encoding all utterances at once."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import mlprep.speaker.embed as embed
+    from mlprep.failures import FailureLog
+    from mlprep.speaker.backends import ResemblyzerBackend
+
+    paths = sorted(str(p) for p in DEMO.rglob("utt*.*")) * 2
+    frame = pd.DataFrame({"item_id": [f"u{i}" for i in range(len(paths))], "path": paths})
+    backend = ResemblyzerBackend(torch.device("cpu"), batch_size=2)  # groups of 32 windows: 6-9 utterances
+    monkeypatch.setattr(embed, "GROUPS_PER_COPY", 2)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        vectors, positions, _ = embed.embed_audio(frame, backend, FailureLog(False), 1, 0.5)  # readers apart
+    counts: dict[str, int] = {}
+    for event in prof.events():
+        counts[event.name] = counts.get(event.name, 0) + 1
+    groups = counts["mlprep::host_to_device"] // 3
+    assert counts["mlprep::host_to_device"] == 3 * groups and groups >= 5, counts["mlprep::host_to_device"]
+    assert counts["mlprep::device_to_host"] == -(-groups // 2)
+    # one value read back in all: the readers' DataLoader drawing its seed on the host as it starts
+    assert counts.get("aten::item", 0) == counts.get("aten::random_", 0) == 1 and "aten::nonzero" not in counts
+    assert positions.tolist() == list(range(len(paths)))
+    from mlprep.speaker.audio import load_audio
+
+    whole = backend.encode([backend.prepare(load_audio(p, 16000, 0.5)) for p in paths])
+    assert np.abs(vectors - whole).max() < 1e-5
+
+
 @pytest.fixture(scope="module")
 def tiny_ecapa(tmp_path_factory) -> Path:
     from mlprep.demo import write_ecapa_model

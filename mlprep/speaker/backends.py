@@ -24,6 +24,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from mlprep.devices import to_device, to_host
+
 BACKENDS = ("resemblyzer", "speechbrain")
 
 
@@ -86,20 +88,13 @@ class WindowedWave:
         return len(self.starts)
 
 
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on the device: through page-locked memory and without waiting, on a GPU."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
-
-
 class ResemblyzerBackend:
     name = "resemblyzer"
     sample_rate = 16000
     rate = 1.3  # partial windows per second, resemblyzer's default
     min_coverage = 0.75
     pending_factor = 16  # windows of this many batches are gathered before encoding (small mel windows)
+    windows_per_utterance = 4  # about, at 1.3 windows a second: what the readers' look-ahead is sized by
 
     def __init__(self, device: torch.device, batch_size: int = 64, weights: str | None = None):
         from resemblyzer import VoiceEncoder, hparams
@@ -153,13 +148,16 @@ class ResemblyzerBackend:
         rows = to_device(first[:, None] + np.arange(self.frames)[None, :], self.device)
         return mel[rows]
 
-    @torch.inference_mode()
     def encode(self, windows: list[WindowedWave]) -> np.ndarray:
-        """Many utterances -> one embedding each: their mel windows made on the device, all windows through the
-        LSTM in batches of `batch_size`, each utterance the normalised mean of its own windows' embeddings;
-        one copy back to the host at the end."""
+        return to_host([self.encode_device(windows)])
+
+    @torch.inference_mode()
+    def encode_device(self, windows: list[WindowedWave]) -> torch.Tensor:
+        """Many utterances -> one embedding each, left on the device (nothing waits for it): their mel windows
+        made on the device, all windows through the LSTM in batches of `batch_size`, each utterance the
+        normalised mean of its own windows' embeddings. Three host-to-device copies, whatever the utterances."""
         if not windows:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return torch.zeros((0, self.dim), dtype=torch.float32, device=self.device)
         counts = np.array([len(w) for w in windows])
         mels = self.mel_windows(windows)
         partial = torch.cat([self.encoder(mels[start : start + self.batch_size]).float()
@@ -167,13 +165,15 @@ class ResemblyzerBackend:
         owner = to_device(np.repeat(np.arange(len(windows)), counts), self.device)
         sums = torch.zeros((len(windows), self.dim), dtype=torch.float32, device=self.device)
         sums.index_add_(0, owner, partial)
-        means = sums / torch.from_numpy(counts).to(self.device).view(-1, 1)
-        return torch.nn.functional.normalize(means, dim=1).cpu().numpy().astype(np.float32)
+        ones = torch.ones((len(partial), 1), dtype=torch.float32, device=self.device)
+        sizes = torch.zeros((len(windows), 1), dtype=torch.float32, device=self.device).index_add_(0, owner, ones)
+        return torch.nn.functional.normalize(sums / sizes, dim=1)
 
 
 class SpeechbrainBackend:
     name = "speechbrain"
     pending_factor = 4  # utterances of this many batches are gathered before encoding (whole waveforms)
+    windows_per_utterance = 1
 
     def __init__(self, device: torch.device, batch_size: int, source: str, length_quantum_s: float = 0.1):
         from speechbrain.inference.speaker import EncoderClassifier
@@ -203,22 +203,22 @@ class SpeechbrainBackend:
         return out.reshape(len(batch), -1).float()
 
     def encode(self, windows: list[np.ndarray]) -> np.ndarray:
-        """Waveforms [1, samples] -> embeddings, in batches of equal length (sorted by length): no padding.
-        The batches are queued on the device; one copy back to the host at the end."""
+        return to_host([self.encode_device(windows)])
+
+    def encode_device(self, windows: list[np.ndarray]) -> torch.Tensor:
+        """Waveforms [1, samples] -> normalised embeddings, left on the device (nothing waits for them), in
+        batches of equal length (sorted by length): no padding."""
         if not windows:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return torch.zeros((0, self.dim), dtype=torch.float32, device=self.device)
         lengths = np.array([w.shape[1] for w in windows])
         order = np.argsort(lengths, kind="stable")
         bounds = np.flatnonzero(np.diff(lengths[order])) + 1
-        members, parts = [], []
+        parts = []
         for group in np.split(order, bounds):
             for start in range(0, len(group), self.batch_size):
-                batch = group[start : start + self.batch_size]
-                members.append(batch)
-                parts.append(self._forward(np.concatenate([windows[i] for i in batch])))
-        out = np.empty((len(windows), self.dim), dtype=np.float32)
-        out[np.concatenate(members)] = torch.cat(parts).cpu().numpy()
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
+                parts.append(self._forward(np.concatenate([windows[i] for i in group[start : start + self.batch_size]])))
+        back = to_device(np.argsort(order, kind="stable"), self.device)  # sorted position of each utterance
+        return torch.nn.functional.normalize(torch.cat(parts)[back], dim=1)
 
 
 def local_overrides(source) -> dict:

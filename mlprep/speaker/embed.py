@@ -10,8 +10,10 @@ forward pass. Precomputed embeddings (`input: embeddings`) are read with numpy.l
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -21,7 +23,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from mlprep.devices import job_device, resolve_batch_size, start_context
+from mlprep.devices import job_device, resolve_batch_size, start_context, to_host
 from mlprep.failures import FailureLog, ItemError, describe_error, write_failures
 from mlprep.io import atomic_dir, save_npy, write_parquet, write_table
 from mlprep.sharding import ShardId
@@ -36,6 +38,10 @@ from mlprep.workers import in_order, resolve_workers
 
 # batch_size `auto`: model windows (resemblyzer) or utterances (speechbrain) per forward pass, per device type
 SPEAKER_BATCH = {"cpu": 64, "cuda": 512}
+# The loop queues a group of utterances on the device and goes on reading the next: at most this many groups
+# are queued on a GPU at once, and embeddings come back to the host every GROUPS_PER_COPY groups (and at the end).
+GROUPS_IN_FLIGHT = 2
+GROUPS_PER_COPY = 16
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +86,12 @@ class _Utterances(torch.utils.data.Dataset):
 
 def iter_prepared(locations: list, backend, min_seconds: float, workers: int, reader: ItemReader | None = None):
     """Prepared utterances in order; `locations` are mlprep.sources locations ((path, "") for a file)."""
-    # A whole group of batches read ahead (an utterance is >= 1 window): the readers keep working while the
-    # model encodes the previous group. Bounded: ~80 MB of mel windows, ~160 MB of 10 s waveforms.
+    # About one group of utterances read ahead over all the readers: they keep working while the model encodes
+    # the previous group, and the waveforms waiting stay bounded (at batch 512, ~2,000 utterances: ~260 MB of
+    # 4 s waveforms), not a group per reader.
+    group = backend.pending_factor * backend.batch_size / backend.windows_per_utterance
     return in_order(_Utterances(locations, backend, min_seconds, reader), workers,
-                    ahead=backend.pending_factor * backend.batch_size)
+                    ahead=max(2, math.ceil(group / max(1, workers))))
 
 
 def embed_audio(frame: pd.DataFrame, backend, failures: FailureLog, workers: int, min_seconds: float,
@@ -100,17 +108,27 @@ def embed_audio(frame: pd.DataFrame, backend, failures: FailureLog, workers: int
         locations = [(path, "") for path in paths]
     pending: list[Prepared] = []
     out_vectors: list[np.ndarray] = []
+    on_device: list[torch.Tensor] = []
+    in_flight: deque = deque()
     positions: list[int] = []
     seconds: list[float] = []
 
-    def flush() -> None:
+    def flush(last: bool = False) -> None:
         if pending:
-            out_vectors.append(backend.encode([p.windows for p in pending]))
+            on_device.append(backend.encode_device([p.windows for p in pending]))
             positions.extend(p.position for p in pending)
             seconds.extend(p.seconds for p in pending)
             pending.clear()
+            if backend.device.type == "cuda":  # the host reads the next group while the device encodes this one
+                in_flight.append(torch.cuda.Event())
+                in_flight[-1].record()
+                if len(in_flight) > GROUPS_IN_FLIGHT:  # bounded: each group holds its waveforms in pinned memory
+                    in_flight.popleft().synchronize()
             if on_encoded is not None:
                 on_encoded()
+        if on_device and (last or len(on_device) >= GROUPS_PER_COPY):
+            out_vectors.append(to_host(on_device))
+            on_device.clear()
 
     bar = tqdm(total=len(paths), desc="embed utterances", unit="utt", file=progress, mininterval=2.0)
     n_windows = 0
@@ -124,7 +142,7 @@ def embed_audio(frame: pd.DataFrame, backend, failures: FailureLog, workers: int
         if n_windows >= backend.pending_factor * backend.batch_size:  # bounded memory
             flush()
             n_windows = 0
-    flush()
+    flush(last=True)
     bar.close()
     vectors = np.concatenate(out_vectors) if out_vectors else np.zeros((0, backend.dim), dtype=np.float32)
     order = np.argsort(positions, kind="stable")
