@@ -294,8 +294,8 @@ def main() -> None:
             after = f"  steady {steady[setup]:8.1f} ({steady[setup] / rows['model only']:.2f}x), first group at " \
                     f"{first[setup]:.2f} s" if steady.get(setup) else ""
             print(f"{name:<12} {setup:<22} {rate:8.1f} {rate / rows['model only']:14.2f}{after}")
+        figures[name] = {"utt_per_s": rows, "steady_utt_per_s": steady, "first_group_s": first}
         if gpu:
-            figures[name] = {"utt_per_s": rows, "steady_utt_per_s": steady, "first_group_s": first}
             continue
         if threads > 1:  # the model on one core, the reader on the other: no core shared
             torch.set_num_threads(1)
@@ -307,7 +307,7 @@ def main() -> None:
         one = jobs_in_parallel(name, frame, 1, args.batch_size)
         two = jobs_in_parallel(name, frame, 2, args.batch_size)
         print(f"{name:<12} 1 job {one:.2f} s, 2 jobs at once {two:.2f} s (1 thread each): throughput x{one / two:.2f}")
-        figures[name] = {"utt_per_s": rows, "one_job_s": one, "two_jobs_s": two}
+        figures[name].update({"one_job_s": one, "two_jobs_s": two})
 
     if "step" in args.parts:
         speaker_step_table(args, figures)
