@@ -176,9 +176,12 @@ def real_run_images(steps: Steps, work: Path, images: int, device: str, dry: boo
     started = time.time()
     sku_data = write_catalog(work / "catalog", images, (640, 480), cores)
     catalog_s = round(time.time() - started, 1)
-    shards = 2 if dry else 4
+    # sized as docs/gpu.md's shard-sizing guide tells a user with one GPU: 12,500 images a shard at most (20,000
+    # photos: 2 shards of 10,000), not many small shards that spend their life starting
+    per_shard = 32 if dry else 12_500
     config = {"device": device, "precision": "auto", "seed": 7,
-              "sku_index": {"sku_data": str(sku_data), "images_dir": str(sku_data.parent), "shards": shards,
+              "sku_index": {"sku_data": str(sku_data), "images_dir": str(sku_data.parent),
+                            "items_per_shard": per_shard,
                             "confusable_sample": 2000, "eval": {"queries_per_image": 1, "top_k": [1, 5]}},
               **only("sku_index")}
     (work / "sku.yaml").write_text(yaml.safe_dump(config))

@@ -225,10 +225,13 @@ class ClipEncoder(ImageEncoder):
         if spec.name not in open_clip.list_models() and not spec.name.startswith(("hf-hub:", "local-dir:")):
             raise ModelError(f"unknown open_clip model {spec.name!r} (give config_file for a custom architecture)")
         path = checkpoint_path(spec)
-        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
-            torch.manual_seed(spec.init_seed)
-            model = open_clip.create_model(spec.name, pretrained=str(path) if path else spec.pretrained,
-                                           device=device)
+        model = _clip_with_weights(spec, path, device) if path is not None else None
+        self.built_in_place = model is not None  # no random init, weights loaded straight onto the device
+        if model is None:  # random weights (seeded), a hub tag, or a checkpoint that needs open_clip's conversions
+            with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
+                torch.manual_seed(spec.init_seed)
+                model = open_clip.create_model(spec.name, pretrained=str(path) if path else spec.pretrained,
+                                               device=device)
         self.model = model.eval().to(dtype=dtype)
         size = model.visual.image_size
         mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
@@ -296,6 +299,40 @@ def _load_weights(model: torch.nn.Module, spec: ModelSpec, path: Path, assign: b
         model.load_state_dict(tensors, strict=True, assign=assign)
     except RuntimeError as err:
         raise ModelError(f"{path}: does not fit timm's {spec.name}: {str(err)[:400]}") from err
+
+
+def _clip_with_weights(spec: ModelSpec, path: Path, device: torch.device) -> torch.nn.Module | None:
+    """An open_clip model built on the meta device with a checkpoint that fits it exactly (every name and shape, as
+    open_clip's training saves them) loaded straight onto `device` and put in place: the random init that the
+    checkpoint would overwrite is skipped. The text tower's causal mask, which no checkpoint holds, is rebuilt. None for a checkpoint that needs open_clip's own loader (an
+    OpenAI archive, older text-tower names, position embeddings of another size): the caller then uses it."""
+    import logging
+
+    import open_clip
+
+    try:
+        tensors = _state_dict(path, device)
+    except Exception:  # noqa: BLE001 - not a plain state dict (a TorchScript archive): open_clip's loader decides
+        return None
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # its "initialized randomly" warning is not true of this build
+    try:
+        with torch.device("meta"):
+            model = open_clip.create_model(spec.name, device="meta")
+    finally:
+        root.level = level
+    state = model.state_dict()
+    if state.keys() != tensors.keys() or any(state[k].shape != tensors[k].shape for k in state):
+        return None
+    model.load_state_dict(tensors, strict=True, assign=True)
+    for module in model.modules():  # open_clip registers a text mask only when causal: -inf above the diagonal
+        mask = module._buffers.get("attn_mask")
+        if mask is not None and mask.is_meta and mask.ndim == 2 and mask.shape[0] == mask.shape[1]:
+            causal = torch.full(mask.shape, float("-inf"), dtype=mask.dtype, device=device).triu_(1)
+            module.register_buffer("attn_mask", causal, persistent=False)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return None
+    return model
 
 
 def _timm_with_weights(spec: ModelSpec, path: Path, device: torch.device) -> torch.nn.Module | None:

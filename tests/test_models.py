@@ -97,6 +97,41 @@ def test_a_timm_checkpoint_of_the_users_own_loads_through_the_same_path(tmp_path
                       CPU, torch.float32, 4)
 
 
+def test_an_open_clip_checkpoint_is_put_in_place_and_gives_the_embeddings_of_open_clips_own_load(tiny_clip, tmp_path,
+                                                                                                 monkeypatch):
+    """A checkpoint that fits the architecture exactly is loaded onto the device into a model built on the meta
+    device (no random init, the text tower's causal mask rebuilt): images and texts embed bit for bit as through
+    open_clip's own loader. One that needs open_clip's conversions (position embeddings of another image size)
+    still goes through that loader."""
+    import open_clip
+
+    import mlprep.encoders as encoders
+
+    spec = ModelSpec.from_config({"family": "open_clip", **tiny_clip})
+    placed = build_encoder(spec, CPU, torch.float32, 4)
+    monkeypatch.setattr(encoders, "_clip_with_weights", lambda *args: None)
+    loaded = build_encoder(spec, CPU, torch.float32, 4)
+    monkeypatch.undo()
+    assert placed.built_in_place and not loaded.built_in_place
+    assert not any(t.is_meta for t in (*placed.model.parameters(), *placed.model.buffers()))
+    assert torch.equal(placed.model.attn_mask, loaded.model.attn_mask)
+    views = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    assert np.array_equal(placed.encode_images(views), loaded.encode_images(views))
+    texts = ["a tin of tea", "a box of green tea bags"]
+    assert np.array_equal(placed.encode_texts(texts), loaded.encode_texts(texts))
+
+    config = json.loads(Path(tiny_clip["config_file"]).read_text())
+    config["vision_cfg"]["image_size"] = 96  # a 6x6 patch grid: open_clip resizes the checkpoint's 4x4 one
+    other = tmp_path / "mlprep-tiny96.json"
+    other.write_text(json.dumps(config))
+    open_clip.add_model_config(other)
+    resized = build_encoder(ModelSpec.from_config({"family": "open_clip", "name": "mlprep-tiny96",
+                                                   "pretrained": tiny_clip["pretrained"],
+                                                   "config_file": str(other)}), CPU, torch.float32, 4)
+    assert not resized.built_in_place and resized.image_size == 96
+    assert np.isfinite(resized.encode_images(torch.zeros((1, 3, 96, 96), dtype=torch.uint8))).all()
+
+
 @pytest.mark.parametrize("cfg, message", [
     ({"family": "timm"}, "needs its architecture name"),
     ({"family": "timm", "name": "efficientnet_lite0", "pretrained": "packaged:efficientnet-lite0"},
