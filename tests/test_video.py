@@ -151,6 +151,61 @@ def test_hwaccel_cuda_needs_a_backend_that_has_it(tmp_path):
         validate({"video_frames": {"hwaccel": "cuda", "backend": "decord"}}, schema)
     for backend in ("pyav", "ffmpeg"):
         validate({"video_frames": {"hwaccel": "cuda", "backend": backend}}, schema)
+    for backend in BACKENDS:  # auto chooses per shard, the CPU where the backend has no GPU decoder
+        validate({"video_frames": {"hwaccel": "auto", "backend": backend}}, schema)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hwaccel_auto_decodes_where_it_is_faster_and_says_why(clips, backend, monkeypatch):
+    """`hwaccel: auto` without a GPU, as here: the shard's frames are the CPU's, no clip carries a note, and the
+    shard's choice says why (NVDEC unavailable; decord has none). The choice itself, over a GPU decoder that
+    cannot run here: NVDEC is taken when it was faster on the last trial clip, the CPU when it was slower or
+    its frames were more than 2 levels off, and the trial clips keep the CPU's frames."""
+    import mlprep.video.decode as decode
+    from mlprep.video.extract import DecoderChoice
+    from mlprep.video.pairs import ClipItem
+
+    monkeypatch.setattr(decode, "_nvdec_missing", None)
+    items = [ClipItem(f"c{k}", "t", name, str(clips[name]), None, None, "train", 0)
+             for k, name in enumerate(["plain", "long_gop", "text", "odd", "plain"])]
+    settings = {h: ExtractSettings(num_frames=4, width=64, height=40, backend=backend, hwaccel=h)
+                for h in (None, "auto")}
+    cpu, _ = extract_items(items, settings[None], FailureLog(True))
+    choice: dict = {}
+    auto, index = extract_items(items, settings["auto"], FailureLog(True), choice=choice)
+    assert [r["id"] for r in auto] == [r["id"] for r in cpu] == ["c0", "c1", "c3", "c4"]
+    assert all(np.array_equal(a["frames"], c["frames"]) and not a["note"] for a, c in zip(auto, cpu))
+    assert choice["hwaccel"] == "auto" and choice["decoder"] == "cpu" and not choice["trials"]
+    why = "decord has no GPU decoder" if backend == "decord" else "NVDEC unavailable ("
+    assert choice["reason"].startswith(why), choice
+
+    frames = extract_clip(clips["plain"], 4, 64, 40, "pyav")
+
+    def trial(nvdec_s: float, off_by: int):
+        calls = []
+
+        def run(hwaccel):
+            calls.append(hwaccel)
+            if hwaccel == "cuda":
+                time.sleep(nvdec_s)
+                return frames.__class__(**{**frames.__dict__, "frames": np.clip(frames.frames.astype(int) + off_by,
+                                                                                  0, 255).astype(np.uint8)})
+            time.sleep(0.02)
+            return frames
+
+        chooser = DecoderChoice("pyav")
+        out = [chooser.decode(run) for _ in range(4)]
+        assert all(o.frames is frames.frames for o in out[:2])  # the trial clips keep the CPU's frames
+        return chooser.summary(), calls
+
+    summary, calls = trial(0.0, 1)
+    assert summary["decoder"] == "nvdec" and calls == [None, "cuda", None, "cuda", "cuda", "cuda"]
+    assert len(summary["trials"]) == 2 and summary["trials"][-1]["max_abs_diff"] == 1
+    summary, calls = trial(0.05, 0)
+    assert summary["decoder"] == "cpu" and calls[-2:] == [None, None] and "CPU was faster" in summary["reason"]
+    summary, calls = trial(0.0, 3)
+    assert summary["decoder"] == "cpu" and "by 3 levels" in summary["reason"]
+    assert calls == [None, "cuda", None, None, None]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -53,6 +53,58 @@ class ExtractSettings:
                    float(cfg["timeout_s"]), threads)
 
 
+class DecoderChoice:
+    """`hwaccel: auto`: the shard's first clips are decoded on the CPU and on NVDEC, each timed, and the rest of
+    the shard goes to whichever was faster on the last of them (the first pays each decoder's warm-up). The
+    clips decoded twice keep the CPU's frames. NVDEC is ruled out at once where it cannot run (no GPU, decord,
+    which has none), refuses a clip, or gives frames more than MAX_LEVELS from the CPU's; stats say what was
+    chosen and on what figures."""
+
+    TRIALS = 2
+    MAX_LEVELS = 2
+
+    def __init__(self, backend: str):
+        self.trials: list[dict] = []
+        self.chosen: str | None = "cpu" if backend == "decord" else None
+        self.reason = "decord has no GPU decoder" if self.chosen else ""
+
+    def decode(self, run):
+        import time
+
+        import numpy as np
+
+        if self.chosen is not None:
+            return run("cuda" if self.chosen == "nvdec" else None)
+        started = time.perf_counter()
+        clip = run(None)  # a clip the CPU cannot decode fails here, as without auto, and decides nothing
+        cpu_s = time.perf_counter() - started
+        started = time.perf_counter()
+        try:
+            gpu = run("cuda")
+        except Exception as err:  # noqa: BLE001 - NVDEC's trouble with this clip: the CPU decodes the shard
+            self.chosen, self.reason = "cpu", f"NVDEC failed on a trial clip: {err}"[:300]
+            return clip
+        nvdec_s = time.perf_counter() - started
+        diff = int(np.abs(gpu.frames.astype(np.int16) - clip.frames).max()) if gpu.frames.shape == clip.frames.shape \
+            else 255
+        if gpu.note:  # read_nvdec fell back to the CPU: no GPU here, or NVDEC refused the stream
+            self.chosen, self.reason = "cpu", gpu.note
+        elif diff > self.MAX_LEVELS:
+            self.chosen, self.reason = "cpu", f"NVDEC's frames differ from the CPU's by {diff} levels"
+        else:
+            self.trials.append({"cpu_s": round(cpu_s, 4), "nvdec_s": round(nvdec_s, 4), "max_abs_diff": diff})
+            if len(self.trials) >= self.TRIALS:
+                last = self.trials[-1]
+                self.chosen = "nvdec" if last["nvdec_s"] < last["cpu_s"] else "cpu"
+                self.reason = f"{'NVDEC' if self.chosen == 'nvdec' else 'the CPU'} was faster on the last trial clip"
+        return clip
+
+    def summary(self) -> dict:
+        return {"hwaccel": "auto", "decoder": self.chosen or "cpu",
+                "reason": self.reason or "too few clips decoded to compare: the CPU decoded them",
+                "trials": self.trials}
+
+
 def extract_items(
     items: list[ClipItem],
     settings: ExtractSettings,
@@ -61,14 +113,16 @@ def extract_items(
     decode=extract_clip,
     on_item: Callable[[], None] | None = None,
     reader: ItemReader | None = None,
+    choice: dict | None = None,
 ) -> tuple[list[dict], pd.DataFrame]:
     """Records for the clips that decode; a failure row for each that does not (or hangs).
 
     A clip in a container is read through `reader` (mlprep.sources) into one scratch file, which every decoder
     backend opens as it opens a clip file. `on_item` is called after each clip (the job's stats time the first
-    one)."""
+    one). With `hwaccel: auto`, `choice` receives the decoder the shard chose and why (DecoderChoice)."""
     records, rows = [], []
     reader = reader or ItemReader(what="clip file")
+    chooser = DecoderChoice(settings.backend) if settings.hwaccel == "auto" else None
     with Watchdog(settings.timeout_s) as watchdog, tempfile.TemporaryDirectory(prefix="mlprep-clip-") as scratch:
         for item in tqdm(items, desc="extract clips", unit="clip", file=progress, mininterval=2.0):
             try:
@@ -76,10 +130,12 @@ def extract_items(
                 if item.member:
                     path = f"{scratch}/clip{os.path.splitext(item.member)[1][:8]}"
                     Path(path).write_bytes(reader.read(*item.location))
-                clip = watchdog.call(
-                    decode, path, settings.num_frames, settings.width, settings.height, settings.backend,
-                    item.start, item.end, settings.threads, settings.hwaccel,
-                )
+
+                def run(hwaccel):
+                    return watchdog.call(decode, path, settings.num_frames, settings.width, settings.height,
+                                         settings.backend, item.start, item.end, settings.threads, hwaccel)
+
+                clip = chooser.decode(run) if chooser is not None else run(settings.hwaccel)
             except Exception as err:  # noqa: BLE001 - decode errors, timeouts and crashes are this clip's failure
                 code, reason = describe_error(err)
                 failures.record(item.clip_id, item.where, "decode", code, reason)
@@ -106,6 +162,8 @@ def extract_items(
             })
             rows.append({"clip_id": item.clip_id, "text": item.text, "n_frames": len(clip.frames), "status": "ok",
                          "repeated": clip.repeated, "note": clip.note, "reason_code": "", "path": item.where})
+    if chooser is not None and choice is not None:
+        choice.update(chooser.summary())
     index = pd.DataFrame(rows, columns=INDEX_COLUMNS).astype(
         {"clip_id": "string", "text": "string", "n_frames": "int32", "status": "string", "repeated": "bool",
          "note": "string", "reason_code": "string", "path": "string"}
@@ -197,8 +255,9 @@ def extract_shard(
     settings = ExtractSettings.from_config(cfg, threads)
     failures = FailureLog(continue_on_error)
     reader = ItemReader(cfg.get("parquet_column", "auto"), "clip file", storage, VIDEO_COLUMNS)
+    choice: dict = {}
     records, index = extract_items(clip_items, settings, failures, progress, on_item=stats.first_item_done,
-                                   reader=reader)
+                                   reader=reader, choice=choice)
     reader.close()
     size = write_pkl(records, outputs["pkl"])
     if outputs.get("tar"):
@@ -206,7 +265,7 @@ def extract_shard(
     stats.ok, stats.failed = len(records), len(failures)
     stats.counts = {"frames": sum(len(r["frames"]) for r in records)}
     stats.extra = {"bytes": size, "backend": settings.backend, "repeated": int(index["repeated"].sum()),
-                   **scheduler_ids()}
+                   **({"decoder_choice": choice} if choice else {}), **scheduler_ids()}
     data = stats.as_dict()
     write_parquet(index, outputs["index"], "video.shard_index", metadata={"stats": data})
     log.info("shard %s: %s", shard, data)
