@@ -97,8 +97,8 @@ def test_a_timm_checkpoint_of_the_users_own_loads_through_the_same_path(tmp_path
                       CPU, torch.float32, 4)
 
 
-def test_an_open_clip_checkpoint_is_put_in_place_and_gives_the_embeddings_of_open_clips_own_load(tiny_clip, tmp_path,
-                                                                                                 monkeypatch):
+def test_an_open_clip_checkpoint_is_put_in_place_and_embeds_as_through_open_clips_loader(tiny_clip, tmp_path,
+                                                                                         monkeypatch):
     """A checkpoint that fits the architecture exactly is loaded onto the device into a model built on the meta
     device (no random init, the text tower's causal mask rebuilt): images and texts embed bit for bit as through
     open_clip's own loader. One that needs open_clip's conversions (position embeddings of another image size)

@@ -216,7 +216,8 @@ class SpeechbrainBackend:
         parts = []
         for group in np.split(order, bounds):
             for start in range(0, len(group), self.batch_size):
-                parts.append(self._forward(np.concatenate([windows[i] for i in group[start : start + self.batch_size]])))
+                batch = group[start : start + self.batch_size]
+                parts.append(self._forward(np.concatenate([windows[i] for i in batch])))
         back = to_device(np.argsort(order, kind="stable"), self.device)  # sorted position of each utterance
         return torch.nn.functional.normalize(torch.cat(parts)[back], dim=1)
 

@@ -273,8 +273,9 @@ def _first_line(text: str, words) -> str:
 def read_nvdec(path, indices: np.ndarray, info: StreamInfo, backend: str, threads: int = 1) -> tuple[np.ndarray, str]:
     """(frames, note): the frames decoded on NVDEC (PyAV's CUDA hwaccel, or ffmpeg's `-hwaccel cuda`), the same
     frames as the CPU decoders give (H.264/HEVC decoding is exact; NVDEC's nv12 frames are re-laid out in the
-    stream's own format first, so the conversion to RGB is the CPU's, step for step). Where the GPU decoder refuses the stream, or there is no GPU, the clip is decoded on the CPU by the
-    same backend and the note says so; a clip the CPU cannot decode either raises the CPU's error."""
+    stream's own format first, so the conversion to RGB is the CPU's, step for step). Where the GPU decoder
+    refuses the stream, or there is no GPU, the clip is decoded on the CPU by the same backend and the note says
+    so; a clip the CPU cannot decode either raises the CPU's error."""
     global _nvdec_missing
     read = READERS[backend]
     if _nvdec_missing is not None:
