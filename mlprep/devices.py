@@ -6,6 +6,7 @@ import logging
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,6 @@ def to_device(host, device: torch.device) -> torch.Tensor:
     Marked for the profiler, so tests count a loop's transfers."""
     with torch.profiler.record_function("mlprep::host_to_device"):
         if not isinstance(host, torch.Tensor):
-            import numpy as np
-
             host = torch.from_numpy(np.ascontiguousarray(host))
         if device.type == "cpu":
             return host

@@ -316,12 +316,13 @@ def _clip_with_weights(spec: ModelSpec, path: Path, device: torch.device) -> tor
     except Exception:  # noqa: BLE001 - not a plain state dict (a TorchScript archive): open_clip's loader decides
         return None
     root = logging.getLogger()
-    level, root.level = root.level, logging.ERROR  # its "initialized randomly" warning is not true of this build
+    level = root.level
+    root.setLevel(logging.ERROR)  # its "initialized randomly" warning is not true of this build
     try:
         with torch.device("meta"):
             model = open_clip.create_model(spec.name, device="meta")
     finally:
-        root.level = level
+        root.setLevel(level)
     state = model.state_dict()
     if state.keys() != tensors.keys() or any(state[k].shape != tensors[k].shape for k in state):
         return None

@@ -12,11 +12,13 @@ import logging
 import os
 import pickle
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
@@ -69,10 +71,6 @@ class DecoderChoice:
         self.reason = "decord has no GPU decoder" if self.chosen else ""
 
     def decode(self, run):
-        import time
-
-        import numpy as np
-
         if self.chosen is not None:
             return run("cuda" if self.chosen == "nvdec" else None)
         started = time.perf_counter()
