@@ -7,10 +7,12 @@
 #   bash bench/device_check.sh video      # carried: .whl-video  (NVDEC against the CPU decoders)
 #   bash bench/device_check.sh --dry-run  # here, on the CPU, with .venv: tiny sizes, the same steps
 #
-# bench/device_wheels.sh fetches the three wheel sets (each must travel with the tree under the 64 MiB a call
-# carries, so the check runs as three calls; each part runs alone, on a fresh machine too). Wheels go to
-# /tmp/site, on PYTHONPATH; figures go to $OUT (or results/device_check): device_check.json, gpu_table.md and a
-# log per step.
+# bench/device_wheels.sh fetches the three wheel sets (each packed as one wheels.tar.xz, unpacked here first; each
+# must travel with the tree under the 64 MiB a call carries, so the check runs as three calls; each part runs
+# alone, on a fresh machine too). Wheels go to $SITE (/tmp/site), on PYTHONPATH; the steps work in $WORK
+# (/tmp/device_check); to $OUT (or results/device_check) go <part>-device_check.json, <part>-gpu_table.md and
+# <part>.tgz (every step's figures and log): three files, as a device call brings back. The dry run writes its
+# files to $OUT as they are.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:-images}
@@ -21,11 +23,18 @@ if [ "$part" = "--dry-run" ]; then
 fi
 python=${PYTHON:-python3}
 wheels=".whl-$part"
+site=${SITE:-/tmp/site}
 if [ -d "$wheels" ]; then
-  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "$wheels"/*.whl || { echo "installing the wheels in $wheels failed" >&2; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-  export PATH=/tmp/site/bin:$PATH
+  files=("$wheels"/*.whl)
+  if [ -f "$wheels/wheels.tar.xz" ]; then  # as bench/device_wheels.sh packs a set
+    rm -rf "/tmp/wheels-$part"
+    "$python" bench/wheelset.py unpack "$wheels" "/tmp/wheels-$part" || exit 1
+    files=("/tmp/wheels-$part"/*.whl)
+  fi
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+    "${files[@]}" || { echo "installing the wheels of $wheels failed" >&2; exit 1; }
+  export PYTHONPATH=$site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+  export PATH=$site/bin:$PATH
 else
   echo "no $wheels here: using what is installed" >&2
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -37,5 +46,15 @@ case "$part" in
   video) parts=(video); budget=${BUDGET:-180} ;;
   *) echo "unknown part $part (images, speech, video or --dry-run)" >&2; exit 2 ;;
 esac
-PYTHONUNBUFFERED=1 exec "$python" bench/device_check.py --parts "${parts[@]}" --budget "$budget" --out "$out/$part" \
-  "${@:2}"
+work=${WORK:-/tmp/device_check}/$part  # the steps' files (the real runs' data among them) stay on the machine
+mkdir -p "$work"
+PYTHONUNBUFFERED=1 "$python" bench/device_check.py --parts "${parts[@]}" --budget "$budget" --out "$work" "${@:2}"
+status=$?
+# what comes back from a device machine is a few files at most: the figures, the table, and one archive with every
+# step's figures and log and the real runs' shard stats and job logs (not their data)
+(cd "$work" && { find . -path ./run -prune -o -path ./run_speech -prune -o -type f -print
+  find run run_speech \( -name stats.json -o -name '*.log' \) -type f 2>/dev/null; } | tar czf "$out/$part.tgz" -T -)
+for name in device_check.json gpu_table.md; do
+  [ -f "$work/$name" ] && cp "$work/$name" "$out/$part-$name"
+done
+exit $status

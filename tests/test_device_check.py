@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,8 +46,6 @@ def test_the_device_check_runs_every_step_on_the_cpu(tmp_path):
 def test_each_part_runs_alone_and_reports_this_projects_commit_from_a_nested_copy(tmp_path):
     """Found on the GPU: run from a copy of the tree nested in another repository, the check reported that
     repository's commit. A copy's commit comes from the COMMIT file bench/device_wheels.sh writes."""
-    import shutil
-
     outer = tmp_path / "outer"
     subprocess.run(["git", "init", "-q", str(outer)], check=True)
     subprocess.run(["git", "-C", str(outer), "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q",
@@ -73,3 +72,80 @@ def test_each_part_runs_alone_and_reports_this_projects_commit_from_a_nested_cop
     wheels = (REPO / "bench" / "device_wheels.sh").read_text()
     for name in sets:
         assert f".whl-{name}" in wheels
+
+
+def _tiny_wheel(folder: Path) -> Path:
+    """A real, minimal wheel (deflated, as pip downloads them): one module and its dist-info with RECORD's hashes."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {"tinyset/__init__.py": b"VALUE = 42\n" + b"# padding that compresses\n" * 200,
+             "tinyset-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: tinyset\nVersion: 1.0\n",
+             "tinyset-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                             b"Tag: py3-none-any\n"}
+    record = "".join(f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
+                     f"{len(data)}\n" for name, data in files.items()) + "tinyset-1.0.dist-info/RECORD,,\n"
+    files["tinyset-1.0.dist-info/RECORD"] = record.encode()
+    wheel = folder / "tinyset-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return wheel
+
+
+def test_a_wheel_set_travels_as_one_xz_tar_and_installs_through_the_device_checks_own_script(tmp_path):
+    """The wheel sets with the tree were over what a call may carry: bench/device_wheels.sh packs each set as one
+    xz tar of stored wheels (bench/wheelset.py) and device_check.sh unpacks it before pip installs the wheels."""
+    import zipfile
+
+    copy = tmp_path / "tree"
+    (copy / "bench").mkdir(parents=True)
+    for name in ("device_check.sh", "wheelset.py"):
+        shutil.copy(REPO / "bench" / name, copy / "bench" / name)
+    folder = copy / ".whl-tiny"
+    folder.mkdir()
+    wheel = _tiny_wheel(folder)
+    members = {i.filename: zipfile.ZipFile(wheel).read(i) for i in zipfile.ZipFile(wheel).infolist()}
+    packed = subprocess.run([sys.executable, "bench/wheelset.py", "pack", str(folder)], cwd=copy, capture_output=True,
+                            text=True)
+    assert packed.returncode == 0, packed.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["wheels.tar.xz"]  # the loose wheel gone
+    unpacked = tmp_path / "unpacked"
+    subprocess.run([sys.executable, "bench/wheelset.py", "unpack", str(folder), str(unpacked)], cwd=copy, check=True)
+    with zipfile.ZipFile(unpacked / wheel.name) as z:  # the same files, stored
+        assert {i.filename: z.read(i) for i in z.infolist()} == members
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_STORED}
+    # the check's own install step: a part it does not know stops it after the install, before anything runs
+    site = tmp_path / "site"
+    env = {**os.environ, "SITE": str(site), "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
+    done = subprocess.run(["bash", "bench/device_check.sh", "tiny"], cwd=copy, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and "unknown part tiny" in done.stderr, done.stderr
+    got = subprocess.run([sys.executable, "-c", "import tinyset; print(tinyset.VALUE)"], env={**env, "PYTHONPATH":
+                         str(site)}, capture_output=True, text=True)
+    assert got.stdout.strip() == "42", got.stderr
+    # a damaged archive is named, not a traceback
+    (folder / "wheels.tar.xz").write_bytes(b"not an archive")
+    bad = subprocess.run(["bash", "bench/device_check.sh", "tiny"], cwd=copy, env=env, capture_output=True, text=True)
+    assert bad.returncode == 1 and "wheels.tar.xz: cannot be read" in bad.stderr, bad.stderr
+
+
+def test_a_part_leaves_three_files_for_the_device_call_to_bring_back(tmp_path):
+    """A device call brings back 8 files at most: a part's steps work elsewhere, and its figures, table and one
+    archive of every step's figures and log go to $OUT. Run here with a budget too small for any step."""
+    import tarfile
+
+    copy = tmp_path / "tree"  # a copy with no wheel sets beside it: the check uses what is installed
+    shutil.copytree(REPO / "bench", copy / "bench")
+    shutil.copytree(REPO / "mlprep", copy / "mlprep")
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work")}
+    done = subprocess.run(["bash", "bench/device_check.sh", "video", "--budget", "5"], cwd=copy, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "video-device_check.json", "video-gpu_table.md", "video.tgz"]
+    result = json.loads((tmp_path / "out" / "video-device_check.json").read_text())
+    assert result["steps"]["video"]["status"] == "skipped: no time left"  # said, not dropped
+    with tarfile.open(tmp_path / "out" / "video.tgz") as tar:
+        assert {"./device_check.json", "./gpu_table.md"} <= set(tar.getnames())
