@@ -177,6 +177,23 @@ def test_held_out_identification_on_separable_speakers():
 # ---------------------------------------------------------------- embeddings
 
 
+def test_resampling_keeps_each_rates_filter_and_gives_torchaudios_samples_bit_for_bit():
+    """A reader resamples thousands of utterances from a few rates: the filter of a pair of rates is made once
+    (making it was up to half of resampling a 4 s utterance), and the samples are torchaudio's own."""
+    import torchaudio.functional as AF
+
+    from mlprep.speaker.audio import _resampler, resample
+
+    speech, rate = soundfile.read(DEMO / "studio" / "bruno" / "utt0.wav", dtype="float32")
+    _resampler.cache_clear()
+    for source in (44100, 22050, 48000, 8000, 44100, 22050):
+        wav = np.ascontiguousarray(np.resize(speech, source * 2))  # 2 s at that rate
+        got = resample(wav, source, rate)
+        assert got.dtype == np.float32 and len(got) == rate * 2
+        assert np.array_equal(got, AF.resample(torch.from_numpy(wav), source, rate).numpy()), source
+    assert _resampler.cache_info().misses == 4 and _resampler.cache_info().hits == 2
+
+
 def test_batched_resemblyzer_embeddings_equal_one_at_a_time():
     from resemblyzer import VoiceEncoder, preprocess_wav
 

@@ -6,6 +6,8 @@ records it against the utterance and goes on.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from mlprep.failures import ItemError, decoder_message
@@ -80,9 +82,20 @@ def wav_missing_bytes(source: str | bytes) -> int:
 
 
 def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
-    """Band-limited resampling (torchaudio's windowed sinc), the same on every machine."""
+    """Band-limited resampling (torchaudio's windowed sinc), the same on every machine. The filter of each pair of
+    rates is made once per process and kept (a reader resamples thousands of utterances from a few rates): making
+    it was a third to a half of resampling a 4 s utterance from 44.1 or 22.05 kHz; the samples are bit for bit
+    torchaudio.functional.resample's."""
     import torch
-    import torchaudio.functional as AF
 
-    out = AF.resample(torch.from_numpy(np.ascontiguousarray(samples)), int(source_rate), int(target_rate))
+    with torch.inference_mode():
+        out = _resampler(int(source_rate), int(target_rate))(torch.from_numpy(np.ascontiguousarray(samples)))
     return out.numpy().astype(np.float32, copy=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _resampler(source_rate: int, target_rate: int):
+    import torch
+    import torchaudio.transforms as T
+
+    return T.Resample(source_rate, target_rate, dtype=torch.float32)  # float32: the functional form's filter
