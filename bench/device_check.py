@@ -240,8 +240,15 @@ def gpu_rows(results: dict) -> list:
                                 per_s(rate, v["encoder only"]), "best of 32/128/512"))
         jobs = {k: r for k, r in v.items() if k.startswith("shard job")}
         best = max(jobs, key=jobs.get)
-        rows.append(Row("sku_index", f"{best} (batch {sku['shard_batch']})", jobs[best], "views/s", "encoder only",
-                        v["encoder only"], per_s(jobs[best], v["encoder only"]), ">= 0.6 and >= 10,000 views/s"))
+        rows.append(Row("sku_index", f"{best} (batch {sku['shard_batch']}), whole run", jobs[best], "views/s",
+                        "encoder only", v["encoder only"], per_s(jobs[best], v["encoder only"]), ""))
+        steady = {k: r for k, r in (sku.get("steady_views_per_s") or {}).items() if r}
+        if steady:  # the target's figure: start-up (readers, the first chunk) apart, its time beside it
+            best = max(steady, key=steady.get)
+            rows.append(Row("sku_index", f"{best} (batch {sku['shard_batch']}), steady state (first batch at "
+                            f"{sku['first_batch_s'][best]:.2f} s)", steady[best], "views/s", "encoder only",
+                            v["encoder only"], per_s(steady[best], v["encoder only"]),
+                            ">= 0.6 and >= 19,000 views/s"))
         rows.append(Row("sku_index", "GPU embeddings vs CPU fp32, min cosine", sku["min_cosine_to_cpu_fp32"], "",
                         "bound", 0.999, sku["min_cosine_to_cpu_fp32"] / 0.999, ">= 0.999"))
     probe = (results.get("probe") or {}).get("figures")
@@ -326,7 +333,7 @@ def main() -> None:
             cmd = [py, str(bench / "sku_encode.py"), "--device", device, "--threads", str(min(cores, 8)),
                    "--encoder-batches", *(["8", "16"] if dry else ["32", "128", "512"]),
                    "--decode-workers", *(["1"] if dry else ["1", "4", "8", "16"]),
-                   "--jpeg-decoders", "device", "cpu", "--repeat", "1" if dry else "32",
+                   "--jpeg-decoders", "device", "cpu", "--repeat", "1" if dry else "64",
                    "--seed-images", "1" if dry else "8", "--augment-per-image", "1" if dry else "5"]
             steps.run(part, cmd, limit=150)
             results[part] = steps.results[part]

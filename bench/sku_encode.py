@@ -6,6 +6,8 @@ Rows (views per second over the same demo images, same model, batch size and thr
   shard job inline  the same loop with decoding in the main process (no overlap)
   seed approach     the seed script's original loop: PIL decode, torchvision transforms per view,
                     one image per model call, fp32, on the same device
+Each shard job row also gives its steady state, the views per second after its first batch was queued, and when
+that was (readers started, the first chunk read): a short run is mostly start-up, which the whole run's rate hides.
 Ratios are what to read; absolute numbers move with the machine's load.
 On a GPU, `--repeat 64 --encoder-batches 32 128 512 --decode-workers 1 4 8 16 --jpeg-decoders device cpu`
 gives the encoder enough work to time, finds its best batch and shows how many decode workers keep it fed,
@@ -31,6 +33,7 @@ from mlprep.failures import FailureLog
 from mlprep.sku.augment import AugmentSettings
 from mlprep.sku.catalog import read_catalog
 from mlprep.sku.encode import ViewPlan, encode_items, render_items
+from table import steady_rate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,12 +136,17 @@ def main() -> None:
     checks = equivalence(items[:16], plan, spec, encoder, device)
     shard_rows = [(f"shard job, {w} decode worker{'s' * (w > 1)}" + (f", jpeg_decoder {d}" if d != "auto" else ""),
                    w, d) for d in args.jpeg_decoders for w in args.decode_workers]
+    steady, first = {}, {}  # the steady state after the first batch, and when that batch was queued
     for name, workers, decoder in [*shard_rows, ("shard job inline", 0, "auto")]:
+        queued: list[float] = []
         started = time.perf_counter()
         with open(os.devnull, "w") as quiet:
             out = encode_items(items, plan, encoder, FailureLog(False), workers=workers, progress=quiet,
-                               jpeg_decoder=decoder)
-        rows[name] = len(out.index_vectors) / (time.perf_counter() - started)
+                               jpeg_decoder=decoder, on_encoded=lambda: queued.append(time.perf_counter() - started))
+        seconds, views = time.perf_counter() - started, len(out.index_vectors)
+        rows[name] = views / seconds
+        marks = [(t, batch) for t in queued[:-1]] + [(queued[-1], views - batch * (len(queued) - 1))]
+        steady[name], first[name] = steady_rate(marks, seconds), queued[0]
     seed_paths = [i.path for i in items[: args.seed_images]]
     rows["seed approach"] = seed_approach(seed_paths, views_per_image, spec, device)
 
@@ -151,11 +159,15 @@ def main() -> None:
     print(header)
     print(f"{'setup':<48} {'views/s':>9} {'vs encoder only':>16} {'vs seed approach':>17}")
     for name, rate in rows.items():
-        print(f"{name:<48} {rate:9.1f} {rate / rows['encoder only']:16.2f} {rate / rows['seed approach']:17.2f}")
+        after = f"  steady {steady[name]:9.1f} ({steady[name] / rows['encoder only']:.2f}x), first batch at " \
+                f"{first[name]:.2f} s" if steady.get(name) else ""
+        print(f"{name:<48} {rate:9.1f} {rate / rows['encoder only']:16.2f} {rate / rows['seed approach']:17.2f}"
+              f"{after}")
     for name, value in checks.items():
         print(f"{name}: {value}")
     if args.json:
-        figures = {"setup": header, "views_per_s": rows, "best_encoder_batch": best, "shard_batch": batch,
+        figures = {"setup": header, "views_per_s": rows, "steady_views_per_s": steady, "first_batch_s": first,
+                   "best_encoder_batch": best, "shard_batch": batch,
                    "device": str(device), "gpu": where.strip(" ()") or None, "precision": precision_name(dtype),
                    **checks}
         Path(args.json).write_text(json.dumps(figures, indent=2))

@@ -38,6 +38,7 @@ from mlprep.failures import FailureLog
 from mlprep.speaker.audio import load_audio
 from mlprep.speaker.backends import load_backend
 from mlprep.speaker.embed import embed_audio
+from table import steady_rate
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "resources" / "demo" / "speech"
@@ -97,14 +98,6 @@ def shard_job(backend, frame: pd.DataFrame, workers: int, marks: list | None = N
         del backend.encode_device  # the class's own again
     assert len(vectors) == len(frame)
     return time.perf_counter() - started
-
-
-def steady_rate(marks: list, seconds: float) -> float | None:
-    """Utterances per second after the first group was queued (readers started, first batches read): None when
-    the whole run was one group, too few utterances to tell the steady state from start-up."""
-    if len(marks) < 2:
-        return None
-    return sum(n for _, n in marks[1:]) / max(seconds - marks[0][0], 1e-9)
 
 
 def jobs_in_parallel(backend_name: str, frame: pd.DataFrame, n_jobs: int, batch_size: int) -> float:

@@ -45,6 +45,15 @@ def per_s(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+def steady_rate(marks: list, seconds: float) -> float | None:
+    """Items per second after the first batch or group was queued (readers started, the first data read), from
+    `marks`, (seconds since the start, items) for each one queued, and the whole run's `seconds`: None when the
+    whole run was one, too little work to tell the steady state from start-up."""
+    if len(marks) < 2:
+        return None
+    return sum(n for _, n in marks[1:]) / max(seconds - marks[0][0], 1e-9)
+
+
 def sku_rows(j: dict) -> list[Row]:
     v = j["views_per_s"]
     job = max(rate for name, rate in v.items() if name.startswith("shard job"))

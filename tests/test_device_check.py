@@ -38,6 +38,7 @@ def test_the_device_check_runs_every_step_on_the_cpu(tmp_path):
         assert any(p == pipeline and s.startswith(stage) for p, s in rows), (pipeline, stage, rows)
     assert any(r["pipeline"] == "video_frames" and "NVDEC" in r["stage"] for r in result["table_rows"])
     assert any(p == "speaker_embed" and "steady state (first group at" in s for p, s in rows)  # start-up apart
+    assert any(p == "sku_index" and "steady state (first batch at" in s for p, s in rows)
     run = result["run_images"]["sku_index"]
     assert run["shards"] == 2 and run["items"] == 64 and all(s is not None for s in run["startup_s"])
     assert "| sku_index | encoder only, batch 8 |" in (tmp_path / "gpu_table.md").read_text()
