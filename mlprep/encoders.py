@@ -217,7 +217,10 @@ class ClipEncoder(ImageEncoder):
 
     family = "open_clip"
 
-    def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype, batch_size: int = 32):
+    def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype, batch_size: int = 32,
+                 text: bool = True):
+        """`text=False` for a job that embeds images only: the text tower is left out (never read from the
+        checkpoint or put on the device; encode_texts then refuses)."""
         import open_clip
 
         if spec.config_file:
@@ -225,13 +228,16 @@ class ClipEncoder(ImageEncoder):
         if spec.name not in open_clip.list_models() and not spec.name.startswith(("hf-hub:", "local-dir:")):
             raise ModelError(f"unknown open_clip model {spec.name!r} (give config_file for a custom architecture)")
         path = checkpoint_path(spec)
-        model = _clip_with_weights(spec, path, device) if path is not None else None
+        model = _clip_with_weights(spec, path, device, text) if path is not None else None
         self.built_in_place = model is not None  # no random init, weights loaded straight onto the device
         if model is None:  # random weights (seeded), a hub tag, or a checkpoint that needs open_clip's conversions
             with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
                 torch.manual_seed(spec.init_seed)
                 model = open_clip.create_model(spec.name, pretrained=str(path) if path else spec.pretrained,
                                                device=device)
+            if not text:
+                _drop_text_tower(model)
+        self.has_text = text
         self.model = model.eval().to(dtype=dtype)
         size = model.visual.image_size
         mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
@@ -250,6 +256,9 @@ class ClipEncoder(ImageEncoder):
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Texts -> float32 [N, D], L2-normalised."""
+        if not self.has_text:
+            raise ModelError(f"open_clip {self.spec.name} was built for images only, without its text tower "
+                             f"(build it with text=True)")
         if self._tokenizer is None:
             import open_clip
 
@@ -262,9 +271,16 @@ class ClipEncoder(ImageEncoder):
         return torch.cat(out).numpy().astype(np.float32, copy=False)
 
 
-def _state_dict(path: Path, device: torch.device | str = "cpu") -> dict:
-    """A checkpoint's tensors: a plain state dict, or one under state_dict/model/state_dict_ema, `module.` dropped."""
-    data = torch.load(path, map_location=device, weights_only=True)
+def _state_dict(path: Path, device: torch.device | str = "cpu", mmap: bool = False) -> dict:
+    """A checkpoint's tensors: a plain state dict, or one under state_dict/model/state_dict_ema, `module.` dropped.
+    `mmap`: mapped from the file on the CPU, so that a tensor never used is never read (a checkpoint in the legacy
+    format, which cannot be mapped, is read whole)."""
+    try:
+        data = torch.load(path, map_location="cpu" if mmap else device, weights_only=True, mmap=mmap)
+    except RuntimeError:
+        if not mmap:
+            raise
+        data = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict_ema", "state_dict", "model"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
@@ -301,7 +317,7 @@ def _load_weights(model: torch.nn.Module, spec: ModelSpec, path: Path, assign: b
         raise ModelError(f"{path}: does not fit timm's {spec.name}: {str(err)[:400]}") from err
 
 
-def _clip_with_weights(spec: ModelSpec, path: Path, device: torch.device) -> torch.nn.Module | None:
+def _clip_with_weights(spec: ModelSpec, path: Path, device: torch.device, text: bool) -> torch.nn.Module | None:
     """An open_clip model built on the meta device with a checkpoint that fits it exactly (every name and shape, as
     open_clip's training saves them) loaded straight onto `device` and put in place: the random init that the
     checkpoint would overwrite is skipped. The text tower's causal mask, which no checkpoint holds, is rebuilt.
@@ -312,7 +328,7 @@ def _clip_with_weights(spec: ModelSpec, path: Path, device: torch.device) -> tor
     import open_clip
 
     try:
-        tensors = _state_dict(path, device)
+        tensors = _state_dict(path, mmap=True)
     except Exception:  # noqa: BLE001 - not a plain state dict (a TorchScript archive): open_clip's loader decides
         return None
     root = logging.getLogger()
@@ -326,7 +342,10 @@ def _clip_with_weights(spec: ModelSpec, path: Path, device: torch.device) -> tor
     state = model.state_dict()
     if state.keys() != tensors.keys() or any(state[k].shape != tensors[k].shape for k in state):
         return None
-    model.load_state_dict(tensors, strict=True, assign=True)
+    if not text:
+        _drop_text_tower(model)
+    # only what the model keeps is read from the file, each tensor copied once, onto the device
+    model.load_state_dict({k: tensors[k].to(device, copy=True) for k in model.state_dict()}, strict=True, assign=True)
     for module in model.modules():  # open_clip registers a text mask only when causal: -inf above the diagonal
         mask = module._buffers.get("attn_mask")
         if mask is not None and mask.is_meta and mask.ndim == 2 and mask.shape[0] == mask.shape[1]:
@@ -335,6 +354,17 @@ def _clip_with_weights(spec: ModelSpec, path: Path, device: torch.device) -> tor
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         return None
     return model
+
+
+def _drop_text_tower(model: torch.nn.Module) -> None:
+    """An open_clip model left with what encode_image uses: its image tower (and the logit scale and bias, a number
+    each); every other part of it, the text tower, is removed."""
+    for name in [n for n in model._modules if n != "visual"]:
+        delattr(model, name)
+    for name in [n for n in model._parameters if n not in ("logit_scale", "logit_bias")]:
+        delattr(model, name)
+    for name in list(model._buffers):
+        delattr(model, name)
 
 
 def _timm_with_weights(spec: ModelSpec, path: Path, device: torch.device) -> torch.nn.Module | None:
@@ -440,8 +470,12 @@ def multiscale_max(features: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def build_encoder(spec: ModelSpec, device: torch.device, dtype: torch.dtype, batch_size: int) -> ImageEncoder:
-    return (TimmEncoder if spec.family == "timm" else ClipEncoder)(spec, device, dtype, batch_size)
+def build_encoder(spec: ModelSpec, device: torch.device, dtype: torch.dtype, batch_size: int,
+                  text: bool = False) -> ImageEncoder:
+    """The image encoder of `spec`; an open_clip model with its text tower only where `text` (zero-shot)."""
+    if spec.family == "timm":
+        return TimmEncoder(spec, device, dtype, batch_size)
+    return ClipEncoder(spec, device, dtype, batch_size, text=text)
 
 
 def load_image_encoder(model_cfg: dict, batch_size: int, device_spec: str, precision_spec: str, threads: int,

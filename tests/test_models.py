@@ -108,9 +108,14 @@ def test_an_open_clip_checkpoint_is_put_in_place_and_embeds_as_through_open_clip
     import mlprep.encoders as encoders
 
     spec = ModelSpec.from_config({"family": "open_clip", **tiny_clip})
-    placed = build_encoder(spec, CPU, torch.float32, 4)
+    placed = build_encoder(spec, CPU, torch.float32, 4, text=True)
+    images_only = build_encoder(spec, CPU, torch.float32, 4)  # an image job's: no text tower read or built
     monkeypatch.setattr(encoders, "_clip_with_weights", lambda *args: None)
-    loaded = build_encoder(spec, CPU, torch.float32, 4)
+    loaded = build_encoder(spec, CPU, torch.float32, 4, text=True)
+    random_images_only = build_encoder(ModelSpec.from_config({**tiny_clip, "family": "open_clip", "pretrained": None}),
+                                       CPU, torch.float32, 4)
+    random_both = build_encoder(ModelSpec.from_config({**tiny_clip, "family": "open_clip", "pretrained": None}),
+                                CPU, torch.float32, 4, text=True)
     monkeypatch.undo()
     assert placed.built_in_place and not loaded.built_in_place
     assert not any(t.is_meta for t in (*placed.model.parameters(), *placed.model.buffers()))
@@ -119,6 +124,14 @@ def test_an_open_clip_checkpoint_is_put_in_place_and_embeds_as_through_open_clip
     assert np.array_equal(placed.encode_images(views), loaded.encode_images(views))
     texts = ["a tin of tea", "a box of green tea bags"]
     assert np.array_equal(placed.encode_texts(texts), loaded.encode_texts(texts))
+    assert images_only.built_in_place and np.array_equal(images_only.encode_images(views), placed.encode_images(views))
+    visual = sum(p.numel() for p in placed.model.visual.parameters())
+    assert sum(p.numel() for p in images_only.model.parameters()) <= visual + 2  # the image tower and logit scale
+    assert sum(p.numel() for p in placed.model.parameters()) > visual + 2
+    with pytest.raises(ModelError, match="without its text tower"):
+        images_only.encode_texts(texts)
+    # random (seeded) weights: the image tower is the same with the text tower left out
+    assert np.array_equal(random_images_only.encode_images(views), random_both.encode_images(views))
 
     config = json.loads(Path(tiny_clip["config_file"]).read_text())
     config["vision_cfg"]["image_size"] = 96  # a 6x6 patch grid: open_clip resizes the checkpoint's 4x4 one

@@ -118,7 +118,8 @@ def image_probe(root: str, groups: pd.DataFrame, labels: list[str], cfg: dict, f
         chunks = probe_chunks(root, groups, labels, size, batch, workers, device, jpeg_decoder, **reader)
         stats.mark("readers_started")
     context = start_context(device)
-    encoder = build_encoder(spec, device, select_precision(precision_spec, device), batch)
+    encoder = build_encoder(spec, device, select_precision(precision_spec, device), batch,
+                            text=pcfg["backend"] == "clip_zero_shot")
     if context is not None:
         context.join()
     stats.mark("model_built")
