@@ -145,8 +145,9 @@ def main() -> None:
                                jpeg_decoder=decoder, on_encoded=lambda: queued.append(time.perf_counter() - started))
         seconds, views = time.perf_counter() - started, len(out.index_vectors)
         rows[name] = views / seconds
-        marks = [(t, batch) for t in queued[:-1]] + [(queued[-1], views - batch * (len(queued) - 1))]
-        steady[name], first[name] = steady_rate(marks, seconds), queued[0]
+        if queued:  # the last batch holds the rest
+            marks = [(t, batch) for t in queued[:-1]] + [(queued[-1], views - batch * (len(queued) - 1))]
+            steady[name], first[name] = steady_rate(marks, seconds), queued[0]
     seed_paths = [i.path for i in items[: args.seed_images]]
     rows["seed approach"] = seed_approach(seed_paths, views_per_image, spec, device)
 

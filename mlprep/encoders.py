@@ -320,8 +320,8 @@ def _load_weights(model: torch.nn.Module, spec: ModelSpec, path: Path, assign: b
 def _clip_with_weights(spec: ModelSpec, path: Path, device: torch.device, text: bool) -> torch.nn.Module | None:
     """An open_clip model built on the meta device with a checkpoint that fits it exactly (every name and shape, as
     open_clip's training saves them) loaded straight onto `device` and put in place: the random init that the
-    checkpoint would overwrite is skipped. The text tower's causal mask, which no checkpoint holds, is rebuilt.
-    None for a checkpoint that needs open_clip's own loader (an OpenAI archive, older text-tower names, position
+    checkpoint would overwrite is skipped. The text tower's causal mask, which no checkpoint holds, is rebuilt;
+    with `text` False the text tower is left out, its tensors never read from the mapped file. None for a checkpoint that needs open_clip's own loader (an OpenAI archive, older text-tower names, position
     embeddings of another size): the caller then uses it."""
     import logging
 
