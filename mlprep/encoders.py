@@ -321,8 +321,9 @@ def _clip_with_weights(spec: ModelSpec, path: Path, device: torch.device, text: 
     """An open_clip model built on the meta device with a checkpoint that fits it exactly (every name and shape, as
     open_clip's training saves them) loaded straight onto `device` and put in place: the random init that the
     checkpoint would overwrite is skipped. The text tower's causal mask, which no checkpoint holds, is rebuilt;
-    with `text` False the text tower is left out, its tensors never read from the mapped file. None for a checkpoint that needs open_clip's own loader (an OpenAI archive, older text-tower names, position
-    embeddings of another size): the caller then uses it."""
+    with `text` False the text tower is left out, its tensors never read from the mapped file. None for a
+    checkpoint that needs open_clip's own loader (an OpenAI archive, older text-tower names, position embeddings
+    of another size): the caller then uses it."""
     import logging
 
     import open_clip
