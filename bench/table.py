@@ -110,13 +110,20 @@ def container_rows(j: dict) -> list[Row]:
 def video_rows(j: dict) -> list[Row]:
     s = j["s_per_video"]
     job = 1 / s["extract job"]
-    return [Row("video_frames", "extract job", job, "videos/s", "decode only", 1 / s["decode only"],
+    rows = [Row("video_frames", "extract job", job, "videos/s", "decode only", 1 / s["decode only"],
                 per_s(s["decode only"], s["extract job"]), ">= 0.8"),
             Row("video_frames", "extract job", job, "videos/s", "naive (seed: OpenCV reads every frame)",
                 1 / s["naive (seed)"], per_s(s["naive (seed)"], s["extract job"])),
             Row("video_frames", "2 extract shards vs 1", per_s(j["one_shard_s"], j["two_shards_s"]), "x",
                 "decode only, 2 processes vs 1", per_s(j["decode_only_one_s"], j["decode_only_two_s"]),
                 per_s(j["one_shard_s"], j["two_shards_s"]) / per_s(j["decode_only_one_s"], j["decode_only_two_s"]))]
+    if "one_job" in j:  # one job given several threads: that many clips at once against one clip at a time
+        threads, lanes = j["one_job"]["threads"], j["one_job"]["s_per_video"]
+        rows.append(Row("video_frames", f"one job of {threads} threads, {threads} clips at once",
+                        1 / lanes["clips at once"], "videos/s", f"one clip at a time, {threads} codec threads",
+                        1 / lanes["one clip at a time"], per_s(lanes["one clip at a time"], lanes["clips at once"]),
+                        ">= 1"))
+    return rows
 
 
 def speaker_rows(j: dict) -> list[Row]:

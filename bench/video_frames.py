@@ -6,12 +6,15 @@ cached under results/bench/). Rows, seconds per video over the same clips:
   extract job        mlprep's shard loop: probe, decode in the watchdog process, resize, pkl write
   naive (seed)       OpenCV reading every frame sequentially, then keeping 16
 and the throughput of two extract shards on two cores against one shard doing all the clips,
-beside the same scaling of the bare decode-only loop (the machine's own limit for this work).
+beside the same scaling of the bare decode-only loop (the machine's own limit for this work), and one job given
+`--threads` threads (all cores by default) decoding that many clips at once (its lanes, one codec thread each)
+against the same job decoding one clip at a time with that many codec threads.
 
 `--nvdec` instead compares, on a GPU host, CPU decoding on all its cores (one extract shard process per
-core, decord and ffmpeg) with NVDEC (ffmpeg `-hwaccel cuda`, `--nvdec-processes` shards at once) for two
-kinds of clip: short 640x360 clips (keyframe every second) and 1080p clips with a keyframe every 10 s; clips
-per second over all processes, and the largest pixel difference between NVDEC's frames and the CPU's.
+core, decord and ffmpeg) with NVDEC (ffmpeg `-hwaccel cuda`, `--nvdec-processes` shards at once, and one shard job
+of that many threads: its decode lanes) for two kinds of clip: short 640x360 clips (keyframe every second) and
+1080p clips with a keyframe every 10 s; clips per second over all processes, and the largest pixel difference
+between NVDEC's frames and the CPU's.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -115,6 +119,9 @@ def nvdec_comparison(folder: Path, processes: int, nvdec_processes: int, copies:
             row[f"{backend} nvdec max abs diff"] = int(np.abs(gpu.frames.astype(int) - cpu.frames).max())
         for decoder, n in decoders:
             row[f"{decoder} x{n} clips/s"] = len(paths) / shards_in_parallel(paths, n, decoder)
+        for backend in backends:  # one job of as many threads: that many NVDEC decodes at once, in its lanes
+            row[f"{backend}+cuda 1 job, {nvdec_processes} lanes clips/s"] = len(paths) / shards_in_parallel(
+                paths, 1, f"{backend}+cuda", threads=nvdec_processes)
         out[kind] = row
         print(kind, json.dumps(row))
     return out
@@ -165,8 +172,8 @@ def extract_job(paths: list[Path], settings: ExtractSettings, out: Path) -> floa
     return (time.perf_counter() - started) / len(paths)
 
 
-def shards_in_parallel(paths: list[Path], n_shards: int, backend: str) -> float:
-    """Wall time for n_shards extract processes (one per shard) to do all the clips.
+def shards_in_parallel(paths: list[Path], n_shards: int, backend: str, threads: int = 1) -> float:
+    """Wall time for n_shards extract processes (one per shard, each a job of `threads` threads) to do all the clips.
 
     The processes import their libraries first and start together at an agreed time, so the
     figure is the shards' work, not interpreter start-up (which a real shard of hundreds of clips
@@ -175,8 +182,8 @@ def shards_in_parallel(paths: list[Path], n_shards: int, backend: str) -> float:
     chunks = [paths[i::n_shards] for i in range(min(n_shards, len(paths)))]
     start_at = time.time() + 3.0 + 0.25 * n_shards  # the processes import their libraries first
     procs = [
-        subprocess.Popen([sys.executable, __file__, "--start-at", str(start_at), "--worker", backend, *map(str, chunk)],
-                         stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, __file__, "--start-at", str(start_at), "--worker-threads", str(threads),
+                          "--worker", backend, *map(str, chunk)], stdout=subprocess.PIPE, text=True)
         for chunk in chunks
     ]
     ends = []
@@ -194,6 +201,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=4, help="times each clip is processed")
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--backend", default="decord")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of the one-job lanes row")
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--nvdec", action="store_true", help="CPU decoders on all cores against NVDEC (a GPU host)")
     parser.add_argument("--processes", type=int, default=os.cpu_count(), help="--nvdec: CPU shard processes")
@@ -201,6 +209,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="--nvdec: small short clips (a dry run)")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     settings = decoder_settings(args.backend if not args.worker else args.worker[0])
     if args.worker:
@@ -209,7 +218,8 @@ def main() -> None:
             decode_only([Path(p) for p in args.worker[1:]], 16)
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                extract_job([Path(p) for p in args.worker[1:]], settings, Path(tmp) / "shard.pkl")
+                extract_job([Path(p) for p in args.worker[1:]], replace(settings, threads=args.worker_threads),
+                            Path(tmp) / "shard.pkl")
         print(time.time())
         return
 
@@ -228,6 +238,8 @@ def main() -> None:
         "extract job": extract_job(paths, settings, folder / "bench.pkl"),
         "naive (seed)": naive_opencv(paths, 16),
     }
+    threaded = {name: extract_job(paths, replace(settings, threads=args.threads, lanes=n), folder / "bench.pkl")
+                for name, n in (("clips at once", args.threads), ("one clip at a time", 1))}
     one = shards_in_parallel(paths, 1, settings.backend)
     two = shards_in_parallel(paths, 2, settings.backend)
     floor_one = shards_in_parallel(paths, 1, "decode-only")
@@ -239,11 +251,15 @@ def main() -> None:
         print(f"{name:<14} {seconds:8.3f} {seconds / rows['decode only']:15.2f} "
               f"{rows['naive (seed)'] / seconds:18.2f}")
     print(f"extract job: 1 shard {one:.2f} s, 2 shards on 2 cores {two:.2f} s -> throughput x{one / two:.2f}")
+    lanes, single = threaded["clips at once"], threaded["one clip at a time"]
+    print(f"one job of {args.threads} threads: {args.threads} clips at once {lanes:.3f} s/video, one clip at a time "
+          f"with {args.threads} codec threads {single:.3f} s/video -> throughput x{single / lanes:.2f}")
     print(f"decode only: 1 process {floor_one:.2f} s, 2 processes {floor_two:.2f} s -> throughput "
           f"x{floor_one / floor_two:.2f} (what this machine's two cores give a decode-bound loop)")
     if args.json:
-        figures = {"s_per_video": rows, "one_shard_s": one, "two_shards_s": two,
-                   "decode_only_one_s": floor_one, "decode_only_two_s": floor_two}
+        figures = {"s_per_video": rows, "one_job": {"threads": args.threads, "s_per_video": threaded},
+                   "one_shard_s": one, "two_shards_s": two, "decode_only_one_s": floor_one,
+                   "decode_only_two_s": floor_two}
         Path(args.json).write_text(json.dumps(figures, indent=2))
     os.remove(folder / "bench.pkl")
 

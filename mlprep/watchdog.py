@@ -64,10 +64,21 @@ class Watchdog:
             self._conn.close()
         self._proc = self._conn = None
 
-    def call(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    def start(self) -> Watchdog:
+        """Start the child now (a call starts it otherwise): DecodeLanes forks its children before its threads run."""
         if self._proc is None or not self._proc.is_alive():
             self._kill()
             self._start()
+        return self
+
+    def interrupt(self) -> None:
+        """Kill the child from another thread: the call in flight there ends at once with WorkerDiedError."""
+        proc = self._proc
+        if proc is not None:
+            proc.kill()
+
+    def call(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        self.start()
         self._conn.send((fn, args, kwargs))
         if not self._conn.poll(self.timeout):
             self._kill()

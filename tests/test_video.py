@@ -298,6 +298,62 @@ def test_shard_records_hangs_crashes_and_broken_files_and_finishes(clips, tmp_pa
         extract_items(items[2:3], settings, FailureLog(False))
 
 
+def _meeting_decoder(path, *args):
+    """extract_clip, once another lane's process has begun a clip too (else it fails after 20 s); the record's note
+    says which process decoded it with how many codec threads."""
+    import dataclasses
+    import os
+
+    meet = Path(os.environ["MLPREP_TEST_MEET"])
+    (meet / f"{os.getpid()}-{time.monotonic_ns()}").touch()
+    deadline = time.monotonic() + 20
+    while len({p.name.split("-")[0] for p in meet.iterdir()}) < 2:
+        if time.monotonic() > deadline:
+            raise RuntimeError("no other clip was being decoded")
+        time.sleep(0.005)
+    return dataclasses.replace(extract_clip(path, *args), note=f"{os.getpid()} x{args[6]}")
+
+
+def test_a_job_of_two_threads_decodes_two_clips_at_once_and_writes_them_in_order(clips, tmp_path, monkeypatch):
+    """threads: 2 decodes in two lanes (watchdog processes), one codec thread each, both at once (the decoder here
+    waits for the other lane); records and failure rows keep the items' order, frames those of one thread; a
+    hanging clip times out in its lane while the other goes on; with continue_on_error off the first failure
+    stops the shard without waiting on the clips in flight."""
+    from mlprep.video.pairs import ClipItem
+
+    hang = tmp_path / "hang.mp4"
+    hang.write_bytes(clips["plain"].read_bytes())
+    names = ["plain", "zero", "odd", "long_gop", "plain", "text", "odd"]
+    items = [ClipItem(f"c{k}", "t", name, str(clips[name]), None, None, "train", 0) for k, name in enumerate(names)]
+    one = ExtractSettings(num_frames=4, width=64, height=40, backend="pyav", timeout_s=30.0)
+    two = ExtractSettings(num_frames=4, width=64, height=40, backend="pyav", timeout_s=30.0, threads=2)
+    expected, expected_index = extract_items(items, one, FailureLog(True))
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    monkeypatch.setenv("MLPREP_TEST_MEET", str(meet))
+    records, index = extract_items(items, two, FailureLog(True), decode=_meeting_decoder)
+    assert [r["id"] for r in records] == [r["id"] for r in expected] == ["c0", "c2", "c3", "c4", "c6"]
+    assert all(np.array_equal(a["frames"], b["frames"]) for a, b in zip(records, expected))
+    assert index["clip_id"].tolist() == [f"c{k}" for k in range(len(names))]
+    assert index["status"].tolist() == expected_index["status"].tolist()
+    assert index["reason_code"].tolist() == expected_index["reason_code"].tolist()
+    lanes = {r["note"] for r in records}
+    assert len(lanes) == 2 and all(note.endswith(" x1") for note in lanes), lanes
+
+    with_hang = [ClipItem("hang", "t", "hang.mp4", str(hang), None, None, "train", 0), *items[:3]]
+    short = ExtractSettings(num_frames=4, width=64, height=40, backend="decord", timeout_s=2.0, threads=2)
+    failures = FailureLog(True)
+    records, index = extract_items(with_hang, short, failures, decode=_sleepy_decoder)
+    assert [r["id"] for r in records] == ["c0", "c2"] and index["clip_id"].tolist() == ["hang", "c0", "c1", "c2"]
+    assert [f.reason_code for f in failures.records] == ["decoder_timeout", "not_a_video"]
+
+    started = time.perf_counter()
+    with pytest.raises(Exception, match="zero.mp4"):
+        extract_items([items[1], with_hang[0]], ExtractSettings(4, 64, 40, "decord", None, 120.0, 2),
+                      FailureLog(False), decode=_sleepy_decoder)
+    assert time.perf_counter() - started < 30  # the other lane's hang (60 s) was killed, not waited out
+
+
 # ---------------------------------------------------------------- pairs
 
 
@@ -431,8 +487,10 @@ def test_video_workflow_end_to_end(tmp_path, clips):
 @pytest.mark.slow
 def test_clips_in_tars_and_in_a_bucket_give_the_frames_of_the_files(tmp_path, clips, s3_server):
     """The same clips as files, as webdataset tars named by a pairs file (with a bad container and members beside
-    them), as parquet of bytes, and as tars in a bucket of the real local S3 server with no pairs file (texts from the samples' .txt):
-    the same records, frames byte for byte; every bad container or member one failure record."""
+    them), as parquet of bytes, and as tars in a bucket of the real local S3 server with no pairs file (texts from
+    the samples' .txt): the same records, frames byte for byte; every bad container or member one failure record.
+    The containers' jobs run with 2 threads: their members go to two decode lanes at once, each its own scratch
+    file."""
     import io
     import tarfile
 
@@ -472,7 +530,8 @@ def test_clips_in_tars_and_in_a_bucket_give_the_frames_of_the_files(tmp_path, cl
             overrides = {"clips_dir": "s3://bucket/clips", "input_format": "webdataset", "pairs": None}
         config = _video_config(work, **overrides)
         config["object_storage"] = s3_server.storage
-        run_snakemake(work, config)
+        lanes = () if form == "files" else ("--set-threads", "video_extract_shard=2")  # members in two lanes
+        run_snakemake(work, config, *lanes)
         runs[form] = _load_pkls(work)
         assert [p for p in work.rglob("*") if p.is_file() and p.relative_to(work).parts[0] not in
                 ("results", ".snakemake", "data", "config.yaml")] == []
