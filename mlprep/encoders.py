@@ -211,6 +211,18 @@ class ImageEncoder:
         """uint8 [N, 3, S, S] RGB -> float32 [N, D] on the host, L2-normalised."""
         return self.encode_device(images).cpu().numpy().astype(np.float32, copy=False)
 
+    def warm_up(self, on_cpu: bool = False) -> bool:
+        """On a GPU, one forward pass of a batch of zeros, waited for: every batch has this one shape, so the
+        kernels the job runs are loaded (and its math libraries' handles made) while the readers, started before the
+        model was built, fill the first chunk, instead of after it. Changes nothing a later batch computes
+        (inference mode, no state). On a CPU it would cost a batch's work for little: False, nothing done, unless
+        `on_cpu` (tests)."""
+        if self.device.type != "cuda" and not on_cpu:
+            return False
+        size = self.image_size
+        self.encode_device(torch.zeros((self.batch_size, 3, size, size), dtype=torch.uint8, device=self.device)).cpu()
+        return True
+
 
 class ClipEncoder(ImageEncoder):
     """An open_clip model: images (and texts, for zero-shot) into its joint embedding space."""

@@ -125,6 +125,8 @@ def test_an_open_clip_checkpoint_is_put_in_place_and_embeds_as_through_open_clip
     texts = ["a tin of tea", "a box of green tea bags"]
     assert np.array_equal(placed.encode_texts(texts), loaded.encode_texts(texts))
     assert images_only.built_in_place and np.array_equal(images_only.encode_images(views), placed.encode_images(views))
+    assert not placed.warm_up()  # a GPU job's warm-up: nothing on a CPU; forced, it changes no later embedding
+    assert placed.warm_up(on_cpu=True) and np.array_equal(placed.encode_images(views), loaded.encode_images(views))
     visual = sum(p.numel() for p in placed.model.visual.parameters())
     assert sum(p.numel() for p in images_only.model.parameters()) <= visual + 2  # the image tower and logit scale
     assert sum(p.numel() for p in placed.model.parameters()) > visual + 2

@@ -123,6 +123,8 @@ def image_probe(root: str, groups: pd.DataFrame, labels: list[str], cfg: dict, f
     if context is not None:
         context.join()
     stats.mark("model_built")
+    if encoder.warm_up():
+        stats.mark("kernels_loaded")
     if pcfg["backend"] == "classifier":
         probe = Classifier(encoder, labels, pcfg.get("classes"))
     else:

@@ -399,6 +399,8 @@ def encode_shard(
     if context is not None:
         context.join()
     stats.mark("model_built")
+    if encoder.warm_up():
+        stats.mark("kernels_loaded")
     if chunks is None:
         plan = view_plan(cfg, seed, encoder.image_size)
         chunks = image_chunks(paths, ids, plan, batch, workers, device, jpeg_decoder, reader)
