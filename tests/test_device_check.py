@@ -24,7 +24,7 @@ def test_the_device_check_runs_every_step_on_the_cpu(tmp_path):
     result = json.loads((tmp_path / "device_check.json").read_text())
     assert result["dry_run"] and result["machine"]["device"] == "cpu"
     assert {k: v["status"] for k, v in result["steps"].items()} == dict.fromkeys(
-        ["sku", "profile", "probe", "speaker", "video", "run_sku", "run_probe", "run_speech"], "ok")
+        ["sku", "profile", "probe", "speaker", "video", "nvcodec", "run_sku", "run_probe", "run_speech"], "ok")
     profile = result["profile"]["figures"]
     assert profile["views"] > 0 and profile["first_chunk_s"] > 0 and profile["top_cpu_ops"]
     sku = result["sku"]["figures"]
@@ -37,6 +37,10 @@ def test_the_device_check_runs_every_step_on_the_cpu(tmp_path):
                             *((p, "shard job start-up") for p in ("sku_index", "probe_qa", "speaker_embed"))]:
         assert any(p == pipeline and s.startswith(stage) for p, s in rows), (pipeline, stage, rows)
     assert any(r["pipeline"] == "video_frames" and "NVDEC" in r["stage"] for r in result["table_rows"])
+    assert all("pyav+cuda 1 job, 1 lanes clips/s" in row for row in result["video"]["figures"].values())
+    nvcodec = result["nvcodec"]["figures"]  # no GPU here: said, and the CPU side measured all the same
+    assert nvcodec["nvcodec"].startswith("unavailable: ") and len(nvcodec["kinds"]) == 2
+    assert all(row["pyav x2 clips/s"] > 0 for row in nvcodec["kinds"].values())
     assert any(p == "speaker_embed" and "steady state (first group at" in s for p, s in rows)  # start-up apart
     assert any(p == "sku_index" and "steady state (first batch at" in s for p, s in rows)
     run = result["run_images"]["sku_index"]
@@ -69,10 +73,33 @@ def test_each_part_runs_alone_and_reports_this_projects_commit_from_a_nested_cop
     import re
 
     sets = dict(re.findall(r"^  (\w+)\) parts=\(([^)]*)\)", script, re.M))
-    assert set(sets) == {"images", "speech", "video"}
+    assert set(sets) == {"images", "speech", "video", "nvcodec"}
     wheels = (REPO / "bench" / "device_wheels.sh").read_text()
     for name in sets:
         assert f".whl-{name}" in wheels
+
+
+def test_the_gpu_decoders_resize_gives_the_extract_jobs_values():
+    """bench/nvcodec_frames.py resizes a GPU decoder's frames on the device as two matrix products; on the sizes
+    the pipeline meets they equal OpenCV's INTER_AREA, the extract job's resize, value for value (here on the CPU:
+    the same torch operations)."""
+    import cv2
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from nvcodec_frames import HEIGHT, WIDTH, area_weights, resized
+
+    rng = np.random.default_rng(0)
+    for height, width in [(180, 320), (360, 640), (720, 1280), (1080, 1920), (160, 256), (241, 333)]:
+        noise = rng.integers(0, 256, (2, height, width, 3), dtype=np.uint8)
+        frames = np.stack([noise[0], cv2.GaussianBlur(noise[1], (0, 0), 3)])  # sharp and smooth
+        got = resized(torch.from_numpy(frames)).numpy()
+        want = np.stack([cv2.resize(f, (WIDTH, HEIGHT), interpolation=cv2.INTER_AREA) for f in frames])
+        assert got.dtype == np.uint8 and np.array_equal(got, want), (height, width, (got != want).sum())
+    assert torch.allclose(area_weights(640, 256).sum(dim=1), torch.ones(256))
+    with pytest.raises(ValueError, match="downscale only"):
+        area_weights(100, 160)
 
 
 def _tiny_wheel(folder: Path) -> Path:
