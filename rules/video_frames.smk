@@ -51,7 +51,8 @@ rule video_extract_shard:
         "../envs/video_frames.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
+        # a decode lane per thread, each ~0.3 GB at its peak on 1080p clips (mlprep.video.extract.DecodeLanes)
+        mem_mb=lambda wildcards, threads: 4000 + 400 * (threads - 1),
     params:
         shard_list=VIDEO_FLOW.shard_list_pattern,
         fingerprint=VIDEO_FLOW.shard_fingerprint,
