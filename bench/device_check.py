@@ -382,7 +382,7 @@ def main() -> None:
             results[part] = steps.results[part]
         elif part == "nvcodec":  # PyNvVideoCodec's absence (a CPU) is said in its figures, not a skip
             cmd = [py, str(bench / "nvcodec_frames.py"), "--processes", "2" if dry else str(cores),
-                   "--threads", *(["1", "2"] if dry else ["1", "4", "8"]), "--copies", "1" if dry else "2"]
+                   "--threads", *(["1", "2"] if dry else ["1", "4", "8"]), "--copies", "1" if dry else "4"]
             if dry:
                 cmd += ["--small"]
             steps.run(part, cmd, limit=150)

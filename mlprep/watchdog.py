@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,17 @@ class WorkerDiedError(ItemError):
 
     def __init__(self, message: str):
         super().__init__("decoder_crash", message)
+
+
+def _no_thread_pools_across_fork() -> None:
+    """OpenCV's worker threads, once started in this process, do not survive a fork, but its pool thinks they do: a
+    child's first cv2 call that goes parallel (or sets its thread count) then waits for ever, and every call of the
+    watchdog times out (found when a test had resized images with cv2 in the process before). With one thread
+    OpenCV keeps no pool, so it is set so here, before each fork; this process's own cv2 calls then run on one
+    thread, as the extract job's do anyway. Nothing to do where cv2 was never imported."""
+    cv2 = sys.modules.get("cv2")
+    if cv2 is not None and cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
 
 
 def _serve(conn) -> None:
@@ -50,6 +62,7 @@ class Watchdog:
         self._conn = None
 
     def _start(self) -> None:
+        _no_thread_pools_across_fork()
         parent, child = self._ctx.Pipe()
         self._proc = self._ctx.Process(target=_serve, args=(child,), daemon=True)
         self._proc.start()

@@ -257,6 +257,29 @@ def _crashing_decoder(path, *args):
     os._exit(3)
 
 
+def test_clips_decode_after_this_process_has_used_opencvs_threads(clips):
+    """Found in the full suite: once cv2 had run on several threads in the process (a test resizing frames), every
+    watchdog child's decode hung until its timeout, since OpenCV's pool does not survive a fork. The watchdog
+    leaves no pool to inherit."""
+    import cv2
+
+    from mlprep.video.pairs import ClipItem
+
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    frame = np.random.default_rng(0).integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
+    cv2.GaussianBlur(cv2.resize(frame, (256, 160), interpolation=cv2.INTER_AREA), (0, 0), 3)  # the pool started
+    items = [ClipItem(f"c{k}", "t", "plain.mp4", str(clips["plain"]), None, None, "train", 0) for k in range(3)]
+    try:
+        for job_threads in (1, 2):
+            failures = FailureLog(True)
+            settings = ExtractSettings(4, 64, 40, "pyav", None, 10.0, job_threads)
+            records, _ = extract_items(items, settings, failures)
+            assert len(records) == 3 and not failures.records, [f.reason for f in failures.records]
+    finally:
+        cv2.setNumThreads(threads)
+
+
 def test_watchdog_kills_a_hanging_call_and_goes_on():
     with Watchdog(timeout=1.0) as dog:
         started = time.perf_counter()
