@@ -74,9 +74,14 @@ class DecoderChoice:
         self.chosen: str | None = "cpu" if backend == "decord" else None
         self.reason = "decord has no GPU decoder" if self.chosen else ""
 
+    @property
+    def hwaccel(self) -> str | None:
+        """What the clips after the trials are decoded with: `cuda` once NVDEC was chosen, else None (the CPU)."""
+        return "cuda" if self.chosen == "nvdec" else None
+
     def decode(self, run):
         if self.chosen is not None:
-            return run("cuda" if self.chosen == "nvdec" else None)
+            return run(self.hwaccel)
         started = time.perf_counter()
         clip = run(None)  # a clip the CPU cannot decode fails here, as without auto, and decides nothing
         cpu_s = time.perf_counter() - started
@@ -233,8 +238,7 @@ def extract_items(
                     if trial:
                         future.set_result(chooser.decode(lambda hwaccel: decoders.call(decode, *args, hwaccel)))
                     else:
-                        hwaccel = settings.hwaccel if chooser is None else ("cuda" if chooser.chosen == "nvdec"
-                                                                            else None)
+                        hwaccel = settings.hwaccel if chooser is None else chooser.hwaccel
                         future = decoders.submit(decode, *args, hwaccel)
                 except Exception as err:  # noqa: BLE001 - reading its member or a trial decode: the clip's failure
                     future.set_exception(err)
