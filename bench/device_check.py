@@ -19,7 +19,10 @@ Parts (`--parts`, default all that the installed packages allow):
            probe_qa on the GPU (its start-up)
   run_speech  the demo's speaker_embed through the real workflow on the GPU (its start-up)
 Each step has a time limit; a step that fails or runs out of time is recorded as such and the rest go on.
-Output: <out>/device_check.json, <out>/gpu_table.md (rows for docs/gpu.md's GPU table), <out>/log/<step>.log.
+Output: <out>/device_check.json, <out>/gpu_table.md (rows for docs/gpu.md's GPU table), <out>/log/<step>.log;
+with --partial FILE, the figures so far after every step (`"finished": false`), so that a call cut short at its
+time limit still brings back every step it finished. A step runs in a process session of its own and is ended
+whole at its limit (snakemake's jobs and a benchmark's readers with it).
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,34 +58,93 @@ def missing(part: str) -> list[str]:
 class Steps:
     """Runs benchmark commands with time limits and keeps what each gave."""
 
-    def __init__(self, out: Path, deadline: float):
-        self.out, self.deadline = out, deadline
+    def __init__(self, out: Path, deadline: float, after_each: Callable[[], None] | None = None,
+                 shortest: float = 10):
+        self.out, self.deadline, self.after_each, self.shortest = out, deadline, after_each, shortest
         (out / "log").mkdir(parents=True, exist_ok=True)
         self.results: dict = {}
+        self.current: subprocess.Popen | None = None  # the step running now, ended with the check (stop_running)
 
     def run(self, name: str, cmd: list[str], limit: float, env: dict | None = None) -> dict | None:
         """Run `cmd` (its --json written to <out>/<name>.json); None when it failed or ran out of time."""
         figures = self.out / f"{name}.json"
         limit = min(limit, self.deadline - time.time())
-        if limit < 10:
+        if limit < self.shortest:
             self.results[name] = {"status": "skipped: no time left"}
+            self._saved()
             return None
         started = time.time()
         print(f"=== {name}: {' '.join(cmd)} (limit {limit:.0f} s)", flush=True)
         with open(self.out / "log" / f"{name}.log", "w") as log:
+            # a session of its own: at its limit the whole step goes (snakemake's jobs, a benchmark's readers), not
+            # only the process started here, so that nothing of it runs on into the next step's figures
+            step = self.current = subprocess.Popen([*cmd, "--json", str(figures)], cwd=REPO, stdout=log,
+                                                   stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                                   start_new_session=True)
+            print(f"    session {step.pid}", flush=True)
             try:
-                done = subprocess.run([*cmd, "--json", str(figures)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                      timeout=limit, env={**os.environ, **(env or {})})
-                status = "ok" if done.returncode == 0 and figures.exists() else f"failed (exit {done.returncode})"
+                code = step.wait(timeout=limit)
+                status = "ok" if code == 0 and figures.exists() else f"failed (exit {code})"
             except subprocess.TimeoutExpired:
                 status = f"timed out after {limit:.0f} s"
+            stop_group(step)
+            self.current = None
         seconds = round(time.time() - started, 1)
         data = json.loads(figures.read_text()) if status == "ok" else None
         self.results[name] = {"status": status, "seconds": seconds, "figures": data}
         print(f"    {status} in {seconds} s", flush=True)
         if status != "ok":
             print((self.out / "log" / f"{name}.log").read_text()[-3000:], flush=True)
+        self._saved()
         return data
+
+    def stop_running(self, signum: int, frame) -> None:
+        """A signal handler: the check itself is being stopped (a call's time limit): its running step goes with it,
+        since the step's own session would not get the signal."""
+        if self.current is not None:
+            stop_group(self.current, grace=3)
+        sys.exit(128 + signum)
+
+    def _saved(self) -> None:
+        if self.after_each is not None:
+            self.after_each()
+
+
+def stop_group(step: subprocess.Popen, grace: float = 10) -> None:
+    """Ends every process of a step's session: asked to stop (snakemake then ends its jobs), killed after `grace`
+    seconds. A step that exited on its own may have left processes behind; they go too."""
+    try:
+        os.killpg(step.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        step.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    give_up = time.time() + grace
+    while time.time() < give_up and _group_alive(step.pid):
+        time.sleep(0.2)
+    try:
+        os.killpg(step.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    step.wait()
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """`text` to `path` through a temporary name: a call cut short leaves the previous whole file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{path.name}.partial")
+    scratch.write_text(text)
+    os.replace(scratch, path)
 
 
 def environment(device: str) -> dict:
@@ -318,6 +382,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "results" / "device_check"))
     parser.add_argument("--images", type=int, default=20_000, help="catalog of the real run")
     parser.add_argument("--budget", type=float, default=470, help="seconds for all steps together")
+    parser.add_argument("--partial", help="after every step, write the figures so far here (the final ones at the end)")
     parser.add_argument("--snakemake", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -331,13 +396,22 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = Steps(out, time.time() + args.budget)
     py, bench = sys.executable, REPO / "bench"
     cores = os.cpu_count() or 2
     dry = args.dry_run
     info = environment(device)
     print(json.dumps(info), flush=True)
     results: dict = {"machine": info, "dry_run": dry}
+
+    def partial() -> None:
+        """What the steps have given so far, where a call cut short still brings it back (--partial)."""
+        if args.partial:
+            write_atomically(Path(args.partial), json.dumps(
+                {**results, "finished": False, "steps_so_far": steps.results}, indent=2, default=str))
+
+    steps = Steps(out, time.time() + args.budget, after_each=partial)
+    for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(stop, steps.stop_running)
     for part in args.parts:
         lacking = missing(part)
         if lacking:
@@ -391,6 +465,7 @@ def main() -> None:
             results[part] = real_run_images(steps, out / "run", 64 if dry else args.images, device, dry)
         elif part == "run_speech":
             results[part] = real_run_speech(steps, out / "run_speech", device)
+        partial()
     results["steps"] = {k: {"status": v["status"], "seconds": v.get("seconds")} for k, v in steps.results.items()}
     from table import markdown
 
@@ -399,8 +474,10 @@ def main() -> None:
                             "precision": "bf16" if device == "cuda" else "auto", "date": info["date"][:10]},
                      [k for k, v in results["steps"].items() if v["status"] != "ok"])
     (out / "gpu_table.md").write_text(table)
-    (out / "device_check.json").write_text(json.dumps({**results, "table_rows": [r.__dict__ for r in rows]},
-                                                      indent=2, default=str))
+    final = json.dumps({**results, "finished": True, "table_rows": [r.__dict__ for r in rows]}, indent=2, default=str)
+    (out / "device_check.json").write_text(final)
+    if args.partial:
+        write_atomically(Path(args.partial), final)
     print("\n" + table, flush=True)
     print(json.dumps(results["steps"], indent=2))
 

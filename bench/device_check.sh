@@ -12,8 +12,9 @@
 # must travel with the tree under the 64 MiB a call carries, so the check runs as four calls; each part runs
 # alone, on a fresh machine too). Wheels go to $SITE (/tmp/site), on PYTHONPATH; the steps work in $WORK
 # (/tmp/device_check); to $OUT (or results/device_check) go <part>-device_check.json, <part>-gpu_table.md and
-# <part>.tgz (every step's figures and log): three files, as a device call brings back. The dry run writes its
-# files to $OUT as they are.
+# <part>.tgz (every step's figures and log): three files, as a device call brings back; <part>-device_check.json
+# is written after every step (`"finished": false` until the last), so a call cut short keeps what it measured. The
+# dry run writes its files to $OUT as they are.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:-images}
@@ -50,7 +51,9 @@ case "$part" in
 esac
 work=${WORK:-/tmp/device_check}/$part  # the steps' files (the real runs' data among them) stay on the machine
 mkdir -p "$work"
-PYTHONUNBUFFERED=1 "$python" bench/device_check.py --parts "${parts[@]}" --budget "$budget" --out "$work" "${@:2}"
+# the figures so far go to $OUT after every step: a call cut short at its time limit still brings them back
+PYTHONUNBUFFERED=1 "$python" bench/device_check.py --parts "${parts[@]}" --budget "$budget" --out "$work" \
+  --partial "$out/$part-device_check.json" "${@:2}"
 status=$?
 # what comes back from a device machine is a few files at most: the figures, the table, and one archive with every
 # step's figures and log and the real runs' shard stats and job logs (not their data)

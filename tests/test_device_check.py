@@ -177,3 +177,79 @@ def test_a_part_leaves_three_files_for_the_device_call_to_bring_back(tmp_path):
     assert result["steps"]["video"]["status"] == "skipped: no time left"  # said, not dropped
     with tarfile.open(tmp_path / "out" / "video.tgz") as tar:
         assert {"./device_check.json", "./gpu_table.md"} <= set(tar.getnames())
+
+
+def _session_members(session: int) -> list[int]:
+    """Live processes (zombies aside) whose session is `session`."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[3]) == session:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def test_a_step_past_its_limit_ends_with_every_process_it_started(tmp_path):
+    """A step that outlives its limit is ended whole: the processes it started (snakemake's jobs, a benchmark's
+    readers) do not run on into the next step's figures. The figures so far are saved after every step."""
+    import time
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import device_check
+
+    saved = []
+    steps = device_check.Steps(tmp_path, time.time() + 60, shortest=1,
+                               after_each=lambda: saved.append({k: v["status"] for k, v in steps.results.items()}))
+    quick = [sys.executable, "-c", "import json, sys; open(sys.argv[-1], 'w').write(json.dumps({'rate': 1.5}))"]
+    assert steps.run("quick", quick, limit=30) == {"rate": 1.5}
+    hang = [sys.executable, "-c", "import os, subprocess, sys, time; child = subprocess.Popen(['sleep', '300']); "
+                                  f"open({str(tmp_path / 'child')!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}'); "
+                                  "time.sleep(300)"]
+    started = time.time()
+    assert steps.run("hang", hang, limit=3) is None
+    assert time.time() - started < 30
+    assert steps.results["hang"]["status"] == "timed out after 3 s"
+    step_pid, child_pid = map(int, (tmp_path / "child").read_text().split())
+    assert _session_members(step_pid) == []  # the grandchild too, not only the process the step started
+    try:  # gone, or a zombie left unreaped
+        assert Path(f"/proc/{child_pid}/stat").read_text().rsplit(") ", 1)[1][0] == "Z"
+    except FileNotFoundError:
+        pass
+    steps.deadline = time.time()
+    assert steps.run("late", quick, limit=30) is None
+    assert saved == [{"quick": "ok"}, {"quick": "ok", "hang": "timed out after 3 s"},
+                     {"quick": "ok", "hang": "timed out after 3 s", "late": "skipped: no time left"}]
+
+
+def test_a_check_stopped_midway_keeps_the_figures_of_the_steps_it_finished(tmp_path):
+    """A device call cut short at its time limit brings back what is in $OUT: the check writes its figures there
+    after every step, and, stopped, ends the step it was running with every process of it."""
+    import re
+    import signal
+    import time
+
+    partial = tmp_path / "out" / "nvcodec-device_check.json"
+    with open(tmp_path / "log", "w") as log:
+        check = subprocess.Popen([sys.executable, "bench/device_check.py", "--dry-run", "--parts", "nvcodec", "video",
+                                  "--out", str(tmp_path / "work"), "--partial", str(partial)], cwd=REPO, stdout=log,
+                                 stderr=subprocess.STDOUT)
+        try:
+            give_up = time.time() + 240
+            while "=== video" not in (tmp_path / "log").read_text() or "session" not in (tmp_path / "log").read_text():
+                assert check.poll() is None and time.time() < give_up, (tmp_path / "log").read_text()[-3000:]
+                time.sleep(0.5)
+            time.sleep(2)  # the video step's processes under way
+            check.send_signal(signal.SIGTERM)
+            assert check.wait(timeout=60) == 128 + signal.SIGTERM
+        finally:
+            check.kill()
+    text = (tmp_path / "log").read_text()
+    session = int(re.search(r"=== video: .*\n    session (\d+)", text).group(1))
+    assert _session_members(session) == [], text[-2000:]
+    result = json.loads(partial.read_text())
+    assert result["finished"] is False and result["steps_so_far"]["nvcodec"]["status"] == "ok"
+    assert result["nvcodec"]["figures"]["kinds"], result
+    assert "video" not in result["steps_so_far"]
