@@ -85,6 +85,15 @@ def cached_count(folder: Path | str, source: Path | str, count) -> int:
     return n
 
 
+def recorded_count(folder: Path | str) -> int:
+    """The count cached_count last remembered in `folder`, without looking at the source (what a job on a cluster
+    node uses: the main process counted the catalog it was planned from); OSError when there is none."""
+    try:
+        return int(json.loads((Path(folder) / "count.json").read_text())["count"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise OSError(f"{folder}/count.json: no catalog count recorded") from err
+
+
 def file_digest(path: Path | str) -> str:
     """The digest a list's fingerprint is: what a job on a cluster node computes from its own list."""
     return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()

@@ -18,17 +18,22 @@ def _single_thread_worker(_: int) -> None:
 GPU_AUTO_WORKERS = 4
 
 
-def resolve_workers(value: int | str, device: torch.device, threads: int) -> int:
+def resolve_workers(value: int | str, device: torch.device, threads: int, heavy: bool = False) -> int:
     """`decode_workers: auto`: on a CPU, none for a job of fewer than 4 threads and one above: a worker takes
     cycles from the model's threads, and each time it preempts one of them the whole operator waits (on 2
     cores, 0.73x encoder-only with a worker against 0.90x inline, measured); on a GPU, up to 4 and never every
     thread of the job, leaving its main process (which feeds the device) a core: on an H200 with 16 host cores
     (2026-12-04) the sku shard job ran at 4,225 / 5,909 / 4,367 / 2,424 views/s with 1 / 4 / 8 / 16 workers and
-    resemblyzer's at 481 / 432 / 260 utterances/s with 4 / 8 / 16: more workers crowded the feeding process."""
+    resemblyzer's at 481 / 432 / 260 utterances/s with 4 / 8 / 16: more workers crowded the feeding process.
+    `heavy` readers (sku_index's local features and shop-floor queries: 30-80 ms of CPU an image, against 1-2 ms
+    for its views) get every thread of a GPU job but one: there the readers, not the feeding process, set the
+    pace (4 of them give ~50-130 images/s, a few hundred views/s)."""
     if value != "auto":
         return int(value)
     if device.type == "cpu":
         return 0 if threads < 4 else 1
+    if heavy:
+        return max(1, threads - 1)
     return max(1, min(GPU_AUTO_WORKERS, threads - 1))
 
 

@@ -19,6 +19,7 @@ encode_shard(
     precision_spec=sm.config["precision"],
     jpeg_decoder=sm.config["jpeg_decoder"],
     storage=sm.config["object_storage"],
+    shop_floor_share=sm.params.settings["shop_floor_share"],
     continue_on_error=sm.config["continue_on_error"],
     threads=sm.threads,
     out_dir=sm.output[0],

@@ -114,3 +114,74 @@ def test_a_query_is_the_normalised_mean_of_its_crops_as_one_search_embeds_it():
     np.testing.assert_allclose(both[0], mean / np.linalg.norm(mean), atol=1e-6)
     with pytest.raises(ValueError, match="sku_index.query_crops"):
         query_views(["middle"], 10, 10)
+
+
+def test_past_max_queries_a_seeded_sample_of_the_photos_gets_shop_floor_queries(tmp_path):
+    """Making a shop-floor query and its features costs a reader ~50 ms of CPU a photo, and the eval re-ranks each:
+    past eval.shop_floor.max_queries catalog photos only a power-of-two share of them gets queries, drawn per photo
+    (the same photos whatever the shard split or order; a smaller share a subset). The readers say where their time
+    went, and the workflow draws the share from the catalog's size."""
+    import yaml
+
+    from mlprep.config import load_schema, only, validate
+    from mlprep.sku.encode import ShardImages, readers_do_extras, view_plan
+    from mlprep.sku.shopfloor import sample_share, takes_queries
+    from mlprep.sku.workflow import SkuWorkflow
+    from mlprep.workers import resolve_workers
+
+    assert [sample_share(n, 2000) for n in (10, 2000, 2001, 4000, 4001, 20_000)] == [1, 1, 0.5, 0.5, 0.25, 1 / 16]
+    assert sample_share(10**6, None) == 1
+    ids = [f"sku{k // 2}-{k % 2}" for k in range(4000)]
+    quarter = {i for i in ids if takes_queries(7, i, 0.25)}
+    eighth = {i for i in ids if takes_queries(7, i, 0.125)}
+    assert 850 <= len(quarter) <= 1150 and eighth < quarter and 0.4 < len(eighth) / len(quarter) < 0.6
+    assert {i for i in reversed(ids) if takes_queries(7, i, 0.25)} == quarter
+    assert {i for i in ids if takes_queries(8, i, 0.25)} != quarter  # the seed draws them
+
+    shipped = yaml.safe_load(open("config/config.yaml"))
+    cfg = shipped["sku_index"]
+    rng = np.random.default_rng(0)
+    paths = []
+    for k in range(12):
+        path = tmp_path / f"photo{k}.jpg"
+        Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(path, quality=90)
+        paths.append(str(path))
+    ids = [f"p{k}" for k in range(12)]
+    plan = view_plan(cfg, 7, 32, shop_floor_share=0.5)
+    chosen = {i for i in ids if takes_queries(7, i, 0.5)}
+    assert 0 < len(chosen) < 12
+    for order in (range(12), [11, 3, 0, 7, 5, 9, 1, 2, 4, 6, 8, 10]):  # another shard split or order: the same
+        listed = [paths[k] for k in order]
+        dataset = ShardImages(listed, [ids[k] for k in order], plan, 4, False)
+        extras = {ids[k]: item.extra[2] for chunk in (dataset[c] for c in range(len(dataset)))
+                  for item, k in zip(chunk.items, [order[i.tag] for i in chunk.items])}
+        assert {i for i, e in extras.items() if "shop_floor" in e} == chosen
+        assert all("features" in e for e in extras.values())
+        for item_id, e in extras.items():
+            parts = {"read", "views", "local_features"} | ({"shop_floor"} if item_id in chosen else set())
+            assert set(e["seconds"]) == parts and all(s >= 0 for s in e["seconds"].values())
+    # heavy readers get every thread of a GPU job but one; without extras, as before
+    assert readers_do_extras(cfg)
+    assert not readers_do_extras({**cfg, "rerank": {**cfg["rerank"], "enabled": False},
+                                  "eval": {**cfg["eval"], "shop_floor": {"queries_per_image": 0}}})
+    gpu = torch.device("cuda")
+    assert [resolve_workers("auto", gpu, t, heavy=True) for t in (1, 2, 16)] == [1, 1, 15]
+    assert resolve_workers("auto", CPU, 16, heavy=True) == 1 and resolve_workers(2, gpu, 16, heavy=True) == 2
+    # the workflow's share, from the catalog's size (a parameter of every shard job: it reruns them when it changes)
+    catalog = tmp_path / "sku_data.json"
+    catalog.write_text(json.dumps([{"sku_id": f"s{k}", "images": [f"s{k}_a.jpg", f"s{k}_b.jpg"]} for k in range(9)]))
+    config = {**shipped, **only("sku_index"),
+              "sku_index": {**cfg, "sku_data": str(catalog), "eval": {**cfg["eval"], "shop_floor": {
+                  **cfg["eval"]["shop_floor"], "max_queries": 5}}}}
+    validate(config, load_schema("config/schema.yaml"))  # the schema's defaults filled in, as the workflow's are
+    flow = SkuWorkflow(config, str(tmp_path / "results"))
+    assert flow.shop_floor_share() == 0.25 and flow.encode_settings()["shop_floor_share"] == 0.25
+    # a job on a cluster node takes the count the main process made, not the catalog as it is now
+    catalog.write_text("{ not json")
+    assert SkuWorkflow(config, str(tmp_path / "results"), main_process=False).shop_floor_share() == 0.25
+    catalog.write_text("[]")
+    assert SkuWorkflow({**config, "sku_index": {**config["sku_index"], "enabled": False}},
+                       str(tmp_path / "results3")).shop_floor_share() == 1  # a pipeline switched off counts nothing
+    assert not (tmp_path / "results3").exists()
+    config["sku_index"]["eval"]["shop_floor"]["max_queries"] = None
+    assert SkuWorkflow(config, str(tmp_path / "results2")).shop_floor_share() == 1

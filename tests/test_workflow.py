@@ -114,6 +114,9 @@ def test_full_run_on_tiny_data(sku_workdir, tiny_clip):
     for shard in ["000-of-002", "001-of-002"]:
         stats = json.loads((folder / "shards" / shard / "stats.json").read_text())
         assert {"items_ok", "items_failed", "items_skipped", "seconds", "items_per_s", "views_per_s"} <= set(stats)
+        # 12 photos, under eval.shop_floor.max_queries: every one gets its query; where the readers' time went
+        assert stats["shop_floor_share"] == 1 and stats["shop_floor_embed_seconds"] > 0
+        assert set(stats["reader_seconds"]) == {"read", "views", "local_features", "shop_floor"}
         assert (sku_workdir / "results" / "logs" / "sku_index" / f"encode_{shard}.log").exists()
         assert (sku_workdir / "results" / "benchmarks" / "sku_index" / f"encode_{shard}.tsv").exists()
     assert _files_outside(sku_workdir) == []

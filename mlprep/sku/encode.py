@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from mlprep.sku.augment import (
 from mlprep.shardlists import ShardLists
 from mlprep.sku.catalog import LIST_COLUMNS, ImageItem, items_from_list
 from mlprep.sku.geometry import FeatureTable, Features, Geometry, features_of
-from mlprep.sku.shopfloor import ShopFloor, photo_for_queries, shop_floor_query
+from mlprep.sku.shopfloor import ShopFloor, photo_for_queries, shop_floor_query, takes_queries
 from mlprep.sources import ItemReader
 from mlprep.stats import ShardStats, scheduler_ids
 from mlprep.workers import resolve_workers
@@ -89,6 +90,7 @@ class ViewPlan:
     geometry: Geometry | None = None  # local features of each photo, for geometric re-ranking
     shop_floor: ShopFloor | None = None  # shop-floor queries of each photo, for the eval
     query_crops: tuple[str, ...] = ("centre",)  # what a query's embedding averages, as a search embeds it
+    shop_floor_share: float = 1.0  # of the photos that get shop-floor queries (mlprep.sku.shopfloor.sample_share)
 
     @property
     def views_per_item(self) -> int:
@@ -131,32 +133,39 @@ class ShardImages(torch.utils.data.Dataset):
             params["index"], params["query"] = plan.views(self.ids[position], width, height)
             return view_transforms(params["index"] + params["query"], width, height, plan.image_size)
 
+        started = time.perf_counter()
         try:
             data = self.reader.read(*self.locations[position])
         except Exception as err:  # noqa: BLE001
             return PreparedImage(position, error=describe_error(err)), b""
+        read = time.perf_counter()
         item, payload = prepare_image(position, data, plan.image_size, self.device_decode, views, content_hash)
-        extras = {}
+        extras = {"seconds": {"read": read - started, "views": time.perf_counter() - read}}
         if item.error is None:
             try:
-                extras = self._extras(data, self.ids[position])
+                extras = self._extras(data, self.ids[position], extras)
             except Exception as err:  # noqa: BLE001 - a photo that decodes for its views but not in full
                 item, payload = PreparedImage(position, error=describe_error(err)), b""
         item.extra = (params.get("index", []), params.get("query", []), extras)
         return item, payload
 
-    def _extras(self, data: bytes, item_id: str) -> dict:
+    def _extras(self, data: bytes, item_id: str, out: dict) -> dict:
         """What the photo's bytes give besides its views, here where they are read: its local features and its
-        shop-floor queries (with theirs)."""
-        plan, out = self.plan, {}
+        shop-floor queries (with theirs); out["seconds"] says what each took."""
+        plan, seconds = self.plan, out["seconds"]
         if plan.geometry is not None:
+            started = time.perf_counter()
             out["features"] = features_of(data, plan.geometry)
-        if plan.shop_floor is not None and plan.shop_floor.queries_per_image:
+            seconds["local_features"] = time.perf_counter() - started
+        if (plan.shop_floor is not None and plan.shop_floor.queries_per_image
+                and takes_queries(plan.seed, item_id, plan.shop_floor_share)):
+            started = time.perf_counter()
             photo = photo_for_queries(data)
             queries = [shop_floor_query(photo, plan.shop_floor, plan.seed, item_id, k)
                        for k in range(plan.shop_floor.queries_per_image)]
             features = [features_of(q, plan.geometry) for q in queries] if plan.geometry is not None else []
             out["shop_floor"] = (queries, features)
+            seconds["shop_floor"] = time.perf_counter() - started
         return out
 
     def __getitem__(self, k: int) -> PreparedChunk:
@@ -208,6 +217,8 @@ class EncodedShard:
     local_features: FeatureTable | None = None
     shop_floor_vectors: np.ndarray | None = None
     shop_floor: FeatureTable | None = None  # a row per shop-floor query, with its local features
+    reader_seconds: dict | None = None  # CPU seconds the readers spent, by part, summed over the items
+    shop_floor_embed_seconds: float = 0.0  # this process's time embedding shop-floor queries
 
 
 def _meta_rows(item: ImageItem, params: list[ViewParams], digest: str) -> list[dict]:
@@ -250,6 +261,7 @@ def encode_items(
     bar = tqdm(total=len(items), desc="encode images", unit="img", file=progress, mininterval=2.0)
     photo_features: list[tuple[dict, Features]] = []
     queries = _ShopFloorQueries(encoder, plan.query_crops)
+    reader_seconds: dict[str, float] = {}
 
     def seen(prepared: PreparedImage) -> None:
         bar.update(1)
@@ -258,6 +270,8 @@ def encode_items(
             failures.record(item.item_id, item.where, "decode", *prepared.error)
             return
         extras = prepared.extra[2] if prepared.extra else {}
+        for part, seconds in extras.get("seconds", {}).items():
+            reader_seconds[part] = reader_seconds.get(part, 0.0) + seconds
         row = {"item_id": item.item_id, "sku_id": item.sku_id, "image": item.image}
         if "features" in extras:
             photo_features.append((row, extras["features"]))
@@ -287,6 +301,8 @@ def encode_items(
         local_features=FeatureTable.build(photo_features, "sku.local_features") if plan.geometry else None,
         shop_floor_vectors=queries.vectors() if plan.shop_floor else None,
         shop_floor=queries.table() if plan.shop_floor else None,
+        reader_seconds={part: round(seconds, 2) for part, seconds in reader_seconds.items()},
+        shop_floor_embed_seconds=round(queries.seconds, 2),
     )
 
 
@@ -299,6 +315,7 @@ class _ShopFloorQueries:
         self.waiting: list[tuple[dict, bytes, Features | None]] = []
         self.entries: list[tuple[dict, Features]] = []
         self.parts: list[np.ndarray] = []
+        self.seconds = 0.0
 
     def add(self, row: dict, queries: list[bytes], features: list[Features]) -> None:
         for k, data in enumerate(queries):
@@ -311,7 +328,9 @@ class _ShopFloorQueries:
 
         if not self.waiting:
             return
+        started = time.perf_counter()
         vectors, ok, _ = embed_images(self.encoder, [data for _, data, _ in self.waiting], crops=self.crops)
+        self.seconds += time.perf_counter() - started
         for position in ok:  # a query that does not decode (it always should) is left out
             row, _, features = self.waiting[position]
             self.entries.append((row, features if features is not None else Features.empty()))
@@ -344,18 +363,33 @@ def load_encoder(cfg: dict, device_spec: str, precision_spec: str, threads: int,
                        resolve_batch_size(cfg["encoding_batch_size"], device))
 
 
-def view_plan(cfg: dict, seed: int, image_size: int) -> ViewPlan:
+def _extras_settings(cfg: dict) -> tuple[Geometry | None, ShopFloor | None]:
+    """The local features and shop-floor queries the readers make besides the views (None: not made)."""
     rerank = Geometry.from_config(cfg.get("rerank"))
     shop_floor = ShopFloor.from_config(cfg["eval"].get("shop_floor"))
+    return rerank if rerank.enabled else None, shop_floor if shop_floor.queries_per_image else None
+
+
+def readers_do_extras(cfg: dict) -> bool:
+    """Whether the readers do more with each photo than its views: tens of milliseconds of CPU a photo (local
+    features ~34 ms, a shop-floor query and its features ~50 ms on a 640x480 photo, one Xeon core) instead of 1-2."""
+    return any(setting is not None for setting in _extras_settings(cfg))
+
+
+def view_plan(cfg: dict, seed: int, image_size: int, shop_floor_share: float = 1.0) -> ViewPlan:
+    """The shard's views and extras from the sku_index config; `shop_floor_share`: what the workflow drew from the
+    catalog's size (mlprep.sku.workflow: eval.shop_floor.max_queries)."""
+    geometry, shop_floor = _extras_settings(cfg)
     return ViewPlan(
         seed=seed,
         augment_per_image=cfg["augment_per_image"],
         queries_per_image=cfg["eval"]["queries_per_image"],
         settings=AugmentSettings.from_config(cfg["augment"]),
         image_size=image_size,
-        geometry=rerank if rerank.enabled else None,
-        shop_floor=shop_floor if shop_floor.queries_per_image else None,
+        geometry=geometry,
+        shop_floor=shop_floor,
         query_crops=tuple(cfg["query_crops"]),
+        shop_floor_share=shop_floor_share,
     )
 
 
@@ -372,9 +406,11 @@ def encode_shard(
     progress: TextIO | None = None,
     jpeg_decoder: str = "auto",
     storage: dict | None = None,
+    shop_floor_share: float = 1.0,
 ) -> dict:
     """Encode the images of one shard list into the shard's folder (written whole or not at all); `storage`: the
-    object_storage settings, for images in object storage.
+    object_storage settings, for images in object storage; `shop_floor_share`: of the photos that get shop-floor
+    queries (the workflow's, from the catalog's size).
 
     Start-up overlaps: the readers start (and read ahead) before the model is built, where the model's input
     size is known from its config; `stats.json` says where the start-up time went (`startup_steps`)."""
@@ -388,10 +424,10 @@ def encode_shard(
     size = image_size_of(spec)
     paths, ids = [i.location for i in items], [i.item_id for i in items]
     reader = ItemReader(cfg.get("parquet_column", "auto"), what="image file", storage=storage)
-    workers = resolve_workers(cfg["decode_workers"], device, threads)
+    workers = resolve_workers(cfg["decode_workers"], device, threads, heavy=readers_do_extras(cfg))
     chunks = None
     if size is not None:
-        plan = view_plan(cfg, seed, size)
+        plan = view_plan(cfg, seed, size, shop_floor_share)
         chunks = image_chunks(paths, ids, plan, batch, workers, device, jpeg_decoder, reader)
         stats.mark("readers_started")
     context = start_context(device)
@@ -402,7 +438,7 @@ def encode_shard(
     if encoder.warm_up():
         stats.mark("kernels_loaded")
     if chunks is None:
-        plan = view_plan(cfg, seed, encoder.image_size)
+        plan = view_plan(cfg, seed, encoder.image_size, shop_floor_share)
         chunks = image_chunks(paths, ids, plan, batch, workers, device, jpeg_decoder, reader)
     failures = FailureLog(continue_on_error)
     encoded = encode_items(items, plan, encoder, failures, progress=progress, on_encoded=stats.first_item_done,
@@ -419,6 +455,11 @@ def encode_shard(
         "jpeg_decoder": "device" if choose_device_decode(jpeg_decoder, device) else "cpu",
         "threads": threads,
         "decode_workers": workers,
+        # where the readers' CPU went (summed over the items, spread over the decode workers) and this process's
+        # time embedding shop-floor queries: on a GPU, what the feed can give (docs/gpu.md)
+        "reader_seconds": encoded.reader_seconds,
+        "shop_floor_share": shop_floor_share,
+        "shop_floor_embed_seconds": encoded.shop_floor_embed_seconds,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         **scheduler_ids(),
     }

@@ -10,11 +10,16 @@ A shop-floor query of a catalog photo is, in this order (each step seeded per ph
     `occlusion_prob`;
   - blur (camera shake or focus) of up to `blur` pixels;
   - the resolution scaled by `scale` (a phone photo of a far shelf), then saved as a JPEG of `jpeg_quality`.
+
+Making one costs a reader ~35 ms of CPU and its local features ~13 ms more (a 640x480 photo, one core of a Xeon;
+the photo's own local features ~34 ms beside ~1-2 ms for all its views), and the eval re-ranks each one: past
+`max_queries` catalog photos only a seeded sample of the photos gets queries (`sample_share`, `takes_queries`).
 """
 
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,12 +39,31 @@ class ShopFloor:
     blur: float = 1.5
     scale: tuple[float, float] = (0.4, 0.6)
     jpeg_quality: tuple[int, int] = (50, 85)
+    max_queries: int | None = 2000
 
     @classmethod
     def from_config(cls, cfg: dict | None) -> ShopFloor:
         from mlprep.config import settings_from_config
 
         return settings_from_config(cls, cfg, "sku_index.eval.shop_floor", ("crop", "scale", "jpeg_quality"))
+
+
+def sample_share(n_photos: int, max_queries: int | None) -> float:
+    """The share of a catalog's photos that get shop-floor queries: all of them up to `max_queries` photos (None:
+    no limit), else the largest power-of-two share 1/2^k that keeps them at most `max_queries` (on average: a
+    seeded draw per photo). A power of two, as items_per_shard's shard count is, so that a catalog that grows only
+    reruns its shard jobs for this when it doubles past the limit."""
+    if not max_queries or n_photos <= max_queries:
+        return 1.0
+    return 0.5 ** math.ceil(math.log2(n_photos / max_queries))
+
+
+def takes_queries(seed: int, item_id: str, share: float) -> bool:
+    """Whether the photo `item_id` gets shop-floor queries at `share`: a draw of its own, so the same photos
+    whatever the shard split, the order or the rest of the catalog; at a share half as big, a subset of them."""
+    if share >= 1:
+        return True
+    return rng_for(seed, "sku-shop-floor-sample", item_id).random() < share
 
 
 def photo_for_queries(data: bytes, max_side: int = 1024) -> Image.Image:

@@ -3,7 +3,7 @@ and the settings whose change reruns the shards or only the merge."""
 
 from __future__ import annotations
 
-from mlprep.shardlists import cached_count
+from mlprep.shardlists import cached_count, recorded_count
 from mlprep.shardwork import ShardedPipeline
 from mlprep.sku.catalog import LIST_COLUMNS, count_images
 
@@ -35,12 +35,27 @@ class SkuWorkflow(ShardedPipeline):
             "augment_per_image": self.cfg["augment_per_image"],
             "queries_per_image": self.cfg["eval"]["queries_per_image"],
             "shop_floor": self.cfg["eval"]["shop_floor"],
+            "shop_floor_share": self.shop_floor_share(),
             "query_crops": self.cfg["query_crops"],
             "local_features": {k: v for k, v in self.cfg["rerank"].items()
                                if k in ("enabled", "max_features", "max_side")},
             "encoding_batch_size": self.cfg["encoding_batch_size"],
             "parquet_column": self.cfg["parquet_column"],
         }
+
+    def shop_floor_share(self) -> float:
+        """Of the catalog's photos that get shop-floor queries (eval.shop_floor.max_queries). The main process
+        counts the catalog (cached beside the lists); a job on a cluster node reads that count and nothing else,
+        as it reads only its own list."""
+        from mlprep.sku.shopfloor import sample_share
+
+        limit = self.cfg["eval"]["shop_floor"].get("max_queries")
+        if not limit or not self.cfg.get("enabled", True):
+            return 1.0
+        try:
+            return sample_share(self.count_items() if self.main_process else recorded_count(self.lists_dir), limit)
+        except OSError:  # no catalog file (yet): the manifest job says so, naming it
+            return 1.0
 
     def build_settings(self) -> dict:
         """The settings that change the merged index and checks: a change reruns the merge only."""
