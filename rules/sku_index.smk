@@ -179,5 +179,6 @@ rule sku_evaluate:
     params:
         top_k=SKU["eval"]["top_k"],
         rerank=SKU["rerank"],
+        max_queries=SKU["eval"]["max_queries"],
     script:
         "../scripts/sku_evaluate.py"

@@ -21,4 +21,6 @@ steps.evaluate_index(
     outputs=dict(sm.output.items()),
     rerank=sm.params.rerank,
     query_photos_path=sm.input.query_photos[0] if sm.input.query_photos else None,
+    max_queries=sm.params.max_queries,
+    seed=sm.config["seed"],
 )

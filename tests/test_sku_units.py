@@ -343,3 +343,39 @@ def test_embedding_parts_pair_each_vector_with_its_row_in_the_layout_autofaiss_r
     rows = pd.concat([pd.read_parquet(p) for p in tables], ignore_index=True)
     assert rows["image_path"].tolist() == meta["image"].tolist() and rows["caption"].eq("Mug").all()
     assert [len(np.load(p)) for p in npys] == [len(pd.read_parquet(p)) for p in tables] == [5, 5, 2]
+
+
+def test_the_eval_searches_a_seeded_sample_of_held_out_views_and_an_exact_index_once(monkeypatch):
+    """Each held-out view is searched against every vector, three times over: past eval.max_queries the eval
+    searches a seeded sample of them (the same whatever the order or shard split), and a built index that is itself
+    exact is not searched a second time as its 'exact equivalent'."""
+    from mlprep.sku import evaluate as ev
+
+    meta = pd.DataFrame({"item_id": [f"i{k // 2}" for k in range(400)], "view": [k % 2 + 6 for k in range(400)]})
+    rows = ev.sample_queries(meta, 50, seed=3)
+    assert len(rows) == 50 and (np.diff(rows) > 0).all()
+    picked = set(zip(meta["item_id"][rows], meta["view"][rows]))
+    shuffled = meta.sample(frac=1, random_state=0).reset_index(drop=True)
+    again = ev.sample_queries(shuffled, 50, seed=3)
+    assert set(zip(shuffled["item_id"][again], shuffled["view"][again])) == picked
+    assert set(zip(*(meta.iloc[ev.sample_queries(meta, 50, seed=4)][c] for c in ("item_id", "view")))) != picked
+    assert (ev.sample_queries(meta, None, 3) == np.arange(400)).all()
+    assert (ev.sample_queries(meta, 400, 3) == np.arange(400)).all()
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((60, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index_meta = pd.DataFrame({"sku_id": [f"s{k % 10}" for k in range(60)], "view": [k // 10 for k in range(60)]})
+    queries = vectors[:12] + 0.05 * rng.standard_normal((12, 8)).astype(np.float32)
+    query_meta = pd.DataFrame({"sku_id": [f"s{k % 10}" for k in range(12)]})
+    searched = []
+    real = ev.topk_accuracy
+    monkeypatch.setattr(ev, "topk_accuracy", lambda index, *a: searched.append(index.ntotal) or real(index, *a))
+    flat = ev.evaluate(ev.exact_index(vectors), vectors, index_meta, queries, query_meta, [1, 5])
+    assert searched == [60, 10] and flat["augmented_exact"] == flat["augmented_index"]
+    searched.clear()
+    ivf = faiss.index_factory(8, "IVF2,Flat", faiss.METRIC_INNER_PRODUCT)
+    ivf.train(vectors)
+    ivf.add(vectors)
+    other = ev.evaluate(ivf, vectors, index_meta, queries, query_meta, [1, 5])
+    assert searched == [60, 60, 10] and other["augmented_exact"] == flat["augmented_exact"]

@@ -103,7 +103,7 @@ def test_full_run_on_tiny_data(sku_workdir, tiny_clip):
     assert asked["status"].tolist() == ["ok", "ok", "failed", "ok"] and asked["in_catalog"].tolist() == [True] * 3 + [False]
     assert asked["reason_code"][2] == "not_an_image" and "junk.jpg" in asked["error"][2]
     assert [len(top) for top in asked["embedding_top"]] == [5, 5, 0, 5]
-    assert result["n_queries"] == 12 and 0 <= result["augmented_exact"]["top1"] <= 1
+    assert result["n_queries"] == result["n_held_out_views"] == 12 and 0 <= result["augmented_exact"]["top1"] <= 1
     assert (folder / "eval.png").stat().st_size > 1000
     floor = result["shop_floor"]  # one shop-floor query a photo, each SKU has two photos: none left out
     assert floor["n_queries"] == 12 and floor["n_left_out_single_photo"] == 0
@@ -149,6 +149,15 @@ def test_full_run_on_tiny_data(sku_workdir, tiny_clip):
     proc = subprocess.run([mlprep, "search-sku", "--index", str(folder / "index.faiss"), "--k", "0", str(image)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--k: must be at least 1" in proc.stderr and proc.stdout == ""
+
+    # a smaller eval.max_queries reruns the eval alone, over a seeded sample of the held-out views
+    config["sku_index"]["eval"]["max_queries"] = 5
+    proc = run_snakemake(sku_workdir, config)
+    jobs = proc.stdout + proc.stderr
+    assert "rule sku_evaluate:" in jobs and "rule sku_encode_shard:" not in jobs and "rule sku_build_index:" not in jobs
+    sampled = json.loads((folder / "eval.json").read_text())
+    assert sampled["n_queries"] == 5 and sampled["n_held_out_views"] == 12
+    assert sampled["shop_floor"] == result["shop_floor"]
 
 
 SAME_ARTEFACTS = ["index.faiss", "embeddings.npy", "query_embeddings.npy", "shop_floor_embeddings.npy",

@@ -250,13 +250,14 @@ def check(info_path, failures_path, checks_path, max_failed_fraction: float, dup
 
 
 def evaluate_index(index_path, embeddings_path, metadata_path, info_path, query_path, query_meta_path,
-                   ks, outputs: dict, rerank: dict | None = None, query_photos_path=None) -> dict:
+                   ks, outputs: dict, rerank: dict | None = None, query_photos_path=None,
+                   max_queries: int | None = None, seed: int = 0) -> dict:
     """eval.json: the users' own query photos first where the config names them (`eval.queries`), then the
     shop-floor queries (what users' photos get: by embeddings alone and re-ranked by
     geometry), then the held-out augmented views (the index's own augmentation family: an upper bound)."""
     from mlprep.indexing import apply_search_params, read_index
     from mlprep.sku.encode import LOCAL_FEATURES, SHOP_FLOOR, SHOP_FLOOR_EMBEDDINGS
-    from mlprep.sku.evaluate import evaluate, plot_accuracy, shop_floor
+    from mlprep.sku.evaluate import evaluate, plot_accuracy, sample_queries, shop_floor
     from mlprep.sku.geometry import FeatureTable, Geometry
 
     index = read_index(index_path)
@@ -267,6 +268,9 @@ def evaluate_index(index_path, embeddings_path, metadata_path, info_path, query_
     queries, query_meta = load_npy(query_path), pd.read_parquet(query_meta_path)
     indexed = query_meta["item_id"].isin(meta["item_id"]).to_numpy() if len(query_meta) else np.zeros(0, bool)
     queries, query_meta = queries[indexed], query_meta[indexed].reset_index(drop=True)  # drops dropped duplicates
+    held_out = len(query_meta)
+    rows = sample_queries(query_meta, max_queries, seed)  # eval.max_queries
+    queries, query_meta = queries[rows], query_meta.iloc[rows].reset_index(drop=True)
     folder = Path(index_path).parent
     settings = Geometry.from_config(rerank)
     floor = shop_floor(vectors, meta, load_npy(folder / SHOP_FLOOR_EMBEDDINGS),
@@ -278,7 +282,8 @@ def evaluate_index(index_path, embeddings_path, metadata_path, info_path, query_
         from mlprep.sku.queries import query_photo_accuracy
 
         result["query_photos"] = query_photo_accuracy(pd.read_parquet(query_photos_path), list(ks), settings.enabled)
-    result |= {"shop_floor": floor, **evaluate(index, vectors, meta, queries, query_meta, list(ks))}
+    result |= {"shop_floor": floor, **evaluate(index, vectors, meta, queries, query_meta, list(ks)),
+               "n_held_out_views": held_out}
     result["factory"] = info["factory"]
     result["recall_at_10"] = info.get("recall_at_10")
     if not info["model"].get("pretrained"):
