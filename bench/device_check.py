@@ -214,7 +214,10 @@ def write_catalog(folder: Path, n_images: int, size: tuple[int, int], processes:
 def _snakemake(work: Path, device: str) -> list[str]:
     cores = os.cpu_count() or 2
     gpu = [] if device == "cpu" else ["--resources", "gpu=1"]
-    threads = ["--set-threads", f"sku_encode_shard={cores}", f"probe_shard={cores}", f"speaker_embed_shard={cores}"]
+    # the GPU jobs get every core (their readers need them); so do the merge and the eval, which would otherwise
+    # search on one core while the rest of the machine waits
+    rules = ("sku_encode_shard", "probe_shard", "speaker_embed_shard", "sku_build_index", "sku_evaluate")
+    threads = ["--set-threads", *(f"{rule}={cores}" for rule in rules)]
     return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
             "--cores", "all", *gpu, *threads, "--scheduler", "greedy", "--rerun-incomplete", "--nolock"]
 
