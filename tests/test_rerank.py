@@ -176,6 +176,8 @@ def test_past_max_queries_a_seeded_sample_of_the_photos_gets_shop_floor_queries(
     validate(config, load_schema("config/schema.yaml"))  # the schema's defaults filled in, as the workflow's are
     flow = SkuWorkflow(config, str(tmp_path / "results"))
     assert flow.shop_floor_share() == 0.25 and flow.encode_settings()["shop_floor_share"] == 0.25
+    config["sku_index"]["eval"]["shop_floor"]["max_queries"] = 6  # the same share: the shard jobs' settings unchanged
+    assert SkuWorkflow(config, str(tmp_path / "results")).encode_settings() == flow.encode_settings()
     # a job on a cluster node takes the count the main process made, not the catalog as it is now
     catalog.write_text("{ not json")
     assert SkuWorkflow(config, str(tmp_path / "results"), main_process=False).shop_floor_share() == 0.25

@@ -34,7 +34,8 @@ class SkuWorkflow(ShardedPipeline):
             "augment": self.cfg["augment"],
             "augment_per_image": self.cfg["augment_per_image"],
             "queries_per_image": self.cfg["eval"]["queries_per_image"],
-            "shop_floor": self.cfg["eval"]["shop_floor"],
+            # max_queries acts through the share it gives: a new limit that keeps the share reruns nothing
+            "shop_floor": {k: v for k, v in self.cfg["eval"]["shop_floor"].items() if k != "max_queries"},
             "shop_floor_share": self.shop_floor_share(),
             "query_crops": self.cfg["query_crops"],
             "local_features": {k: v for k, v in self.cfg["rerank"].items()
