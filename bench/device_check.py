@@ -117,12 +117,8 @@ def stop_group(step: subprocess.Popen, grace: float = 10) -> None:
         os.killpg(step.pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    try:
-        step.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
     give_up = time.time() + grace
-    while time.time() < give_up and _group_alive(step.pid):
+    while time.time() < give_up and (step.poll() is None or _group_alive(step.pid)):
         time.sleep(0.2)
     try:
         os.killpg(step.pid, signal.SIGKILL)

@@ -143,15 +143,15 @@ class ShardImages(torch.utils.data.Dataset):
         extras = {"seconds": {"read": read - started, "views": time.perf_counter() - read}}
         if item.error is None:
             try:
-                extras = self._extras(data, self.ids[position], extras)
+                self._extras(data, self.ids[position], extras)
             except Exception as err:  # noqa: BLE001 - a photo that decodes for its views but not in full
                 item, payload = PreparedImage(position, error=describe_error(err)), b""
         item.extra = (params.get("index", []), params.get("query", []), extras)
         return item, payload
 
-    def _extras(self, data: bytes, item_id: str, out: dict) -> dict:
-        """What the photo's bytes give besides its views, here where they are read: its local features and its
-        shop-floor queries (with theirs); out["seconds"] says what each took."""
+    def _extras(self, data: bytes, item_id: str, out: dict) -> None:
+        """Adds to `out` what the photo's bytes give besides its views, here where they are read: its local features
+        and its shop-floor queries (with theirs), and to out["seconds"] what each took."""
         plan, seconds = self.plan, out["seconds"]
         if plan.geometry is not None:
             started = time.perf_counter()
@@ -166,7 +166,6 @@ class ShardImages(torch.utils.data.Dataset):
             features = [features_of(q, plan.geometry) for q in queries] if plan.geometry is not None else []
             out["shop_floor"] = (queries, features)
             seconds["shop_floor"] = time.perf_counter() - started
-        return out
 
     def __getitem__(self, k: int) -> PreparedChunk:
         start, stop = self.ranges[k]
