@@ -31,7 +31,6 @@ from mlprep.llm import answer_for  # noqa: E402
 def make_app(latency: float = 0.0, rate_429: float = 0.0, rate_500: float = 0.0, rate_timeout: float = 0.0,
              rate_malformed: float = 0.0, rate_bad_output: float = 0.0, hang_s: float = 30.0, seed: int = 0,
              retry_after: float = 0.05, rate_bad_fields: float = 0.0) -> web.Application:
-    rng = random.Random(seed)
     stats = {"requests": 0, "by_outcome": Counter(), "by_key": Counter(), "images": 0}
 
     async def chat(request: web.Request) -> web.Response:
@@ -50,7 +49,9 @@ def make_app(latency: float = 0.0, rate_429: float = 0.0, rate_500: float = 0.0,
                     stats["images"] += 1
                 else:
                     prompt.append(part["text"])
-        draw = rng.random()
+        # drawn from the request and how many times it was sent: the same outcomes whatever order concurrent
+        # requests arrive in, so a test's mix of misbehaviours is the same on every run
+        draw = random.Random(f"{seed}:{key}:{stats['by_key'][key]}").random()
         if latency:
             await asyncio.sleep(latency)
         for outcome, rate in (("429", rate_429), ("500", rate_500), ("timeout", rate_timeout),
