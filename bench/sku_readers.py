@@ -7,6 +7,8 @@ A GPU encodes a photo's views in well under a millisecond, so on a GPU the reade
   shipped, share 1     local features and a shop-floor query of every photo (a catalog of up to
                        eval.shop_floor.max_queries photos)
   shipped, share 1/16  the same past max_queries, at 20,000 photos (1 photo in 16 gets a query)
+  ..., max_side S      the same with local features on the photo scaled to a long side of S (rerank.max_side,
+                       --max-sides): SIFT's cost follows the pixels it is given
 Each row: CPU ms a photo in all, and by part (read, views, local_features, shop_floor: what the shard's stats.json
 reports as reader_seconds), and what a GPU job with R readers could then supply: R / (ms a photo) photos/s, times
 the views a photo (--readers; the GPU itself not counted).
@@ -33,6 +35,8 @@ def main() -> None:
     parser.add_argument("--jpeg-decoder", choices=["device", "cpu"], default="device",
                         help="the readers' path for the views: JPEG bytes for the GPU's decoder, or decoded here")
     parser.add_argument("--readers", type=int, default=15, help="readers of the projected GPU job (16 cores: 15)")
+    parser.add_argument("--max-sides", type=int, nargs="*", default=[400, 360],
+                        help="rerank.max_side values to time beside the shipped one, at share 1/16")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
 
@@ -51,6 +55,9 @@ def main() -> None:
     variants = {"views only": dataclasses.replace(shipped, geometry=None, shop_floor=None),
                 "shipped, share 1": shipped,
                 "shipped, share 1/16": dataclasses.replace(shipped, shop_floor_share=1 / 16)}
+    for side in args.max_sides:
+        variants[f"shipped, share 1/16, max_side {side}"] = dataclasses.replace(
+            shipped, shop_floor_share=1 / 16, geometry=dataclasses.replace(shipped.geometry, max_side=side))
     figures = {"cpu": cpu_summary(), "photos": args.photos, "size": args.size, "jpeg_decoder": args.jpeg_decoder,
                "views_per_photo": shipped.views_per_item, "readers": args.readers, "rows": {}}
     print(figures["cpu"], flush=True)
