@@ -282,13 +282,15 @@ def shard_summary(folder: Path) -> dict:
     out = {"shards": len(shards), "startup_s": [s.get("startup_s") for s in shards],
            "startup_steps": [s.get("startup_steps") for s in shards],
            "items": sum(s["items_ok"] + s["items_failed"] for s in shards)}
-    if shards and shards[0].get("reader_seconds") is not None:  # sku_index: where its readers' CPU went
+    if shards and shards[0].get("reader_seconds") is not None:  # where the readers' CPU went, an item
         ok = sum(s["items_ok"] for s in shards) or 1
         parts = {part for s in shards for part in s["reader_seconds"]}
-        out["reader_ms_per_photo"] = {
+        out["reader_ms_per_item"] = {
             part: round(sum(s["reader_seconds"].get(part, 0) for s in shards) / ok * 1000, 2) for part in sorted(parts)}
         out["decode_workers"] = [s.get("decode_workers") for s in shards]
-        out["shop_floor_share"] = shards[0].get("shop_floor_share")
+        for key in ("shop_floor_share", "resampled_utterances"):  # sku_index's, speaker_embed's
+            if key in shards[0]:
+                out[key] = shards[0][key] if key == "shop_floor_share" else sum(s.get(key, 0) for s in shards)
     if shards and "views" in shards[0]:
         views = sum(s["views"] for s in shards)
         # the shard jobs ran one after another on the one GPU: the stage's wall time is the sum of their lives
@@ -334,8 +336,11 @@ def gpu_rows(results: dict) -> list:
             u = speaker[backend]["utt_per_s"]
             jobs = {k: r for k, r in u.items() if k.startswith("shard job")}
             best = max(jobs, key=jobs.get)
-            rows.append(Row("speaker_embed", f"{backend} {best}", jobs[best], "utt/s", "model only", u["model only"],
-                            per_s(jobs[best], u["model only"]), ">= 0.8"))
+            readers = speaker[backend].get("reader_ms_per_utt") or {}
+            cpu = f" (readers' CPU an utterance: {', '.join(f'{k} {v} ms' for k, v in readers.items())}; " \
+                  f"{speaker[backend]['resampled_share']:.0%} resampled)" if readers else ""
+            rows.append(Row("speaker_embed", f"{backend} {best}{cpu}", jobs[best], "utt/s", "model only",
+                            u["model only"], per_s(jobs[best], u["model only"]), ">= 0.8"))
             steady = {k: r for k, r in (speaker[backend].get("steady_utt_per_s") or {}).items() if r}
             if steady:
                 best = max(steady, key=steady.get)
@@ -370,7 +375,7 @@ def gpu_rows(results: dict) -> list:
     run = {**(results.get("run_images") or {}), **(results.get("run_speech") or {})}
     sku_run = run.get("sku_index") or {}
     if sku_run.get("encode_views_per_s_wall"):
-        readers = sku_run.get("reader_ms_per_photo") or {}
+        readers = sku_run.get("reader_ms_per_item") or {}
         cpu = f" (readers' CPU a photo: {', '.join(f'{k} {v} ms' for k, v in readers.items())}; " \
               f"{max(sku_run.get('decode_workers') or [0])} readers)" if readers else ""
         done = f"{run['images']:,}"

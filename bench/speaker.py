@@ -37,7 +37,7 @@ from mlprep.devices import cpu_summary, to_host
 from mlprep.failures import FailureLog
 from mlprep.speaker.audio import load_audio
 from mlprep.speaker.backends import load_backend
-from mlprep.speaker.embed import embed_audio
+from mlprep.speaker.embed import ReaderTotals, embed_audio
 from table import steady_rate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,9 +79,11 @@ def model_only(backend, frame: pd.DataFrame) -> float:
     return time.perf_counter() - started
 
 
-def shard_job(backend, frame: pd.DataFrame, workers: int, marks: list | None = None) -> float:
+def shard_job(backend, frame: pd.DataFrame, workers: int, marks: list | None = None,
+              readers: ReaderTotals | None = None) -> float:
     """Seconds for mlprep's embed loop over `frame`; `marks` gets (seconds since the start, utterances) for each
-    group the loop queued on the model, so start-up and the steady state can be told apart (steady_rate)."""
+    group the loop queued on the model, so start-up and the steady state can be told apart (steady_rate);
+    `readers` what the readers spent, by part."""
     encode, marks = backend.encode_device, marks if marks is not None else []
 
     def counted(windows):
@@ -93,7 +95,7 @@ def shard_job(backend, frame: pd.DataFrame, workers: int, marks: list | None = N
     started = time.perf_counter()
     try:
         with open(os.devnull, "w") as quiet:
-            vectors, _, _ = embed_audio(frame, backend, FailureLog(False), workers, 0.5, quiet)
+            vectors, _, _ = embed_audio(frame, backend, FailureLog(False), workers, 0.5, quiet, readers=readers)
     finally:
         del backend.encode_device  # the class's own again
     assert len(vectors) == len(frame)
@@ -279,15 +281,22 @@ def main() -> None:
         model_only(backend, frame.iloc[:20])  # warm-up
         rows = {"model only": len(frame) / model_only(backend, frame)}
         steady, first = {}, {}
+        readers = ReaderTotals()
         for w in [*args.workers, 0]:
             setup, marks = f"shard job ({w} worker{'s' * (w > 1)})" if w else "shard job inline", []
-            seconds = shard_job(backend, frame, w, marks)
+            seconds = shard_job(backend, frame, w, marks, readers)
             rows[setup], steady[setup], first[setup] = len(frame) / seconds, steady_rate(marks, seconds), marks[0][0]
+        # the readers' CPU an utterance, by part, over every shard job row: what R readers could supply
+        per_utt = {part: round(s / readers.utterances * 1000, 3) for part, s in readers.seconds.items()}
+        print(f"{name:<12} readers' CPU an utterance: "
+              f"{', '.join(f'{part} {ms} ms' for part, ms in per_utt.items())}; {readers.resampled} of "
+              f"{readers.utterances} resampled; 1 reader ~{1000 / sum(per_utt.values()):.0f} utt/s")
         for setup, rate in rows.items():
             after = f"  steady {steady[setup]:8.1f} ({steady[setup] / rows['model only']:.2f}x), first group at " \
                     f"{first[setup]:.2f} s" if steady.get(setup) else ""
             print(f"{name:<12} {setup:<22} {rate:8.1f} {rate / rows['model only']:14.2f}{after}")
-        figures[name] = {"utt_per_s": rows, "steady_utt_per_s": steady, "first_group_s": first}
+        figures[name] = {"utt_per_s": rows, "steady_utt_per_s": steady, "first_group_s": first,
+                         "reader_ms_per_utt": per_utt, "resampled_share": readers.resampled / readers.utterances}
         if gpu:
             continue
         if threads > 1:  # the model on one core, the reader on the other: no core shared

@@ -46,9 +46,13 @@ def test_the_device_check_runs_every_step_on_the_cpu(tmp_path):
     run = result["run_images"]["sku_index"]
     assert run["shards"] == 2 and run["items"] == 64 and all(s is not None for s in run["startup_s"])
     # where the readers' CPU went, per photo (the shipped config: re-ranking features and shop-floor queries)
-    assert set(run["reader_ms_per_photo"]) == {"read", "views", "local_features", "shop_floor"}
+    assert set(run["reader_ms_per_item"]) == {"read", "views", "local_features", "shop_floor"}
     assert run["shop_floor_share"] == 1 and len(run["decode_workers"]) == 2
     assert any("readers' CPU a photo: " in s for p, s in rows if p == "sku_index")
+    speech = result["run_speech"]["speaker_embed"]  # the demo corpus: one utterance in 20 is at 44.1 kHz
+    assert {"read", "decode", "resample", "prepare"} == set(speech["reader_ms_per_item"])
+    assert speech["resampled_utterances"] == 1
+    assert any("readers' CPU an utterance: " in s for p, s in rows if p == "speaker_embed")
     assert "| sku_index | encoder only, batch 8 |" in (tmp_path / "gpu_table.md").read_text()
 
 

@@ -378,6 +378,12 @@ def test_every_kind_of_bad_audio_is_one_failure_with_its_code(tmp_path):
     assert np.load(out / "utterance_embeddings.npy").shape == (len(utterances), 256)
     seconds = utterances.set_index("item_id").loc["x/bad/rate8k", "duration_s"]
     assert seconds == pytest.approx(soundfile.info(DEMO / "studio" / "bruno" / "utt0.wav").duration, abs=0.01)
+    # where the readers' time went, failed utterances included: the two files not at 16 kHz were resampled
+    stats = json.loads((out / "stats.json").read_text())
+    rates = [soundfile.info(p).samplerate for p in sorted((root / "studio").rglob("*.wav"))]
+    assert stats["resampled_utterances"] == 1 + sum(r != 16000 for r in rates) == 2
+    assert set(stats["reader_seconds"]) == {"read", "decode", "resample", "prepare"}
+    assert all(s >= 0 for s in stats["reader_seconds"].values()) and stats["reader_seconds"]["decode"] > 0
 
 
 def test_precomputed_embeddings_refuse_pickles_nan_and_wrong_lengths(tmp_path):

@@ -16,13 +16,17 @@ SILENCE_PEAK = 1e-4  # a recording whose loudest sample is below this carries no
 
 
 def load_audio(source: str | bytes, sample_rate: int, min_seconds: float,
-               max_seconds: float | None = None) -> np.ndarray:
+               max_seconds: float | None = None, timings: dict | None = None) -> np.ndarray:
     """float32 mono samples at `sample_rate` from a file path or the file's bytes (the format is read from the
     content), or ItemError (not_audio, truncated, empty_audio, bad_audio, too_short, silent, too_long beyond
-    `max_seconds`, checked from the header before the samples are read)."""
+    `max_seconds`, checked from the header before the samples are read). `timings` (a dict) gets the seconds
+    spent decoding and, for a file at another rate, resampling (`decode`, `resample`)."""
     import io
+    import time
 
     import soundfile
+
+    started = time.perf_counter()
 
     def handle():
         return io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
@@ -46,8 +50,13 @@ def load_audio(source: str | bytes, sample_rate: int, min_seconds: float,
     if not np.isfinite(samples).all():
         raise ItemError("bad_audio", "samples hold NaN or infinity")
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+    decoded = time.perf_counter()
+    if timings is not None:
+        timings["decode"] = decoded - started
     if rate != sample_rate:
         mono = resample(mono, rate, sample_rate)
+        if timings is not None:
+            timings["resample"] = time.perf_counter() - decoded
     if len(mono) < min_seconds * sample_rate:
         raise ItemError("too_short", f"{len(mono) / sample_rate:.2f} s, shorter than min_seconds {min_seconds}")
     if float(np.abs(mono).max()) < SILENCE_PEAK:

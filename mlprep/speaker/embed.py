@@ -13,8 +13,9 @@ import logging
 import math
 import os
 import pickle
+import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -62,6 +63,27 @@ class Prepared:
     windows: np.ndarray | None  # the backend's model input for one utterance
     seconds: float = 0.0
     error: tuple[str, str] | None = None
+    timings: dict | None = None  # the reader's seconds by part: read, decode, resample, prepare
+
+
+@dataclass
+class ReaderTotals:
+    """What the readers spent, summed over a shard's utterances (on a GPU their CPU can set the job's pace:
+    docs/gpu.md): seconds by part, and how many utterances were resampled."""
+
+    seconds: dict = field(default_factory=dict)
+    utterances: int = 0
+    resampled: int = 0
+
+    def add(self, timings: dict | None) -> None:
+        self.utterances += 1
+        for part, seconds in (timings or {}).items():
+            self.seconds[part] = self.seconds.get(part, 0.0) + seconds
+        self.resampled += "resample" in (timings or {})
+
+    def as_dict(self) -> dict:
+        return {"seconds": {part: round(s, 3) for part, s in self.seconds.items()}, "utterances": self.utterances,
+                "resampled": self.resampled}
 
 
 class _Utterances(torch.utils.data.Dataset):
@@ -76,12 +98,18 @@ class _Utterances(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> Prepared:
         location = self.locations[position]
+        timings: dict[str, float] = {}
         try:
+            started = time.perf_counter()
             source = self.reader.read(*location) if location[1] else location[0]
-            wav = load_audio(source, self.backend.sample_rate, self.min_seconds)
-            return Prepared(position, self.backend.prepare(wav), len(wav) / self.backend.sample_rate)
+            timings["read"] = time.perf_counter() - started
+            wav = load_audio(source, self.backend.sample_rate, self.min_seconds, timings=timings)
+            started = time.perf_counter()
+            windows = self.backend.prepare(wav)
+            timings["prepare"] = time.perf_counter() - started
+            return Prepared(position, windows, len(wav) / self.backend.sample_rate, timings=timings)
         except Exception as err:  # noqa: BLE001 - any reader error is this utterance's failure
-            return Prepared(position, None, error=describe_error(err, "not_audio"))
+            return Prepared(position, None, error=describe_error(err, "not_audio"), timings=timings)
 
 
 def iter_prepared(locations: list, backend, min_seconds: float, workers: int, reader: ItemReader | None = None):
@@ -95,10 +123,10 @@ def iter_prepared(locations: list, backend, min_seconds: float, workers: int, re
 
 
 def embed_audio(frame: pd.DataFrame, backend, failures: FailureLog, workers: int, min_seconds: float,
-                progress: TextIO | None = None, on_encoded=None,
-                reader: ItemReader | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                progress: TextIO | None = None, on_encoded=None, reader: ItemReader | None = None,
+                readers: ReaderTotals | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(embeddings [n_ok, dim], positions of the ok rows in `frame` (path, or LOCATION_COLUMNS), seconds of audio
-    per ok row)."""
+    per ok row); `readers` gets what the readers spent on every utterance, failed ones included."""
     item_ids = frame["item_id"].tolist()
     if "member" in frame:
         locations = list(frame[LOCATION_COLUMNS].itertuples(index=False, name=None))
@@ -134,6 +162,8 @@ def embed_audio(frame: pd.DataFrame, backend, failures: FailureLog, workers: int
     n_windows = 0
     for prepared in iter_prepared(locations, backend, min_seconds, workers, reader):
         bar.update(1)
+        if readers is not None:
+            readers.add(prepared.timings)
         if prepared.error is not None:
             failures.record(item_ids[prepared.position], paths[prepared.position], "embed", *prepared.error)
             continue
@@ -223,10 +253,13 @@ def _embed_shard(shard_text: str, list_path: Path | str, cfg: dict, device_spec:
             context.join()
         stats.mark("model_built")
         reader = ItemReader(cfg.get("parquet_column", "auto"), "audio file", storage, AUDIO_COLUMNS)
+        readers = ReaderTotals()
         vectors, positions, seconds = embed_audio(frame, backend, failures, workers, cfg["min_seconds"], progress,
-                                                  stats.first_item_done, reader)
+                                                  stats.first_item_done, reader, readers)
         extra = {"backend": backend.name, "device": str(device), "batch_size": batch,
                  "audio_seconds": round(float(seconds.sum()), 3),
+                 # where the readers' CPU went, summed over the utterances and spread over the decode workers
+                 "reader_seconds": readers.as_dict()["seconds"], "resampled_utterances": readers.resampled,
                  "model_config": {k: cfg.get(k) for k in ("backend", "weights", "source", "length_quantum_s",
                                                           "min_seconds")}}
     else:
