@@ -276,6 +276,10 @@ def real_run_speech(steps: Steps, work: Path, device: str) -> dict:
     return {"speaker_embed": shard_summary(work / "results" / "speaker_embed" / "shards") if step else None}
 
 
+def _ms_parts(ms: dict) -> str:
+    return ", ".join(f"{part} {value} ms" for part, value in ms.items())
+
+
 def shard_summary(folder: Path) -> dict:
     """Per shard job: start-up, items, views and rate; for the stage: views per second of wall time."""
     shards = [json.loads(p.read_text()) for p in sorted(folder.glob("*/stats.json"))]
@@ -288,9 +292,10 @@ def shard_summary(folder: Path) -> dict:
         out["reader_ms_per_item"] = {
             part: round(sum(s["reader_seconds"].get(part, 0) for s in shards) / ok * 1000, 2) for part in sorted(parts)}
         out["decode_workers"] = [s.get("decode_workers") for s in shards]
-        for key in ("shop_floor_share", "resampled_utterances"):  # sku_index's, speaker_embed's
-            if key in shards[0]:
-                out[key] = shards[0][key] if key == "shop_floor_share" else sum(s.get(key, 0) for s in shards)
+        if "shop_floor_share" in shards[0]:  # sku_index: one share for the whole catalog
+            out["shop_floor_share"] = shards[0]["shop_floor_share"]
+        if "resampled_utterances" in shards[0]:  # speaker_embed
+            out["resampled_utterances"] = sum(s["resampled_utterances"] for s in shards)
     if shards and "views" in shards[0]:
         views = sum(s["views"] for s in shards)
         # the shard jobs ran one after another on the one GPU: the stage's wall time is the sum of their lives
@@ -337,7 +342,7 @@ def gpu_rows(results: dict) -> list:
             jobs = {k: r for k, r in u.items() if k.startswith("shard job")}
             best = max(jobs, key=jobs.get)
             readers = speaker[backend].get("reader_ms_per_utt") or {}
-            cpu = f" (readers' CPU an utterance: {', '.join(f'{k} {v} ms' for k, v in readers.items())}; " \
+            cpu = f" (readers' CPU an utterance: {_ms_parts(readers)}; " \
                   f"{speaker[backend]['resampled_share']:.0%} resampled)" if readers else ""
             rows.append(Row("speaker_embed", f"{backend} {best}{cpu}", jobs[best], "utt/s", "model only",
                             u["model only"], per_s(jobs[best], u["model only"]), ">= 0.8"))
@@ -376,7 +381,7 @@ def gpu_rows(results: dict) -> list:
     sku_run = run.get("sku_index") or {}
     if sku_run.get("encode_views_per_s_wall"):
         readers = sku_run.get("reader_ms_per_item") or {}
-        cpu = f" (readers' CPU a photo: {', '.join(f'{k} {v} ms' for k, v in readers.items())}; " \
+        cpu = f" (readers' CPU a photo: {_ms_parts(readers)}; " \
               f"{max(sku_run.get('decode_workers') or [0])} readers)" if readers else ""
         done = f"{run['images']:,}"
         if sku_run["items"] != run["images"]:  # a run cut short: the shards that finished

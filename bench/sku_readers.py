@@ -22,6 +22,7 @@ import json
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,14 +68,13 @@ def main() -> None:
         ids = [f"photo{k}" for k in range(len(paths))]
         for name, plan in variants.items():
             dataset = ShardImages(paths, ids, plan, 16, args.jpeg_decoder == "device")
-            parts: dict[str, float] = {}
+            parts: Counter = Counter()  # seconds by part
             started = time.perf_counter()
             for k in range(len(dataset)):
                 for item in dataset[k].items:
                     if item.error is not None:
                         raise SystemExit(f"{paths[item.tag]}: {item.error}")
-                    for part, seconds in item.extra[2]["seconds"].items():
-                        parts[part] = parts.get(part, 0.0) + seconds
+                    parts.update(item.extra[2]["seconds"])
             ms = (time.perf_counter() - started) / len(paths) * 1000
             photos_per_s = args.readers / ms * 1000
             by_part = {part: round(seconds / len(paths) * 1000, 2) for part, seconds in parts.items()}

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,7 +261,7 @@ def encode_items(
     bar = tqdm(total=len(items), desc="encode images", unit="img", file=progress, mininterval=2.0)
     photo_features: list[tuple[dict, Features]] = []
     queries = _ShopFloorQueries(encoder, plan.query_crops)
-    reader_seconds: dict[str, float] = {}
+    reader_seconds: Counter = Counter()  # seconds by part
 
     def seen(prepared: PreparedImage) -> None:
         bar.update(1)
@@ -269,8 +270,7 @@ def encode_items(
             failures.record(item.item_id, item.where, "decode", *prepared.error)
             return
         extras = prepared.extra[2] if prepared.extra else {}
-        for part, seconds in extras.get("seconds", {}).items():
-            reader_seconds[part] = reader_seconds.get(part, 0.0) + seconds
+        reader_seconds.update(extras.get("seconds", {}))
         row = {"item_id": item.item_id, "sku_id": item.sku_id, "image": item.image}
         if "features" in extras:
             photo_features.append((row, extras["features"]))

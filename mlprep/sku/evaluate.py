@@ -66,7 +66,7 @@ def evaluate(
 def sample_queries(query_meta: pd.DataFrame, limit: int | None, seed: int) -> np.ndarray:
     """Row numbers of at most `limit` held-out queries (None: all), in their order: those whose seeded draw, by
     item and view, is smallest, so the same queries whatever the shard split. Each query is searched against
-    every vector three times over: past a few thousand the figures gain little and the cost grows as catalog
+    every vector two or three times over: past a few thousand the figures gain little and the cost grows as catalog
     size squared."""
     if limit is None or len(query_meta) <= limit:
         return np.arange(len(query_meta))

@@ -14,7 +14,7 @@ import math
 import os
 import pickle
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -71,19 +71,14 @@ class ReaderTotals:
     """What the readers spent, summed over a shard's utterances (on a GPU their CPU can set the job's pace:
     docs/gpu.md): seconds by part, and how many utterances were resampled."""
 
-    seconds: dict = field(default_factory=dict)
+    seconds: Counter = field(default_factory=Counter)
     utterances: int = 0
     resampled: int = 0
 
     def add(self, timings: dict | None) -> None:
         self.utterances += 1
-        for part, seconds in (timings or {}).items():
-            self.seconds[part] = self.seconds.get(part, 0.0) + seconds
+        self.seconds.update(timings or {})
         self.resampled += "resample" in (timings or {})
-
-    def as_dict(self) -> dict:
-        return {"seconds": {part: round(s, 3) for part, s in self.seconds.items()}, "utterances": self.utterances,
-                "resampled": self.resampled}
 
 
 class _Utterances(torch.utils.data.Dataset):
@@ -259,7 +254,8 @@ def _embed_shard(shard_text: str, list_path: Path | str, cfg: dict, device_spec:
         extra = {"backend": backend.name, "device": str(device), "batch_size": batch,
                  "audio_seconds": round(float(seconds.sum()), 3),
                  # where the readers' CPU went, summed over the utterances and spread over the decode workers
-                 "reader_seconds": readers.as_dict()["seconds"], "resampled_utterances": readers.resampled,
+                 "reader_seconds": {part: round(s, 3) for part, s in readers.seconds.items()},
+                 "resampled_utterances": readers.resampled,
                  "model_config": {k: cfg.get(k) for k in ("backend", "weights", "source", "length_quantum_s",
                                                           "min_seconds")}}
     else:
