@@ -122,8 +122,9 @@ def decode_within(data: bytes, mode: str, max_side: int, resample=Image.BILINEAR
 
 def _decoded(img: Image.Image, min_side: int) -> torch.Tensor:
     img.draft("RGB", (min_side, min_side))
-    img = ImageOps.exif_transpose(img)
-    img = img.convert("RGB")
+    ImageOps.exif_transpose(img, in_place=True)  # no copy of an image already upright
+    if img.mode != "RGB":
+        img = img.convert("RGB")
     factor = min(img.size) // min_side
     if factor >= 2:
         img = img.reduce(factor)
@@ -495,6 +496,17 @@ class ViewRenderer:
         self._px = centres.view(1, 1, size)
         self._py = centres.view(1, size, 1)
         self._offsets = np.arange(-self.radius, self.radius + 1, dtype=np.float64)
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """float32 work space of `shape` (at most `slots` rows), the same memory chunk after chunk: a chunk's render
+        allocates none of its large intermediates (on a CPU each fresh one costs its page faults: a third of the
+        render's time), and the first chunk allocates it for the largest."""
+        space = self._buffers.get(name)
+        if space is None:
+            space = self._buffers[name] = torch.empty(self.slots * math.prod(shape[1:]), dtype=torch.float32,
+                                                      device=self.device)
+        return space[: math.prod(shape)].view(shape)
 
     def kernels(self, sigmas: np.ndarray) -> np.ndarray:
         """float32 [n, 2r + 1]: one normalised Gaussian per sigma over [-radius, radius]."""
@@ -521,7 +533,7 @@ class ViewRenderer:
         rows = numbers[: self.slots * self.row].view(self.slots, self.row)
         index = numbers[self.slots * self.row :].long()
         grids = self._grids(rows[:used])
-        views = torch.empty((self.slots, 3, s, s), dtype=torch.float32, device=self.device)
+        views = self._buffer("views", (self.slots, 3, s, s))
         if used < self.slots:
             views[used:] = 0
         for g in groups:  # views in render order: grouped by canvas
@@ -606,8 +618,8 @@ class ViewRenderer:
         m = rows[:, _MAP : _MAP + 9].view(-1, 9, 1, 1)
         px, py = self._px, self._py
         n, s = len(m), self.size
-        grid = torch.empty((n, s, s, 2), dtype=torch.float32, device=self.device)
-        w = (m[:, 6] * px + m[:, 8]) + m[:, 7] * py
+        grid = self._buffer("grid", (n, s, s, 2))
+        w = torch.add(m[:, 6] * px + m[:, 8], m[:, 7] * py, out=self._buffer("w", (n, s, s)))
         for axis in (0, 1):
             c = grid[..., axis]
             torch.add(m[:, 3 * axis] * px + m[:, 3 * axis + 2], m[:, 3 * axis + 1] * py, out=c)
@@ -628,7 +640,8 @@ class ViewRenderer:
         """Brightness, contrast and colour of every slot: one batched product over the fixed slots."""
         flat = views.view(self.slots, 3, -1)
         mean = flat.mean(dim=(1, 2))  # row by row over a fixed shape: the same whatever the chunk holds
-        out = torch.bmm(rows[:, _COLOUR : _COLOUR + 9].reshape(self.slots, 3, 3), flat)
+        out = torch.bmm(rows[:, _COLOUR : _COLOUR + 9].reshape(self.slots, 3, 3), flat,
+                        out=self._buffer("coloured", flat.shape))
         out += (rows[:, _SHIFT : _SHIFT + 3] * mean.view(-1, 1)).unsqueeze(-1)
         return out.view_as(views)
 

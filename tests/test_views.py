@@ -134,6 +134,9 @@ def test_a_view_does_not_depend_on_its_chunk_or_its_slot():
     gap, counts = renderer([images[1], None, images[0]], [transforms[1], None, transforms[0]],
                            [sizes[1], (0, 0), sizes[0]])
     assert counts == [6, 0, 6] and torch.equal(gap[6:12], alone[:6])
+    # the renderer's work space, reused chunk after chunk, carries nothing over: every slot as the first time
+    again, _ = renderer([images[0]], [transforms[0]], [sizes[0]])
+    assert torch.equal(again, alone)
 
 
 def test_embeddings_are_bit_identical_whatever_the_split(tiny_clip):

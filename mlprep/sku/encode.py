@@ -323,10 +323,10 @@ class _ShopFloorQueries:
             self.flush()
 
     def flush(self) -> None:
-        from mlprep.sku.search import embed_images
-
         if not self.waiting:
             return
+        from mlprep.sku.search import embed_images  # here: a shard without shop-floor queries never imports it
+
         started = time.perf_counter()
         vectors, ok, _ = embed_images(self.encoder, [data for _, data, _ in self.waiting], crops=self.crops)
         self.seconds += time.perf_counter() - started
