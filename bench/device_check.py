@@ -317,6 +317,10 @@ def gpu_rows(results: dict) -> list:
             if name.startswith("encoder only, batch"):
                 rows.append(Row("sku_index", name, rate, "views/s", "encoder only, best batch", v["encoder only"],
                                 per_s(rate, v["encoder only"]), "best of 32/128/512"))
+        for name in ("readers only, in this process", "render only", "stages one after the other"):
+            if name in v:  # the feed's stages alone, and what doing them one after the other gives
+                rows.append(Row("sku_index", name, v[name], "views/s", "encoder only", v["encoder only"],
+                                per_s(v[name], v["encoder only"]), ""))
         jobs = {k: r for k, r in v.items() if k.startswith("shard job")}
         best = max(jobs, key=jobs.get)
         rows.append(Row("sku_index", f"{best} (batch {sku['shard_batch']}), whole run", jobs[best], "views/s",

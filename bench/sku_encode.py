@@ -2,10 +2,16 @@
 
 Rows (views per second over the same demo images, same model, batch size and thread budget):
   encoder only      pre-rendered uint8 views straight into the model: the ceiling
+  readers only      the readers' work alone, in this process: read, decode (or pass a JPEG on), view numbers
+  render only       the device's work on the readers' chunks alone: decode where it does, render every view
   shard job         mlprep's encode loop: decode + augment in a worker process, batched encoding
   shard job inline  the same loop with decoding in the main process (no overlap)
+  stages one after the other   what the three stages give done in turn, each at its rate alone: the bound of a
+                    job whose readers share the encoder's cores (2 cores: nothing overlaps)
   seed approach     the seed script's original loop: PIL decode, torchvision transforms per view,
                     one image per model call, fp32, on the same device
+With --rounds N every row runs N times, round after round, and the figures are medians; a shard row's ratio is
+taken against the encoder alone in the same round, with the lowest and highest of the rounds beside it.
 Each shard job row also gives its steady state, the views per second after its first batch was queued, and when
 that was (readers started, the first chunk read): a short run is mostly start-up, which the whole run's rate hides.
 Ratios are what to read; absolute numbers move with the machine's load.
@@ -24,15 +30,17 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 
 from mlprep.devices import cpu_summary, precision_name, select_device, select_precision
 from mlprep.encoders import ClipEncoder, ModelSpec
 from mlprep.failures import FailureLog
-from mlprep.sku.augment import AugmentSettings
+from mlprep.sku.augment import AugmentSettings, blur_radius
 from mlprep.sku.catalog import read_catalog
-from mlprep.sku.encode import ViewPlan, encode_items, render_items
+from mlprep.sku.encode import ShardImages, ViewPlan, encode_items, render_items
+from mlprep.views import DeviceImages, ViewRenderer, choose_device_decode, items_per_chunk
 from table import steady_rate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,6 +106,9 @@ def main() -> None:
     parser.add_argument("--augment-per-image", type=int, default=5)
     parser.add_argument("--seed-images", type=int, default=8, help="images for the (slow) seed baseline")
     parser.add_argument("--repeat", type=int, default=1, help="list the catalog this many times (more views)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every row this many times, round after round, and report medians: on a shared host "
+                             "a row's rate moves by a fifth from minute to minute, the rows of one round much less")
     parser.add_argument("--decode-workers", type=int, nargs="+", default=[1], help="shard job rows to run")
     parser.add_argument("--jpeg-decoders", nargs="+", default=["auto"], choices=["auto", "cpu", "device"])
     parser.add_argument("--device", default="auto")
@@ -121,33 +132,55 @@ def main() -> None:
     plan = ViewPlan(7, args.augment_per_image, 0, AugmentSettings(), size)
     views_per_image = 1 + args.augment_per_image
     rendered = render_items(items, plan, device).to(device)
-    rows = {}
-    for batch, encoder in encoders.items():  # the encoder alone on views already on its device
-        encoder.encode_device(rendered[:batch])  # warm-up
-        sync()
-        started = time.perf_counter()
-        encoder.encode_device(rendered)
-        sync()
-        rows[f"encoder only, batch {batch}"] = len(rendered) / (time.perf_counter() - started)
-    best = max(encoders, key=lambda b: rows[f"encoder only, batch {b}"])
-    rows["encoder only"] = rows[f"encoder only, batch {best}"]
-    batch = args.batch_size or best
-    encoder = encoders.get(batch) or ClipEncoder(spec, device, dtype, batch)
-    checks = equivalence(items[:16], plan, spec, encoder, device)
+    for encoder in encoders.values():
+        encoder.encode_device(rendered[: encoder.batch_size])  # warm-up
+    sync()
+    runs: dict[str, list[float]] = {}  # every row's rate, round by round
+    steady: dict[str, list[float]] = {}  # the steady state after the first batch, and when that batch was queued
+    first: dict[str, list[float]] = {}
+    batch, job_encoder = args.batch_size, None
     shard_rows = [(f"shard job, {w} decode worker{'s' * (w > 1)}" + (f", jpeg_decoder {d}" if d != "auto" else ""),
                    w, d) for d in args.jpeg_decoders for w in args.decode_workers]
-    steady, first = {}, {}  # the steady state after the first batch, and when that batch was queued
-    for name, workers, decoder in [*shard_rows, ("shard job inline", 0, "auto")]:
-        queued: list[float] = []
-        started = time.perf_counter()
-        with open(os.devnull, "w") as quiet:
-            out = encode_items(items, plan, encoder, FailureLog(False), workers=workers, progress=quiet,
-                               jpeg_decoder=decoder, on_encoded=lambda: queued.append(time.perf_counter() - started))
-        seconds, views = time.perf_counter() - started, len(out.index_vectors)
-        rows[name] = views / seconds
-        if queued:  # the last batch holds the rest
-            marks = [(t, batch) for t in queued[:-1]] + [(queued[-1], views - batch * (len(queued) - 1))]
-            steady[name], first[name] = steady_rate(marks, seconds), queued[0]
+    for _ in range(args.rounds):  # each round runs every row once: the rows of a round see the same host
+        for b, encoder in encoders.items():  # the encoder alone on views already on its device
+            sync()
+            started = time.perf_counter()
+            encoder.encode_device(rendered)
+            sync()
+            runs.setdefault(f"encoder only, batch {b}", []).append(len(rendered) / (time.perf_counter() - started))
+        runs.setdefault("encoder only", []).append(max(runs[f"encoder only, batch {b}"][-1] for b in encoders))
+        if job_encoder is None:  # the shard job's batch: --batch-size, or the encoder's best in the first round
+            batch = batch or max(encoders, key=lambda b: runs[f"encoder only, batch {b}"][0])
+            job_encoder = encoders.get(batch) or ClipEncoder(spec, device, dtype, batch)
+            checks = equivalence(items[:16], plan, spec, job_encoder, device)
+        for name, rate in stage_rates(items, plan, batch, device, args.jpeg_decoders[0], sync).items():
+            runs.setdefault(name, []).append(rate)
+        for name, workers, decoder in [*shard_rows, ("shard job inline", 0, "auto")]:
+            queued: list[float] = []
+            started = time.perf_counter()
+            with open(os.devnull, "w") as quiet:
+                out = encode_items(items, plan, job_encoder, FailureLog(False), workers=workers, progress=quiet,
+                                   jpeg_decoder=decoder,
+                                   on_encoded=lambda: queued.append(time.perf_counter() - started))
+            seconds, views = time.perf_counter() - started, len(out.index_vectors)
+            runs.setdefault(name, []).append(views / seconds)
+            if queued:  # the last batch holds the rest
+                marks = [(t, batch) for t in queued[:-1]] + [(queued[-1], views - batch * (len(queued) - 1))]
+                if (rate := steady_rate(marks, seconds)) is not None:
+                    steady.setdefault(name, []).append(rate)
+                    first.setdefault(name, []).append(queued[0])
+    best = max(encoders, key=lambda b: median(runs[f"encoder only, batch {b}"]))
+    rows = {name: median(rates) for name, rates in runs.items()}
+    # each shard row against the encoder alone in the same round: (median, lowest, highest) over the rounds
+    ratios = {name: [rate / alone for rate, alone in zip(rates, runs["encoder only"])]
+              for name, rates in runs.items() if name.startswith("shard job")}
+    # the three stages one after the other, each at its rate alone: what a job without overlap would reach
+    runs["stages one after the other"] = [1 / (1 / e + 1 / r + 1 / d) for e, r, d in
+                                          zip(runs["encoder only"], runs["readers only, in this process"],
+                                              runs["render only"])]
+    rows["stages one after the other"] = median(runs["stages one after the other"])
+    ratios["stages one after the other"] = [rate / alone for rate, alone in
+                                            zip(runs["stages one after the other"], runs["encoder only"])]
     seed_paths = [i.path for i in items[: args.seed_images]]
     rows["seed approach"] = seed_approach(seed_paths, views_per_image, spec, device)
 
@@ -158,20 +191,56 @@ def main() -> None:
         f"{args.encoder_batches}), {args.threads} threads; CPU: {cpu_summary()}"
     )
     print(header)
+    if args.rounds > 1:
+        print(f"median of {args.rounds} rounds; a shard row's ratio is taken against the encoder alone in its own "
+              f"round (median, and the lowest-highest of the rounds)")
     print(f"{'setup':<48} {'views/s':>9} {'vs encoder only':>16} {'vs seed approach':>17}")
     for name, rate in rows.items():
-        after = f"  steady {steady[name]:9.1f} ({steady[name] / rows['encoder only']:.2f}x), first batch at " \
-                f"{first[name]:.2f} s" if steady.get(name) else ""
-        print(f"{name:<48} {rate:9.1f} {rate / rows['encoder only']:16.2f} {rate / rows['seed approach']:17.2f}"
-              f"{after}")
+        ratio = median(ratios[name]) if name in ratios else rate / rows["encoder only"]
+        spread = f" ({min(ratios[name]):.2f}-{max(ratios[name]):.2f})" if name in ratios and args.rounds > 1 else ""
+        after = ""
+        if steady.get(name):
+            fast = median(steady[name])
+            after = f"  steady {fast:9.1f} ({fast / rows['encoder only']:.2f}x), first batch at " \
+                    f"{median(first[name]):.2f} s"
+        print(f"{name:<48} {rate:9.1f} {ratio:16.2f} {rate / rows['seed approach']:17.2f}{spread}{after}")
     for name, value in checks.items():
         print(f"{name}: {value}")
     if args.json:
-        figures = {"setup": header, "views_per_s": rows, "steady_views_per_s": steady, "first_batch_s": first,
+        figures = {"setup": header, "views_per_s": rows, "rounds": args.rounds, "views_per_s_by_round": runs,
+                   "ratio_to_encoder_by_round": ratios,
+                   "steady_views_per_s": {name: median(rates) for name, rates in steady.items()},
+                   "first_batch_s": {name: median(times) for name, times in first.items()},
                    "best_encoder_batch": best, "shard_batch": batch,
                    "device": str(device), "gpu": where.strip(" ()") or None, "precision": precision_name(dtype),
                    **checks}
         Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+def stage_rates(items, plan: ViewPlan, batch: int, device: torch.device, jpeg_decoder: str, sync) -> dict:
+    """The shard job's stages besides the encoder, each alone in this process (views/s): the readers' work (read,
+    header, decode or pass the JPEG on, view numbers, packing), then the device's (decode where it does, render) on
+    the chunks the readers made. With the encoder's rate they give what a job that did the three one after the
+    other would reach: 1 / (1/encoder + 1/readers + 1/render)."""
+    dataset = ShardImages([i.location for i in items], [i.item_id for i in items], plan,
+                          items_per_chunk(batch, plan.views_per_item), choose_device_decode(jpeg_decoder, device))
+    started = time.perf_counter()
+    chunks = [dataset[k] for k in range(len(dataset))]
+    readers = time.perf_counter() - started
+    images = DeviceImages(device, plan.image_size)
+    renderer = ViewRenderer(plan.image_size, len(chunks[0].items) * plan.views_per_item, device,
+                            plan.settings.padding_mode, blur_radius(plan.settings))
+
+    def render(chunk) -> int:
+        return sum(renderer(images(chunk), [i.transforms for i in chunk.items],
+                            [(i.width, i.height) for i in chunk.items])[1])
+
+    render(chunks[0])  # warm-up: kernels, and the renderer's work space
+    sync()
+    started = time.perf_counter()
+    views = sum(render(chunk) for chunk in chunks)
+    sync()
+    return {"readers only, in this process": views / readers, "render only": views / (time.perf_counter() - started)}
 
 
 def equivalence(items, plan: ViewPlan, spec: ModelSpec, encoder: ClipEncoder, device: torch.device) -> dict:

@@ -32,6 +32,7 @@ def test_the_device_check_runs_every_step_on_the_cpu(tmp_path):
     assert sku["device_decode_mean_abs_diff"] < 0.5 and sku["min_cosine_to_cpu_fp32"] > 0.999
     rows = [(r["pipeline"], r["stage"]) for r in result["table_rows"]]
     for pipeline, stage in [("sku_index", "encoder only, batch 8"), ("sku_index", "shard job"),
+                            ("sku_index", "readers only"), ("sku_index", "render only"),
                             ("sku_index", "GPU embeddings vs CPU fp32"), ("probe_qa", "zero-shot probe"),
                             ("speaker_embed", "resemblyzer shard job"), ("sku_index", "real gpu=1 run"),
                             *((p, "shard job start-up") for p in ("sku_index", "probe_qa", "speaker_embed"))]:
