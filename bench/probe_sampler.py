@@ -32,6 +32,7 @@ def write_failures(path: Path, rows: int, labels: int, seed: int = 0) -> None:
         file = f"part-{start // 2_000_000:05d}.parquet"
         in_file = np.arange(start, start + n) % 2_000_000
         table = pa.table({"item_id": pa.array([f"{file}:{r}" for r in in_file.tolist()]),
+                          "id": pa.array([f"img{r:08d}" for r in range(start, start + n)]),  # the data set's own id
                           "file": pa.array(np.full(n, file)), "row_group": pa.array(in_file // 1000),
                           "group_row": pa.array(in_file % 1000), "row": pa.array(in_file),
                           "label": pa.array(names[rng.integers(0, labels, n)]),
@@ -79,7 +80,9 @@ def main() -> None:
         path = Path(tmp) / "failures.parquet"
         write_failures(path, args.rows, args.labels)
         done = subprocess.run([sys.executable, __file__, "--worker", str(path), str(args.per_key), args.key_by],
-                              capture_output=True, text=True, check=True)
+                              capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the sampler step failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"sampler step on {cpu_summary()}: {args.rows:,} failure rows, {result['keys']:,} keys "
           f"({args.key_by}), {args.per_key} per key -> {result['sampled']:,} sampled in {result['seconds']:.1f} s, "

@@ -130,3 +130,20 @@ def test_zero_shot_probe_streams_row_groups_and_records_bad_images(tmp_path, tin
     again = again.sort_values("row").reset_index(drop=True)
     assert again["prediction"].tolist() == result["prediction"].tolist()
     np.testing.assert_allclose(again["score"], result["score"], rtol=1e-5)
+
+
+def test_the_sampler_benchmark_runs_on_the_layout_the_probe_writes(tmp_path):
+    """bench/probe_sampler.py at a small size (a check that its synthetic failure cases still have every column the
+    sampler step reads, not a timing): every (label, prediction) key sampled, per_key of each at most."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "probe_sampler.py"
+    out = tmp_path / "figures.json"
+    done = subprocess.run([sys.executable, str(bench), "--rows", "20000", "--labels", "5", "--per-key", "3",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["rows"] == 20000 and figures["keys"] == 25 and figures["sampled"] == 25 * 3
