@@ -37,10 +37,10 @@ import torch
 from mlprep.devices import cpu_summary, precision_name, select_device, select_precision
 from mlprep.encoders import ClipEncoder, ModelSpec
 from mlprep.failures import FailureLog
-from mlprep.sku.augment import AugmentSettings, blur_radius
+from mlprep.sku.augment import AugmentSettings
 from mlprep.sku.catalog import read_catalog
-from mlprep.sku.encode import ShardImages, ViewPlan, encode_items, render_items
-from mlprep.views import DeviceImages, ViewRenderer, choose_device_decode, items_per_chunk
+from mlprep.sku.encode import ViewPlan, chunk_renderer, encode_items, item_chunks, render_items
+from mlprep.views import items_per_chunk
 from table import steady_rate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,18 +169,15 @@ def main() -> None:
                 if (rate := steady_rate(marks, seconds)) is not None:
                     steady.setdefault(name, []).append(rate)
                     first.setdefault(name, []).append(queued[0])
-    best = max(encoders, key=lambda b: median(runs[f"encoder only, batch {b}"]))
-    rows = {name: median(rates) for name, rates in runs.items()}
-    # each shard row against the encoder alone in the same round: (median, lowest, highest) over the rounds
-    ratios = {name: [rate / alone for rate, alone in zip(rates, runs["encoder only"])]
-              for name, rates in runs.items() if name.startswith("shard job")}
     # the three stages one after the other, each at its rate alone: what a job without overlap would reach
     runs["stages one after the other"] = [1 / (1 / e + 1 / r + 1 / d) for e, r, d in
                                           zip(runs["encoder only"], runs["readers only, in this process"],
                                               runs["render only"])]
-    rows["stages one after the other"] = median(runs["stages one after the other"])
-    ratios["stages one after the other"] = [rate / alone for rate, alone in
-                                            zip(runs["stages one after the other"], runs["encoder only"])]
+    best = max(encoders, key=lambda b: median(runs[f"encoder only, batch {b}"]))
+    rows = {name: median(rates) for name, rates in runs.items()}
+    # each shard row (and the stages' bound) against the encoder alone in the same round: median, lowest, highest
+    ratios = {name: [rate / alone for rate, alone in zip(rates, runs["encoder only"])]
+              for name, rates in runs.items() if name.startswith(("shard job", "stages"))}
     seed_paths = [i.path for i in items[: args.seed_images]]
     rows["seed approach"] = seed_approach(seed_paths, views_per_image, spec, device)
 
@@ -222,23 +219,16 @@ def stage_rates(items, plan: ViewPlan, batch: int, device: torch.device, jpeg_de
     header, decode or pass the JPEG on, view numbers, packing), then the device's (decode where it does, render) on
     the chunks the readers made. With the encoder's rate they give what a job that did the three one after the
     other would reach: 1 / (1/encoder + 1/readers + 1/render)."""
-    dataset = ShardImages([i.location for i in items], [i.item_id for i in items], plan,
-                          items_per_chunk(batch, plan.views_per_item), choose_device_decode(jpeg_decoder, device))
+    per = items_per_chunk(batch, plan.views_per_item)
+    dataset = item_chunks(items, plan, device, jpeg_decoder, per)
     started = time.perf_counter()
     chunks = [dataset[k] for k in range(len(dataset))]
     readers = time.perf_counter() - started
-    images = DeviceImages(device, plan.image_size)
-    renderer = ViewRenderer(plan.image_size, len(chunks[0].items) * plan.views_per_item, device,
-                            plan.settings.padding_mode, blur_radius(plan.settings))
-
-    def render(chunk) -> int:
-        return sum(renderer(images(chunk), [i.transforms for i in chunk.items],
-                            [(i.width, i.height) for i in chunk.items])[1])
-
+    render = chunk_renderer(plan, device, per)
     render(chunks[0])  # warm-up: kernels, and the renderer's work space
     sync()
     started = time.perf_counter()
-    views = sum(render(chunk) for chunk in chunks)
+    views = sum(len(render(chunk)) for chunk in chunks)
     sync()
     return {"readers only, in this process": views / readers, "render only": views / (time.perf_counter() - started)}
 

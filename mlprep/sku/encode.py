@@ -188,22 +188,35 @@ def view_stage(encoder: ImageEncoder, plan: ViewPlan) -> ViewStage:
                      plan.settings.padding_mode, blur_radius(plan.settings))
 
 
+def item_chunks(items: list[ImageItem], plan: ViewPlan, device: torch.device, jpeg_decoder: str = "cpu",
+                chunk: int = 8) -> ShardImages:
+    """The items as the shard's readers prepare them, `chunk` items a chunk (chunk k is `[k]`, made in this process)."""
+    return ShardImages([i.location for i in items], [i.item_id for i in items], plan, chunk,
+                       choose_device_decode(jpeg_decoder, device))
+
+
+def chunk_renderer(plan: ViewPlan, device: torch.device, chunk: int = 8) -> Callable[[PreparedChunk], torch.Tensor]:
+    """A function from a prepared chunk of at most `chunk` items to their views, rendered on `device` as the encode
+    path renders them: uint8 [views, 3, S, S], item after item."""
+    images = DeviceImages(device, plan.image_size)
+    renderer = ViewRenderer(plan.image_size, chunk * plan.views_per_item, device, plan.settings.padding_mode,
+                            blur_radius(plan.settings))
+
+    def render(prepared: PreparedChunk) -> torch.Tensor:
+        views, counts = renderer(images(prepared), [i.transforms for i in prepared.items],
+                                 [(i.width, i.height) for i in prepared.items])
+        return views[: sum(counts)]
+
+    return render
+
+
 def render_items(items: list[ImageItem], plan: ViewPlan, device: torch.device, jpeg_decoder: str = "cpu",
                  chunk: int = 8) -> torch.Tensor:
     """Every view of every item that decodes, rendered as the encode path renders them: uint8 [n, 3, S, S]
     (for benchmarks of the encoder alone and for equivalence checks)."""
-    dataset = ShardImages([i.location for i in items], [i.item_id for i in items], plan, chunk,
-                          choose_device_decode(jpeg_decoder, device))
-    images = DeviceImages(device, plan.image_size)
-    renderer = ViewRenderer(plan.image_size, chunk * plan.views_per_item, device, plan.settings.padding_mode,
-                            blur_radius(plan.settings))
-    out = []
-    for k in range(len(dataset)):
-        prepared = dataset[k]
-        views, counts = renderer(images(prepared), [i.transforms for i in prepared.items],
-                                 [(i.width, i.height) for i in prepared.items])
-        out.append(views[: sum(counts)])
-    return torch.cat(out)
+    dataset = item_chunks(items, plan, device, jpeg_decoder, chunk)
+    render = chunk_renderer(plan, device, chunk)
+    return torch.cat([render(dataset[k]) for k in range(len(dataset))])
 
 
 @dataclass
