@@ -115,6 +115,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
 
+    from mlprep.workers import keep_freed_memory
+
+    keep_freed_memory()  # as a shard job's process runs from its start (its readers set it before the model is built)
     torch.set_num_threads(args.threads)
     scratch = tempfile.mkdtemp(prefix="mlprep-bench-")
     sku_data = repeated_catalog(args.sku_data, args.repeat, scratch) if args.repeat > 1 else args.sku_data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 
 import numpy as np
 import pandas as pd
@@ -163,3 +164,54 @@ def test_auto_decode_workers_leave_the_feeding_process_a_core():
     # on a GPU: 16 workers on 16 cores ran at 0.41x the rate of 4 (H200, 2026-12-04)
     assert [resolve_workers("auto", gpu, t) for t in (1, 2, 3, 5, 16, 64)] == [1, 1, 2, 4, 4, 4]
     assert resolve_workers(7, gpu, 16) == 7 and resolve_workers("3", cpu, 2) == 3
+
+
+_MAPPED_BLOCKS = """
+import ctypes, json, sys
+import numpy as np, torch
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+
+def mapped(mib):  # blocks the allocator maps apart from its heap while one of `mib` MiB is held
+    before = libc.mallinfo2().hblks
+    block = np.ones(mib << 20, np.uint8)
+    during = libc.mallinfo2().hblks
+    del block
+    return during - before
+
+class Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, k):
+        return mapped(24)
+
+from mlprep.workers import in_order
+fresh = mapped(16)  # glibc as it starts: mapped, and its threshold then follows the largest freed block (16 MiB)
+readers = list(in_order(Items(), workers=1))
+print(json.dumps({"fresh": fresh, "readers": readers, "here": mapped(28)}))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_readers_and_their_job_reuse_the_memory_they_free(tmp_path):
+    """A reader's photo (its decode, its SIFT pyramid) or a chunk's render allocates blocks of MiBs; glibc maps each
+    anew and unmaps it when freed, so every item paid its pages again (a third of a sku reader's time with local
+    features). Once a job's readers start (mlprep.workers.in_order), the job's process and its reader processes
+    take such blocks from their heap."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "mapped.py"
+    script.write_text(_MAPPED_BLOCKS)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures == {"fresh": 1, "readers": [0, 0], "here": 0}, figures

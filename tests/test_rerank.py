@@ -187,3 +187,70 @@ def test_past_max_queries_a_seeded_sample_of_the_photos_gets_shop_floor_queries(
     assert not (tmp_path / "results3").exists()
     config["sku_index"]["eval"]["shop_floor"]["max_queries"] = None
     assert SkuWorkflow(config, str(tmp_path / "results2")).shop_floor_share() == 1
+
+
+def test_readers_in_the_jobs_process_prepare_a_chunk_side_by_side_as_one_thread_would(tmp_path):
+    """With no reader processes (`decode_workers: 0`, what `auto` gives a 2-core CPU job) the job's own process
+    prepares each chunk while the model waits, so its items are prepared side by side on the job's threads
+    (mlprep.workers.each_in_threads): in order, and the chunk (pixels, JPEG bytes, view numbers, local features,
+    shop-floor queries, failures) is the one a single thread makes."""
+    import pickle
+    import threading
+
+    import yaml
+
+    from mlprep.sku.encode import ShardImages, view_plan
+    from mlprep.workers import each_in_threads
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        barrier = threading.Barrier(3, timeout=30)  # broken (an error) unless three calls run at once
+
+        def meet(k: int) -> tuple[int, str]:
+            barrier.wait()
+            return k * k, threading.current_thread().name
+
+        side_by_side = each_in_threads(meet, range(6))
+        assert [v for v, _ in side_by_side] == [k * k for k in range(6)]
+        assert len({name for _, name in side_by_side}) == 3
+        assert threading.current_thread().name not in {name for _, name in side_by_side}
+        torch.set_num_threads(1)  # a reader process: one after the other, in its own thread
+        assert each_in_threads(lambda k: (k, threading.current_thread().name), range(3)) == [
+            (k, threading.current_thread().name) for k in range(3)]
+
+        rng = np.random.default_rng(3)
+        paths = []
+        for k, (h, w, mode, fmt) in enumerate([(96, 128, "RGB", "JPEG"), (160, 90, "RGB", "JPEG"),
+                                               (64, 64, "L", "JPEG"), (120, 100, "RGB", "PNG"),
+                                               (200, 150, "RGB", "JPEG"), (48, 300, "RGB", "JPEG"),
+                                               (90, 90, "CMYK", "JPEG"), (128, 96, "RGB", "JPEG")]):
+            path = tmp_path / f"photo{k}.{fmt.lower()}"
+            pixels = rng.integers(0, 256, (h, w, len(mode)), dtype=np.uint8)
+            Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode).save(path, format=fmt)
+            paths.append(str(path))
+        (tmp_path / "notes.jpg").write_text("not an image")
+        paths[3:3] = [str(tmp_path / "notes.jpg"), str(tmp_path / "gone.jpg")]  # unreadable, missing
+        ids = [f"p{k}" for k in range(len(paths))]
+        plan = view_plan(yaml.safe_load(open("config/config.yaml"))["sku_index"], 7, 32)
+        assert plan.geometry is not None and plan.shop_floor is not None
+
+        def chunks(n_threads: int, device_decode: bool) -> list:
+            torch.set_num_threads(n_threads)
+            dataset = ShardImages(paths, ids, plan, 4, device_decode)
+            out = []
+            for chunk in (dataset[c] for c in range(len(dataset))):
+                for item in chunk.items:  # how long each part took differs from run to run; nothing else may
+                    if item.extra is not None:  # None: the file could not be read
+                        assert {"read", "views"} <= set(item.extra[2].pop("seconds"))
+                out.append((chunk.data.numpy().tobytes(), chunk.offsets, chunk.canvases,
+                            [pickle.dumps(item) for item in chunk.items]))
+            return out
+
+        for device_decode in (False, True):
+            one = chunks(1, device_decode)
+            assert chunks(3, device_decode) == one
+        errors = [pickle.loads(item).error for chunk in one for item in chunk[3]]
+        assert [e[0] if e else None for e in errors] == [None] * 3 + ["not_an_image", "missing"] + [None] * 5
+    finally:
+        torch.set_num_threads(threads)

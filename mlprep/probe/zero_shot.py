@@ -30,6 +30,7 @@ from mlprep.probe.reader import image_bytes, read_row_group, row_group_id, row_i
 from mlprep.sku.augment import original_view, view_transforms
 from mlprep.sources import join
 from mlprep.views import PreparedChunk, PreparedImage, ViewStage, iter_chunks, pack, prepare_image
+from mlprep.workers import each_in_threads
 
 PROBE_COLUMNS = ["item_id", "id", "file", "row_group", "group_row", "row", "label", "prediction", "score", "correct"]
 PROBE_DTYPES = {"item_id": "str", "id": "object", "file": "str", "row_group": "int64", "group_row": "int64",
@@ -151,8 +152,9 @@ class ProbeImages(torch.utils.data.IterableDataset):
             ids = frame[self.id_column] if self.id_column in frame else pd.Series([None] * len(frame))
             for start in range(0, len(frame), self.chunk):
                 stop = min(len(frame), start + self.chunk)
-                yield pack(self._prepare((file, group, first, row), images.iat[row], labels.iat[row], ids.iat[row])
-                           for row in range(start, stop))
+                yield pack(each_in_threads(  # runs here, before the loop moves on: the names it reads stay
+                    lambda row: self._prepare((file, group, first, row), images.iat[row], labels.iat[row],
+                                              ids.iat[row]), range(start, stop)))
 
 
 def probe_rows(root: Path | str, groups: pd.DataFrame, probe: ZeroShot | Classifier, failures: FailureLog,

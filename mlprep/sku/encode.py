@@ -42,7 +42,7 @@ from mlprep.sku.geometry import FeatureTable, Features, Geometry, features_of
 from mlprep.sku.shopfloor import ShopFloor, photo_for_queries, shop_floor_query, takes_queries
 from mlprep.sources import ItemReader
 from mlprep.stats import ShardStats, scheduler_ids
-from mlprep.workers import resolve_workers
+from mlprep.workers import each_in_threads, resolve_workers
 from mlprep.views import (
     DeviceImages,
     PreparedChunk,
@@ -126,7 +126,20 @@ class ShardImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ranges)
 
-    def _prepare(self, position: int):
+    def _read(self, position: int) -> tuple[int, bytes, float, tuple | None]:
+        """The item's bytes, one item after the other (the reader keeps open containers: one thread uses it)."""
+        started = time.perf_counter()
+        try:
+            return position, self.reader.read(*self.locations[position]), time.perf_counter() - started, None
+        except Exception as err:  # noqa: BLE001
+            return position, b"", 0.0, describe_error(err)
+
+    def _prepare(self, read: tuple[int, bytes, float, tuple | None]):
+        """An item's work from its bytes: the views' numbers, the decode, the extras (each item on its own, so the
+        items of a chunk can be prepared side by side: mlprep.workers.each_in_threads)."""
+        position, data, read_s, error = read
+        if error is not None:
+            return PreparedImage(position, error=error), b""
         plan = self.plan
         params: dict = {}
 
@@ -135,13 +148,8 @@ class ShardImages(torch.utils.data.Dataset):
             return view_transforms(params["index"] + params["query"], width, height, plan.image_size)
 
         started = time.perf_counter()
-        try:
-            data = self.reader.read(*self.locations[position])
-        except Exception as err:  # noqa: BLE001
-            return PreparedImage(position, error=describe_error(err)), b""
-        read = time.perf_counter()
         item, payload = prepare_image(position, data, plan.image_size, self.device_decode, views, content_hash)
-        extras = {"seconds": {"read": read - started, "views": time.perf_counter() - read}}
+        extras = {"seconds": {"read": read_s, "views": time.perf_counter() - started}}
         if item.error is None:
             try:
                 self._extras(data, self.ids[position], extras)
@@ -170,7 +178,7 @@ class ShardImages(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> PreparedChunk:
         start, stop = self.ranges[k]
-        return pack(self._prepare(position) for position in range(start, stop))
+        return pack(each_in_threads(self._prepare, [self._read(position) for position in range(start, stop)]))
 
 
 def image_chunks(locations: list, ids: list[str], plan: ViewPlan, batch_size: int, workers: int,

@@ -15,6 +15,7 @@ embedding score), so geometry reorders candidates only where it found the produc
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,16 +69,17 @@ class Features:
         return self.points.nbytes + self.descriptors.nbytes
 
 
-_SIFT = {}
+_SIFT = threading.local()  # a detector per thread: a job's readers may prepare several photos at once
 
 
 def _sift(max_features: int):
     import cv2
 
     cv2.setNumThreads(1)
-    if max_features not in _SIFT:
-        _SIFT[max_features] = cv2.SIFT_create(nfeatures=max_features)
-    return _SIFT[max_features]
+    made = _SIFT.__dict__.setdefault("made", {})
+    if max_features not in made:
+        made[max_features] = cv2.SIFT_create(nfeatures=max_features)
+    return made[max_features]
 
 
 def grey_for_features(data: bytes, max_side: int) -> np.ndarray:
