@@ -28,8 +28,8 @@ def keep_freed_memory() -> bool:
     decodes an image or renders a chunk's float intermediates took those pages again, zero-filled, on every item.
     Blocks up to 32 MiB now come from the heap, and up to 256 MiB of it stays when freed: a process keeps at most
     its own peak, which it reaches anyway. On a 2-core Xeon this took a sku reader with the shipped config from
-    37.7 to 24.6 ms a photo (system time 6.1 s -> 0.3 s over 160 photos; docs/gpu.md). True where set (glibc);
-    elsewhere nothing changes."""
+    ~40 to ~25 ms a photo at shop-floor share 1/16 (system time 7-8 s -> 0.3 s over 160 photos; docs/gpu.md). True
+    where set (glibc); elsewhere nothing changes."""
     global _kept
     if _kept is None:
         import ctypes
