@@ -50,11 +50,11 @@ def main() -> None:
 
     from mlprep.devices import cpu_summary, precision_name, select_device, select_precision
     from mlprep.encoders import ClipEncoder, ModelSpec
-    from mlprep.workers import keep_freed_memory
     from mlprep.failures import FailureLog
     from mlprep.probe.reader import list_row_groups
     from mlprep.probe.zero_shot import ZeroShot, probe_chunks, probe_rows
     from mlprep.views import DeviceImages, ViewRenderer
+    from mlprep.workers import keep_freed_memory
 
     keep_freed_memory()  # as the probe's shard job runs from its start
     device = select_device(args.device)

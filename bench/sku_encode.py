@@ -41,6 +41,7 @@ from mlprep.sku.augment import AugmentSettings
 from mlprep.sku.catalog import read_catalog
 from mlprep.sku.encode import ViewPlan, chunk_renderer, encode_items, item_chunks, render_items
 from mlprep.views import items_per_chunk
+from mlprep.workers import keep_freed_memory
 from table import steady_rate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,8 +115,6 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
-
-    from mlprep.workers import keep_freed_memory
 
     keep_freed_memory()  # as a shard job's process runs from its start (its readers set it before the model is built)
     torch.set_num_threads(args.threads)

@@ -9,7 +9,8 @@ A GPU encodes a photo's views in well under a millisecond, so on a GPU the reade
   shipped, share 1/16  the same past max_queries, at 20,000 photos (1 photo in 16 gets a query)
   ..., max_side S      the same with local features on the photo scaled to a long side of S (rerank.max_side,
                        --max-sides): SIFT's cost follows the pixels it is given
-`--give-back-memory` runs the readers without mlprep.workers.keep_freed_memory, as they ran before it.
+`--give-back-memory` runs the readers' rows without mlprep.workers.keep_freed_memory, as they ran before it (the
+`--job-threads` row runs as a shard job does, with it).
 Each row: CPU ms a photo in all, and by part (read, views, local_features, shop_floor: what the shard's stats.json
 reports as reader_seconds), and what a GPU job with R readers could then supply: R / (ms a photo) photos/s, times
 the views a photo (--readers; the GPU itself not counted).

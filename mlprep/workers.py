@@ -92,8 +92,9 @@ def each_in_threads(prepare: Callable[[T], R], args: Iterable[T]) -> list[R]:
         return [prepare(a) for a in args]
     key = (os.getpid(), threads)  # a forked child never uses its parent's pool (its threads were not forked)
     with _POOLS_LOCK:
-        pool = _POOLS.get(key) or _POOLS.setdefault(key, ThreadPoolExecutor(threads, thread_name_prefix="reader"))
-    return list(pool.map(prepare, args))
+        if key not in _POOLS:
+            _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="reader")
+    return list(_POOLS[key].map(prepare, args))
 
 
 def _as_is(item):
