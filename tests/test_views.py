@@ -114,6 +114,19 @@ def test_renderer_equals_the_per_item_reference_within_one_level():
     assert diff.max() <= 1 and diff.float().mean() < 0.01, (diff.max(), diff.float().mean())
 
 
+def test_views_become_uint8_as_clamp_round_and_cast_make_them():
+    """The renderer's last step rounds by adding 2**23 and takes the float's low byte: the same bytes as
+    clamp_(0, 255).round_().to(uint8), ties to even included, on every value a view can hold and beyond."""
+    from mlprep.views import _to_uint8
+
+    ties = torch.arange(-4, 520, dtype=torch.float32) / 2  # every half from -2 to 259.5
+    near = torch.tensor([0.49999997, 0.50000006, 254.49998, 254.50002, 255.49998, 1e-30, -1e-30, -0.0, 255.0,
+                         256.0, 1e9, float("inf"), float("-inf")])
+    noise = torch.rand(3, 224, 224, generator=torch.Generator().manual_seed(3)) * 300 - 20
+    for values in (ties, near, noise):
+        assert torch.equal(_to_uint8(values.clone()), values.clone().clamp_(0, 255).round_().to(torch.uint8))
+
+
 def test_a_view_does_not_depend_on_its_chunk_or_its_slot():
     images = [decode_image(p.read_bytes(), 224).float() for p in DEMO_IMAGES[:4]]
     images.append(torch.rand(3, 300, 401) * 255)  # a size of its own: another grid_sample group
