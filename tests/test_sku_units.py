@@ -140,6 +140,21 @@ def test_views_are_seeded_and_different():
     assert len({v.numpy().tobytes() for v in views}) == 4
 
 
+def test_a_views_parameters_are_stored_as_the_json_of_all_its_fields():
+    """The index's `augmentation` column: ViewParams.as_json is json.dumps(asdict(p), sort_keys=True), text for text
+    (flips, blur, the original view and query views included), and gives the parameters back."""
+    from dataclasses import asdict
+
+    settings = AugmentSettings(flip_prob=0.5, blur_prob=0.5)
+    params = [original_view(640, 480), original_view(300, 700)]
+    params += [sample_view(settings, seed, stream, f"item{k}", k, 640, 480)
+               for seed in (1, 2) for stream in ("s", "q") for k in range(1, 40)]
+    assert {p.flip for p in params} == {False, True} and any(p.blur_sigma > 0 for p in params)
+    for p in params:
+        assert p.as_json() == json.dumps(asdict(p), sort_keys=True)
+        assert json.loads(p.as_json()) == json.loads(json.dumps(asdict(p)))
+
+
 def test_colour_jitter_and_blur_do_what_they_say():
     image = torch.zeros(3, 64, 64, dtype=torch.uint8)
     image[0] = 200

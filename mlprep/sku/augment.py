@@ -10,8 +10,9 @@ device. View 0 is the plain original (centre square crop), the same view a query
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -62,6 +63,16 @@ class ViewParams:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def as_json(self) -> str:
+        """The parameters as the index's `augmentation` column holds them: the same text as
+        json.dumps(asdict(self), sort_keys=True), at a third of its cost (asdict copies every field
+        recursively): a shard writes one for each of its views."""
+        return _PARAMS_JSON.encode({name: getattr(self, name) for name in _PARAM_NAMES})
+
+
+_PARAM_NAMES = sorted(f.name for f in fields(ViewParams))
+_PARAMS_JSON = json.JSONEncoder(sort_keys=True)
 
 
 def original_view(width: int, height: int) -> ViewParams:

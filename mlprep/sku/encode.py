@@ -7,7 +7,6 @@ decoding overlap with rendering and the forward passes (mlprep.views: the same p
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -155,7 +154,10 @@ class ShardImages(torch.utils.data.Dataset):
                 self._extras(data, self.ids[position], extras)
             except Exception as err:  # noqa: BLE001 - a photo that decodes for its views but not in full
                 item, payload = PreparedImage(position, error=describe_error(err)), b""
-        item.extra = (params.get("index", []), params.get("query", []), extras)
+        # each view's number and parameters as the index's table holds them, made here: a GPU job's readers are
+        # processes, and its main thread, which feeds the device, would spend ~30 us a view on them
+        item.extra = ([(p.view, p.as_json()) for p in params.get("index", [])],
+                      [(p.view, p.as_json()) for p in params.get("query", [])], extras)
         return item, payload
 
     def _extras(self, data: bytes, item_id: str, out: dict) -> None:
@@ -242,17 +244,18 @@ class EncodedShard:
     shop_floor_embed_seconds: float = 0.0  # this process's time embedding shop-floor queries
 
 
-def _meta_rows(item: ImageItem, params: list[ViewParams], digest: str) -> list[dict]:
+def _meta_rows(item: ImageItem, views: list[tuple[int, str]], digest: str) -> list[dict]:
+    """A table row per view: `views` as the readers list them, (view, its parameters as JSON)."""
     return [
         {
             "item_id": item.item_id,
             "sku_id": item.sku_id,
             "image": item.image,
-            "view": p.view,
-            "augmentation": json.dumps(p.as_dict(), sort_keys=True),
+            "view": view,
+            "augmentation": augmentation,
             "content_hash": digest,
         }
-        for p in params
+        for view, augmentation in views
     ]
 
 
@@ -305,10 +308,10 @@ def encode_items(
     query_rows: list[dict] = []
     is_query: list[bool] = []
     for prepared in out.items:
-        index_params, query_params, _ = prepared.extra
-        is_query += [False] * len(index_params) + [True] * len(query_params)
-        index_rows += _meta_rows(items[prepared.tag], index_params, prepared.digest)
-        query_rows += _meta_rows(items[prepared.tag], query_params, prepared.digest)
+        index_views, query_views, _ = prepared.extra
+        is_query += [False] * len(index_views) + [True] * len(query_views)
+        index_rows += _meta_rows(items[prepared.tag], index_views, prepared.digest)
+        query_rows += _meta_rows(items[prepared.tag], query_views, prepared.digest)
     mask = np.asarray(is_query, dtype=bool)
     vectors = out.vectors
     return EncodedShard(
