@@ -307,6 +307,9 @@ def orientation_map(orientation: int) -> np.ndarray:
     return _TRANSPOSE @ out if orientation >= 5 else out
 
 
+_ORIENTATION_MAPS = np.stack([orientation_map(k) for k in range(9)])  # by EXIF orientation (0 and 1: as stored)
+
+
 # ---------------------------------------------------------------- device side: decode, render, encode
 
 
@@ -591,30 +594,35 @@ class ViewRenderer:
         order = np.arange(self.slots)  # item-order slot -> render slot
         first_slot = np.cumsum([0] + counts[:-1])
         slot = 0
-        for (canvas, n), items in members.items():
+        for (canvas, n), items in members.items():  # a group's items at once: numpy over arrays, no work per item
             positions = [pixels.place[k][1] for k in items]
             consecutive = positions == list(range(positions[0], positions[0] + len(positions)))
             groups.append(_Group(canvas, n, len(items), positions[0], -1 if consecutive else listed(positions), slot))
             _, _, canvas_h, canvas_w = pixels.canvases[canvas].shape
-            for k in items:
-                height, width = pixels.stored[k]
-                shown_w, shown_h = sizes[k]
-                # displayed full-size pixels -> displayed unit square -> stored unit square -> canvas' [-1, 1]
-                to_canvas = (np.array([[2 * width / canvas_w, 0, -1], [0, 2 * height / canvas_h, -1], [0, 0, 1]])
-                             @ orientation_map(pixels.orientation[k]) @ np.diag([1 / shown_w, 1 / shown_h, 1.0]))
-                view_rows = rows[slot : slot + n]
-                view_rows[:, _MAP : _MAP + 9] = (to_canvas @ transforms[k].sampling).reshape(n, 9)
-                view_rows[:, _CLAMP : _CLAMP + 4] = [1 / canvas_w - 1, (2 * width - 1) / canvas_w - 1,
-                                                     1 / canvas_h - 1, (2 * height - 1) / canvas_h - 1]
-                view_rows[:, _EDGE : _EDGE + 2] = [2 * width / canvas_w - 1, 2 * height / canvas_h - 1]
-                view_rows[:, _COLOUR : _COLOUR + 9] = transforms[k].colour.reshape(n, 9)
-                view_rows[:, _SHIFT : _SHIFT + 3] = transforms[k].shift
-                sigmas = transforms[k].blur
-                if (sigmas > 0).any():
-                    view_rows[sigmas > 0, _KERNEL:] = self.kernels(sigmas[sigmas > 0])
-                    blur.append(slot + np.flatnonzero(sigmas > 0))
-                order[first_slot[k] : first_slot[k] + n] = np.arange(slot, slot + n)
-                slot += n
+            height, width = np.array([pixels.stored[k] for k in items], dtype=np.float64).T
+            shown_w, shown_h = np.array([sizes[k] for k in items], dtype=np.float64).T
+            # displayed full-size pixels -> displayed unit square -> stored unit square -> canvas' [-1, 1]
+            to_unit = np.zeros((len(items), 3, 3))
+            to_unit[:, 0, 0], to_unit[:, 1, 1], to_unit[:, 2, 2] = 1 / shown_w, 1 / shown_h, 1.0
+            to_canvas = np.zeros((len(items), 3, 3))
+            to_canvas[:, 0, 0], to_canvas[:, 1, 1] = 2 * width / canvas_w, 2 * height / canvas_h
+            to_canvas[:, :2, 2], to_canvas[:, 2, 2] = -1, 1
+            to_canvas = to_canvas @ _ORIENTATION_MAPS[[pixels.orientation[k] for k in items]] @ to_unit
+            view_rows = rows[slot : slot + n * len(items)]
+            sampling = np.stack([transforms[k].sampling for k in items])  # [items, n, 3, 3]
+            view_rows[:, _MAP : _MAP + 9] = (to_canvas[:, None] @ sampling).reshape(-1, 9)
+            bounds = np.stack([np.full(len(items), 1 / canvas_w - 1), (2 * width - 1) / canvas_w - 1,
+                               np.full(len(items), 1 / canvas_h - 1), (2 * height - 1) / canvas_h - 1,
+                               2 * width / canvas_w - 1, 2 * height / canvas_h - 1], 1)
+            view_rows[:, _CLAMP : _EDGE + 2] = np.repeat(bounds, n, axis=0)
+            view_rows[:, _COLOUR : _COLOUR + 9] = np.concatenate([transforms[k].colour for k in items]).reshape(-1, 9)
+            view_rows[:, _SHIFT : _SHIFT + 3] = np.concatenate([transforms[k].shift for k in items])
+            sigmas = np.concatenate([transforms[k].blur for k in items])
+            if (sigmas > 0).any():
+                view_rows[sigmas > 0, _KERNEL:] = self.kernels(sigmas[sigmas > 0])
+                blur.append(slot + np.flatnonzero(sigmas > 0))
+            order[(first_slot[items][:, None] + np.arange(n)).reshape(-1)] = np.arange(slot, slot + n * len(items))
+            slot += n * len(items)
         live = rows[:slot]
         blurred = (listed(np.concatenate(blur)), index_size) if blur else None
         coloured = bool(live[:, _SHIFT : _SHIFT + 3].any()
