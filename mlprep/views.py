@@ -352,7 +352,7 @@ class ChunkPixels:
 
     @classmethod
     def of_images(cls, images: list[torch.Tensor | None], device: torch.device) -> ChunkPixels:
-        """Images as displayed, float or uint8 [3, h, w], placed in canvases (one copy each)."""
+        """Images as displayed, float or uint8 [3, h, w], placed in canvases (a shape of image at a time)."""
         out = cls([], [None] * len(images), [(0, 0)] * len(images), [1] * len(images))
         placing = _Placing(device)
         for k, image in enumerate(images):
@@ -363,32 +363,46 @@ class ChunkPixels:
 
 
 class _Placing:
-    """Images the device made (decoded JPEGs, CPU fallbacks) gathered into canvases: one copy per image."""
+    """Images the device made (decoded JPEGs, CPU fallbacks) gathered into canvases. Images of one shape, type and
+    box reduction go together: stacked, reduced and copied into their canvas (converted to float by the copy) in
+    a few device operations for all of them, so a chunk of like-sized photos costs the feed's thread a few
+    launches, not a few per image."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.images: list[tuple[int, torch.Tensor, int]] = []
+        self.images: list[tuple[int, torch.Tensor, int, int]] = []
 
-    def add(self, k: int, image: torch.Tensor, orientation: int) -> None:
-        self.images.append((k, image, orientation))
+    def add(self, k: int, image: torch.Tensor, orientation: int, reduce: int = 1) -> None:
+        """Item k's image, [3, h, w] as stored, to be box-reduced by `reduce` (avg_pool2d, ceil mode)."""
+        self.images.append((k, image, orientation, reduce))
 
     def into(self, pixels: ChunkPixels) -> None:
-        groups: dict[tuple[int, int], list[tuple[int, torch.Tensor, int]]] = {}
+        runs: dict[tuple, list[tuple[int, torch.Tensor, int, int]]] = {}
         for entry in self.images:
-            groups.setdefault(_canvas_shape(*entry[1].shape[1:]), []).append(entry)
-        for (height, width), members in groups.items():
-            canvas = torch.zeros((len(members), 3, height, width), dtype=torch.float32, device=self.device)
-            for position, (k, image, orientation) in enumerate(members):
-                _, h, w = image.shape
-                canvas[position, :, :h, :w] = image
-                pixels.place[k] = (len(pixels.canvases), position)
-                pixels.stored[k], pixels.orientation[k] = (h, w), orientation
+            runs.setdefault((tuple(entry[1].shape), entry[1].dtype, entry[3]), []).append(entry)
+        canvases: dict[tuple[int, int], list[tuple[list, torch.Tensor]]] = {}
+        for (_, _, reduce), members in runs.items():
+            batch = torch.stack([image for _, image, _, _ in members]) if len(members) > 1 else members[0][1][None]
+            if reduce > 1:
+                batch = F.avg_pool2d(batch.float(), reduce, ceil_mode=True)
+            canvases.setdefault(_canvas_shape(*batch.shape[2:]), []).append((members, batch))
+        for (height, width), parts in canvases.items():
+            canvas = torch.zeros((sum(len(members) for members, _ in parts), 3, height, width), dtype=torch.float32,
+                                 device=self.device)
+            position = 0
+            for members, batch in parts:
+                _, _, h, w = batch.shape
+                canvas[position : position + len(members), :, :h, :w] = batch
+                for k, _, orientation, _ in members:
+                    pixels.place[k] = (len(pixels.canvases), position)
+                    pixels.stored[k], pixels.orientation[k] = (h, w), orientation
+                    position += 1
             pixels.canvases.append(canvas)
 
 
 class DeviceImages:
     """A chunk's images on the device: the worker's canvases copied over in one transfer (no work per image),
-    JPEGs decoded there, box-reduced and placed in canvases of their own (one copy each)."""
+    JPEGs decoded there, box-reduced and placed in canvases of their own (a few operations per shape of image)."""
 
     def __init__(self, device: torch.device, min_side: int):
         self.device = device
@@ -423,14 +437,11 @@ class DeviceImages:
             if image is None:  # the device's decoder refused it: the CPU decodes it, or says why it cannot
                 try:
                     decoded = decode_image(chunk.payload(k).numpy().tobytes(), self.min_side)
-                    placing.add(k, to_device(decoded, self.device).float(), 1)
+                    placing.add(k, to_device(decoded, self.device), 1)
                 except ItemError as err:
                     item.error = (err.code, str(err))
                 continue
-            image = image.float()
-            if item.reduce > 1:
-                image = F.avg_pool2d(image.unsqueeze(0), item.reduce, ceil_mode=True).squeeze(0)
-            placing.add(k, image, item.orientation)
+            placing.add(k, image, item.orientation, item.reduce)
         placing.into(pixels)
         return pixels
 

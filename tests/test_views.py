@@ -312,8 +312,8 @@ def test_the_render_and_encode_of_a_chunk_issue_as_many_device_operations_whatev
                                                                                                device_decode):
     """The feed's shape, counted with torch.profiler on the CPU: a chunk's render and encode take the same device
     operations for 6 images as for 21 (CPU-decoded pixels arrive in the worker's canvases; JPEGs decoded by the
-    device's decoder cost one decode, reduction and placement each), two host-to-device transfers (pixels, numbers)
-    and nothing that waits for the device (no .item(), .cpu(), nonzero)."""
+    device's decoder cost a decode each, then are reduced and placed a shape at a time), two host-to-device
+    transfers (pixels, numbers) and nothing that waits for the device (no .item(), .cpu(), nonzero)."""
     from mlprep.views import ViewStage
 
     encoder = ClipEncoder(ModelSpec.from_config(tiny_clip), CPU, torch.float32, 24 * 4)
@@ -326,13 +326,11 @@ def test_the_render_and_encode_of_a_chunk_issue_as_many_device_operations_whatev
     assert not syncs & (set(few) | set(many))
     assert few["mlprep::host_to_device"] == many["mlprep::host_to_device"] == (1 if device_decode else 2)
     grown = {name: many[name] - few[name] for name in many if many[name] != few[name]}
-    if device_decode:  # per image: the decoder's output converted, reduced where larger, placed in a canvas
+    if device_decode:  # only the decoder works per image: conversion, reduction and placement go a shape at a time
         compute = {name: n for name, n in grown.items() if name not in VIEW_OPS}
         # torchvision's CPU decoder decodes one by one and returns a permuted copy (CUDA's takes the list at once)
         decoder = {"image::decode_jpeg", "aten::permute", "aten::contiguous", "aten::clone", "aten::empty_like"}
-        per_image = decoder | {"aten::to", "aten::_to_copy", "aten::empty_strided", "aten::copy_",
-                               "aten::unsqueeze", "aten::avg_pool2d", "aten::squeeze"}
-        assert set(compute) <= per_image and compute["aten::copy_"] == 3 * 15, str(compute)
+        assert "image::decode_jpeg" in compute and set(compute) <= decoder, str(compute)
     else:
         assert grown == {}, grown
     np.testing.assert_array_equal(few_vectors.numpy(), many_vectors[: len(few_vectors)].numpy())
