@@ -654,12 +654,16 @@ class ViewRenderer:
 
         x and y are computed in planes of their own, each contiguous, and handed to grid_sample as one strided view
         of both (it reads a grid through its strides): element-wise work on an interleaved [..., 2] axis runs at
-        half speed or worse on a CPU, and interleaving the planes would cost a pass of its own."""
+        half speed or worse on a CPU, and interleaving the planes would cost a pass of its own. The planes lie in
+        the work space the colour step writes next: in a shard job every chunk's render starts with its memory out
+        of the caches (the forward pass in between went through the model's weights), and each work space a render
+        writes costs its first touch again."""
         m = rows[:, _MAP : _MAP + 9].view(-1, 9, 1, 1)
         px, py = self._px, self._py
         n, s = len(m), self.size
-        planes = self._buffer("planes", (self.slots, 2 * s, s)).view(2, self.slots, s, s)[:, :n]
-        w = torch.add(m[:, 6] * px + m[:, 8], m[:, 7] * py, out=self._buffer("w", (n, s, s)))
+        space = self._buffer("work", (self.slots, 3 * s, s)).view(3, self.slots, s, s)  # x, y, w
+        planes = space[:2, :n]
+        w = torch.add(m[:, 6] * px + m[:, 8], m[:, 7] * py, out=space[2, :n])
         for axis in (0, 1):
             c = planes[axis]
             torch.add(m[:, 3 * axis] * px + m[:, 3 * axis + 2], m[:, 3 * axis + 1] * py, out=c)
@@ -681,7 +685,7 @@ class ViewRenderer:
         flat = views.view(self.slots, 3, -1)
         mean = flat.mean(dim=(1, 2))  # row by row over a fixed shape: the same whatever the chunk holds
         out = torch.bmm(rows[:, _COLOUR : _COLOUR + 9].reshape(self.slots, 3, 3), flat,
-                        out=self._buffer("coloured", flat.shape))
+                        out=self._buffer("work", flat.shape))  # the grids' memory: they are used by now
         out += (rows[:, _SHIFT : _SHIFT + 3] * mean.view(-1, 1)).unsqueeze(-1)
         return out.view_as(views)
 
