@@ -158,18 +158,20 @@ _TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.5
 _FROM_YIQ = np.linalg.inv(_TO_YIQ)
 
 
-def colour_transform(brightness: float, contrast: float, saturation: float,
-                     hue: float) -> tuple[np.ndarray, np.ndarray]:
-    """(matrix, shift) for one view: brightness scales, contrast pulls towards the view's mean, then saturation
-    and hue rotate in YIQ; all linear, so out = matrix @ pixel + shift * mean."""
-    t = hue * 2 * math.pi
-    c, s = math.cos(t) * saturation, math.sin(t) * saturation
-    rotate = _FROM_YIQ @ np.array([[1, 0, 0], [0, c, -s], [0, s, c]]) @ _TO_YIQ
-    if saturation == 1 and hue == 0:
-        rotate = np.eye(3)
-    matrix = rotate * (brightness * contrast)
-    shift = rotate.sum(axis=1) * (brightness * (1 - contrast))
-    return matrix, shift
+def colour_transforms(params: Iterable[tuple[float, float, float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """(matrices [V, 3, 3], shifts [V, 3]) for V views, from each one's (brightness, contrast, saturation, hue):
+    brightness scales, contrast pulls towards the view's mean, then saturation and hue rotate in YIQ; all linear,
+    so out = matrix @ pixel + shift * mean. Each view's numbers are the ones it gets alone (each product is one
+    matrix's), made in a few numpy calls for all the views: a reader makes them for every view of every image."""
+    rows = []
+    for b, c, sat, h in params:
+        t = h * 2 * math.pi
+        cos, sin = math.cos(t) * sat, math.sin(t) * sat
+        rows.append((1, 0, 0, 0, cos, -sin, 0, sin, cos, b * c, b * (1 - c), sat == 1 and h == 0))
+    numbers = np.array(rows, dtype=np.float64).reshape(-1, 12)
+    rotate = _FROM_YIQ @ numbers[:, :9].reshape(-1, 3, 3) @ _TO_YIQ
+    rotate[numbers[:, 11] == 1] = np.eye(3)
+    return rotate * numbers[:, 9, None, None], rotate.sum(axis=2) * numbers[:, 10, None]
 
 
 @dataclass

@@ -14,7 +14,7 @@ from PIL import Image
 from mlprep.devices import select_precision
 from mlprep.encoders import ClipEncoder, ModelSpec
 from mlprep.failures import FailureLog, ItemError, ItemFailedError
-from mlprep.sku.augment import AugmentSettings, original_view, read_image_file, render_views, sample_view
+from mlprep.sku.augment import AugmentSettings, ViewParams, original_view, read_image_file, render_views, sample_view
 from mlprep.sku.catalog import read_catalog
 from mlprep.sku.encode import ViewPlan, encode_items
 from mlprep.indexing import build_index, recall_at_k
@@ -394,3 +394,63 @@ def test_the_eval_searches_a_seeded_sample_of_held_out_views_and_an_exact_index_
     ivf.add(vectors)
     other = ev.evaluate(ivf, vectors, index_meta, queries, query_meta, [1, 5])
     assert searched == [60, 60, 10] and other["augmented_exact"] == flat["augmented_exact"]
+
+
+def _reference_numbers(p, width: int, height: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One view's sampling matrix, colour matrix and shift, written out factor by factor for that view alone."""
+    import math
+
+    def eye_with(**entries):
+        m = np.eye(3)
+        for key, value in entries.items():
+            m[int(key[1]), int(key[2])] = value
+        return m
+
+    x, y, w, h = p.crop
+    a = math.radians(p.angle)
+    warp = np.eye(3)
+    if any(p.corners):
+        src = np.array([[0, 0], [size, 0], [size, size], [0, size]], dtype=np.float64)
+        dst = src + np.asarray(p.corners).reshape(4, 2) * size
+        rows, rhs = [], []
+        for (sx, sy), (u, v) in zip(src, dst):
+            rows += [[sx, sy, 1, 0, 0, 0, -u * sx, -u * sy], [0, 0, 0, sx, sy, 1, -v * sx, -v * sy]]
+            rhs += [u, v]
+        warp = np.append(np.linalg.solve(np.array(rows), np.array(rhs)), 1.0).reshape(3, 3)
+    sampling = (eye_with(m02=(x + w / 2) * width, m12=(y + h / 2) * height)
+                @ eye_with(m00=math.cos(a), m01=-math.sin(a), m10=math.sin(a), m11=math.cos(a))
+                @ eye_with(m00=w * width / size, m11=h * height / size) @ eye_with(m00=-1.0 if p.flip else 1.0)
+                @ eye_with(m02=-size / 2, m12=-size / 2) @ warp)
+    to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    t = p.hue * 2 * math.pi
+    c, s = math.cos(t) * p.saturation, math.sin(t) * p.saturation
+    rotate = np.linalg.inv(to_yiq) @ np.array([[1, 0, 0], [0, c, -s], [0, s, c]]) @ to_yiq
+    if p.saturation == 1 and p.hue == 0:
+        rotate = np.eye(3)
+    return (sampling, (rotate * (p.brightness * p.contrast)).astype(np.float32),
+            (rotate.sum(axis=1) * (p.brightness * (1 - p.contrast))).astype(np.float32))
+
+
+def test_a_views_numbers_are_its_own_whatever_views_are_made_with_it():
+    """view_transforms makes the numbers of all an image's views at once (a reader's work for every view): each
+    view's sampling map, colour matrix, shift and blur are bit for bit what it gets alone, and what its factors
+    give multiplied out for it alone (crop, rotation, perspective, flip; brightness, contrast, saturation, hue)."""
+    from mlprep.sku.augment import view_transforms
+
+    settings = AugmentSettings(flip_prob=0.5, blur_prob=0.5, hue=0.3)
+    for width, height, size in ((640, 480, 224), (90, 1200, 64), (1, 1, 16)):
+        params = [original_view(width, height), ViewParams(0)]
+        params += [sample_view(settings, 3, "s", f"item{k}", k, width, height) for k in range(1, 13)]
+        params += [sample_view(AugmentSettings(perspective=0.0, rotation_deg=0.0, saturation=0.0, hue=0.0), 3, "s",
+                               "flat", k, width, height) for k in range(1, 3)]
+        together = view_transforms(params, width, height, size)
+        assert {p.flip for p in params} == {False, True} and not all(any(p.corners) for p in params)
+        for k, p in enumerate(params):
+            alone = view_transforms([p], width, height, size)
+            for name in ("sampling", "colour", "shift", "blur"):
+                mine, own = getattr(together, name)[k], getattr(alone, name)[0]
+                assert mine.dtype == own.dtype and mine.tobytes() == own.tobytes(), (name, k)
+            sampling, colour, shift = _reference_numbers(p, width, height, size)
+            assert np.array_equal(together.sampling[k], sampling), k
+            assert np.array_equal(together.colour[k], colour) and np.array_equal(together.shift[k], shift), k
+            assert together.blur[k] == np.float32(p.blur_sigma)

@@ -19,7 +19,7 @@ import torch
 
 from mlprep.sources import read_file
 from mlprep.rng import rng_for
-from mlprep.views import ViewRenderer, ViewTransforms, colour_transform
+from mlprep.views import ViewRenderer, ViewTransforms, colour_transforms
 
 
 @dataclass(frozen=True)
@@ -136,31 +136,48 @@ def read_image_file(path) -> bytes:
     return read_file(path, "image file")
 
 
-def _perspective_matrix(corners: tuple[float, ...], size: int) -> np.ndarray:
-    """Homography that maps the output square onto the square with its corners moved by `corners`."""
+def _perspective_matrices(corners: np.ndarray, size: int) -> np.ndarray:
+    """[V, 3, 3] homographies, one for each row of `corners` [V, 8]: each maps the output square onto the square
+    with its corners moved by that row (fractions of the output), solved as its own 8x8 system."""
     src = np.array([[0, 0], [size, 0], [size, size], [0, size]], dtype=np.float64)
-    dst = src + np.asarray(corners, dtype=np.float64).reshape(4, 2) * size
-    rows, rhs = [], []
-    for (x, y), (u, v) in zip(src, dst):
-        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
-        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
-        rhs.extend([u, v])
-    h = np.linalg.solve(np.array(rows), np.array(rhs))
-    return np.append(h, 1.0).reshape(3, 3)
+    dst = src + corners.reshape(-1, 4, 2) * size
+    x, y, u, v = src[:, 0], src[:, 1], dst[..., 0], dst[..., 1]
+    system = np.zeros((len(corners), 8, 8))
+    system[:, 0::2, 0], system[:, 0::2, 1], system[:, 0::2, 2] = x, y, 1
+    system[:, 1::2, 3], system[:, 1::2, 4], system[:, 1::2, 5] = x, y, 1
+    system[:, 0::2, 6], system[:, 0::2, 7] = -u * x, -u * y
+    system[:, 1::2, 6], system[:, 1::2, 7] = -v * x, -v * y
+    rhs = np.stack([u, v], axis=2).reshape(-1, 8, 1)
+    h = np.linalg.solve(system, rhs)[..., 0]
+    return np.concatenate([h, np.ones((len(h), 1))], axis=1).reshape(-1, 3, 3)
+
+
+def view_matrices(params: list[ViewParams], width: int, height: int, size: int) -> np.ndarray:
+    """float64 [V, 3, 3]: for each view, the map from output pixel coordinates to the coordinates of the image
+    displayed at width x height. Each matrix is the product of its own factors, the same numbers it gets alone, made
+    in a few numpy calls for all the views: a reader makes them for every view of every image."""
+    factors = []
+    for p in params:
+        x, y, w, h = p.crop
+        a = math.radians(p.angle)
+        cos, sin = math.cos(a), math.sin(a)
+        factors += (1, 0, (x + w / 2) * width, 0, 1, (y + h / 2) * height, 0, 0, 1,  # to the crop's centre
+                    cos, -sin, 0, sin, cos, 0, 0, 0, 1,  # rotate
+                    w * width / size, 0, 0, 0, h * height / size, 0, 0, 0, 1,  # scale
+                    -1.0 if p.flip else 1.0, 0, 0, 0, 1, 0, 0, 0, 1)  # flip
+    to_input, rotate, scale, flip = np.array(factors, dtype=np.float64).reshape(-1, 4, 3, 3).transpose(1, 0, 2, 3)
+    to_centre = np.array([[1, 0, -size / 2], [0, 1, -size / 2], [0, 0, 1]], dtype=np.float64)
+    out = to_input @ rotate @ scale @ flip @ to_centre
+    moved = [k for k, p in enumerate(params) if any(p.corners)]
+    if moved:
+        corners = np.array([params[k].corners for k in moved], dtype=np.float64)
+        out[moved] = out[moved] @ _perspective_matrices(corners, size)
+    return out
 
 
 def view_matrix(p: ViewParams, width: int, height: int, size: int) -> np.ndarray:
     """3x3 map from output pixel coordinates to the coordinates of the image displayed at width x height."""
-    cx = (p.crop[0] + p.crop[2] / 2) * width
-    cy = (p.crop[1] + p.crop[3] / 2) * height
-    to_centre = np.array([[1, 0, -size / 2], [0, 1, -size / 2], [0, 0, 1]], dtype=np.float64)
-    flip = np.diag([-1.0 if p.flip else 1.0, 1.0, 1.0])
-    scale = np.diag([p.crop[2] * width / size, p.crop[3] * height / size, 1.0])
-    a = math.radians(p.angle)
-    rotate = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
-    to_input = np.array([[1, 0, cx], [0, 1, cy], [0, 0, 1]], dtype=np.float64)
-    warp = _perspective_matrix(p.corners, size) if any(p.corners) else np.eye(3)
-    return to_input @ rotate @ scale @ flip @ to_centre @ warp
+    return view_matrices([p], width, height, size)[0]
 
 
 def blur_radius(settings: AugmentSettings) -> int:
@@ -170,11 +187,11 @@ def blur_radius(settings: AugmentSettings) -> int:
 
 def view_transforms(params: list[ViewParams], width: int, height: int, size: int) -> ViewTransforms:
     """The numbers mlprep.views renders `params` from, for an image displayed at width x height."""
-    colour = [colour_transform(p.brightness, p.contrast, p.saturation, p.hue) for p in params]
+    colour, shift = colour_transforms((p.brightness, p.contrast, p.saturation, p.hue) for p in params)
     return ViewTransforms(
-        sampling=np.stack([view_matrix(p, width, height, size) for p in params]),
-        colour=np.stack([m for m, _ in colour]).astype(np.float32),
-        shift=np.stack([t for _, t in colour]).astype(np.float32),
+        sampling=view_matrices(params, width, height, size),
+        colour=colour.astype(np.float32),
+        shift=shift.astype(np.float32),
         blur=np.array([p.blur_sigma for p in params], dtype=np.float32),
     )
 
