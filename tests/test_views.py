@@ -28,7 +28,7 @@ from PIL import Image
 
 from mlprep.encoders import ClipEncoder, ModelSpec
 from mlprep.failures import FailureLog
-from mlprep.sku.augment import AugmentSettings, blur_radius, original_view, render_views, sample_view, view_matrix
+from mlprep.sku.augment import AugmentSettings, blur_radius, original_view, render_views, sample_view, view_matrices
 from mlprep.sku.catalog import read_catalog
 from mlprep.sku.encode import ViewPlan, encode_items, render_items
 from mlprep.views import DeviceImages, ViewRenderer, decode_image, pack, prepare_image, read_header
@@ -43,7 +43,7 @@ EVERY_STEP = AugmentSettings(crop_scale=(0.5, 1.0), blur_prob=0.3)
 def reference_render(image: torch.Tensor, params, size: int) -> torch.Tensor:
     """The views as the encode path rendered them before mlprep.views: one item at a time, step by step."""
     _, height, width = image.shape
-    matrices = np.stack([view_matrix(p, width, height, size) for p in params])
+    matrices = view_matrices(params, width, height, size)
     centres = np.arange(size, dtype=np.float64) + 0.5
     gx, gy = np.meshgrid(centres, centres)
     mapped = matrices @ np.stack([gx.ravel(), gy.ravel(), np.ones(size * size)])
@@ -346,7 +346,7 @@ def test_every_padding_mode_samples_as_grid_sample_does_on_the_image_alone(mode)
                                saturation=0, hue=0, blur_prob=0, padding_mode=mode)
     params = [sample_view(settings, 5, "s", "x", k, 300, 233) for k in range(1, 9)]
     ours, _ = ViewRenderer(96, 8, CPU, mode)([image], [view_transforms(params, 300, 233, 96)], [(300, 233)])
-    matrices = np.stack([view_matrix(p, 300, 233, 96) for p in params])
+    matrices = view_matrices(params, 300, 233, 96)
     centres = np.arange(96, dtype=np.float64) + 0.5
     gx, gy = np.meshgrid(centres, centres)
     mapped = matrices @ np.stack([gx.ravel(), gy.ravel(), np.ones(96 * 96)])

@@ -175,11 +175,6 @@ def view_matrices(params: list[ViewParams], width: int, height: int, size: int) 
     return out
 
 
-def view_matrix(p: ViewParams, width: int, height: int, size: int) -> np.ndarray:
-    """3x3 map from output pixel coordinates to the coordinates of the image displayed at width x height."""
-    return view_matrices([p], width, height, size)[0]
-
-
 def blur_radius(settings: AugmentSettings) -> int:
     """Half-width of every view's blur kernel: three of the largest sigma the settings allow."""
     return max(1, math.ceil(3 * max(settings.blur_sigma)))
