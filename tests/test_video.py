@@ -143,6 +143,47 @@ def test_frames_that_leave_the_decoder_as_nv12_convert_to_the_cpu_frames(clips, 
         assert np.array_equal(frames, cpu) == shared, shared
 
 
+def _every_frame(path: Path) -> dict[int, np.ndarray]:
+    """Each frame of the clip by its pts, from a decoder of its own reading the file from the start."""
+    import av
+
+    with av.open(str(path)) as container:
+        return {f.pts: f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])}
+
+
+def test_a_process_keeps_one_decoder_per_kind_of_stream_and_drops_one_whose_clip_failed(clips, monkeypatch):
+    """PyAV's decoders are kept across clips (on NVDEC: one CUDA context and one hardware decoder per lane, not one
+    per clip). A kept decoder, flushed, gives every clip the frames a decoder of its own gives, whatever it decoded
+    before, and seeking back inside a clip; clips of one kind (codec, extradata, threads, device) share it whatever
+    their content, length or container; the two kinds used last are kept; one whose clip raised is not reused."""
+    import mlprep.video.decode as decode
+    from mlprep.video.decode import KeptDecoders, ShortStreamError, probe, read_pyav
+
+    kept = KeptDecoders(size=2)
+    monkeypatch.setattr(decode, "KEPT_DECODERS", kept)
+    truth = {name: _every_frame(clips[name]) for name in ("plain", "audio_longer", "odd", "long_gop")}
+    order = [("plain", 1), ("audio_longer", 1), ("odd", 2), ("plain", 2), ("long_gop", 3), ("plain", 3),
+             ("odd", 4), ("long_gop", 5)]
+    for step, (name, opened) in enumerate(order):
+        info = probe(clips[name])
+        wanted = np.unique(np.r_[uniform_indices(0, info.n_frames - 1, 5), step % 3 + 1])
+        frames = read_pyav(clips[name], wanted, info)
+        assert kept.opened == opened, (step, name)
+        for frame, pts in zip(frames, info.pts[wanted]):
+            assert np.array_equal(frame, truth[name][int(pts)]), (step, name, int(pts))
+        backwards = wanted[::-1].copy()  # each wanted frame behind the last: a seek and a flush every time
+        assert np.array_equal(read_pyav(clips[name], backwards, info), frames[::-1])
+    info = probe(clips["plain"])  # (evicted by now) a frame past the clip's end: its decoder raises, is dropped
+    one_too_many = decode.StreamInfo(np.r_[info.pts, info.pts[-1] + 1000], info.keyframe_pts, info.time_base,
+                                     info.fps, info.width, info.height, info.container_frames, info.pix_fmt)
+    with pytest.raises(ShortStreamError):
+        read_pyav(clips["plain"], np.array([0, len(one_too_many.pts) - 1]), one_too_many)
+    assert kept.opened == 6
+    for _ in range(2):
+        read_pyav(clips["plain"], np.array([0, 3]), info)
+        assert kept.opened == 7  # a new decoder, then kept
+
+
 def test_hwaccel_cuda_needs_a_backend_that_has_it(tmp_path):
     from mlprep.config import ConfigError, load_schema, validate
 
@@ -290,6 +331,25 @@ def test_watchdog_kills_a_hanging_call_and_goes_on():
         with pytest.raises(ItemError, match="ZeroDivisionError") as caught:
             dog.call(divmod, 1, 0)
         assert caught.value.code == "decode_error"
+
+
+def test_calls_one_after_another_run_in_the_lane_freed_last():
+    """`hwaccel: auto` times its trial clips one after another: they must meet the decoders one process keeps, not
+    a cold one in each lane."""
+    import os
+
+    from mlprep.video.extract import DecodeLanes
+
+    lanes = DecodeLanes(3, 10.0)
+    try:
+        pids = [lanes.call(os.getpid) for _ in range(4)]
+        assert len(set(pids)) == 1 and pids[0] != os.getpid()
+        busy = [lanes._free.get() for _ in range(2)]  # two lanes taken: the next call gets the third
+        assert lanes.call(os.getpid) not in pids
+        for watchdog in busy:
+            lanes._free.put(watchdog)
+    finally:
+        lanes.close()
 
 
 def test_shard_records_hangs_crashes_and_broken_files_and_finishes(clips, tmp_path):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import av
@@ -170,19 +172,81 @@ class NoGpuDecoder(RuntimeError):
     """The GPU decoder could not start at all here (no GPU, no driver): not a fault of the clip."""
 
 
-def _open_pyav(path, hwaccel: str | None):
-    if not hwaccel:
-        return av.open(str(path))
-    from av.codec.hwaccel import HWAccel
+class NvdecRefused(RuntimeError):
+    """A stream that NVDEC is not used for here: its clip is decoded on the CPU, and its note says why."""
 
-    # primary_ctx: the decoder of each clip retains the GPU's primary CUDA context (the one torch uses) instead of
-    # creating a CUDA context of its own per clip, which costs a large part of a short clip's decode
-    options = {"primary_ctx": "1"} if hwaccel == "cuda" else None
-    try:  # no software fallback: a stream NVDEC refuses must say so, not decode on the CPU unannounced
-        return av.open(str(path), hwaccel=HWAccel(device_type=hwaccel, allow_software_fallback=False,
-                                                  options=options))
-    except av.FFmpegError as err:
-        raise NoGpuDecoder(f"PyAV cannot open a {hwaccel} device: {err}") from err
+
+# Codecs whose decoder needs nothing from the container but the extradata (all else is in the bitstream), so that
+# one decoder can take the packets of any clip of the same kind: the codecs NVDEC decodes in today's data sets.
+# (MPEG-4 part 2 is not among them: its decoder reads the container's codec tag to work around old encoders.)
+REUSABLE_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1"})
+
+
+class KeptDecoders:
+    """The PyAV decoders this process keeps between clips, the last `size` kinds of stream it decoded (a kind: the
+    codec, its extradata, the codec threads and the hardware device): a clip of a kind seen before is decoded by
+    the same decoder, flushed, instead of one opened for it. On NVDEC that keeps one CUDA context and one hardware
+    decoder for a lane's clips: a decoder opened per clip retained the GPU's context (created anew whenever no other
+    decoder of the process held it) and made an NVDEC session for each, every clip. A decoder whose clip raised is
+    dropped, not reused. Kept decoders hold their frame pools (a 1080p H.264 decoder ~50 MB), hence a small `size`."""
+
+    def __init__(self, size: int = 2):
+        self.size = size
+        self.opened = 0  # decoders opened by this process (a test reads it)
+        self._kept: OrderedDict[tuple, av.codec.CodecContext] = OrderedDict()
+
+    @contextmanager
+    def decoder(self, stream, threads: int, hwaccel: str | None):
+        """A decoder for `stream`'s packets: a kept one of its kind, flushed, or a new one; kept again afterwards
+        unless the block raised. A stream of a codec outside REUSABLE_CODECS is decoded by its own decoder (on the
+        CPU: NVDEC is used for the reusable codecs only)."""
+        params = stream.codec_context
+        if params.name not in REUSABLE_CODECS:
+            if hwaccel:
+                raise NvdecRefused(f"NVDEC is used for {', '.join(sorted(REUSABLE_CODECS))}, not {params.name}")
+            params.thread_count = threads
+            yield params
+            return
+        key = (params.codec.name, bytes(params.extradata or b""), threads, hwaccel)
+        context = self._kept.pop(key, None)
+        if context is None:
+            context = self._open(params.codec, params.extradata, threads, hwaccel)
+        yield context
+        context.flush_buffers()
+        self._kept[key] = context
+        while len(self._kept) > self.size:
+            self._kept.popitem(last=False)
+
+    def _open(self, codec, extradata, threads: int, hwaccel: str | None):
+        accel = None
+        if hwaccel:
+            from av.codec.hwaccel import HWAccel
+
+            # is_hw_owned: decoded frames stay in GPU memory (the many a sample skips never leave it; a wanted one
+            # is copied to the host by rgb_frame's reformat); it implies the GPU's primary CUDA context (the one
+            # torch uses) instead of a context of the decoder's own. No software fallback: a stream NVDEC refuses
+            # must say so, not decode on the CPU unannounced.
+            accel = HWAccel(device_type=hwaccel, allow_software_fallback=False, is_hw_owned=True)
+        try:
+            context = av.CodecContext.create(codec, "r", hwaccel=accel)
+        except NotImplementedError as err:  # this decoder has no such device (libdav1d: AV1 on the CPU only)
+            raise NvdecRefused(f"{codec.name} has no {hwaccel} decoder here") from err
+        except av.FFmpegError as err:
+            raise NoGpuDecoder(f"PyAV cannot open a {hwaccel} device: {err}") from err
+        if extradata:
+            context.extradata = extradata
+        context.thread_count = threads
+        self.opened += 1
+        return context
+
+
+KEPT_DECODERS = KeptDecoders()
+
+
+def _decoded(container, stream, decoder):
+    """`decoder`'s frames of the stream's packets from the container's position on (flushed at its end)."""
+    for packet in container.demux(stream):
+        yield from decoder.decode(packet)
 
 
 def rgb_frame(frame, pix_fmt: str) -> np.ndarray:
@@ -197,17 +261,20 @@ def rgb_frame(frame, pix_fmt: str) -> np.ndarray:
 
 def read_pyav(path, indices: np.ndarray, info: StreamInfo, threads: int = 1, hwaccel=None, reader=None):
     """Seek to the keyframe before each wanted frame only when that is ahead of the decoder: exact and minimal.
-    `hwaccel='cuda'`: decoded on NVDEC, frames copied back to the host and converted as the CPU's (rgb_frame)."""
+    The container only demuxes; the decoder is the process's kept one for the stream's kind (KeptDecoders).
+    `hwaccel='cuda'`: decoded on NVDEC, the frames left on the GPU but the wanted ones, which are copied to the
+    host and converted as the CPU's (rgb_frame)."""
     out = []
-    with _open_pyav(path, hwaccel) as container:
+    with av.open(str(path)) as container, \
+            KEPT_DECODERS.decoder(container.streams.video[0], threads, hwaccel) as codec:
         stream = container.streams.video[0]
-        stream.codec_context.thread_count = threads
         decoder, position = None, None
         for target in info.pts[indices]:
             keyframe = info.keyframe_pts[max(0, np.searchsorted(info.keyframe_pts, target, "right") - 1)]
             if decoder is None or position is None or position >= target or keyframe > position:
                 container.seek(int(keyframe), stream=stream, backward=True, any_frame=False)
-                decoder = container.decode(stream)
+                codec.flush_buffers()
+                decoder = _decoded(container, stream, codec)
             found = None
             for frame in decoder:
                 position = frame.pts

@@ -117,11 +117,13 @@ class DecodeLanes:
     clips at once, each with one codec thread, instead of one clip at a time with T codec threads (on 2 cores,
     1.25-1.71x the clips/s with decord, 1.70x with PyAV: bench/video_frames.py; a codec's threads share out one
     frame's work, clips share nothing). Each watchdog runs one call at a time and is taken from a free queue for
-    it; the children are forked before any thread starts (a timed-out or crashed one is forked again by its lane)."""
+    it; the children are forked before any thread starts (a timed-out or crashed one is forked again by its lane).
+    The lane freed last is taken first, so that calls one after another (`hwaccel: auto`'s trial clips) run in one
+    process and find the decoders it keeps (mlprep.video.decode.KeptDecoders) warm."""
 
     def __init__(self, lanes: int, timeout: float):
         self.watchdogs = [Watchdog(timeout).start() for _ in range(max(1, lanes))]
-        self._free: queue.SimpleQueue[Watchdog] = queue.SimpleQueue()
+        self._free: queue.LifoQueue[Watchdog] = queue.LifoQueue()
         for watchdog in self.watchdogs:
             self._free.put(watchdog)
         self._pool = ThreadPoolExecutor(len(self.watchdogs), "mlprep-decode") if len(self.watchdogs) > 1 else None
