@@ -1,10 +1,11 @@
-"""A GPU decoder that keeps frames on the device, measured before it is built into video_frames (issue: item 4).
+"""Another GPU decoder that keeps frames on the device, beside the pipeline's own (PyAV's NVDEC, kept decoders).
 
 NVIDIA's PyNvVideoCodec (`SimpleDecoder`, frames handed to torch through DLPack, each thread's decoder reused
-across clips with `reconfigure_decoder`) against the pipeline's own CPU decoding on all cores, side by side in one
-run, on bench/video_frames.py's two kinds of clip (short 640x360 clips, keyframe every second; 1080p clips with a
-keyframe every 10 s), 16 uniformly spaced frames a clip:
+across clips with `reconfigure_decoder`) against the pipeline's own CPU decoding on all cores and its NVDEC path,
+side by side in one run, on bench/video_frames.py's two kinds of clip (short 640x360 clips, keyframe every second;
+1080p clips with a keyframe every 10 s), 16 uniformly spaced frames a clip:
   CPU         bench/video_frames.py's extract shard processes, one per core (PyAV; decord too where installed)
+  pyav+cuda   one extract job of 4 threads: 4 decode lanes, each keeping its NVDEC decoder across clips
   nvcodec xT  T threads of one process, each with its own decoder, frames decoded at the pipeline's indices as
               RGB (NVIDIA's conversion) and resized to 256x160 on the device (OpenCV's area resize, as two
               matrix products), kept there; clips per second
@@ -171,6 +172,8 @@ def main() -> None:
             row[f"{backend} x{args.processes} clips/s"] = len(paths) / shards_in_parallel(paths, args.processes,
                                                                                           backend)
         if nvc is not None:
+            lanes = shards_in_parallel(paths, 1, "pyav+cuda", threads=4)
+            row["pyav+cuda 1 job, 4 lanes clips/s"] = len(paths) / lanes
             row.update(frame_differences(nvc, paths[0]))
             nvcodec_rate(nvc, paths[:1], 1)  # the CUDA context and the decoder library loaded, outside the timing
             for threads in args.threads:
