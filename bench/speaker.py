@@ -38,6 +38,7 @@ from mlprep.failures import FailureLog
 from mlprep.speaker.audio import load_audio
 from mlprep.speaker.backends import load_backend
 from mlprep.speaker.embed import ReaderTotals, embed_audio
+from mlprep.workers import resolve_workers
 from table import steady_rate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -282,8 +283,9 @@ def main() -> None:
         rows = {"model only": len(frame) / model_only(backend, frame)}
         steady, first = {}, {}
         readers = ReaderTotals()
-        for w in [*args.workers, 0]:
-            setup, marks = f"shard job ({w} worker{'s' * (w > 1)})" if w else "shard job inline", []
+        auto = resolve_workers("auto", torch.device(args.device), threads)  # what a job of these threads runs
+        for w in dict.fromkeys([*args.workers, auto, 0]):
+            setup, marks = job_setup(w), []
             seconds = shard_job(backend, frame, w, marks, readers)
             rows[setup], steady[setup], first[setup] = len(frame) / seconds, steady_rate(marks, seconds), marks[0][0]
         # the readers' CPU an utterance, by part, over every shard job row: what R readers could supply
@@ -295,7 +297,9 @@ def main() -> None:
             after = f"  steady {steady[setup]:8.1f} ({steady[setup] / rows['model only']:.2f}x), first group at " \
                     f"{first[setup]:.2f} s" if steady.get(setup) else ""
             print(f"{name:<12} {setup:<22} {rate:8.1f} {rate / rows['model only']:14.2f}{after}")
-        figures[name] = {"utt_per_s": rows, "steady_utt_per_s": steady, "first_group_s": first,
+        print(f"{name:<12} decode_workers: auto runs the {job_setup(auto)} row here")
+        figures[name] = {"utt_per_s": rows, "auto_setup": job_setup(auto), "steady_utt_per_s": steady,
+                         "first_group_s": first,
                          "reader_ms_per_utt": per_utt, "resampled_share": readers.resampled / readers.utterances}
         if gpu:
             continue
@@ -315,6 +319,11 @@ def main() -> None:
         speaker_step_table(args, figures)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+def job_setup(workers: int) -> str:
+    """A shard job row's name: its reader workers, or inline."""
+    return f"shard job ({workers} worker{'s' * (workers > 1)})" if workers else "shard job inline"
 
 
 def speaker_step_table(args, figures: dict) -> None:
