@@ -188,7 +188,7 @@ class KeptDecoders:
     the same decoder, flushed, instead of one opened for it. On NVDEC that keeps one CUDA context and one hardware
     decoder for a lane's clips: a decoder opened per clip retained the GPU's context (created anew whenever no other
     decoder of the process held it) and made an NVDEC session for each, every clip. A decoder whose clip raised is
-    dropped, not reused. Kept decoders hold their frame pools (a 1080p H.264 decoder ~50 MB), hence a small `size`."""
+    dropped, not reused. Kept decoders hold their frame pools (a 1080p H.264 CPU decoder 10-25 MB), hence a small `size`."""
 
     def __init__(self, size: int = 2):
         self.size = size
