@@ -184,6 +184,31 @@ def test_a_process_keeps_one_decoder_per_kind_of_stream_and_drops_one_whose_clip
         assert kept.opened == 7  # a new decoder, then kept
 
 
+def test_a_codec_outside_the_kept_ones_is_decoded_on_the_cpu_by_its_own_decoder_and_says_so(tmp_path, monkeypatch):
+    """MPEG-4 part 2 (its decoder reads the container's codec tag) is not given a kept decoder: the CPU decodes it
+    with the container's, as before, and asked for NVDEC its clip is decoded on the CPU with a note that says why,
+    without ruling NVDEC out for the clips after it."""
+    import subprocess
+
+    import mlprep.video.decode as decode
+    from mlprep.video.decode import KeptDecoders, ffmpeg_exe, probe, resize_frames
+
+    path = tmp_path / "mpeg4.avi"
+    subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=160x96:rate=10:"
+                    "duration=2", "-c:v", "mpeg4", "-g", "10", str(path)], check=True)
+    kept = KeptDecoders()
+    monkeypatch.setattr(decode, "KEPT_DECODERS", kept)
+    monkeypatch.setattr(decode, "_nvdec_missing", None)
+    cpu = extract_clip(path, 6, 64, 40, "pyav")
+    gpu = extract_clip(path, 6, 64, 40, "pyav", hwaccel="cuda")
+    assert np.array_equal(gpu.frames, cpu.frames) and kept.opened == 0 and cpu.note == ""
+    why = "NVDEC is used for av1, h264, hevc, vp8, vp9, not mpeg4"
+    assert gpu.note == f"NVDEC refused the stream ({why}); decoded on the CPU", gpu.note
+    assert decode._nvdec_missing is None
+    truth, pts = _every_frame(path), probe(path).pts  # the frames of a decoder of its own, resized as the job does
+    assert np.array_equal(cpu.frames, resize_frames(np.stack([truth[int(pts[i])] for i in cpu.indices]), 64, 40))
+
+
 def test_hwaccel_cuda_needs_a_backend_that_has_it(tmp_path):
     from mlprep.config import ConfigError, load_schema, validate
 
