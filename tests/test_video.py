@@ -31,6 +31,7 @@ def clips(tmp_path_factory) -> dict[str, Path]:
         "odd": write_clip(d / "odd.mp4", 3, 24, (250, 130), gop=12, source="smptebars"),
         "red": write_clip(d / "red.mp4", 0.5, 10, (160, 120), source="color=c=red"),
         "audio_longer": write_clip(d / "audio_longer.mkv", 2, 25, (320, 180), gop=25, audio_seconds=4),
+        "mpegts": write_clip(d / "mpegts.ts", 3, 25, (320, 180), gop=25, source="testsrc2"),
     }
     data = bytearray(made["plain"].read_bytes())  # moov at the end: corrupt the tail of the frame data
     mdat, moov = data.find(b"mdat"), data.find(b"moov")
@@ -85,7 +86,7 @@ def test_red_clip_gives_red_rgb_frames(clips, backend):
     assert sorted(set(clip.indices)) == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("name", ["plain", "long_gop", "odd", "audio_longer"])
+@pytest.mark.parametrize("name", ["plain", "long_gop", "odd", "audio_longer", "mpegts"])
 def test_backends_agree(clips, name):
     results = {b: extract_clip(clips[name], 16, 256, 160, b) for b in BACKENDS}
     reference = results["decord"]
@@ -182,6 +183,47 @@ def test_a_process_keeps_one_decoder_per_kind_of_stream_and_drops_one_whose_clip
     for _ in range(2):
         read_pyav(clips["plain"], np.array([0, 3]), info)
         assert kept.opened == 7  # a new decoder, then kept
+
+
+def test_a_clip_whose_demuxer_seeks_past_the_keyframe_asked_for_still_gives_every_frame(clips):
+    """MPEG-TS seeks by decoding time and lands on the keyframe after the one asked for (or past the end) when asked
+    for its presentation time: PyAV's reader then found no frame at the time wanted and the whole clip failed. A
+    seek that lands past the frame wanted is made again from earlier; every frame, in any order, is the frame a
+    decoder of its own gives."""
+    from mlprep.video.decode import probe, read_pyav
+
+    truth, info = _every_frame(clips["mpegts"]), probe(clips["mpegts"])
+    assert len(info.keyframe_pts) == 3 and len(truth) == info.n_frames == 75
+    every = np.arange(info.n_frames)
+    for wanted in (np.unique(uniform_indices(0, info.n_frames - 1, 16)), every, every[::-1], every[::-1][::7]):
+        frames = read_pyav(clips["mpegts"], wanted, info)
+        for frame, pts in zip(frames, info.pts[wanted]):
+            assert np.array_equal(frame, truth[int(pts)]), int(pts)
+
+
+def test_decord_does_not_read_transport_or_program_streams_where_it_misplaces_frames(clips, tmp_path):
+    """decord seeks a GOP late in MPEG-TS, M2TS and MPEG-PS files and fills in with the nearest frames it has, so
+    the default backend gave other frames than asked for, silently: such clips are read with PyAV (the frames a
+    decoder of their own gives) and their note says why; other containers are decord's as before."""
+    import subprocess
+
+    from mlprep.video.decode import decord_misplaces, ffmpeg_exe, probe, resize_frames
+
+    made = {"MPEG-TS": clips["mpegts"]}
+    for kind, name, args in (("MPEG-TS", "m2ts.m2ts", ["-c:v", "libx264", "-f", "mpegts", "-mpegts_m2ts_mode", "1"]),
+                             ("MPEG-PS", "ps.mpg", ["-c:v", "mpeg2video", "-f", "mpeg"])):
+        made[f"{kind} {name}"] = tmp_path / name
+        subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=size=160x96:rate=25:"
+                        "duration=2", *args, "-g", "25", "-pix_fmt", "yuv420p", str(tmp_path / name)], check=True)
+    for kind, path in made.items():
+        clip = extract_clip(path, 8, 64, 40, "decord")
+        assert clip.note == f"decord misplaces frames in {kind.split()[0]}; frames read with PyAV", clip.note
+        truth, pts = _every_frame(path), probe(path).pts
+        expected = resize_frames(np.stack([truth[int(pts[i])] for i in clip.indices]), 64, 40)
+        assert np.array_equal(clip.frames, expected), kind
+    for name in ("plain", "audio_longer", "odd"):
+        assert decord_misplaces(clips[name]) is None and extract_clip(clips[name], 8, 64, 40, "decord").note == ""
+    assert decord_misplaces(tmp_path / "missing.ts") is None
 
 
 def test_a_codec_outside_the_kept_ones_is_decoded_on_the_cpu_by_its_own_decoder_and_says_so(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ over them, so a clip still yields exactly `num_frames` frames, and its record sa
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -146,6 +147,25 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
+def decord_misplaces(path) -> str | None:
+    """Why decord must not read this clip, or None: in MPEG-TS (and M2TS) and MPEG-PS files its seeks land a GOP
+    late and it fills the gap with copies of the frames nearest, so frame i comes back as a later frame, or the
+    last one, with only a log line to say so (every sampled frame of a 3 s H.264 clip, measured). Told by the
+    file's first bytes: the transport stream's sync byte every 188 (or, M2TS, 192) bytes, the program stream's
+    pack header."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4 + 3 * 192)
+    except OSError:  # (the probe says what is wrong with the file)
+        return None
+    for offset, stride in ((0, 188), (4, 192)):
+        if len(head) > offset + 2 * stride and all(head[offset + k * stride] == 0x47 for k in range(3)):
+            return "decord misplaces frames in MPEG-TS"
+    if head[:4] == b"\x00\x00\x01\xba":
+        return "decord misplaces frames in MPEG-PS"
+    return None
+
+
 def open_decord(path, threads: int = 1):
     """A decord reader and the stream facts it knows (timestamps, keyframes) without a separate probe."""
     import decord
@@ -188,7 +208,8 @@ class KeptDecoders:
     the same decoder, flushed, instead of one opened for it. On NVDEC that keeps one CUDA context and one hardware
     decoder for a lane's clips: a decoder opened per clip retained the GPU's context (created anew whenever no other
     decoder of the process held it) and made an NVDEC session for each, every clip. A decoder whose clip raised is
-    dropped, not reused. Kept decoders hold their frame pools (a 1080p H.264 CPU decoder 10-25 MB), hence a small `size`."""
+    dropped, not reused. Kept decoders hold their frame pools (a 1080p H.264 CPU decoder 10-25 MB), hence a small
+    `size`."""
 
     def __init__(self, size: int = 2):
         self.size = size
@@ -249,6 +270,25 @@ def _decoded(container, stream, decoder):
         yield from decoder.decode(packet)
 
 
+def _frames_from(container, stream, decoder, info: StreamInfo, keyframe: int, target: int):
+    """The decoder's frames from the keyframe `keyframe` (at or before `target`) on. Demuxers seek by decoding
+    timestamps, and some only roughly: MPEG-TS lands on the keyframe after the one asked for when asked for its
+    presentation time (its decoding time is a few frames earlier), or past the end, which skipped the frames wanted.
+    A seek that gives no frame at or before `target` is made again from earlier and earlier, down to before the
+    stream's start."""
+    step = int(info.pts[1] - info.pts[0]) if info.n_frames > 1 else 1
+    back = 0
+    while True:
+        container.seek(keyframe - back, stream=stream, backward=True, any_frame=False)
+        decoder.flush_buffers()
+        frames = _decoded(container, stream, decoder)
+        first = next(frames, None)
+        landed = first is not None and (first.pts is None or first.pts <= target)
+        if landed or keyframe - back < info.pts[0]:
+            return frames if first is None else itertools.chain([first], frames)
+        back = max(2 * back, 4 * step)
+
+
 def rgb_frame(frame, pix_fmt: str) -> np.ndarray:
     """A decoded frame as RGB through the one conversion every decoder shares: a frame that leaves its decoder in
     another layout than the stream's own (NVDEC hands back nv12 / p010) is first re-laid out in the stream's
@@ -272,9 +312,7 @@ def read_pyav(path, indices: np.ndarray, info: StreamInfo, threads: int = 1, hwa
         for target in info.pts[indices]:
             keyframe = info.keyframe_pts[max(0, np.searchsorted(info.keyframe_pts, target, "right") - 1)]
             if decoder is None or position is None or position >= target or keyframe > position:
-                container.seek(int(keyframe), stream=stream, backward=True, any_frame=False)
-                codec.flush_buffers()
-                decoder = _decoded(container, stream, codec)
+                decoder = _frames_from(container, stream, codec, info, int(keyframe), int(target))
             found = None
             for frame in decoder:
                 position = frame.pts
@@ -399,7 +437,8 @@ def extract_clip(
     """Exactly num_frames uniformly spaced RGB frames of the clip (or its [start, end) window), resized."""
     cv2.setNumThreads(threads)
     reader = None
-    if backend == "decord":
+    misplaced = decord_misplaces(path) if backend == "decord" else None
+    if backend == "decord" and not misplaced:
         try:
             reader, info = open_decord(path, threads)
         except Exception:  # noqa: BLE001 - let PyAV say what is wrong, or take the slow path below
@@ -411,7 +450,7 @@ def extract_clip(
     wanted = np.unique(indices)
     read, note = READERS[backend], ""
     if backend == "decord" and reader is None:  # PyAV probed it: read it with PyAV (same frames)
-        read, note = read_pyav, "decord cannot open the clip; frames read with PyAV"
+        read, note = read_pyav, f"{misplaced or 'decord cannot open the clip'}; frames read with PyAV"
     try:
         if hwaccel == "cuda":
             frames, note = read_nvdec(path, wanted, info, backend, threads)
