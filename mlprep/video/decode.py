@@ -270,14 +270,14 @@ def _decoded(container, stream, decoder):
         yield from decoder.decode(packet)
 
 
-def _frames_from(container, stream, decoder, info: StreamInfo, keyframe: int, target: int):
+def _frames_from(container, stream, decoder, info: StreamInfo, keyframe: int, target: int, back: int = 0):
     """The decoder's frames from the keyframe `keyframe` (at or before `target`) on. Demuxers seek by decoding
     timestamps, and some only roughly: MPEG-TS lands on the keyframe after the one asked for when asked for its
     presentation time (its decoding time is a few frames earlier), or past the end, which skipped the frames wanted.
     A seek that gives no frame at or before `target` is made again from earlier and earlier, down to before the
-    stream's start."""
+    stream's start. Returns the frames and how far before the keyframe the seek that gave them asked: the clip's
+    next seek starts there (`back`), and lands at once."""
     step = int(info.pts[1] - info.pts[0]) if info.n_frames > 1 else 1
-    back = 0
     while True:
         container.seek(keyframe - back, stream=stream, backward=True, any_frame=False)
         decoder.flush_buffers()
@@ -285,7 +285,7 @@ def _frames_from(container, stream, decoder, info: StreamInfo, keyframe: int, ta
         first = next(frames, None)
         landed = first is not None and (first.pts is None or first.pts <= target)
         if landed or keyframe - back < info.pts[0]:
-            return frames if first is None else itertools.chain([first], frames)
+            return (frames if first is None else itertools.chain([first], frames)), back
         back = max(2 * back, 4 * step)
 
 
@@ -308,11 +308,11 @@ def read_pyav(path, indices: np.ndarray, info: StreamInfo, threads: int = 1, hwa
     with av.open(str(path)) as container, \
             KEPT_DECODERS.decoder(container.streams.video[0], threads, hwaccel) as codec:
         stream = container.streams.video[0]
-        decoder, position = None, None
+        decoder, position, back = None, None, 0
         for target in info.pts[indices]:
             keyframe = info.keyframe_pts[max(0, np.searchsorted(info.keyframe_pts, target, "right") - 1)]
             if decoder is None or position is None or position >= target or keyframe > position:
-                decoder = _frames_from(container, stream, codec, info, int(keyframe), int(target))
+                decoder, back = _frames_from(container, stream, codec, info, int(keyframe), int(target), back)
             found = None
             for frame in decoder:
                 position = frame.pts
