@@ -74,15 +74,21 @@ class ClipFrames:
 
 
 def _container_kind(path) -> str | None:
-    """The container a file's first bytes announce (MP4/MOV, Matroska/WebM, AVI), if any."""
+    """The container a file's first bytes announce (MP4/MOV, Matroska/WebM, AVI, MPEG-TS: the transport stream's
+    sync byte every 188 bytes, or 192 in M2TS; MPEG-PS: the program stream's pack header), if any."""
     with open(path, "rb") as handle:
-        head = handle.read(12)
+        head = handle.read(4 + 3 * 192)
     if head[4:8] == b"ftyp":
         return "MP4/MOV"
     if head[:4] == b"\x1a\x45\xdf\xa3":
         return "Matroska/WebM"
     if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
         return "AVI"
+    for offset, stride in ((0, 188), (4, 192)):
+        if len(head) > offset + 2 * stride and all(head[offset + k * stride] == 0x47 for k in range(3)):
+            return "MPEG-TS"
+    if head[:4] == b"\x00\x00\x01\xba":
+        return "MPEG-PS"
     return None
 
 
@@ -151,19 +157,12 @@ def decord_misplaces(path) -> str | None:
     """Why decord must not read this clip, or None: in MPEG-TS (and M2TS) and MPEG-PS files its seeks land a GOP
     late and it fills the gap with copies of the frames nearest, so frame i comes back as a later frame, or the
     last one, with only a log line to say so (every sampled frame of a 3 s H.264 clip, measured). Told by the
-    file's first bytes: the transport stream's sync byte every 188 (or, M2TS, 192) bytes, the program stream's
-    pack header."""
+    file's first bytes (_container_kind)."""
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(4 + 3 * 192)
+        kind = _container_kind(path)
     except OSError:  # (the probe says what is wrong with the file)
         return None
-    for offset, stride in ((0, 188), (4, 192)):
-        if len(head) > offset + 2 * stride and all(head[offset + k * stride] == 0x47 for k in range(3)):
-            return "decord misplaces frames in MPEG-TS"
-    if head[:4] == b"\x00\x00\x01\xba":
-        return "decord misplaces frames in MPEG-PS"
-    return None
+    return f"decord misplaces frames in {kind}" if kind in ("MPEG-TS", "MPEG-PS") else None
 
 
 def open_decord(path, threads: int = 1):
@@ -305,25 +304,25 @@ def read_pyav(path, indices: np.ndarray, info: StreamInfo, threads: int = 1, hwa
     `hwaccel='cuda'`: decoded on NVDEC, the frames left on the GPU but the wanted ones, which are copied to the
     host and converted as the CPU's (rgb_frame)."""
     out = []
-    with av.open(str(path)) as container, \
-            KEPT_DECODERS.decoder(container.streams.video[0], threads, hwaccel) as codec:
+    with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        decoder, position, back = None, None, 0
-        for target in info.pts[indices]:
-            keyframe = info.keyframe_pts[max(0, np.searchsorted(info.keyframe_pts, target, "right") - 1)]
-            if decoder is None or position is None or position >= target or keyframe > position:
-                decoder, back = _frames_from(container, stream, codec, info, int(keyframe), int(target), back)
-            found = None
-            for frame in decoder:
-                position = frame.pts
-                if frame.pts is None or frame.pts < target:
-                    continue
-                if frame.pts == target:
-                    found = rgb_frame(frame, info.pix_fmt)
-                break
-            if found is None:
-                raise ShortStreamError(f"frame at pts {int(target)} did not decode")
-            out.append(found)
+        with KEPT_DECODERS.decoder(stream, threads, hwaccel) as codec:
+            decoder, position, back = None, None, 0
+            for target in info.pts[indices]:
+                keyframe = info.keyframe_pts[max(0, np.searchsorted(info.keyframe_pts, target, "right") - 1)]
+                if decoder is None or position is None or position >= target or keyframe > position:
+                    decoder, back = _frames_from(container, stream, codec, info, int(keyframe), int(target), back)
+                found = None
+                for frame in decoder:
+                    position = frame.pts
+                    if frame.pts is None or frame.pts < target:
+                        continue
+                    if frame.pts == target:
+                        found = rgb_frame(frame, info.pix_fmt)
+                    break
+                if found is None:
+                    raise ShortStreamError(f"frame at pts {int(target)} did not decode")
+                out.append(found)
     return np.stack(out)
 
 
