@@ -226,29 +226,67 @@ def test_decord_does_not_read_transport_or_program_streams_where_it_misplaces_fr
     assert decord_misplaces(tmp_path / "missing.ts") is None
 
 
-def test_a_codec_outside_the_kept_ones_is_decoded_on_the_cpu_by_its_own_decoder_and_says_so(tmp_path, monkeypatch):
-    """MPEG-4 part 2 (its decoder reads the container's codec tag) is not given a kept decoder: the CPU decodes it
-    with the container's, as before, and asked for NVDEC its clip is decoded on the CPU with a note that says why,
-    without ruling NVDEC out for the clips after it."""
+def _made_clip(path: Path, *codec_args: str) -> Path:
     import subprocess
 
-    import mlprep.video.decode as decode
-    from mlprep.video.decode import KeptDecoders, ffmpeg_exe, probe, resize_frames
+    from mlprep.video.decode import ffmpeg_exe
 
-    path = tmp_path / "mpeg4.avi"
     subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=160x96:rate=10:"
-                    "duration=2", "-c:v", "mpeg4", "-g", "10", str(path)], check=True)
+                    "duration=2", *codec_args, "-g", "10", "-pix_fmt", "yuv420p", str(path)], check=True)
+    return path
+
+
+def test_a_codec_outside_the_kept_ones_is_decoded_by_the_containers_own_decoder_on_the_device_asked_for(
+        tmp_path, clips, monkeypatch):
+    """MPEG-4 part 2 (its decoder reads the container's codec tag) is not given a kept decoder: the CPU decodes it
+    with the container's, and asked for NVDEC its container is opened with the device, so that the same decoder
+    runs there (here, with no GPU, that fails as NVDEC unavailable, and the clip is decoded on the CPU). A clip of
+    a kept kind is opened without the device: its kept decoder makes the device's decoder."""
+    import mlprep.video.decode as decode
+    from mlprep.video.decode import KeptDecoders, NoGpuDecoder, clip_container, probe, resize_frames
+
+    path = _made_clip(tmp_path / "mpeg4.avi", "-c:v", "mpeg4")
     kept = KeptDecoders()
     monkeypatch.setattr(decode, "KEPT_DECODERS", kept)
     monkeypatch.setattr(decode, "_nvdec_missing", None)
     cpu = extract_clip(path, 6, 64, 40, "pyav")
-    gpu = extract_clip(path, 6, 64, 40, "pyav", hwaccel="cuda")
-    assert np.array_equal(gpu.frames, cpu.frames) and kept.opened == 0 and cpu.note == ""
-    why = "NVDEC is used for av1, h264, hevc, vp8, vp9, not mpeg4"
-    assert gpu.note == f"NVDEC refused the stream ({why}); decoded on the CPU", gpu.note
-    assert decode._nvdec_missing is None
+    assert kept.opened == 0 and cpu.note == ""
     truth, pts = _every_frame(path), probe(path).pts  # the frames of a decoder of its own, resized as the job does
     assert np.array_equal(cpu.frames, resize_frames(np.stack([truth[int(pts[i])] for i in cpu.indices]), 64, 40))
+    with pytest.raises(NoGpuDecoder, match="cannot open a cuda device"):
+        with clip_container(path, "cuda"):
+            pass
+    with clip_container(clips["plain"], "cuda") as container:
+        assert not container.streams.video[0].codec_context.is_hwaccel
+    gpu = extract_clip(path, 6, 64, 40, "pyav", hwaccel="cuda")
+    assert np.array_equal(gpu.frames, cpu.frames) and kept.opened == 0
+    assert gpu.note.startswith("NVDEC unavailable (PyAV cannot open a cuda device"), gpu.note
+
+
+def test_av1_clips_get_a_kept_decoder_and_nvdec_gets_ffmpegs_own_av1_decoder(tmp_path, monkeypatch):
+    """PyAV decodes AV1 with libdav1d, a CPU-only decoder: a kind is told by the format's name, not the decoder's,
+    so AV1 clips are kept like the other kinds (they were taken for an unknown codec and NVDEC refused them), and
+    on a device the decoder is FFmpeg's own `av1`, the one with NVDEC."""
+    import av
+
+    import mlprep.video.decode as decode
+    from mlprep.video.decode import KeptDecoders, device_codec, probe, read_pyav
+
+    path = _made_clip(tmp_path / "av1.mp4", "-c:v", "libsvtav1", "-svtav1-params", "log-level=0")
+    kept = KeptDecoders()
+    monkeypatch.setattr(decode, "KEPT_DECODERS", kept)
+    monkeypatch.setattr(decode, "_nvdec_missing", None)
+    info, truth = probe(path), _every_frame(path)
+    for wanted in (np.arange(info.n_frames), np.arange(info.n_frames)[::-3]):
+        frames = read_pyav(path, wanted, info)
+        assert all(np.array_equal(f, truth[int(p)]) for f, p in zip(frames, info.pts[wanted]))
+    assert kept.opened == 1
+    dav1d, h264 = av.Codec("libdav1d", "r"), av.Codec("h264", "r")
+    assert device_codec(dav1d, "cuda").name == "av1" and device_codec(dav1d, None) is dav1d
+    assert device_codec(h264, "cuda") is h264
+    gpu = extract_clip(path, 6, 64, 40, "pyav", hwaccel="cuda")
+    assert gpu.note.startswith("NVDEC unavailable (PyAV cannot open a cuda device"), gpu.note
+    assert np.array_equal(gpu.frames, extract_clip(path, 6, 64, 40, "pyav").frames)
 
 
 def test_hwaccel_cuda_needs_a_backend_that_has_it(tmp_path):

@@ -198,7 +198,48 @@ class NvdecRefused(RuntimeError):
 # Codecs whose decoder needs nothing from the container but the extradata (all else is in the bitstream), so that
 # one decoder can take the packets of any clip of the same kind: the codecs NVDEC decodes in today's data sets.
 # (MPEG-4 part 2 is not among them: its decoder reads the container's codec tag to work around old encoders.)
+# Named as FFmpeg names the format (`canonical_name`), not the decoder: AV1's decoder is libdav1d.
 REUSABLE_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1"})
+
+
+def _device_settings(hwaccel: str):
+    from av.codec.hwaccel import HWAccel
+
+    # is_hw_owned: decoded frames stay in GPU memory (the many a sample skips never leave it; a wanted one is copied
+    # to the host by rgb_frame's reformat); it implies the GPU's primary CUDA context (the one torch uses) instead of
+    # a context of the decoder's own. No software fallback: a stream NVDEC refuses must say so, not decode on the
+    # CPU unannounced.
+    return HWAccel(device_type=hwaccel, allow_software_fallback=False, is_hw_owned=True)
+
+
+def device_codec(codec, hwaccel: str | None):
+    """The decoder of `codec`'s format that decodes on `hwaccel`: the stream's own where it can, else FFmpeg's native
+    decoder of the same format (AV1: libdav1d, the decoder PyAV picks, is CPU-only; FFmpeg's `av1` drives NVDEC)."""
+    if not hwaccel or any(c.device_type.name == hwaccel for c in codec.hardware_configs):
+        return codec
+    native = av.Codec(codec.canonical_name, "r")
+    return native if any(c.device_type.name == hwaccel for c in native.hardware_configs) else codec
+
+
+@contextmanager
+def clip_container(path, hwaccel: str | None = None):
+    """The clip's container, for demuxing. Asked for a device, a clip of a codec outside REUSABLE_CODECS is opened
+    again with it, so that the container's own decoder, made for this clip, decodes on the device (MPEG-2, MPEG-4
+    part 2, VC-1: a device context and a decoder for each such clip, as all clips had before decoders were kept)."""
+    container = av.open(str(path))
+    try:
+        codec = container.streams.video[0].codec_context.codec
+        if hwaccel and codec.canonical_name not in REUSABLE_CODECS:
+            container.close()
+            try:
+                container = av.open(str(path), hwaccel=_device_settings(hwaccel))
+            except av.FFmpegError as err:
+                raise NoGpuDecoder(f"PyAV cannot open a {hwaccel} device: {err}") from err
+            except RuntimeError as err:  # PyAV: "no stream is compatible" with the device
+                raise NvdecRefused(f"{codec.name} has no {hwaccel} decoder here") from err
+        yield container
+    finally:
+        container.close()
 
 
 class KeptDecoders:
@@ -218,19 +259,18 @@ class KeptDecoders:
     @contextmanager
     def decoder(self, stream, threads: int, hwaccel: str | None):
         """A decoder for `stream`'s packets: a kept one of its kind, flushed, or a new one; kept again afterwards
-        unless the block raised. A stream of a codec outside REUSABLE_CODECS is decoded by its own decoder (on the
-        CPU: NVDEC is used for the reusable codecs only)."""
+        unless the block raised. A stream of a codec outside REUSABLE_CODECS is decoded by the container's own
+        decoder (on the device when clip_container opened the container with it)."""
         params = stream.codec_context
-        if params.name not in REUSABLE_CODECS:
-            if hwaccel:
-                raise NvdecRefused(f"NVDEC is used for {', '.join(sorted(REUSABLE_CODECS))}, not {params.name}")
+        if params.codec.canonical_name not in REUSABLE_CODECS:
             params.thread_count = threads
             yield params
             return
-        key = (params.codec.name, bytes(params.extradata or b""), threads, hwaccel)
+        codec = device_codec(params.codec, hwaccel)
+        key = (codec.name, bytes(params.extradata or b""), threads, hwaccel)
         context = self._kept.pop(key, None)
         if context is None:
-            context = self._open(params.codec, params.extradata, threads, hwaccel)
+            context = self._open(codec, params.extradata, threads, hwaccel)
         yield context
         context.flush_buffers()
         self._kept[key] = context
@@ -238,21 +278,12 @@ class KeptDecoders:
             self._kept.popitem(last=False)
 
     def _open(self, codec, extradata, threads: int, hwaccel: str | None):
-        accel = None
-        if hwaccel:
-            from av.codec.hwaccel import HWAccel
-
-            # is_hw_owned: decoded frames stay in GPU memory (the many a sample skips never leave it; a wanted one
-            # is copied to the host by rgb_frame's reformat); it implies the GPU's primary CUDA context (the one
-            # torch uses) instead of a context of the decoder's own. No software fallback: a stream NVDEC refuses
-            # must say so, not decode on the CPU unannounced.
-            accel = HWAccel(device_type=hwaccel, allow_software_fallback=False, is_hw_owned=True)
         try:
-            context = av.CodecContext.create(codec, "r", hwaccel=accel)
-        except NotImplementedError as err:  # this decoder has no such device (libdav1d: AV1 on the CPU only)
-            raise NvdecRefused(f"{codec.name} has no {hwaccel} decoder here") from err
+            context = av.CodecContext.create(codec, "r", hwaccel=_device_settings(hwaccel) if hwaccel else None)
         except av.FFmpegError as err:
             raise NoGpuDecoder(f"PyAV cannot open a {hwaccel} device: {err}") from err
+        if hwaccel and not context.is_hwaccel:  # PyAV makes a CPU decoder where the format has none for the device
+            raise NvdecRefused(f"{codec.name} has no {hwaccel} decoder here")
         if extradata:
             context.extradata = extradata
         context.thread_count = threads
@@ -304,7 +335,7 @@ def read_pyav(path, indices: np.ndarray, info: StreamInfo, threads: int = 1, hwa
     `hwaccel='cuda'`: decoded on NVDEC, the frames left on the GPU but the wanted ones, which are copied to the
     host and converted as the CPU's (rgb_frame)."""
     out = []
-    with av.open(str(path)) as container:
+    with clip_container(path, hwaccel) as container:
         stream = container.streams.video[0]
         with KEPT_DECODERS.decoder(stream, threads, hwaccel) as codec:
             decoder, position, back = None, None, 0
