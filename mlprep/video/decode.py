@@ -9,7 +9,9 @@ over them, so a clip still yields exactly `num_frames` frames, and its record sa
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 import os
 import re
 import shutil
@@ -24,6 +26,7 @@ import numpy as np
 from mlprep.failures import ItemError
 
 BACKENDS = ("decord", "pyav", "ffmpeg")
+IDENTITY = (1, 0, 0, 1)
 
 
 class ClipError(ItemError):
@@ -47,6 +50,7 @@ class StreamInfo:
     height: int
     container_frames: int  # what the container header claims (0 when it does not say)
     pix_fmt: str = ""  # the stream's own pixel format (what a CPU decoder gives), '' when not known
+    display: tuple[int, int, int, int] = IDENTITY  # how the file says to show its frames (display_matrix)
 
     @property
     def n_frames(self) -> int:
@@ -57,8 +61,7 @@ class StreamInfo:
 
     def truncated(self, n: int) -> StreamInfo:
         pts = self.pts[:n]
-        return StreamInfo(pts, self.keyframe_pts[self.keyframe_pts <= pts[-1]], self.time_base, self.fps,
-                          self.width, self.height, self.container_frames, self.pix_fmt)
+        return dataclasses.replace(self, pts=pts, keyframe_pts=self.keyframe_pts[self.keyframe_pts <= pts[-1]])
 
 
 @dataclass
@@ -125,7 +128,59 @@ def probe(path) -> StreamInfo:
         fps = float(rate) if rate else (len(pts_sorted) - 1) / max((pts_sorted[-1] - pts_sorted[0]) * time_base, 1e-9)
         return StreamInfo(pts_sorted, np.unique(np.asarray(keys or pts[:1], dtype=np.int64)), time_base, fps,
                           stream.codec_context.width, stream.codec_context.height, int(stream.frames or 0),
-                          stream.codec_context.pix_fmt or "")
+                          stream.codec_context.pix_fmt or "", _first_display(container, stream))
+
+
+def display_matrix(frame) -> tuple[int, int, int, int]:
+    """The orientation a decoded frame's display matrix gives (phone clips recorded upright are stored on their side
+    with a matrix that turns them): FFmpeg's matrix shows the pixel at (x, y) at (a x + c y, b x + d y); here its
+    (a, b, c, d) as signs. Only turns by right angles and mirrorings are kept; the identity where the frame has no
+    matrix or another angle (which would need the frame cut or filled)."""
+    for data in frame.side_data:
+        if data.type.name == "DISPLAYMATRIX":
+            a, b, _, c, d = np.frombuffer(bytes(data), np.int32)[:5]
+            signs = tuple(int(np.sign(v)) for v in (a, b, c, d))
+            a, b, c, d = signs
+            if (a and d and not b and not c) or (b and c and not a and not d):
+                return signs
+    return IDENTITY
+
+
+def _first_display(container, stream) -> tuple[int, int, int, int]:
+    """display_matrix of the stream's first keyframe, decoded on one thread by the container's own decoder (the
+    matrix comes with the stream's parameters, or in H.264/HEVC with the bitstream; a kept decoder sees only
+    the latter). The identity where that keyframe does not decode."""
+    try:
+        container.seek(0, stream=stream)  # (the probe's demuxing went to the end)
+        decoder = stream.codec_context
+        decoder.thread_count = 1
+        for packet in container.demux(stream):
+            if packet.is_keyframe and packet.size:
+                frames = [*decoder.decode(packet), *decoder.decode(None)]
+                return display_matrix(frames[0]) if frames else IDENTITY
+    except av.FFmpegError:
+        pass
+    return IDENTITY
+
+
+def upright(frames: np.ndarray, display: tuple[int, int, int, int]) -> np.ndarray:
+    """[n, H, W, 3] frames as decoded, turned and mirrored as their display matrix says to show them (what
+    ffmpeg's own autorotation gives; checked against it)."""
+    if display == IDENTITY:
+        return frames
+    a, b, c, d = display
+    if a == 0:  # x shown along y and y along x: transposed
+        frames, flip_rows, flip_columns = frames.swapaxes(1, 2), b < 0, c < 0
+    else:
+        flip_rows, flip_columns = d < 0, a < 0
+    return np.ascontiguousarray(frames[:, ::-1 if flip_rows else 1, ::-1 if flip_columns else 1])
+
+
+def decord_turns(display: tuple[int, int, int, int]) -> int:
+    """Quarter turns anticlockwise decord gives a clip of this display matrix: it applies the matrix's rotation
+    angle (FFmpeg's av_display_rotation_get) and ignores a mirroring."""
+    a, b, _, _ = display
+    return round(-math.degrees(math.atan2(b, a)) / 90) % 4
 
 
 def frame_window(info: StreamInfo, start: float | None, end: float | None) -> tuple[int, int]:
@@ -153,16 +208,24 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
-def decord_misplaces(path) -> str | None:
-    """Why decord must not read this clip, or None: in MPEG-TS (and M2TS) and MPEG-PS files its seeks land a GOP
-    late and it fills the gap with copies of the frames nearest, so frame i comes back as a later frame, or the
-    last one, with only a log line to say so (every sampled frame of a 3 s H.264 clip, measured). Told by the
-    file's first bytes (_container_kind)."""
-    try:
-        kind = _container_kind(path)
-    except OSError:  # (the probe says what is wrong with the file)
-        return None
+def decord_misplaces(kind: str | None) -> str | None:
+    """Why decord must not read a clip of this container kind (_container_kind), or None: in MPEG-TS (and M2TS)
+    and MPEG-PS files its seeks land a GOP late and it fills the gap with copies of the frames nearest, so frame i
+    comes back as a later frame, or the last one, with only a log line to say so (every sampled frame of a 3 s
+    H.264 clip, measured)."""
     return f"decord misplaces frames in {kind}" if kind in ("MPEG-TS", "MPEG-PS") else None
+
+
+def decord_display(path, kind: str | None) -> tuple[int, int, int, int]:
+    """The display matrix of a clip decord reads (decord turns its frames itself but says nothing of the matrix):
+    read by PyAV from MP4/MOV and Matroska files, the containers with a matrix of their own."""
+    if kind not in ("MP4/MOV", "Matroska/WebM"):
+        return IDENTITY
+    try:
+        with av.open(str(path)) as container:
+            return _first_display(container, container.streams.video[0])
+    except (av.FFmpegError, IndexError):  # (decord read it: a broken header is its to report)
+        return IDENTITY
 
 
 def open_decord(path, threads: int = 1):
@@ -373,7 +436,8 @@ def _ffmpeg_frames(path, indices: np.ndarray, info: StreamInfo, threads: int, hw
     import ffmpeg
 
     select = "+".join(f"eq(n,{int(i)})" for i in indices)
-    source = ffmpeg.input(str(path), threads=threads, **({"hwaccel": hwaccel} if hwaccel else {}))
+    # noautorotate: frames as decoded, like every backend's (extract_clip turns them upright)
+    source = ffmpeg.input(str(path), threads=threads, noautorotate=None, **({"hwaccel": hwaccel} if hwaccel else {}))
     stream = as_stream_format(source.video.filter("select", select), info).output(
         "pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough", threads=threads
     ).global_args("-loglevel", "warning")
@@ -466,13 +530,19 @@ def extract_clip(
 ) -> ClipFrames:
     """Exactly num_frames uniformly spaced RGB frames of the clip (or its [start, end) window), resized."""
     cv2.setNumThreads(threads)
-    reader = None
-    misplaced = decord_misplaces(path) if backend == "decord" else None
+    reader, misplaced = None, None
+    if backend == "decord":
+        try:
+            kind = _container_kind(path)
+        except OSError:  # (the probe says what is wrong with the file)
+            kind = None
+        misplaced = decord_misplaces(kind)
     if backend == "decord" and not misplaced:
         try:
             reader, info = open_decord(path, threads)
+            info = dataclasses.replace(info, display=decord_display(path, kind))
         except Exception:  # noqa: BLE001 - let PyAV say what is wrong, or take the slow path below
-            info = probe(path)
+            reader, info = None, probe(path)
     else:
         info = probe(path)
     first, last = frame_window(info, start, end)
@@ -486,6 +556,9 @@ def extract_clip(
             frames, note = read_nvdec(path, wanted, info, backend, threads)
         else:
             frames = read(path, wanted, info, threads=threads, hwaccel=hwaccel, reader=reader)
+        if read is read_decord:  # decord turned them by the matrix's angle already (not mirroring): as decoded again
+            frames = np.rot90(frames, -decord_turns(info.display), axes=(1, 2))
+        frames = upright(frames, info.display)
         source = last - first + 1
     except Exception as err:  # noqa: BLE001 - any decoder error: see whether the tail is broken
         decodable = count_decodable(path)
@@ -498,7 +571,7 @@ def extract_clip(
         last = min(last, decodable - 1)
         indices = uniform_indices(first, last, num_frames)
         wanted = np.unique(indices)
-        frames = read_pyav(path, wanted, info.truncated(decodable), threads=threads)
+        frames = upright(read_pyav(path, wanted, info.truncated(decodable), threads=threads), info.display)
         source = last - first + 1
         note = f"container lists {info.n_frames} frames but {decodable} decode; sampled over those"
     frames = resize_frames(frames, width, height)[np.searchsorted(wanted, indices)]
