@@ -350,6 +350,33 @@ def test_clips_with_a_display_matrix_give_their_frames_upright_with_every_backen
             assert diff.max() == 0, (name, diff.max())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_clip_cut_without_re_encoding_gives_the_frames_its_edit_list_shows(tmp_path, backend):
+    """A clip cut from a longer one with `-ss ... -c copy` starts with the part of its first GOP before the cut,
+    which an edit list says not to show: the probe counted those frames, so PyAV and ffmpeg waited for a frame
+    that never came and the clip failed, and decord, which shows them, gave each sampled frame as one that many
+    frames earlier (or from before the cut).
+    Every backend now gives the frames ffmpeg shows (decord's clips of this kind are read with PyAV, noted)."""
+    import subprocess
+
+    from mlprep.video.decode import ffmpeg_exe, probe, resize_frames
+
+    long = _made_clip(tmp_path / "long.mp4", "-c:v", "libx264", "-bf", "3")
+    path = tmp_path / "cut.mp4"
+    subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-ss", "0.55", "-i", str(long), "-c", "copy",
+                    str(path)], check=True)
+    raw = subprocess.run([ffmpeg_exe(), "-loglevel", "error", "-i", str(path), "-fps_mode", "passthrough", "-f",
+                          "rawvideo", "-pix_fmt", "rgb24", "-"], check=True, capture_output=True).stdout
+    shown = np.frombuffer(raw, np.uint8).reshape(-1, 96, 160, 3)
+    assert probe(path).n_frames == len(shown) < 20  # (the file holds all 20, from the keyframe before the cut)
+    clip = extract_clip(path, 8, 80, 48, backend)
+    assert clip.indices[-1] == len(shown) - 1
+    diff = np.abs(clip.frames.astype(int) - resize_frames(shown[clip.indices], 80, 48))
+    assert diff.max() == 0, diff.max()
+    assert clip.note == ("decord shows the frames an edit list cuts; frames read with PyAV" if backend == "decord"
+                         else ""), clip.note
+
+
 def test_hwaccel_cuda_needs_a_backend_that_has_it(tmp_path):
     from mlprep.config import ConfigError, load_schema, validate
 

@@ -115,8 +115,9 @@ def probe(path) -> StreamInfo:
                 stamp = packet.pts if packet.pts is not None else packet.dts
                 if packet.size == 0 or stamp is None:
                     continue
-                pts.append(stamp)
-                if packet.is_keyframe:
+                if not packet.is_discard:  # (an edit list's cut: decoded to reach the frames shown, never shown)
+                    pts.append(stamp)
+                if packet.is_keyframe:  # a seek may need one that is cut
                     keys.append(stamp)
         except av.FFmpegError:
             pass  # a broken tail: keep the packets read so far
@@ -128,7 +129,7 @@ def probe(path) -> StreamInfo:
         fps = float(rate) if rate else (len(pts_sorted) - 1) / max((pts_sorted[-1] - pts_sorted[0]) * time_base, 1e-9)
         return StreamInfo(pts_sorted, np.unique(np.asarray(keys or pts[:1], dtype=np.int64)), time_base, fps,
                           stream.codec_context.width, stream.codec_context.height, int(stream.frames or 0),
-                          stream.codec_context.pix_fmt or "", _first_display(container, stream))
+                          stream.codec_context.pix_fmt or "", _first_keyframe(container, stream)[0])
 
 
 def display_matrix(frame) -> tuple[int, int, int, int]:
@@ -146,21 +147,22 @@ def display_matrix(frame) -> tuple[int, int, int, int]:
     return IDENTITY
 
 
-def _first_display(container, stream) -> tuple[int, int, int, int]:
-    """display_matrix of the stream's first keyframe, decoded on one thread by the container's own decoder (the
-    matrix comes with the stream's parameters, or in H.264/HEVC with the bitstream; a kept decoder sees only
-    the latter). The identity where that keyframe does not decode."""
+def _first_keyframe(container, stream) -> tuple[tuple[int, int, int, int], bool]:
+    """(display_matrix of the stream's first keyframe, whether an edit list cuts that keyframe): the keyframe
+    decoded on one thread by the container's own decoder (the matrix comes with the stream's parameters, or in
+    H.264/HEVC with the bitstream; a kept decoder sees only the latter). The identity where it does not decode."""
     try:
         container.seek(0, stream=stream)  # (the probe's demuxing went to the end)
         decoder = stream.codec_context
         decoder.thread_count = 1
         for packet in container.demux(stream):
             if packet.is_keyframe and packet.size:
-                frames = [*decoder.decode(packet), *decoder.decode(None)]
-                return display_matrix(frames[0]) if frames else IDENTITY
+                cut = packet.is_discard  # (the decoder drops a cut packet's frame, matrix and all: a bare copy)
+                frames = [*decoder.decode(av.Packet(bytes(packet)) if cut else packet), *decoder.decode(None)]
+                return (display_matrix(frames[0]) if frames else IDENTITY), cut
     except av.FFmpegError:
         pass
-    return IDENTITY
+    return IDENTITY, False
 
 
 def upright(frames: np.ndarray, display: tuple[int, int, int, int]) -> np.ndarray:
@@ -216,16 +218,20 @@ def decord_misplaces(kind: str | None) -> str | None:
     return f"decord misplaces frames in {kind}" if kind in ("MPEG-TS", "MPEG-PS") else None
 
 
-def decord_display(path, kind: str | None) -> tuple[int, int, int, int]:
-    """The display matrix of a clip decord reads (decord turns its frames itself but says nothing of the matrix):
-    read by PyAV from MP4/MOV and Matroska files, the containers with a matrix of their own."""
+def decord_display(path, kind: str | None) -> tuple[tuple[int, int, int, int], str | None]:
+    """(the display matrix of a clip decord reads, why decord must not read it or None), read by PyAV from MP4/MOV
+    and Matroska files, the containers with a matrix and edit lists of their own: decord turns its frames itself
+    but says nothing of the matrix, and it shows the frames an edit list cuts (a clip cut from a longer one
+    without re-encoding starts with the cut part of its first GOP: 33 frames of 117 in a test), so every frame
+    index after them would be off."""
     if kind not in ("MP4/MOV", "Matroska/WebM"):
-        return IDENTITY
+        return IDENTITY, None
     try:
         with av.open(str(path)) as container:
-            return _first_display(container, container.streams.video[0])
+            display, cut = _first_keyframe(container, container.streams.video[0])
     except (av.FFmpegError, IndexError):  # (decord read it: a broken header is its to report)
-        return IDENTITY
+        return IDENTITY, None
+    return display, "decord shows the frames an edit list cuts" if cut else None
 
 
 def open_decord(path, threads: int = 1):
@@ -538,9 +544,11 @@ def extract_clip(
             kind = None
         misplaced = decord_misplaces(kind)
     if backend == "decord" and not misplaced:
+        display, misplaced = decord_display(path, kind)
+    if backend == "decord" and not misplaced:
         try:
             reader, info = open_decord(path, threads)
-            info = dataclasses.replace(info, display=decord_display(path, kind))
+            info = dataclasses.replace(info, display=display)
         except Exception:  # noqa: BLE001 - let PyAV say what is wrong, or take the slow path below
             reader, info = None, probe(path)
     else:
