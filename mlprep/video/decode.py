@@ -51,6 +51,7 @@ class StreamInfo:
     container_frames: int  # what the container header claims (0 when it does not say)
     pix_fmt: str = ""  # the stream's own pixel format (what a CPU decoder gives), '' when not known
     display: tuple[int, int, int, int] = IDENTITY  # how the file says to show its frames (display_matrix)
+    by_count: bool = False  # the stamps are in decoding order (AVI): frame i is the decoder's i-th frame out
 
     @property
     def n_frames(self) -> int:
@@ -109,13 +110,14 @@ def probe(path) -> StreamInfo:
         if not container.streams.video:
             raise ClipError("no_video_stream", "no video stream")
         stream = container.streams.video[0]
-        pts, keys = [], []
+        pts, keys, in_order = [], [], True
         try:
             for packet in container.demux(stream):
                 stamp = packet.pts if packet.pts is not None else packet.dts
                 if packet.size == 0 or stamp is None:
                     continue
                 if not packet.is_discard:  # (an edit list's cut: decoded to reach the frames shown, never shown)
+                    in_order = in_order and (not pts or stamp > pts[-1])
                     pts.append(stamp)
                 if packet.is_keyframe:  # a seek may need one that is cut
                     keys.append(stamp)
@@ -127,9 +129,12 @@ def probe(path) -> StreamInfo:
         time_base = float(stream.time_base)
         pts_sorted = np.unique(np.asarray(pts, dtype=np.int64))
         fps = float(rate) if rate else (len(pts_sorted) - 1) / max((pts_sorted[-1] - pts_sorted[0]) * time_base, 1e-9)
+        # Frames that the decoder reorders but whose stamps rise in decoding order carry the order they were stored
+        # in, not shown in (AVI has no presentation times): their frames are placed by count.
+        by_count = bool(in_order and stream.codec_context.has_b_frames and len(pts) > 2)
         return StreamInfo(pts_sorted, np.unique(np.asarray(keys or pts[:1], dtype=np.int64)), time_base, fps,
                           stream.codec_context.width, stream.codec_context.height, int(stream.frames or 0),
-                          stream.codec_context.pix_fmt or "", _first_keyframe(container, stream)[0])
+                          stream.codec_context.pix_fmt or "", _first_keyframe(container, stream)[0], by_count)
 
 
 def display_matrix(frame) -> tuple[int, int, int, int]:
@@ -234,6 +239,10 @@ def decord_display(path, kind: str | None) -> tuple[tuple[int, int, int, int], s
     return display, "decord shows the frames an edit list cuts" if cut else None
 
 
+class DecordMisplaces(RuntimeError):
+    """decord would give other frames than asked for: the clip is read with PyAV, and its note says why."""
+
+
 def open_decord(path, threads: int = 1):
     """A decord reader and the stream facts it knows (timestamps, keyframes) without a separate probe."""
     import decord
@@ -242,7 +251,11 @@ def open_decord(path, threads: int = 1):
     n = len(reader)
     if n == 0:
         raise ClipError("no_frames", "video stream holds no frames")
-    micro = np.round(reader.get_frame_timestamp(range(n))[:, 0] * 1e6).astype(np.int64)
+    seconds = reader.get_frame_timestamp(range(n))[:, 0]
+    if not (np.isfinite(seconds).all() and (np.diff(seconds) > 0).all() and abs(seconds[0]) < 1e6):
+        # (H.264 in AVI: every frame at -3.7e17 s, and frames sampled by index came back misplaced, 12 of 16)
+        raise DecordMisplaces("decord does not know where this clip's frames are")
+    micro = np.round(seconds * 1e6).astype(np.int64)
     keys = micro[np.asarray(reader.get_key_indices(), dtype=np.int64)] if n else micro[:1]
     info = StreamInfo(micro, np.unique(keys), 1e-6, float(reader.get_avg_fps()), 0, 0, n)
     return reader, info
@@ -407,6 +420,8 @@ def read_pyav(path, indices: np.ndarray, info: StreamInfo, threads: int = 1, hwa
     with clip_container(path, hwaccel) as container:
         stream = container.streams.video[0]
         with KEPT_DECODERS.decoder(stream, threads, hwaccel) as codec:
+            if info.by_count:
+                return _by_count(_decoded(container, stream, codec), indices, info.pix_fmt)
             decoder, position, back = None, None, 0
             for target in info.pts[indices]:
                 keyframe = info.keyframe_pts[max(0, np.searchsorted(info.keyframe_pts, target, "right") - 1)]
@@ -424,6 +439,19 @@ def read_pyav(path, indices: np.ndarray, info: StreamInfo, threads: int = 1, hwa
                     raise ShortStreamError(f"frame at pts {int(target)} did not decode")
                 out.append(found)
     return np.stack(out)
+
+
+def _by_count(frames, indices: np.ndarray, pix_fmt: str) -> np.ndarray:
+    """The frames `indices` of a stream whose stamps cannot place them (StreamInfo.by_count): decoded from the start,
+    frame i being the decoder's i-th frame out, as ffmpeg counts them; no seeks, so the whole clip up to the last
+    frame wanted is decoded (as the ffmpeg backend always does)."""
+    wanted, found, count = set(int(i) for i in indices), {}, 0
+    for count, frame in enumerate(frames, 1):
+        if count - 1 in wanted:
+            found[count - 1] = rgb_frame(frame, pix_fmt)
+            if len(found) == len(wanted):
+                return np.stack([found[int(i)] for i in indices])
+    raise ShortStreamError(f"{count} frames decode, frame {max(wanted)} wanted")
 
 
 def read_ffmpeg(path, indices: np.ndarray, info: StreamInfo, threads: int = 1, hwaccel=None, reader=None):
@@ -549,8 +577,9 @@ def extract_clip(
         try:
             reader, info = open_decord(path, threads)
             info = dataclasses.replace(info, display=display)
-        except Exception:  # noqa: BLE001 - let PyAV say what is wrong, or take the slow path below
+        except Exception as err:  # noqa: BLE001 - let PyAV say what is wrong, or take the slow path below
             reader, info = None, probe(path)
+            misplaced = str(err) if isinstance(err, DecordMisplaces) else None
     else:
         info = probe(path)
     first, last = frame_window(info, start, end)
