@@ -113,18 +113,27 @@ def decode_within(data: bytes, mode: str, max_side: int, resample=Image.BILINEAR
     decoded at reduced size where it can be): for work that needs a picture, not a model's input."""
     with _opened(data) as img:
         img.draft(mode, (max_side, max_side))
-        img = ImageOps.exif_transpose(img).convert(mode)
+        img = flattened(ImageOps.exif_transpose(img), mode)
         if max(img.size) > max_side:
             scale = max_side / max(img.size)
             img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), resample)
         return img
 
 
+def flattened(img: Image.Image, mode: str) -> Image.Image:
+    """The image in `mode`; one with transparency (an alpha channel, or a transparent palette entry or colour) is
+    laid on white first, as shops show a cut-out product. A plain conversion shows whatever colour the editor left
+    under the transparent pixels, most often black: the product on a black ground, which no shop photo has."""
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        img = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    return img if img.mode == mode else img.convert(mode)
+
+
 def _decoded(img: Image.Image, min_side: int) -> torch.Tensor:
     img.draft("RGB", (min_side, min_side))
     ImageOps.exif_transpose(img, in_place=True)  # no copy of an image already upright
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    img = flattened(img, "RGB")
     factor = min(img.size) // min_side
     if factor >= 2:
         img = img.reduce(factor)

@@ -239,6 +239,47 @@ def test_what_the_device_decoder_cannot_take_is_decoded_by_the_cpu(name, make):
     assert views.shape == (6, 3, 224, 224) and views.float().std() > 5
 
 
+def _saved(img: Image.Image, fmt: str, **options) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+def test_a_cut_out_product_is_laid_on_white_not_on_the_colour_under_its_transparent_pixels():
+    """A product photo cut out on a transparent ground (PNG, WebP, GIF) keeps some colour under the transparent
+    pixels, most often black: a plain conversion to RGB put the product on that black ground. It is laid on white,
+    as shops show it, half-transparent pixels blended, in every decode the pipelines use; opaque images are not
+    changed."""
+    from mlprep.views import decode_within
+
+    product = _photo((96, 64))
+    alpha = Image.new("L", product.size, 0)
+    alpha.paste(255, (24, 16, 72, 48))  # the product, opaque, on a transparent ground
+    alpha.paste(128, (24, 8, 72, 16))  # a half-transparent strip
+    black = Image.new("RGB", product.size, (0, 0, 0))
+    black.paste(product.crop((24, 8, 72, 48)), (24, 8))  # under the transparent pixels: black
+    cut_out = black.copy()
+    cut_out.putalpha(alpha)
+    palette = cut_out.convert("RGB").quantize(64)
+    palette.info["transparency"] = palette.getpixel((0, 0))  # the ground's palette entry is the transparent one
+    expected = np.asarray(cut_out.convert("RGB")).astype(int)
+    weight = np.asarray(alpha)[..., None] / 255
+    expected = np.round(expected * weight + 255 * (1 - weight))
+    for name, data in (("png", _saved(cut_out, "PNG")), ("webp", _saved(cut_out, "WEBP", lossless=True)),
+                       ("greyscale png", _saved(cut_out.convert("LA"), "PNG"))):
+        decoded = decode_image(data, 64).permute(1, 2, 0).numpy().astype(int)
+        if name == "greyscale png":
+            assert (decoded[np.asarray(alpha) == 0] == 255).all(), name
+            continue
+        assert np.abs(decoded - expected).max() <= 1, name
+        assert np.abs(np.asarray(decode_within(data, "RGB", 96)).astype(int) - expected).max() <= 1, name
+        assert (np.asarray(decode_within(data, "L", 96))[np.asarray(alpha) == 0] == 255).all(), name
+    decoded = decode_image(_saved(palette, "GIF", transparency=palette.info["transparency"]), 64).numpy()
+    assert (decoded[:, np.asarray(alpha) == 0] == 255).all()
+    opaque = _saved(product, "PNG")
+    assert np.array_equal(decode_image(opaque, 64).permute(1, 2, 0).numpy(), np.asarray(product))
+
+
 def test_a_broken_jpeg_and_a_decompression_bomb_are_failures(tmp_path):
     good = _jpeg(_photo((320, 240)))
     for device_decode in (False, True):  # cut short: no end marker, so both decode on the CPU and say why
