@@ -294,7 +294,9 @@ def test_no_request_the_openapi_schema_allows_gets_a_5xx(server):
     assert any(code == 200 for codes in seen.values() for code in codes)  # not only refusals: it reached the code
 
 
-def test_a_voice_finds_its_speaker_and_verification_uses_the_evals_threshold(server, demo):
+def test_a_voice_finds_its_speaker_and_verification_uses_the_evals_threshold(server, demo, tmp_path):
+    from mlprep.video.decode import ffmpeg_exe
+
     files = {"audio": ("u.wav", utterance("studio/alice", 3).read_bytes(), "audio/wav")}
     answer = server.post("/api/speaker/identify", params={"k": 3}, files=files).json()
     assert [s["speaker"] for s in answer["speakers"]][0] == "studio/alice" and len(answer["speakers"]) == 3
@@ -314,6 +316,13 @@ def test_a_voice_finds_its_speaker_and_verification_uses_the_evals_threshold(ser
     assert all(p["against"] == "utterance" for p in pairs.values())
     assert pairs["studio/alice"]["score"] > pairs["phone/chen"]["score"] + 0.05, pairs
     assert server.post("/api/speaker/verify", files=files, data={"speaker": "nobody"}).status_code == 404
+    # what a browser records (WebM with Opus) and a phone (M4A with AAC) identify the same speaker
+    for suffix, codec, media in ((".webm", "libopus", "audio/webm"), (".m4a", "aac", "audio/mp4")):
+        made = tmp_path / f"upload{suffix}"
+        subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(utterance("studio/alice", 3)), "-c:a",
+                        codec, str(made)], check=True)
+        answer = server.post("/api/speaker/identify", files={"audio": (made.name, made.read_bytes(), media)}).json()
+        assert answer["speakers"][0]["speaker"] == "studio/alice", (suffix, answer)
 
 
 def test_bad_audio_uploads_are_4xx_naming_the_reason_code(server):

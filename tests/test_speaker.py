@@ -386,6 +386,53 @@ def test_every_kind_of_bad_audio_is_one_failure_with_its_code(tmp_path):
     assert all(s >= 0 for s in stats["reader_seconds"].values()) and stats["reader_seconds"]["decode"] > 0
 
 
+def test_speech_as_corpora_ship_it_mp3_m4a_ogg_opus_webm_is_read_and_embeds_as_its_wav(tmp_path):
+    """Common Voice ships MP3, VoxCeleb2 M4A (AAC), recordings from browsers WebM (Opus): the layout lists them,
+    the shard job decodes them (libsndfile for MP3, Ogg and Opus; PyAV, with the demuxer the first bytes name, for
+    MP4 and Matroska) and their embeddings are the WAV's within what the lossy codec changes; a cut M4A and an MP4
+    without audio are failures with their codes, from a file and from bytes (the service's path)."""
+    import subprocess
+
+    from mlprep.failures import ItemError
+    from mlprep.speaker.audio import load_audio
+    from mlprep.video.decode import ffmpeg_exe
+
+    folder = tmp_path / "corpus" / "x" / "formats"
+    folder.mkdir(parents=True)
+    wav = folder / "wav.wav"
+    shutil.copy(DEMO / "studio" / "bruno" / "utt0.wav", wav)
+    for name, codec in (("mp3.mp3", "libmp3lame"), ("ogg.ogg", "libvorbis"), ("opus.opus", "libopus"),
+                        ("m4a.m4a", "aac"), ("webm.webm", "libopus")):
+        subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(wav), "-c:a", codec, "-b:a", "96k",
+                        str(folder / name)], check=True)
+    m4a = (folder / "m4a.m4a").read_bytes()
+    (folder / "cut.m4a").write_bytes(m4a[: len(m4a) // 3])
+    subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=32x32:duration=1",
+                    str(folder / "video.m4a")], check=True)
+    out = _run_shard(tmp_path, _cfg(corpus_dir=str(tmp_path / "corpus"), shards=1, min_utterances=1))
+    failures = pd.read_parquet(out / "failures.parquet")
+    assert dict(zip(failures["item_id"], failures["reason_code"])) == {"x/formats/cut": "truncated",
+                                                                      "x/formats/video": "not_audio"}
+    utterances = pd.read_parquet(out / "utterances.parquet")
+    vectors = dict(zip(utterances["item_id"].str.rsplit("/", n=1).str[-1], np.load(out / "utterance_embeddings.npy")))
+    assert set(vectors) == {"wav", "mp3", "ogg", "opus", "m4a", "webm"}
+    for name, vector in vectors.items():
+        cosine = float(vector @ vectors["wav"] / np.linalg.norm(vector) / np.linalg.norm(vectors["wav"]))
+        assert cosine > 0.97, (name, cosine)
+    seconds = utterances.set_index(utterances["item_id"].str.rsplit("/", n=1).str[-1])["duration_s"]
+    assert (abs(seconds - seconds["wav"]) < 0.1).all(), seconds
+    samples = load_audio(str(wav), 16000, 0.5)
+    assert abs(len(load_audio(m4a, 16000, 0.5)) - len(samples)) < 1600
+    for data, code in ((m4a[: len(m4a) // 3], "truncated"), ((folder / "video.m4a").read_bytes(), "not_audio"),
+                       (b"\x00\x00\x00\x18ftypM4A " + bytes(64), "truncated"),
+                       (b"\x1a\x45\xdf\xa3" + bytes(64), "truncated")):
+        with pytest.raises(ItemError) as caught:
+            load_audio(data, 16000, 0.5)
+        assert caught.value.code == code, (code, caught.value)
+    with pytest.raises(ItemError, match="more than the 1 s of audio accepted"):
+        load_audio(m4a, 16000, 0.5, max_seconds=1)
+
+
 def test_precomputed_embeddings_refuse_pickles_nan_and_wrong_lengths(tmp_path):
     root = tmp_path / "emb"
     spk = root / "ds" / "s1"

@@ -1,4 +1,6 @@
-"""Reading one utterance: any WAV (16/24/32-bit, float) or FLAC, downmixed to mono, resampled, checked.
+"""Reading one utterance: any WAV (16/24/32-bit, float), FLAC, MP3 (Common Voice), Ogg Vorbis or Opus (libsndfile),
+or M4A / MP4 (AAC, ALAC: VoxCeleb2) or WebM / Matroska (Opus, Vorbis: what browsers record) through PyAV, downmixed
+to mono, resampled, checked.
 
 Each problem is an ItemError with a stable reason code (mlprep.failures.REASON_CODES), so a shard
 records it against the utterance and goes on.
@@ -34,14 +36,18 @@ def load_audio(source: str | bytes, sample_rate: int, min_seconds: float,
     try:
         info = soundfile.info(handle())  # the header alone: a file no reader knows fails here
     except Exception as err:  # noqa: BLE001 - libsndfile names the problem; the code is ours
-        raise ItemError("not_audio", f"not a readable audio file: {decoder_message(err)}") from err
-    if max_seconds is not None and info.frames > max_seconds * info.samplerate:
-        raise ItemError("too_long", f"{info.frames / info.samplerate:.1f} s of audio, more than the {max_seconds:g} s "
-                                    f"accepted")
-    try:
-        samples, rate = soundfile.read(handle(), dtype="float32", always_2d=True)
-    except Exception as err:  # noqa: BLE001
-        raise ItemError("truncated", f"audio data breaks off: {decoder_message(err)}") from err
+        kind = _pyav_format(source)
+        if kind is None:
+            raise ItemError("not_audio", f"not a readable audio file: {decoder_message(err)}") from err
+        samples, rate = _read_with_pyav(source, kind, max_seconds)
+    else:
+        if max_seconds is not None and info.frames > max_seconds * info.samplerate:
+            raise ItemError("too_long", f"{info.frames / info.samplerate:.1f} s of audio, more than the "
+                                        f"{max_seconds:g} s accepted")
+        try:
+            samples, rate = soundfile.read(handle(), dtype="float32", always_2d=True)
+        except Exception as err:  # noqa: BLE001
+            raise ItemError("truncated", f"audio data breaks off: {decoder_message(err)}") from err
     if len(samples) == 0:
         raise ItemError("empty_audio", "the file holds no samples")
     missing = wav_missing_bytes(source)
@@ -62,6 +68,88 @@ def load_audio(source: str | bytes, sample_rate: int, min_seconds: float,
     if float(np.abs(mono).max()) < SILENCE_PEAK:
         raise ItemError("silent", "every sample is (near) zero")
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+# What PyAV reads where libsndfile cannot: told by the first bytes, and opened with that demuxer only, so that no
+# content is taken for a playlist or another format that names files (a service's uploads go through here).
+_PYAV_FORMATS = {"mp4": "MP4/M4A", "matroska": "WebM/Matroska"}
+
+
+def _pyav_format(source: str | bytes) -> str | None:
+    if isinstance(source, (bytes, bytearray)):
+        head = bytes(source[:8])
+    else:
+        try:
+            with open(source, "rb") as handle:
+                head = handle.read(8)
+        except OSError:  # (libsndfile has said what is wrong with it)
+            return None
+    if head[4:8] == b"ftyp":
+        return "mp4"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska"
+    return None
+
+
+def header_seconds(path: str) -> float:
+    """Seconds of audio an MP4/M4A or WebM/Matroska file's header states (no decoding); NaN where it says none."""
+    import av
+
+    kind = _pyav_format(path)
+    if kind is None:
+        return float("nan")
+    try:
+        with av.open(path, format=kind) as container:
+            stream = container.streams.audio[0]
+            if stream.duration is not None:
+                return float(stream.duration * stream.time_base)
+            return container.duration / av.time_base if container.duration else float("nan")
+    except (av.FFmpegError, ValueError, IndexError):
+        return float("nan")
+
+
+def _read_with_pyav(source: str | bytes, kind: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    """(float32 [samples, channels], rate) of the first audio stream of an MP4/M4A or WebM/Matroska file. The
+    samples decoded are counted as they come, so a file whose header understates its length still stops at
+    `max_seconds`."""
+    import io
+
+    import av
+
+    name = _PYAV_FORMATS[kind]
+    try:
+        container = av.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source, format=kind)
+    except (av.FFmpegError, ValueError) as err:  # the header is right but the file cannot be read
+        raise ItemError("truncated", f"starts as {name} but cannot be read (cut short?): {decoder_message(err)}") \
+            from err
+    parts, count = [], 0
+    with container:
+        if not container.streams.audio:
+            raise ItemError("not_audio", f"{name} file without an audio stream")
+        stream = container.streams.audio[0]
+        rate = stream.codec_context.sample_rate
+        if not rate:
+            raise ItemError("bad_audio", f"{name} audio stream without a sample rate")
+        limit = None if max_seconds is None else max_seconds * rate
+        as_float = None  # for decoders whose samples are not planar float already (AAC's, Opus' and Vorbis' are)
+        try:
+            for frame in container.decode(stream):
+                if frame.format.name == "fltp":
+                    new = [frame.to_ndarray()]
+                else:
+                    as_float = as_float or av.AudioResampler(format="fltp")  # (the format only: same rate, layout)
+                    new = [out.to_ndarray() for out in as_float.resample(frame)]
+                parts += new
+                count += sum(part.shape[1] for part in new)
+                if limit is not None and count > limit:
+                    raise ItemError("too_long", f"more than the {max_seconds:g} s of audio accepted")
+        except av.FFmpegError as err:
+            if not parts:
+                raise ItemError("truncated", f"{name} audio does not decode: {decoder_message(err)}") from err
+            raise ItemError("truncated", f"audio data breaks off: {decoder_message(err)}") from err
+    if not parts:
+        return np.zeros((0, 1), np.float32), rate
+    return np.ascontiguousarray(np.concatenate(parts, axis=1).T, dtype=np.float32), rate
 
 
 def wav_missing_bytes(source: str | bytes) -> int:

@@ -1,12 +1,12 @@
 """Listing a speech corpus: utterances (audio files or precomputed embeddings) per dataset and speaker.
 
 Two ways in (config/README.md, speaker_embed):
-  - a folder laid out as {dataset}/{speaker_id}/{utterance}.{wav,flac} (or .npy embeddings); files in
+  - a folder laid out as {dataset}/{speaker_id}/{utterance}.{wav,flac,mp3,...} (or .npy embeddings); files in
     deeper folders below a speaker (LibriSpeech's chapters) belong to that speaker, their utterance id
     being the path below the speaker folder without the extension;
   - a manifest CSV or parquet with columns dataset, speaker_id, utterance_id, path (relative to the
     corpus folder).
-  - (`input_format` webdataset or parquet) containers of audio (mlprep.sources): a tar's `.wav` / `.flac`
+  - (`input_format` webdataset or parquet) containers of audio (mlprep.sources): a tar's audio
     members or a parquet file's audio column, each item's ids from its sample's `.json` or row columns
     (`dataset`, `speaker_id` or `speaker`, `utterance_id`), else from its key (`ids_from_key`).
 Every utterance of a speaker lands in one shard (a stable hash of dataset and speaker id), so a
@@ -26,10 +26,12 @@ from mlprep.failures import Failure, InputError
 from mlprep.files import file_stats
 from mlprep.ids import normalise_paths, shards_of, unsafe_path_reasons
 from mlprep.shardlists import ShardLists, encode_lines
+from mlprep.speaker.audio import header_seconds
 from mlprep.sources import AUDIO_COLUMNS, LOCATION_COLUMNS, display_path, index_dataset, media_key, sample_meta
 from mlprep.storage import is_remote
 
-AUDIO_EXTS = (".wav", ".flac")
+# libsndfile reads the first five, PyAV the rest (mlprep.speaker.audio)
+AUDIO_EXTS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".webm")
 AUDIO_NAMES = tuple(e.lstrip(".") for e in AUDIO_EXTS)  # as a tar member's or parquet name's extension
 EMBEDDING_EXTS = (".npy",)
 PICKLE_EXTS = (".pkl",)  # only with trust_pickles: unpickling runs code from the file
@@ -146,7 +148,7 @@ def _container_utterances(cfg: dict, storage: dict | None, cache_folder) -> tupl
         for container, key, name in zip(orphans["container"], orphans["key"], orphans["name"]):
             if (container, key) not in has_audio:
                 failures.append(Failure("", display_path(f"{index.root}/{container}", name), "manifest", "missing",
-                                        f"sample {key!r} has no .wav or .flac member"))
+                                        f"sample {key!r} has no audio member ({', '.join(AUDIO_EXTS)})"))
         frame = frame[audio]
         keys = frame["key"]
     else:  # a row's name may carry the file's extension (`a.wav`): the key is what is left
@@ -264,7 +266,8 @@ def rows_from_list(rows: list[dict]) -> pd.DataFrame:
 
 
 def durations(paths: list[str]) -> np.ndarray:
-    """Seconds of each audio file from its header (soundfile.info: no decoding); NaN where unreadable."""
+    """Seconds of each audio file from its header (soundfile.info, or PyAV's for what libsndfile does not read:
+    no decoding); NaN where unreadable."""
     import soundfile
 
     out = np.full(len(paths), np.nan)
@@ -273,5 +276,5 @@ def durations(paths: list[str]) -> np.ndarray:
             info = soundfile.info(path)
             out[i] = info.frames / info.samplerate if info.samplerate else np.nan
         except Exception:  # noqa: BLE001 - an unreadable header is the shard job's failure to record
-            pass
+            out[i] = header_seconds(path)
     return out
