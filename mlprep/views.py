@@ -123,10 +123,13 @@ def decode_within(data: bytes, mode: str, max_side: int, resample=Image.BILINEAR
 def flattened(img: Image.Image, mode: str) -> Image.Image:
     """The image in `mode`; one with transparency (an alpha channel, or a transparent palette entry or colour) is
     laid on white first, as shops show a cut-out product. A plain conversion shows whatever colour the editor left
-    under the transparent pixels, most often black: the product on a black ground, which no shop photo has."""
+    under the transparent pixels, most often black: the product on a black ground, which no shop photo has. 16-bit
+    greyscale is brought to 8 bits by its range, not clipped."""
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         img = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    elif img.mode.startswith("I"):  # 16-bit greyscale (PNG, TIFF), which PIL's conversion clips at 255: mostly white
+        img = Image.fromarray((np.asarray(img).astype(np.uint32) * 255 // 65535).clip(0, 255).astype(np.uint8), "L")
     return img if img.mode == mode else img.convert(mode)
 
 

@@ -280,6 +280,20 @@ def test_a_cut_out_product_is_laid_on_white_not_on_the_colour_under_its_transpar
     assert np.array_equal(decode_image(opaque, 64).permute(1, 2, 0).numpy(), np.asarray(product))
 
 
+def test_a_16_bit_greyscale_image_keeps_its_tones():
+    """PIL converts 16-bit greyscale (a PNG or TIFF from a scanner) to RGB by clipping at 255: all but the darkest
+    0.4% of tones came out white. It is brought to 8 bits by its range."""
+    from mlprep.views import decode_within
+
+    tones = np.linspace(0, 65535, 96 * 128).reshape(96, 128).astype(np.uint16)
+    for data in (_saved(Image.fromarray(tones), "PNG"),
+                 _saved(Image.frombytes("I;16B", (128, 96), tones.astype(">u2").tobytes()), "TIFF")):
+        expected = (tones.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+        decoded = decode_image(data, 96).numpy()
+        assert all(np.array_equal(channel, expected) for channel in decoded)
+        assert np.array_equal(np.asarray(decode_within(data, "L", 128)), expected)
+
+
 def test_a_broken_jpeg_and_a_decompression_bomb_are_failures(tmp_path):
     good = _jpeg(_photo((320, 240)))
     for device_decode in (False, True):  # cut short: no end marker, so both decode on the CPU and say why
