@@ -44,6 +44,18 @@ def test_column_spellings_adjusted_close_and_sorting(tmp_path):
     assert len(read_bars("T", str(tmp_path / "T.parquet"), 10).frame) == 40
 
 
+def test_akshare_headers_in_gbk_or_utf8_with_a_bom_read_as_the_english_ones(tmp_path):
+    """AKShare writes Chinese headers (日期, 开盘, 收盘, 最高, 最低, 成交量, and columns the factor does not use), and Excel
+    on Chinese Windows saves CSV as GBK: both were refused (missing_column, unreadable_table)."""
+    frame = _bars()
+    english = read_bars("E", (frame.to_csv(tmp_path / "E.csv", index=False), str(tmp_path / "E.csv"))[1], 10).frame
+    akshare = frame.rename(columns={"date": "日期", "open": "开盘", "close": "收盘", "high": "最高", "low": "最低",
+                                    "volume": "成交量"}).assign(**{"股票代码": "000001", "涨跌幅": 0.1})
+    for name, encoding in (("gbk.csv", "gbk"), ("bom.csv", "utf_8_sig")):
+        akshare.iloc[::-1].to_csv(tmp_path / name, index=False, encoding=encoding)
+        pd.testing.assert_frame_equal(read_bars("A", str(tmp_path / name), 10).frame, english)
+
+
 def test_bad_rows_become_failures_and_bad_files_raise_with_their_code(tmp_path):
     frame = _bars().astype({"open": object, "close": object})
     frame.loc[3, "close"] = "n/a"

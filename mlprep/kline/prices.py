@@ -1,9 +1,11 @@
 """Reading one symbol's price file (CSV or parquet) into clean daily bars, or failures with reasons.
 
 Accepted column spellings (case, spaces and underscores ignored; config/README.md, kline_factor):
-  date:   date, datetime, timestamp, time, trade_date
-  open, high, low, close; adjusted close: adj close, adj_close, adjclose, adjusted_close
-  volume: volume, vol (optional; 0 where absent)
+  date:   date, datetime, timestamp, time, trade_date, 日期, 交易日期, 时间
+  open, high, low, close (or 开盘, 最高, 最低, 收盘, each also with 价); adjusted close: adj close, adj_close,
+  adjclose, adjusted_close
+  volume: volume, vol, 成交量 (optional; 0 where absent)
+A CSV is read as UTF-8 (a byte-order mark is fine), else as GB18030 (GBK, what Excel writes on Chinese Windows).
 With `adjusted: true` (default) and an adjusted close present, the close is the adjusted one and open/high/
 low are scaled by the same factor per bar (what split- and dividend-adjusted charts show).
 
@@ -26,14 +28,14 @@ import pandas as pd
 
 from mlprep.failures import Failure, ItemError
 
-ALIASES = {
-    "date": ("date", "datetime", "timestamp", "time", "tradedate"),
-    "open": ("open",),
-    "high": ("high",),
-    "low": ("low",),
-    "close": ("close",),
+ALIASES = {  # and the Chinese headers AKShare and the exchanges' own exports write (日期, 开盘, 最高, ...)
+    "date": ("date", "datetime", "timestamp", "time", "tradedate", "日期", "交易日期", "时间"),
+    "open": ("open", "开盘", "开盘价"),
+    "high": ("high", "最高", "最高价"),
+    "low": ("low", "最低", "最低价"),
+    "close": ("close", "收盘", "收盘价"),
     "adjclose": ("adjclose", "adjustedclose"),
-    "volume": ("volume", "vol"),
+    "volume": ("volume", "vol", "成交量"),
 }
 REQUIRED = ("date", "open", "high", "low", "close")
 PRICE_COLUMNS = ["open", "high", "low", "close"]
@@ -76,7 +78,10 @@ def read_table(path: str) -> pd.DataFrame:
         if path.lower().endswith(".parquet"):
             frame = pd.read_parquet(path)
         else:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+            try:
+                frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+            except UnicodeDecodeError:  # not UTF-8: GBK, Excel's on Chinese Windows (GB18030 holds it)
+                frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="gb18030")
     except pd.errors.EmptyDataError as err:
         raise ItemError("empty_file", "the file holds no rows") from err
     except Exception as err:  # noqa: BLE001 - any reader error is this file's failure
