@@ -165,7 +165,7 @@ def _first_keyframe(container, stream) -> tuple[tuple[int, int, int, int], bool]
                 cut = packet.is_discard  # (the decoder drops a cut packet's frame, matrix and all: a bare copy)
                 frames = [*decoder.decode(av.Packet(bytes(packet)) if cut else packet), *decoder.decode(None)]
                 return (display_matrix(frames[0]) if frames else IDENTITY), cut
-    except av.FFmpegError:
+    except Exception:  # noqa: BLE001 - a stream that will not say: the reads that follow report what is wrong
         pass
     return IDENTITY, False
 
