@@ -64,7 +64,7 @@ def _opened(data: bytes) -> Iterator[Image.Image]:
         with Image.open(io.BytesIO(data)) as img:
             yield img
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise _decode_error(err, len(data)) from err
+        raise _decode_error(err, data) from err
 
 
 def _header(img: Image.Image, data: bytes) -> Header:
@@ -83,11 +83,19 @@ def read_header(data: bytes) -> Header:
         return _header(img, data)
 
 
-def _decode_error(err: Exception, size: int) -> ItemError:
+# HEIF brands (iPhone photos are HEIC): no decoder for them is installed, and the failure should say what the file is
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+
+
+def _decode_error(err: Exception, data: bytes) -> ItemError:
     """The reason code of a decoder's exception: a file that is no image, one cut short, a decompression bomb
     (a header declaring more pixels than PIL's limit, Image.MAX_IMAGE_PIXELS x 2: too_many_pixels, the same
     code as the service's own, lower limit), or another decoding error."""
+    size = len(data)
     if isinstance(err, UnidentifiedImageError):
+        if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+            return ItemError("not_an_image", f"a HEIC/HEIF image (the iPhone's photo format), which is not decoded "
+                                             f"here: convert it to JPEG ({size} bytes)")
         return ItemError("not_an_image", f"not an image any decoder recognises ({size} bytes)")
     if isinstance(err, Image.DecompressionBombError):
         return ItemError("too_many_pixels", f"refused from its header, a possible decompression bomb: {err}")

@@ -294,6 +294,19 @@ def test_a_16_bit_greyscale_image_keeps_its_tones():
         assert np.array_equal(np.asarray(decode_within(data, "L", 128)), expected)
 
 
+def test_avif_decodes_and_heic_is_a_failure_that_says_what_it_is():
+    """AVIF (web shops' product images) decodes; HEIC (the iPhone's photo format), for which no decoder is installed,
+    is a not_an_image failure that names the format and what to do, not "not an image any decoder recognises"."""
+    from mlprep.failures import ItemError
+
+    photo = _photo((128, 96))
+    decoded = decode_image(_saved(photo, "AVIF", quality=95), 64).permute(1, 2, 0).numpy().astype(int)
+    assert decoded.shape == (96, 128, 3) and np.abs(decoded - np.asarray(photo)).mean() < 8
+    with pytest.raises(ItemError, match="HEIC/HEIF image .* convert it to JPEG") as caught:
+        decode_image(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), 64)
+    assert caught.value.code == "not_an_image"
+
+
 def test_a_broken_jpeg_and_a_decompression_bomb_are_failures(tmp_path):
     good = _jpeg(_photo((320, 240)))
     for device_decode in (False, True):  # cut short: no end marker, so both decode on the CPU and say why
