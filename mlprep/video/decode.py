@@ -129,9 +129,10 @@ def probe(path) -> StreamInfo:
         time_base = float(stream.time_base)
         pts_sorted = np.unique(np.asarray(pts, dtype=np.int64))
         fps = float(rate) if rate else (len(pts_sorted) - 1) / max((pts_sorted[-1] - pts_sorted[0]) * time_base, 1e-9)
-        # Frames that the decoder reorders but whose stamps rise in decoding order carry the order they were stored
-        # in, not shown in (AVI has no presentation times): their frames are placed by count.
-        by_count = bool(in_order and stream.codec_context.has_b_frames and len(pts) > 2)
+        # AVI has no presentation times: where the decoder reorders frames but their stamps rise in decoding order,
+        # the stamps carry the order the frames were stored in, not shown in, and the frames are placed by count.
+        # (Elsewhere a stream may declare reordering it does not use; its stamps are presentation times.)
+        by_count = bool(container.format.name == "avi" and in_order and stream.codec_context.has_b_frames)
         return StreamInfo(pts_sorted, np.unique(np.asarray(keys or pts[:1], dtype=np.int64)), time_base, fps,
                           stream.codec_context.width, stream.codec_context.height, int(stream.frames or 0),
                           stream.codec_context.pix_fmt or "", _first_keyframe(container, stream)[0], by_count)
