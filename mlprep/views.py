@@ -137,7 +137,8 @@ def flattened(img: Image.Image, mode: str) -> Image.Image:
         img = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
     elif img.mode.startswith("I"):  # 16-bit greyscale (PNG, TIFF), which PIL's conversion clips at 255: mostly white
-        img = Image.fromarray((np.asarray(img).astype(np.uint32) * 255 // 65535).clip(0, 255).astype(np.uint8), "L")
+        tones = np.asarray(img).astype(np.int64).clip(0, 65535)  # (32-bit and signed ones held to 16 bits)
+        img = Image.fromarray((tones * 255 // 65535).astype(np.uint8), "L")
     return img if img.mode == mode else img.convert(mode)
 
 
