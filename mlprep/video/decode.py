@@ -110,7 +110,7 @@ def probe(path) -> StreamInfo:
         if not container.streams.video:
             raise ClipError("no_video_stream", "no video stream")
         stream = container.streams.video[0]
-        pts, keys, in_order = [], [], True
+        pts, keys, in_order, first_key = [], [], True, None
         try:
             for packet in container.demux(stream):
                 stamp = packet.pts if packet.pts is not None else packet.dts
@@ -121,6 +121,7 @@ def probe(path) -> StreamInfo:
                     pts.append(stamp)
                 if packet.is_keyframe:  # a seek may need one that is cut
                     keys.append(stamp)
+                    first_key = first_key or packet
         except av.FFmpegError:
             pass  # a broken tail: keep the packets read so far
         if not pts:
@@ -135,7 +136,7 @@ def probe(path) -> StreamInfo:
         by_count = bool(container.format.name == "avi" and in_order and stream.codec_context.has_b_frames)
         return StreamInfo(pts_sorted, np.unique(np.asarray(keys or pts[:1], dtype=np.int64)), time_base, fps,
                           stream.codec_context.width, stream.codec_context.height, int(stream.frames or 0),
-                          stream.codec_context.pix_fmt or "", _first_keyframe(container, stream)[0], by_count)
+                          stream.codec_context.pix_fmt or "", _keyframe_facts(stream, first_key)[0], by_count)
 
 
 def display_matrix(frame) -> tuple[int, int, int, int]:
@@ -158,17 +159,24 @@ def _first_keyframe(container, stream) -> tuple[tuple[int, int, int, int], bool]
     decoded on one thread by the container's own decoder (the matrix comes with the stream's parameters, or in
     H.264/HEVC with the bitstream; a kept decoder sees only the latter). The identity where it does not decode."""
     try:
-        container.seek(0, stream=stream)  # (the probe's demuxing went to the end)
+        packet = next((p for p in container.demux(stream) if p.is_keyframe and p.size), None)
+    except Exception:  # noqa: BLE001 - a stream that will not say: the reads that follow report what is wrong
+        packet = None
+    return _keyframe_facts(stream, packet)
+
+
+def _keyframe_facts(stream, packet) -> tuple[tuple[int, int, int, int], bool]:
+    """_first_keyframe's answer from the keyframe `packet` (the probe keeps the first one it demuxes)."""
+    if packet is None:
+        return IDENTITY, False
+    try:
         decoder = stream.codec_context
         decoder.thread_count = 1
-        for packet in container.demux(stream):
-            if packet.is_keyframe and packet.size:
-                cut = packet.is_discard  # (the decoder drops a cut packet's frame, matrix and all: a bare copy)
-                frames = [*decoder.decode(av.Packet(bytes(packet)) if cut else packet), *decoder.decode(None)]
-                return (display_matrix(frames[0]) if frames else IDENTITY), cut
+        cut = packet.is_discard  # (the decoder drops a cut packet's frame, matrix and all: a bare copy)
+        frames = [*decoder.decode(av.Packet(bytes(packet)) if cut else packet), *decoder.decode(None)]
+        return (display_matrix(frames[0]) if frames else IDENTITY), cut
     except Exception:  # noqa: BLE001 - a stream that will not say: the reads that follow report what is wrong
-        pass
-    return IDENTITY, False
+        return IDENTITY, False
 
 
 def upright(frames: np.ndarray, display: tuple[int, int, int, int]) -> np.ndarray:
